@@ -1,0 +1,72 @@
+# clinisynth — the obvious targets. `make demo` and `make test` each install what they need.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+SYSTEM_PACKAGES := dicom3tools prometheus docker-compose chromium chromium-driver
+
+.PHONY: help venv install system-deps protos lint format test test-fast demo up down status bench clean
+
+help:
+	@echo "make demo     install, start the stack, make first requests, write out/ (then stop)"
+	@echo "make test     install (incl. Debian test peers) and run the whole test suite"
+	@echo "make up|down|status   the local stack;  make lint|format|protos|bench|clean"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+venv: $(PY)
+
+# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
+install: $(PY)
+	$(PIP) install -q torch==2.13.0 'numpy<2'
+	$(PIP) install -q -e '.[server,test]'
+
+# Real peers the tests talk to: dciodvfy (DICOM validator), promtool + prometheus,
+# docker-compose (config validation), chromium (browser tests). Installed only when missing.
+system-deps:
+	@missing=""; \
+	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
+	command -v chromium >/dev/null || missing="$$missing chromium chromium-driver"; \
+	if [ -n "$$missing" ]; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+protos: $(PY)
+	$(PY) scripts/gen_protos.py
+
+lint: $(PY)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check clients/clinisynth/_*.py clients/clinisynth/cli services tests scripts || true
+
+format: $(PY)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format clients/clinisynth/_*.py clients/clinisynth/cli services tests scripts
+
+test: system-deps install
+	$(PY) -m pytest -q
+
+test-fast: $(PY)
+	$(PY) -m pytest -q tests/unit
+
+demo: install
+	$(VENV)/bin/clinisynth demo --out out
+
+up: install
+	$(VENV)/bin/clinisynth up --detach
+
+down:
+	$(VENV)/bin/clinisynth down
+
+status:
+	$(VENV)/bin/clinisynth status
+
+bench: install
+	$(VENV)/bin/clinisynth benchmark generator
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache out

@@ -1,0 +1,55 @@
+"""clinisynth: the Python SDK of the clinically aligned synthetic medical image services.
+
+import clinisynth
+with clinisynth.Client() as client:
+    print(client.list_models())
+"""
+
+from clinisynth._client import AsyncClient, Client
+from clinisynth._discovery import Endpoints
+from clinisynth._errors import (
+    AlreadyExistsError,
+    CancelledError,
+    ClinisynthError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    FieldViolation,
+    InternalError,
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    StackNotFoundError,
+    UnauthenticatedError,
+    UnavailableError,
+    UnimplementedError,
+)
+from clinisynth._types import GeneratedImage, GenerationResult, ModelInfo, ProgressEvent
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AlreadyExistsError",
+    "AsyncClient",
+    "CancelledError",
+    "Client",
+    "ClinisynthError",
+    "DeadlineExceededError",
+    "Endpoints",
+    "FailedPreconditionError",
+    "FieldViolation",
+    "GeneratedImage",
+    "GenerationResult",
+    "InternalError",
+    "InvalidArgumentError",
+    "ModelInfo",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "ProgressEvent",
+    "ResourceExhaustedError",
+    "StackNotFoundError",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "UnimplementedError",
+    "__version__",
+]

@@ -1,0 +1,56 @@
+"""``clinisynth``: the command line, built only on the public SDK (and, for ``up``, the server
+package when ``clinisynth[server]`` is installed).
+
+Each sub-command family lives in its own module with an ``add_parser(subparsers)`` function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from clinisynth._errors import ClinisynthError
+
+# Modules that contribute sub-commands, in help order. A module missing here is a bug.
+COMMAND_MODULES = ("stack", "generator", "reward", "counterfactual", "finetune", "benchmark")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clinisynth",
+        description="Clinically aligned synthetic medical images: generate, score, explain, "
+        "fine-tune. Finds the stack started by `clinisynth up` unless --address is given.",
+    )
+    parser.add_argument("--address", help="host running every service at its default port")
+    parser.add_argument("--token", help="bearer token (default: $CLINISYNTH_TOKEN)")
+    parser.add_argument("--tls", action="store_true", help="use TLS")
+    parser.add_argument("--timeout", type=float, default=None, help="per-call deadline, seconds")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"clinisynth.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"clinisynth.cli.{name}":
+                raise
+            continue
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        return int(ns.func(ns) or 0)
+    except ClinisynthError as err:
+        print(f"error: {err}", file=sys.stderr)
+        for v in err.field_violations:
+            print(f"  {v.field}: {v.description}", file=sys.stderr)
+        return 2 if err.code == "INVALID_ARGUMENT" else 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""Helpers shared by the CLI modules."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from clinisynth import Client
+
+
+def client_from(ns: argparse.Namespace) -> Client:
+    return Client(
+        ns.address,
+        token=ns.token or os.environ.get("CLINISYNTH_TOKEN"),
+        tls=ns.tls,
+        timeout=ns.timeout,
+    )
+
+
+def print_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+
+
+def parse_sets(pairs: list[str] | None) -> dict[str, str]:
+    """``key=value`` pairs from repeated ``--set`` options."""
+    out: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set expects key=value, got {pair!r}")
+        out[key.strip()] = value.strip()
+    return out

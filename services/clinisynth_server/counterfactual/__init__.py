@@ -1,0 +1,1 @@
+"""The counterfactual service."""

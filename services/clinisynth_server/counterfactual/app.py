@@ -1,0 +1,26 @@
+"""Wiring of the counterfactual service: servicers registered on a server.
+
+Not built yet: every RPC answers UNIMPLEMENTED (the generated base servicer), never a fake result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import grpc
+from clinisynth.v1 import counterfactual_pb2, counterfactual_pb2_grpc
+
+from clinisynth_server.runtime.config import ServiceConfig
+from clinisynth_server.runtime.metrics import ServiceMetrics
+
+SERVICE_NAME = counterfactual_pb2.DESCRIPTOR.services_by_name["CounterfactualService"].full_name
+
+
+def create(config: ServiceConfig) -> Callable[[grpc.Server, ServiceMetrics], Sequence[str]]:
+    def register(server: grpc.Server, metrics: ServiceMetrics) -> Sequence[str]:
+        counterfactual_pb2_grpc.add_CounterfactualServiceServicer_to_server(
+            counterfactual_pb2_grpc.CounterfactualServiceServicer(), server
+        )
+        return [SERVICE_NAME]
+
+    return register

@@ -1,0 +1,461 @@
+"""The generator's domain logic: validated options in, encoded images with provenance out.
+
+Knows nothing of gRPC. Every forward pass goes to Triton through :class:`TritonClient`
+(text encoder, denoiser per step, VAE decode); the sampling loop itself is
+:func:`clinisynth_server.methods.sampling.sample`, shared with training-time previews and the
+benchmark's in-process baseline. Concurrent requests each call Triton per step, so Triton's
+dynamic batcher merges denoiser calls of requests at different steps.
+
+Stages of one request:
+  1. validate options against the catalog record (before any model work);
+  2. encode the prompt (text models): tokenizer here, CLIP text encoder in Triton;
+  3. sample: per step one denoiser call in Triton; progress / previews / cancellation between;
+  4. decode latents in Triton (latent models); map to [0, 1];
+  5. optionally score candidates with a reward model and keep those that pass;
+  6. encode (PNG / 16-bit PNG / DICOM / raw) with embedded provenance; optionally store.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pathlib
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from clinisynth_server import __version__
+from clinisynth_server.cancel import NEVER, CancelToken
+from clinisynth_server.catalog import Catalog, ModelRecord
+from clinisynth_server.errors import InvalidArgument
+from clinisynth_server.generator.options import GenerateOptions, validate
+from clinisynth_server.imaging import encode
+from clinisynth_server.imaging.provenance import Provenance
+from clinisynth_server.methods import sampling
+from clinisynth_server.methods.schedulers import make_scheduler
+from clinisynth_server.runtime.metrics import GeneratorMetrics
+from clinisynth_server.store.base import ArtifactStore, ObjectInfo
+from clinisynth_server.triton.client import TritonClient
+
+# Triton's max_batch_size for denoisers written by the registry; larger batches are split.
+MAX_TRITON_BATCH = 16
+PREVIEW_SIZE = 64
+
+
+@dataclass(frozen=True)
+class Progress:
+    stage: str
+    step: int
+    total: int
+
+
+@dataclass(frozen=True)
+class Preview:
+    step: int
+    index: int
+    png: bytes
+
+
+@dataclass
+class GeneratedImage:
+    index: int
+    pixels: np.ndarray  # [H, W] or [H, W, 3], float32 in [0, 1]
+    data: bytes  # encoded (PNG / DICOM); raw arrays travel as `pixels`
+    format: str
+    provenance: Provenance
+    reward: float | None = None
+    stored: ObjectInfo | None = None
+
+
+@dataclass
+class GenerateResult:
+    images: list[GeneratedImage]
+    request_id: str
+    candidates: int
+    provenance_ref: ObjectInfo | None = None
+
+
+Event = Progress | Preview | GeneratedImage
+EventSink = Callable[[Event], None]
+# Scores images [N, H, W(, C)] in [0, 1] for a condition; returns P(aligned) per image.
+RewardScorer = Callable[[np.ndarray, str, str, str], np.ndarray]
+
+
+def triton_eps_fn(
+    triton: TritonClient,
+    model: str,
+    version: int,
+    *,
+    cancel: CancelToken,
+    on_batch: Callable[[int], None] | None = None,
+) -> sampling.EpsFn:
+    """ε̂(x_t, t, c) computed by the Triton denoiser ``model`` (batches split to fit)."""
+
+    def eps(x_t: torch.Tensor, t: torch.Tensor, cond: sampling.Cond) -> torch.Tensor:
+        outs = []
+        for start in range(0, x_t.shape[0], MAX_TRITON_BATCH):
+            cancel.check()
+            sl = slice(start, start + MAX_TRITON_BATCH)
+            inputs = {
+                "sample": x_t[sl].detach().float().numpy(),
+                "timestep": t[sl].detach().float().numpy(),
+            }
+            if cond.class_labels is not None:
+                inputs["class_labels"] = cond.class_labels[sl].detach().long().numpy()
+            if cond.encoder_hidden_states is not None:
+                inputs["encoder_hidden_states"] = cond.encoder_hidden_states[sl].float().numpy()
+            if on_batch is not None:
+                on_batch(inputs["sample"].shape[0])
+            out = triton.infer(
+                model, inputs, ["noise_pred"], version=str(version), timeout_s=cancel.remaining()
+            )
+            outs.append(torch.from_numpy(out["noise_pred"].copy()))
+        return torch.cat(outs)
+
+    return eps
+
+
+def triton_decode_fn(triton: TritonClient, model: str, version: int) -> sampling.DecodeFn:
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for start in range(0, z.shape[0], MAX_TRITON_BATCH):
+            out = triton.infer(
+                model,
+                {"latents": z[start : start + MAX_TRITON_BATCH].float().numpy()},
+                ["image"],
+                version=str(version),
+            )
+            outs.append(torch.from_numpy(out["image"].copy()))
+        return torch.cat(outs)
+
+    return decode
+
+
+def to_hwc(images: torch.Tensor) -> list[np.ndarray]:
+    """[B, C, H, W] in [0, 1] → per-image [H, W] (gray) or [H, W, 3] float32 arrays."""
+    arr = images.detach().float().clamp(0, 1).numpy()
+    out = []
+    for img in arr:
+        out.append(img[0] if img.shape[0] == 1 else np.transpose(img[:3], (1, 2, 0)))
+    return [np.ascontiguousarray(a, dtype=np.float32) for a in out]
+
+
+def preview_png(x0: torch.Tensor) -> list[bytes]:
+    """Low-resolution 8-bit PNGs of x̂₀ (pixel space, [-1, 1])."""
+    small = sampling.preview(x0, size=min(PREVIEW_SIZE, int(x0.shape[-1])))
+    pngs = []
+    for arr in to_hwc(small):
+        pngs.append(encode.encode_png(arr, None))
+    return pngs
+
+
+class Tokenizers:
+    """Tokenizers fetched from the store once per model version (files only, no weights)."""
+
+    def __init__(self, store: ArtifactStore, cache_dir: pathlib.Path) -> None:
+        self.store = store
+        self.cache_dir = cache_dir
+        self._lock = threading.Lock()
+        self._loaded: dict[str, Any] = {}
+
+    def get(self, record: ModelRecord) -> Any:
+        key = record.ref
+        with self._lock:
+            if key not in self._loaded:
+                from transformers import AutoTokenizer
+
+                local = self.cache_dir / record.name / str(record.version)
+                if not (local / "tokenizer_config.json").exists():
+                    self.store.download_dir(record.extra["tokenizer_prefix"], local)
+                self._loaded[key] = AutoTokenizer.from_pretrained(str(local))
+            return self._loaded[key]
+
+
+class Generator:
+    def __init__(
+        self,
+        catalog: Catalog,
+        triton: TritonClient,
+        store: ArtifactStore,
+        *,
+        cache_dir: pathlib.Path,
+        metrics: GeneratorMetrics | None = None,
+        reward_scorer: RewardScorer | None = None,
+    ) -> None:
+        self.catalog = catalog
+        self.triton = triton
+        self.store = store
+        self.metrics = metrics
+        self.tokenizers = Tokenizers(store, cache_dir / "tokenizers")
+        self.reward_scorer = reward_scorer
+
+    # -- stage 2 --------------------------------------------------------------------------
+    def encode_prompts(self, record: ModelRecord, prompts: list[str]) -> torch.Tensor:
+        tokenizer = self.tokenizers.get(record)
+        ids = tokenizer(
+            prompts,
+            padding="max_length",
+            truncation=True,
+            max_length=int(record.extra.get("max_length", 77)),
+            return_tensors="np",
+        )["input_ids"].astype(np.int64)
+        out = self.triton.infer(
+            record.components["text_encoder"],
+            {"input_ids": ids},
+            ["last_hidden_state"],
+            version=str(record.component_versions["text_encoder"]),
+        )
+        return torch.from_numpy(out["last_hidden_state"].copy())
+
+    # -- stages 3-4 -----------------------------------------------------------------------
+    def sample(
+        self,
+        record: ModelRecord,
+        opts: GenerateOptions,
+        seeds: list[int],
+        *,
+        cancel: CancelToken,
+        sink: EventSink | None,
+        step_offset: int = 0,
+        total_steps: int = 0,
+    ) -> list[np.ndarray]:
+        n = len(seeds)
+        cond, uncond = sampling.Cond(), None
+        if record.kind == "text_to_image":
+            states = self.encode_prompts(record, [opts.prompt] * n + [opts.negative_prompt] * n)
+            cond = sampling.Cond(encoder_hidden_states=states[:n])
+            uncond = sampling.Cond(encoder_hidden_states=states[n:])
+            factor = int(record.extra["vae_scale_factor"])
+            shape = (
+                int(record.extra["latent_channels"]),
+                opts.height // factor,
+                opts.width // factor,
+            )
+        else:
+            if record.kind == "class_conditional":
+                label = record.classes.index(opts.class_name)
+                cond = sampling.Cond(class_labels=torch.full((n,), label, dtype=torch.long))
+            shape = (record.channels, opts.height, opts.width)
+        model_label = record.name
+        on_batch = None
+        if self.metrics is not None:
+            hist = self.metrics.batch_size.labels(model_label)
+            on_batch = hist.observe
+        eps_fn = triton_eps_fn(
+            self.triton,
+            record.components["denoiser"],
+            record.component_versions["denoiser"],
+            cancel=cancel,
+            on_batch=on_batch,
+        )
+        decode_fn = None
+        if "vae_decode" in record.components:
+            decode_fn = triton_decode_fn(
+                self.triton,
+                record.components["vae_decode"],
+                record.component_versions["vae_decode"],
+            )
+        total = total_steps or opts.steps
+        last = [time.perf_counter()]
+
+        def on_step(info: sampling.StepInfo) -> bool:
+            cancel.check()
+            now = time.perf_counter()
+            if self.metrics is not None:
+                self.metrics.step_duration.labels(model_label).observe(now - last[0])
+            last[0] = now
+            if sink is not None:
+                sink(Progress("denoise", step_offset + info.index + 1, total))
+                if opts.preview_every and (info.index + 1) % opts.preview_every == 0:
+                    x0 = decode_fn(info.x0_pred) if decode_fn is not None else info.x0_pred
+                    for i, png in enumerate(preview_png(x0)):
+                        sink(Preview(step_offset + info.index + 1, i, png))
+            return True
+
+        scheduler = make_scheduler(opts.sampler, record.scheduler)
+        result = sampling.sample(
+            eps_fn,
+            scheduler,
+            seeds,
+            shape,
+            num_inference_steps=opts.steps,
+            cond=cond,
+            uncond=uncond if opts.guidance_scale != 1.0 else None,
+            guidance_scale=float(opts.guidance_scale or 1.0),
+            eta=opts.eta,
+            decode_fn=decode_fn,
+            on_step=on_step,
+        )
+        return to_hwc(result.images)
+
+    # -- the whole request ----------------------------------------------------------------
+    def generate(
+        self,
+        options: GenerateOptions,
+        *,
+        cancel: CancelToken = NEVER,
+        sink: EventSink | None = None,
+    ) -> GenerateResult:
+        record, opts = validate(options, self.catalog)  # 1.
+        request_id = opts.request_id or uuid.uuid4().hex
+        opts = replace(opts, request_id=request_id)
+        started = time.perf_counter()
+        if self.metrics is not None:
+            self.metrics.queue_depth.inc()
+        try:
+            pixels, seeds, rewards, candidates = self._sample_with_filter(
+                record, opts, cancel, sink
+            )
+            images = self._encode(record, opts, pixels, seeds, rewards)  # 6.
+            provenance_ref = self._store(opts, images) if opts.store_outputs else None
+            if sink is not None:
+                for image in images:
+                    sink(image)
+            if self.metrics is not None:
+                self.metrics.images.labels(record.name, str(record.version)).inc(len(images))
+                self.metrics.request_duration.labels(record.name).observe(
+                    time.perf_counter() - started
+                )
+            return GenerateResult(images, request_id, candidates, provenance_ref)
+        finally:
+            if self.metrics is not None:
+                self.metrics.queue_depth.dec()
+
+    def _sample_with_filter(
+        self,
+        record: ModelRecord,
+        opts: GenerateOptions,
+        cancel: CancelToken,
+        sink: EventSink | None,
+    ) -> tuple[list[np.ndarray], list[int], list[float | None], int]:
+        assert opts.seed is not None
+        n = opts.num_images
+        rf = opts.reward
+        if not rf.active:
+            seeds = [opts.seed + i for i in range(n)]
+            return self.sample(record, opts, seeds, cancel=cancel, sink=sink), seeds, [None] * n, n
+        if self.reward_scorer is None:
+            raise InvalidArgument.for_field("reward_filter", "no reward scorer is configured")
+        # 5. Best-of-n / threshold: rounds of candidates until enough pass or the budget ends.
+        per_image = max(rf.best_of_n, 1)
+        budget = rf.max_candidates * n if rf.max_candidates else max(8, 4 * per_image) * n
+        condition = opts.class_name or opts.prompt
+        kept: list[tuple[float, int, np.ndarray]] = []
+        next_seed, made, rounds = opts.seed, 0, 0
+        while made < budget:
+            batch = min(per_image * n if rounds == 0 else n, budget - made)
+            seeds = list(range(next_seed, next_seed + batch))
+            next_seed += batch
+            imgs = self.sample(
+                record,
+                opts,
+                seeds,
+                cancel=cancel,
+                sink=sink,
+                step_offset=rounds * opts.steps,
+                total_steps=opts.steps,
+            )
+            scores = self.reward_scorer(
+                np.stack(imgs), condition, rf.reward_model, rf.reward_version
+            )
+            made += batch
+            rounds += 1
+            kept += [
+                (float(s), seed, img)
+                for s, seed, img in zip(scores, seeds, imgs, strict=True)
+                if s >= rf.min_reward
+            ]
+            if len(kept) >= n and (rounds > 0 and made >= per_image * n):
+                break
+        kept.sort(key=lambda item: -item[0])
+        kept = kept[:n]
+        return ([k[2] for k in kept], [k[1] for k in kept], [k[0] for k in kept], made)
+
+    def _encode(
+        self,
+        record: ModelRecord,
+        opts: GenerateOptions,
+        pixels: list[np.ndarray],
+        seeds: list[int],
+        rewards: list[float | None],
+    ) -> list[GeneratedImage]:
+        provenances = [
+            Provenance(
+                model_name=record.name,
+                model_version=str(record.version),
+                model_digest=record.digest,
+                seed=int(seed),
+                sampler=opts.sampler,
+                steps=opts.steps,
+                guidance_scale=float(opts.guidance_scale or 1.0),
+                size=(opts.height, opts.width),
+                request_id=opts.request_id,
+                prompt=opts.prompt,
+                negative_prompt=opts.negative_prompt,
+                class_name=opts.class_name,
+                software_version=__version__,
+                extra={
+                    k: v
+                    for k, v in {
+                        "eta": str(opts.eta) if opts.eta else "",
+                        "reward": f"{reward:.4f}" if reward is not None else "",
+                        "reward_model": opts.reward.reward_model,
+                        "kind": record.kind,
+                    }.items()
+                    if v
+                },
+            )
+            for seed, reward in zip(seeds, rewards, strict=True)
+        ]
+        if opts.format == "dicom":
+            bits = 8 if record.channels == 3 else 16
+            blobs = encode.encode_dicom_series(
+                pixels, provenances, bits=bits, modality=opts.modality or "OT"
+            )
+        elif opts.format == "raw":
+            blobs = [b"" for _ in pixels]
+        else:
+            bits = 16 if opts.format == "png16" and record.channels == 1 else 8
+            blobs = [
+                encode.encode_png(p, prov, bits=bits)
+                for p, prov in zip(pixels, provenances, strict=True)
+            ]
+        return [
+            GeneratedImage(i, p, blob, opts.format, prov, reward)
+            for i, (p, blob, prov, reward) in enumerate(
+                zip(pixels, blobs, provenances, rewards, strict=True)
+            )
+        ]
+
+    def _store(self, opts: GenerateOptions, images: list[GeneratedImage]) -> ObjectInfo:
+        prefix = opts.output_prefix or time.strftime("outputs/%Y/%m/%d/") + opts.request_id
+        prefix = prefix.rstrip("/") + "/"
+        records = []
+        for image in images:
+            suffix = {"dicom": ".dcm", "raw": ".npy"}.get(image.format, ".png")
+            key = f"{prefix}image_{image.index:03d}{suffix}"
+            data = image.data
+            if image.format == "raw":
+                buf = io.BytesIO()
+                np.save(buf, image.pixels)
+                data = buf.getvalue()
+            image.stored = self.store.put_bytes(key, data)
+            records.append(
+                {
+                    "key": key,
+                    "sha256": image.stored.sha256,
+                    "reward": image.reward,
+                    **image.provenance.to_dict(),
+                }
+            )
+        return self.store.put_bytes(
+            prefix + "provenance.json",
+            json.dumps(records, indent=2).encode(),
+            content_type="application/json",
+        )

@@ -1,0 +1,440 @@
+"""Decode client-supplied images (PNG / JPEG / DICOM / raw arrays) into float arrays.
+
+Everything here is edge validation of client input: every failure raises
+``InvalidArgument.for_field(field, ...)`` with the caller's proto field name, before any model
+work. Outputs are ``float32`` arrays, ``HxW`` for grayscale and ``HxWx3`` for colour, in [0, 1]
+(PNG / JPEG / DICOM) or as sent (raw arrays).
+
+DICOM windowing, in order:
+
+1. Modality LUT: stored values → RescaleSlope · x + RescaleIntercept (or a Modality LUT
+   Sequence), i.e. Hounsfield units for CT.
+2. VOI: an explicit ``window=(center, width)`` argument, else the first WindowCenter /
+   WindowWidth of the file, applied with the file's VOILUTFunction (LINEAR — the default —,
+   LINEAR_EXACT or SIGMOID) as in PS3.3 C.11.2.1.2; with no window, min–max scaling of the
+   modality values (a constant image maps to 0). A VOI LUT Sequence is ignored (min–max).
+3. MONOCHROME1 (0 = white) is inverted so that 1.0 is always white.
+
+Colour DICOM (RGB, YBR_* — converted to RGB by pydicom — and PALETTE COLOR) is scaled by
+``2**BitsStored - 1`` with no windowing.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import pydicom
+from PIL import Image, UnidentifiedImageError
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
+
+from clinisynth_server.errors import InvalidArgument
+
+#: Default cap on height × width of any decoded input (4096²).
+DEFAULT_MAX_PIXELS = 4096 * 4096
+
+#: dtypes a raw array payload may declare (little-endian); all decode to float32.
+RAW_DTYPES: dict[str, str] = {"float32": "<f4", "float16": "<f2", "float64": "<f8"}
+
+Channels = Literal[1, 3] | None
+
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "area": Image.Resampling.BOX,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Shared checks
+# --------------------------------------------------------------------------------------------
+
+
+def _check_pixels(field: str, height: int, width: int, max_pixels: int) -> None:
+    if height < 1 or width < 1:
+        raise InvalidArgument.for_field(field, f"image is empty ({height}x{width})")
+    if height * width > max_pixels:
+        raise InvalidArgument.for_field(
+            field,
+            f"image is {height}x{width} = {height * width} pixels, over the limit of "
+            f"{max_pixels}; downscale it before sending",
+        )
+
+
+def _to_channels(arr: np.ndarray, channels: Channels, field: str) -> np.ndarray:
+    """Convert HxW / HxWx3 float images to the requested channel count (None keeps it).
+
+    Gray from RGB uses the ITU-R BT.601 luma weights (what PIL's "L" conversion uses).
+    """
+    if channels is None:
+        return arr
+    if channels not in (1, 3):
+        raise InvalidArgument.for_field(field, f"channels must be 1 or 3, got {channels!r}")
+    if channels == 1 and arr.ndim == 3:
+        weights = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        return (arr @ weights).astype(np.float32)
+    if channels == 3 and arr.ndim == 2:
+        return np.repeat(arr[:, :, None], 3, axis=2)
+    return arr
+
+
+def sniff_format(data: bytes) -> Literal["png", "jpeg", "dicom"] | None:
+    """Recognise PNG, JPEG and DICOM Part 10 (128-byte preamble + ``DICM``) by magic bytes."""
+    if data.startswith(_PNG_MAGIC):
+        return "png"
+    if data.startswith(_JPEG_MAGIC):
+        return "jpeg"
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return "dicom"
+    return None
+
+
+def decode_image(
+    data: bytes,
+    *,
+    field: str,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    channels: Channels = None,
+) -> np.ndarray:
+    """PNG, JPEG or DICOM bytes (sniffed) → float32 image in [0, 1]."""
+    kind = sniff_format(bytes(data[:132]))
+    if kind == "dicom":
+        return decode_dicom(data, field=field, max_pixels=max_pixels, channels=channels)
+    if kind in ("png", "jpeg"):
+        return decode_png_jpeg(data, field=field, max_pixels=max_pixels, channels=channels)
+    raise InvalidArgument.for_field(
+        field,
+        f"not an image: {len(data)} bytes that are neither PNG, JPEG nor DICOM Part 10 "
+        "(send PNG, JPEG, DICOM with a 128-byte preamble and 'DICM', or a raw array)",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# PNG / JPEG
+# --------------------------------------------------------------------------------------------
+
+
+def decode_png_jpeg(
+    data: bytes,
+    *,
+    field: str,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    channels: Channels = None,
+) -> np.ndarray:
+    """PNG or JPEG bytes → float32 in [0, 1]: gray (8- or 16-bit) as HxW, colour as HxWx3.
+
+    Palette images become RGB; alpha is dropped (not composited). The size is checked from the
+    header before any pixel is decoded.
+    """
+    if not data:
+        raise InvalidArgument.for_field(field, "image bytes are empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise InvalidArgument.for_field(field, f"image is too large: {exc}") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise InvalidArgument.for_field(
+            field, f"not a readable PNG or JPEG ({len(data)} bytes): {exc}"
+        ) from exc
+    with image:
+        if image.format not in ("PNG", "JPEG"):
+            raise InvalidArgument.for_field(
+                field, f"unsupported image format {image.format}; send PNG, JPEG or DICOM"
+            )
+        width, height = image.size
+        _check_pixels(field, height, width, max_pixels)
+        try:
+            image.load()
+            arr = _pil_to_float(image)
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise InvalidArgument.for_field(
+                field, f"corrupt or truncated {image.format}: {exc}"
+            ) from exc
+    return _to_channels(arr, channels, field)
+
+
+def _pil_to_float(image: Image.Image) -> np.ndarray:
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit gray PNG; Pillow may report it as "I" (32-bit container) on some versions.
+        return (np.asarray(image, dtype=np.float64) / 65535.0).clip(0.0, 1.0).astype(np.float32)
+    if mode in ("1", "L", "LA"):
+        gray = image.convert("L")
+        return (np.asarray(gray, dtype=np.float32) / 255.0).astype(np.float32)
+    rgb = image.convert("RGB")
+    return (np.asarray(rgb, dtype=np.float32) / 255.0).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Raw arrays
+# --------------------------------------------------------------------------------------------
+
+
+def decode_raw(
+    data: bytes,
+    shape: Sequence[int],
+    dtype: str = "float32",
+    *,
+    field: str,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    channels: Channels = None,
+) -> np.ndarray:
+    """A raw little-endian C-order payload → float32 array of ``shape`` (HxW or HxWxC, C 1/3).
+
+    Values are returned as sent (no rescaling). Refused: unknown dtype, bad shape, a byte count
+    that does not match shape × itemsize, more than ``max_pixels`` pixels, NaN / Inf.
+    """
+    if dtype not in RAW_DTYPES:
+        raise InvalidArgument.for_field(
+            field, f"dtype {dtype!r} is not supported; use one of {sorted(RAW_DTYPES)}"
+        )
+    dims = tuple(shape)
+    if not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in dims):
+        raise InvalidArgument.for_field(field, f"shape must be integers, got {list(dims)}")
+    dims = tuple(int(d) for d in dims)
+    if len(dims) not in (2, 3) or any(d < 1 for d in dims):
+        raise InvalidArgument.for_field(
+            field, f"shape must be [H, W] or [H, W, C] with positive sizes, got {list(dims)}"
+        )
+    if len(dims) == 3 and dims[2] not in (1, 3):
+        raise InvalidArgument.for_field(
+            field, f"channel count must be 1 or 3, got {dims[2]} (shape {list(dims)})"
+        )
+    _check_pixels(field, dims[0], dims[1], max_pixels)
+    np_dtype = np.dtype(RAW_DTYPES[dtype])
+    expected = math.prod(dims) * np_dtype.itemsize
+    if len(data) != expected:
+        raise InvalidArgument.for_field(
+            field,
+            f"{len(data)} bytes do not match shape {list(dims)} of {dtype} "
+            f"({expected} bytes expected)",
+        )
+    arr = np.frombuffer(data, dtype=np_dtype).reshape(dims).astype(np.float32)
+    finite = np.isfinite(arr)
+    if not finite.all():
+        bad = int((~finite).sum())
+        first = tuple(int(i) for i in np.argwhere(~finite)[0])
+        raise InvalidArgument.for_field(
+            field,
+            f"array has {bad} NaN/Inf value(s) (first at index {list(first)}, "
+            f"as float32: {arr[first]}); send finite values",
+        )
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    return _to_channels(arr, channels, field)
+
+
+# --------------------------------------------------------------------------------------------
+# DICOM
+# --------------------------------------------------------------------------------------------
+
+
+def read_dicom(data: bytes, *, field: str) -> Dataset:
+    """Parse DICOM Part 10 bytes (pixels included, not yet decoded); InvalidArgument if not."""
+    if not data:
+        raise InvalidArgument.for_field(field, "DICOM bytes are empty")
+    try:
+        return pydicom.dcmread(io.BytesIO(data))
+    except InvalidDicomError as exc:
+        raise InvalidArgument.for_field(
+            field, "not a DICOM Part 10 file (no 128-byte preamble + 'DICM')"
+        ) from exc
+    except (OSError, ValueError, EOFError, KeyError, TypeError) as exc:
+        raise InvalidArgument.for_field(field, f"malformed DICOM: {exc}") from exc
+
+
+def _first_number(value: object) -> float | None:
+    """First value of a possibly multi-valued DS/IS, or None when empty."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        seq = list(value)  # type: ignore[arg-type]
+        if not seq:
+            return None
+        value = seq[0]
+    return float(value)  # type: ignore[arg-type]
+
+
+def apply_window(
+    values: np.ndarray, center: float, width: float, function: str = "LINEAR"
+) -> np.ndarray:
+    """The VOI window of PS3.3 C.11.2.1.2 mapped to [0, 1] (float32)."""
+    x = values.astype(np.float64)
+    function = (function or "LINEAR").upper()
+    if function == "SIGMOID":
+        y = 1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
+    elif function == "LINEAR_EXACT":
+        y = (x - center) / width + 0.5
+    else:
+        if width < 1:
+            raise ValueError(f"LINEAR window width must be >= 1, got {width}")
+        if width == 1:
+            y = np.where(x > center - 0.5, 1.0, 0.0)
+        else:
+            y = (x - (center - 0.5)) / (width - 1) + 0.5
+    return np.clip(y, 0.0, 1.0).astype(np.float32)
+
+
+def _min_max(values: np.ndarray) -> np.ndarray:
+    x = values.astype(np.float64)
+    low, high = float(x.min()), float(x.max())
+    if high <= low:
+        return np.zeros(x.shape, dtype=np.float32)
+    return ((x - low) / (high - low)).astype(np.float32)
+
+
+def decode_dicom(
+    data: bytes,
+    *,
+    field: str,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    channels: Channels = None,
+    frame: int = 0,
+    window: tuple[float, float] | None = None,
+) -> np.ndarray:
+    """DICOM bytes → float32 image in [0, 1] with the windowing described in the module doc.
+
+    ``frame`` picks one frame of a multi-frame file; ``window=(center, width)`` overrides the
+    file's window.
+    """
+    ds = read_dicom(data, field=field)
+    return decode_dicom_dataset(
+        ds, field=field, max_pixels=max_pixels, channels=channels, frame=frame, window=window
+    )
+
+
+def decode_dicom_dataset(
+    ds: Dataset,
+    *,
+    field: str,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    channels: Channels = None,
+    frame: int = 0,
+    window: tuple[float, float] | None = None,
+) -> np.ndarray:
+    """As :func:`decode_dicom`, for an already parsed dataset."""
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        sop = getattr(ds, "SOPClassUID", None)
+        kind = f" ({sop.name})" if sop is not None and hasattr(sop, "name") else ""
+        raise InvalidArgument.for_field(
+            field, f"DICOM object{kind} has no PixelData: it is not an image"
+        )
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        photometric = str(ds.PhotometricInterpretation).strip().upper()
+        samples = int(ds.get("SamplesPerPixel", 1))
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, ValueError, TypeError) as exc:
+        raise InvalidArgument.for_field(
+            field, f"DICOM image pixel module is incomplete: {exc}"
+        ) from exc
+    _check_pixels(field, rows, cols, max_pixels)
+    if not 0 <= frame < frames:
+        raise InvalidArgument.for_field(
+            field, f"frame {frame} requested but the file has {frames} frame(s)"
+        )
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    try:
+        stored = pixel_array(ds, index=frame if frames > 1 else None)
+    except Exception as exc:
+        name = getattr(syntax, "name", syntax)
+        raise InvalidArgument.for_field(
+            field, f"cannot decode the DICOM pixel data (transfer syntax {name}): {exc}"
+        ) from exc
+    if frames > 1 and stored.ndim == (4 if samples > 1 else 3):
+        stored = stored[frame]
+
+    if photometric == "PALETTE COLOR":
+        try:
+            rgb = apply_color_lut(stored, ds)
+        except Exception as exc:
+            raise InvalidArgument.for_field(field, f"bad palette colour LUT: {exc}") from exc
+        top = float(np.max(rgb)) if rgb.dtype.kind == "f" else float(np.iinfo(rgb.dtype).max)
+        arr = (rgb.astype(np.float64) / max(top, 1.0)).clip(0, 1).astype(np.float32)
+    elif samples == 3 or photometric in ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"):
+        bits = int(ds.get("BitsStored", 8))
+        arr = (stored.astype(np.float64) / ((1 << bits) - 1)).clip(0, 1).astype(np.float32)
+    elif photometric in ("MONOCHROME1", "MONOCHROME2"):
+        arr = _window_gray(ds, stored, window, field)
+        if photometric == "MONOCHROME1":
+            arr = (1.0 - arr).astype(np.float32)
+    else:
+        raise InvalidArgument.for_field(
+            field, f"unsupported PhotometricInterpretation {photometric!r}"
+        )
+    return _to_channels(arr, channels, field)
+
+
+def _window_gray(
+    ds: Dataset, stored: np.ndarray, window: tuple[float, float] | None, field: str
+) -> np.ndarray:
+    try:
+        values = apply_modality_lut(stored, ds)
+    except Exception as exc:
+        raise InvalidArgument.for_field(field, f"bad Modality LUT / rescale: {exc}") from exc
+    if window is not None:
+        center, width = float(window[0]), float(window[1])
+        function = "LINEAR"
+    else:
+        try:
+            center_value = _first_number(ds.get("WindowCenter"))
+            width_value = _first_number(ds.get("WindowWidth"))
+        except (TypeError, ValueError):
+            center_value = width_value = None
+        if center_value is None or width_value is None or width_value <= 0:
+            return _min_max(values)
+        center, width = center_value, width_value
+        function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR")
+    if not (math.isfinite(center) and math.isfinite(width) and width > 0):
+        raise InvalidArgument.for_field(field, f"bad window center/width {center}/{width}")
+    try:
+        return apply_window(values, center, width, function)
+    except ValueError as exc:
+        raise InvalidArgument.for_field(field, str(exc)) from exc
+
+
+# --------------------------------------------------------------------------------------------
+# Resizing
+# --------------------------------------------------------------------------------------------
+
+
+def resize_to(
+    array: np.ndarray, size: tuple[int, int], *, resample: str = "bilinear"
+) -> np.ndarray:
+    """Resize an HxW or HxWxC float image to ``size = (height, width)`` (float32 out).
+
+    Each channel is resized as a 32-bit float PIL image, so no quantisation happens; Pillow
+    antialiases when shrinking. ``resample``: nearest, bilinear, bicubic, lanczos or area.
+    """
+    if resample not in _RESAMPLE:
+        raise ValueError(f"resample must be one of {sorted(_RESAMPLE)}, got {resample!r}")
+    height, width = int(size[0]), int(size[1])
+    if height < 1 or width < 1:
+        raise ValueError(f"size must be positive, got {size!r}")
+    arr = np.asarray(array, dtype=np.float32)
+    if arr.ndim not in (2, 3):
+        raise ValueError(f"array must be HxW or HxWxC, got shape {arr.shape}")
+    if arr.shape[:2] == (height, width):
+        return arr.copy()
+    method = _RESAMPLE[resample]
+
+    def one(plane: np.ndarray) -> np.ndarray:
+        image = Image.fromarray(np.ascontiguousarray(plane, dtype=np.float32))  # mode "F"
+        return np.asarray(image.resize((width, height), method), dtype=np.float32)
+
+    if arr.ndim == 2:
+        return one(arr)
+    return np.stack([one(arr[:, :, c]) for c in range(arr.shape[2])], axis=2)

@@ -1,0 +1,202 @@
+"""Registering a model: a checkpoint folder becomes Triton models plus one catalog record.
+
+Accepted folders, loaded unchanged:
+- a diffusers ``StableDiffusionPipeline`` folder (``model_index.json`` + ``unet/``,
+  ``text_encoder/``, ``tokenizer/``, ``vae/``, ``scheduler/``) → ``text_to_image``;
+- a pixel diffusion folder: ``unet/`` (``UNet2DModel``) + ``scheduler/`` (e.g. what
+  ``DDPMPipeline.save_pretrained`` writes), or a bare ``UNet2DModel`` folder → ``class_conditional``
+  when the UNet has a class embedding, else ``unconditional``.
+An optional ``clinisynth.json`` beside them gives ``classes``, ``labels``, ``description`` and
+sampling defaults. Triton component ``<name>.<role>`` gets the same version number as the catalog.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pathlib
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from clinisynth_server.catalog import Catalog, ModelRecord
+from clinisynth_server.errors import InvalidArgument
+from clinisynth_server.store.base import ArtifactStore
+from clinisynth_server.triton import repository
+from clinisynth_server.triton.client import TritonClient
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+DEFAULT_SCHEDULER = {
+    "_class_name": "DDPMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_schedule": "linear",
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "prediction_type": "epsilon",
+    "clip_sample": True,
+}
+
+
+def _read_json(path: pathlib.Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def folder_digest(paths: Iterable[pathlib.Path]) -> str:
+    """sha256 over every file's relative path and bytes, in a stable order."""
+    h = hashlib.sha256()
+    for root in paths:
+        for file in sorted(p for p in root.rglob("*") if p.is_file()):
+            h.update(str(file.relative_to(root.parent)).encode())
+            with open(file, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()
+
+
+def detect_kind(folder: pathlib.Path) -> str:
+    index = _read_json(folder / "model_index.json")
+    if (
+        index.get("_class_name", "").startswith("StableDiffusion")
+        or (folder / "text_encoder").is_dir()
+    ):
+        return "text_to_image"
+    unet_dir = folder / "unet" if (folder / "unet").is_dir() else folder
+    config = _read_json(unet_dir / "config.json")
+    if config.get("_class_name") not in ("UNet2DModel", "UNet2DConditionModel"):
+        raise InvalidArgument.for_field(
+            "folder",
+            f"{folder} is neither a StableDiffusionPipeline folder nor a UNet2DModel folder",
+        )
+    has_class = config.get("num_class_embeds") is not None or config.get("class_embed_type")
+    return "class_conditional" if has_class else "unconditional"
+
+
+def _component(
+    repo_dir: pathlib.Path,
+    name: str,
+    role: str,
+    weights: pathlib.Path,
+    version: int,
+    max_batch_size: int,
+    instance_kind: str,
+    parameters: Mapping[str, str] | None = None,
+) -> str:
+    triton_name = f"{name}.{role}"
+    if repository.list_versions(repo_dir, triton_name):
+        repository.add_version(repo_dir, triton_name, weights, version=version)
+    else:
+        repository.write_model(
+            repo_dir,
+            triton_name,
+            role,
+            weights,
+            version=version,
+            max_batch_size=max_batch_size,
+            instance_kind=instance_kind,  # type: ignore[arg-type]
+            parameters=parameters,
+        )
+    return triton_name
+
+
+def register_folder(
+    folder: str | pathlib.Path,
+    name: str,
+    *,
+    catalog: Catalog,
+    store: ArtifactStore,
+    model_repository: str | pathlib.Path,
+    triton: TritonClient | None = None,
+    classes: list[str] | None = None,
+    description: str = "",
+    labels: Mapping[str, str] | None = None,
+    max_batch_size: int = 16,
+    instance_kind: str = "cpu",
+) -> ModelRecord:
+    """Import ``folder`` as the next version of model ``name``; load it in Triton if given."""
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        raise InvalidArgument.for_field("folder", f"{folder} is not a folder")
+    repo_dir = pathlib.Path(model_repository)
+    meta = _read_json(folder / "clinisynth.json")
+    kind = meta.get("kind") or detect_kind(folder)
+    version = catalog.next_version(name)
+    extra: dict[str, Any] = dict(meta.get("extra", {}))
+    components: dict[str, str] = {}
+
+    if kind == "text_to_image":
+        unet_cfg = _read_json(folder / "unet" / "config.json")
+        vae_cfg = _read_json(folder / "vae" / "config.json")
+        te_cfg = _read_json(folder / "text_encoder" / "config.json")
+        tok_cfg = _read_json(folder / "tokenizer" / "tokenizer_config.json")
+        vae_scale = 2 ** (len(vae_cfg.get("block_out_channels", [1])) - 1)
+        for role, sub in (
+            ("denoiser", "unet"),
+            ("text_encoder", "text_encoder"),
+            ("vae_decode", "vae"),
+        ):
+            components[role] = _component(
+                repo_dir, name, role, folder / sub, version, max_batch_size, instance_kind
+            )
+        tok_prefix = f"catalog/{name}/{version:06d}/tokenizer/"
+        store.upload_dir(folder / "tokenizer", tok_prefix)
+        max_length = int(tok_cfg.get("model_max_length") or 0)
+        if not max_length or max_length > 100_000:
+            max_length = int(te_cfg.get("max_position_embeddings", 77))
+        extra.update(
+            {
+                "latent_channels": int(unet_cfg.get("in_channels", 4)),
+                "vae_scale_factor": vae_scale,
+                "tokenizer_prefix": tok_prefix,
+                "max_length": max_length,
+                "size_multiple": 8 * vae_scale,
+            }
+        )
+        size = int(unet_cfg.get("sample_size", 64)) * vae_scale
+        channels = int(vae_cfg.get("out_channels", 3))
+        scheduler = _read_json(folder / "scheduler" / "scheduler_config.json") or DEFAULT_SCHEDULER
+        digest = folder_digest([folder / "unet", folder / "text_encoder", folder / "vae"])
+        default_guidance = float(meta.get("default_guidance_scale", 7.5))
+    else:
+        unet_dir = folder / "unet" if (folder / "unet").is_dir() else folder
+        unet_cfg = _read_json(unet_dir / "config.json")
+        components["denoiser"] = _component(
+            repo_dir, name, "denoiser", unet_dir, version, max_batch_size, instance_kind
+        )
+        num_classes = unet_cfg.get("num_class_embeds")
+        if kind == "class_conditional":
+            classes = classes or meta.get("classes") or [str(i) for i in range(num_classes or 0)]
+            if num_classes is not None and len(classes) > int(num_classes):
+                raise InvalidArgument.for_field(
+                    "classes", f"{len(classes)} names for a UNet with {num_classes} classes"
+                )
+        down = len(unet_cfg.get("block_out_channels", [1]))
+        extra.update({"latent_channels": 0, "size_multiple": 2 ** (down - 1)})
+        size = int(unet_cfg.get("sample_size", 32))
+        channels = int(unet_cfg.get("out_channels", unet_cfg.get("in_channels", 3)))
+        scheduler = _read_json(folder / "scheduler" / "scheduler_config.json") or DEFAULT_SCHEDULER
+        digest = folder_digest([unet_dir])
+        default_guidance = 1.0
+    scheduler = {k: v for k, v in scheduler.items() if not k.startswith("_diffusers")}
+    record = ModelRecord(
+        name=name,
+        version=version,
+        kind=kind,
+        components=components,
+        component_versions=dict.fromkeys(components, version),
+        classes=list(classes or meta.get("classes") or []) if kind != "text_to_image" else [],
+        width=size,
+        height=size,
+        channels=channels,
+        digest=digest,
+        default_sampler=meta.get("default_sampler", "ddim"),
+        default_steps=int(meta.get("default_steps", 25)),
+        default_guidance_scale=default_guidance,
+        max_images=int(meta.get("max_images", 16)),
+        description=description or meta.get("description", ""),
+        labels={**meta.get("labels", {}), **dict(labels or {})},
+        scheduler=scheduler,
+        extra=extra,
+    )
+    if triton is not None:
+        for triton_name in components.values():
+            triton.load_model(triton_name)
+    return catalog.put(record)

@@ -1,0 +1,138 @@
+"""Typed, frozen settings built once from env vars (and an optional TOML file) and passed in.
+
+Lookup order for a setting ``port`` of service ``generator``: ``CLINISYNTH_GENERATOR_PORT``, then
+``CLINISYNTH_PORT`` (shared settings only), then the file named by ``CLINISYNTH_CONFIG``
+(``[generator] port = ...`` or top level), then the default. Defaults just work on one machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from clinisynth_server.errors import InvalidArgument
+
+SERVICES = ("generator", "reward", "counterfactual", "finetune")
+DEFAULT_PORTS = {"generator": 50051, "reward": 50052, "counterfactual": 50053, "finetune": 50054}
+DEFAULT_METRICS_PORTS = {
+    "generator": 9101,
+    "reward": 9102,
+    "counterfactual": 9103,
+    "finetune": 9104,
+}
+
+
+def default_home() -> pathlib.Path:
+    """Where the embedded stack keeps its state, store and logs (``CLINISYNTH_HOME``)."""
+    return pathlib.Path(os.environ.get("CLINISYNTH_HOME", pathlib.Path.home() / ".clinisynth"))
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Settings of one service process."""
+
+    service: str
+    host: str = "127.0.0.1"
+    port: int = 0
+    metrics_port: int = 0
+    # Triton gRPC endpoint (host:port).
+    triton_url: str = "127.0.0.1:8001"
+    # Artifact store URL: a folder path / file:// URL, or s3://bucket[/prefix].
+    store_url: str = ""
+    # Static bearer tokens; empty = authentication off.
+    auth_tokens: tuple[str, ...] = ()
+    tls_cert: str = ""
+    tls_key: str = ""
+    log_format: str = "text"
+    log_level: str = "INFO"
+    # Largest request / response message, bytes.
+    max_message_bytes: int = 16 * 1024 * 1024
+    # Threads serving RPCs.
+    workers: int = 16
+    # Seconds to let in-flight calls finish on shutdown.
+    grace_s: float = 5.0
+    # Service-specific settings (``CLINISYNTH_<SERVICE>_<KEY>`` not listed above).
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    def get(self, key: str, default: str = "") -> str:
+        return self.extra.get(key, default)
+
+
+_SHARED = {
+    "host",
+    "triton_url",
+    "store_url",
+    "auth_tokens",
+    "tls_cert",
+    "tls_key",
+    "log_format",
+    "log_level",
+    "max_message_bytes",
+    "workers",
+    "grace_s",
+}
+
+
+def _coerce(name: str, raw: Any, kind: type) -> Any:
+    try:
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+        if kind is tuple:
+            if isinstance(raw, (list, tuple)):
+                return tuple(str(v) for v in raw)
+            return tuple(t.strip() for t in str(raw).split(",") if t.strip())
+        return str(raw)
+    except ValueError as exc:
+        raise InvalidArgument.for_field(name, f"cannot parse {raw!r}: {exc}") from exc
+
+
+def load_config(
+    service: str,
+    env: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> ServiceConfig:
+    """Build the config of ``service`` from env, the optional TOML file and ``overrides``."""
+    if service not in SERVICES:
+        raise InvalidArgument.for_field(
+            "service", f"unknown service {service!r}; one of {SERVICES}"
+        )
+    env = os.environ if env is None else env
+    file_values: dict[str, Any] = {}
+    cfg_path = env.get("CLINISYNTH_CONFIG")
+    if cfg_path:
+        data = tomllib.loads(pathlib.Path(cfg_path).read_text())
+        file_values.update({k: v for k, v in data.items() if not isinstance(v, dict)})
+        file_values.update(data.get(service, {}))
+
+    prefix = f"CLINISYNTH_{service.upper()}_"
+    values: dict[str, Any] = {"service": service}
+    known = {f.name: f for f in dataclasses.fields(ServiceConfig)}
+    for name, fld in known.items():
+        if name in ("service", "extra"):
+            continue
+        kind = {"int": int, "float": float, "tuple[str, ...]": tuple}.get(str(fld.type), str)
+        raw: Any = env.get(prefix + name.upper())
+        if raw is None and name in _SHARED:
+            raw = env.get("CLINISYNTH_" + name.upper())
+        if raw is None:
+            raw = file_values.get(name)
+        if raw is not None:
+            values[name] = _coerce(prefix + name.upper(), raw, kind)
+    values.setdefault("port", DEFAULT_PORTS[service])
+    values.setdefault("metrics_port", DEFAULT_METRICS_PORTS[service])
+    values.setdefault("store_url", str(default_home() / "store"))
+    extra = {
+        key[len(prefix) :].lower(): val
+        for key, val in env.items()
+        if key.startswith(prefix) and key[len(prefix) :].lower() not in known
+    }
+    values["extra"] = extra
+    values.update(overrides)
+    return ServiceConfig(**values)

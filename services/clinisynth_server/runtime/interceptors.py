@@ -1,0 +1,163 @@
+"""The server interceptor chain: authentication, metrics, access log and the error mapping.
+
+One interceptor wraps each handler so the order is explicit: authenticate → count in-flight →
+call → map ClinisynthError to a status with details (anything else → INTERNAL with an incident
+id) → record latency by method and final code. Streams are timed until they end.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from clinisynth_server.errors import ClinisynthError
+from clinisynth_server.runtime.auth import Authenticator
+from clinisynth_server.runtime.errors_map import internal_status, to_status
+from clinisynth_server.runtime.metrics import ServiceMetrics
+
+log = logging.getLogger("clinisynth.access")
+_SKIP_METRICS = ("/grpc.reflection.",)
+
+
+def _final_code(context: grpc.ServicerContext) -> str:
+    code = context.code() if hasattr(context, "code") else None
+    if code is None:
+        return "OK"
+    return code.name if isinstance(code, grpc.StatusCode) else str(code)
+
+
+def _code_of(exc: BaseException, context: grpc.ServicerContext) -> str:
+    if isinstance(exc, ClinisynthError):
+        return exc.code
+    if _final_code(context) != "OK":
+        return _final_code(context)
+    return "INTERNAL" if context.is_active() else "CANCELLED"
+
+
+class ServiceInterceptor(grpc.ServerInterceptor):
+    def __init__(self, service: str, metrics: ServiceMetrics, auth: Authenticator) -> None:
+        self.service = service
+        self.metrics = metrics
+        self.auth = auth
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = continuation(details)
+        if handler is None:
+            return None
+        method = details.method
+        short = method.rsplit("/", 1)[-1]
+        metadata = tuple(details.invocation_metadata or ())
+        observe = not method.startswith(_SKIP_METRICS)
+
+        def begin() -> float:
+            if observe:
+                self.metrics.grpc.in_flight.labels(self.service, short).inc()
+            self.auth.authenticate(method, metadata)
+            return time.perf_counter()
+
+        def finish(start: float, code: str, context: grpc.ServicerContext) -> None:
+            elapsed = time.perf_counter() - start
+            if not observe:
+                return
+            self.metrics.grpc.in_flight.labels(self.service, short).dec()
+            self.metrics.grpc.requests.labels(self.service, short, code).inc()
+            self.metrics.grpc.duration.labels(self.service, short, code).observe(elapsed)
+            log.info(
+                "%s %s %.1fms",
+                method,
+                code,
+                elapsed * 1000,
+                extra={
+                    "method": method,
+                    "code": code,
+                    "duration_ms": round(elapsed * 1000, 1),
+                    "peer": context.peer(),
+                },
+            )
+
+        def fail(exc: BaseException, context: grpc.ServicerContext) -> str:
+            """Abort the call with the mapped status; return the code to record."""
+            if isinstance(exc, ClinisynthError):
+                if exc.code == "INTERNAL":
+                    log.error("%s failed: %s", method, exc.message)
+                code = exc.code
+                status = to_status(exc)
+            elif _final_code(context) != "OK":  # the handler called context.abort() itself
+                return _final_code(context)
+            elif not context.is_active():
+                return "CANCELLED"
+            else:
+                code = "INTERNAL"
+                status = internal_status(exc)
+            context.abort_with_status(status)  # raises
+            return code  # pragma: no cover
+
+        def unary_result(behavior: Callable) -> Callable:
+            def call(request: Any, context: grpc.ServicerContext) -> Any:
+                start = time.perf_counter()
+                code = "OK"
+                try:
+                    start = begin()
+                    response = behavior(request, context)
+                    code = _final_code(context)
+                    return response
+                except BaseException as exc:
+                    code = _code_of(exc, context)
+                    fail(exc, context)
+                    raise
+                finally:
+                    finish(start, code, context)
+
+            return call
+
+        def stream_result(behavior: Callable) -> Callable:
+            def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                start = time.perf_counter()
+                code = "OK"
+                try:
+                    start = begin()
+                    yield from behavior(request, context)
+                    code = _final_code(context)
+                except GeneratorExit:
+                    code = "CANCELLED"
+                    raise
+                except BaseException as exc:
+                    code = _code_of(exc, context)
+                    fail(exc, context)
+                    raise
+                finally:
+                    finish(start, code, context)
+
+            return call
+
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                unary_result(handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                stream_result(handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                unary_result(handler.stream_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            stream_result(handler.stream_stream),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

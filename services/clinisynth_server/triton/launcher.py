@@ -1,0 +1,395 @@
+"""Run the real ``tritonserver`` shipped inside the nvidia-pytriton wheel (CPU or GPU).
+
+Why each environment detail matters (checked on this machine):
+
+- The python-backend stub links ``libpython3.X.so.1.0``: ``LD_LIBRARY_PATH`` starts with this
+  interpreter's ``LIBDIR`` (else an older system libpython loads and the stub crashes), then
+  the wheel's ``nvidia_pytriton.libs``.
+- The stub embeds an *isolated* interpreter: it ignores ``PYTHONPATH`` and finds its prefix by
+  looking ``python3`` up on ``PATH``. So this interpreter's ``bin`` goes first on ``PATH``
+  (the stub then adopts the venv, its numpy and torch), and ``PYTHONPATH`` (the repo's
+  ``services/`` dir and extras) is re-applied by each generated ``model.py``.
+- Each server gets its own python-backend shared-memory prefix so parallel servers
+  (tests, several services) never collide in ``/dev/shm``.
+
+Models load with ``--model-control-mode=explicit --load-model=*``: everything in the
+repository is up after :meth:`TritonServer.start`, and ``load_model``/``unload_model``
+through the client add, replace or retire models and versions later.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from clinisynth_server.errors import FailedPrecondition, Unavailable
+
+SERVICES_DIR = Path(__file__).resolve().parents[2]  # .../services (holds clinisynth_server)
+
+
+@dataclass(frozen=True)
+class Ports:
+    grpc: int
+    http: int
+    metrics: int
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct free TCP ports (all sockets held open until every one is chosen)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind((host, 0))
+            sockets.append(sock)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def pytriton_dir() -> Path:
+    """``site-packages/pytriton/tritonserver`` of the installed nvidia-pytriton wheel."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise FailedPrecondition("nvidia-pytriton is not installed: pip install nvidia-pytriton")
+    return Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
+
+
+def backend_directory(cache_dir: Path | None = None) -> Path:
+    """A ``--backend-directory`` whose ``python/`` holds the backend and this Python's stub.
+
+    Built once per wheel + Python version in a cache dir; built in a temp folder and renamed
+    into place so concurrent launchers never see half a directory.
+    """
+    dist = pytriton_dir()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise FailedPrecondition(
+            f"nvidia-pytriton ships no python-backend stub for Python {version}"
+        )
+    stamp = f"{int(stub.stat().st_mtime)}-{stub.stat().st_size}"
+    root = cache_dir or Path(
+        os.environ.get("CLINISYNTH_CACHE_DIR")
+        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "clinisynth"
+    )
+    target = root / "triton-backends" / f"py{version}-{stamp}"
+    if (target / "python" / "triton_python_backend_stub").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+    try:
+        python_dir = staging / "python"
+        python_dir.mkdir()
+        for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+            shutil.copy2(dist / "backends" / "python" / name, python_dir / name)
+        shutil.copy2(stub, python_dir / "triton_python_backend_stub")
+        with contextlib.suppress(OSError):  # another launcher won the race: use theirs
+            os.rename(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def server_environment(extra_pythonpath: Sequence[Path | str] = ()) -> dict[str, str]:
+    """The environment ``tritonserver`` (and so the stub) needs; see the module docstring."""
+    env = dict(os.environ)
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    libs = Path(pytriton_dir()).parent.parent / "nvidia_pytriton.libs"
+    ld = [libdir, str(libs), env.get("LD_LIBRARY_PATH", "")]
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in ld if p)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    site_packages = sysconfig.get_paths()["purelib"]
+    pythonpath = [*map(str, extra_pythonpath), str(SERVICES_DIR), site_packages]
+    old = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = os.pathsep.join(pythonpath + ([old] if old else []))
+    env.setdefault("HF_HUB_OFFLINE", "1")  # a model must never reach for the network
+    env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    return env
+
+
+class TritonServer:
+    """A ``tritonserver`` process serving ``model_repository``; a context manager.
+
+    Ports are picked free unless given. ``start()`` returns once the server reports ready
+    (every model in the repository loaded) or raises :class:`Unavailable` with its log tail.
+    ``stop()`` sends SIGTERM, then SIGKILLs the whole process group: no stub survives.
+    """
+
+    def __init__(
+        self,
+        model_repository: Path | str,
+        *,
+        grpc_port: int | None = None,
+        http_port: int | None = None,
+        metrics_port: int | None = None,
+        host: str = "127.0.0.1",
+        log_path: Path | str | None = None,
+        log_verbose: int = 0,
+        startup_timeout_s: float = 180.0,
+        stop_timeout_s: float = 15.0,
+        strict: bool = True,
+        extra_pythonpath: Sequence[Path | str] = (),
+        extra_args: Sequence[str] = (),
+        cache_dir: Path | None = None,
+    ) -> None:
+        self.model_repository = Path(model_repository).resolve()
+        chosen = iter(free_ports(3))
+        self.ports = Ports(
+            grpc=grpc_port or next(chosen),
+            http=http_port or next(chosen),
+            metrics=metrics_port or next(chosen),
+        )
+        self.host = host
+        self._log_dir: str | None = None
+        if log_path is None:
+            self._log_dir = tempfile.mkdtemp(prefix="clinisynth-triton-")
+            log_path = Path(self._log_dir) / "tritonserver.log"
+        self.log_path = Path(log_path)
+        self.log_verbose = log_verbose
+        self.startup_timeout_s = startup_timeout_s
+        self.stop_timeout_s = stop_timeout_s
+        self.strict = strict
+        self.extra_pythonpath = tuple(extra_pythonpath)
+        self.extra_args = tuple(extra_args)
+        self.cache_dir = cache_dir
+        self.shm_prefix = f"clinisynth{os.getpid()}_{uuid.uuid4().hex[:8]}_"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    # -- addresses ------------------------------------------------------------------------
+    @property
+    def grpc_url(self) -> str:
+        """``host:port`` for :class:`~clinisynth_server.triton.client.TritonClient`."""
+        return f"{_connect_host(self.host)}:{self.ports.grpc}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{_connect_host(self.host)}:{self.ports.http}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{_connect_host(self.host)}:{self.ports.metrics}/metrics"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def command(self) -> list[str]:
+        """The full ``tritonserver`` command line."""
+        return [
+            str(pytriton_dir() / "bin" / "tritonserver"),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={backend_directory(self.cache_dir)}",
+            "--model-control-mode=explicit",
+            "--load-model=*",
+            f"--grpc-address={self.host}",
+            f"--grpc-port={self.ports.grpc}",
+            f"--http-address={self.host}",
+            f"--http-port={self.ports.http}",
+            f"--metrics-address={self.host}",
+            f"--metrics-port={self.ports.metrics}",
+            "--allow-gpu-metrics=false",
+            f"--exit-on-error={'true' if self.strict else 'false'}",
+            f"--strict-readiness={'true' if self.strict else 'false'}",
+            f"--exit-timeout-secs={max(1, int(self.stop_timeout_s) - 2)}",
+            f"--log-verbose={self.log_verbose}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+            "--backend-config=python,shm-default-byte-size=4194304",
+            "--backend-config=python,shm-growth-byte-size=1048576",
+            *self.extra_args,
+        ]
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> TritonServer:
+        """Launch and wait until ready; :class:`Unavailable` (with log tail) if it is not."""
+        if self._proc is not None and self._proc.poll() is None:
+            return self
+        if not self.model_repository.is_dir():
+            raise FailedPrecondition(f"model repository {self.model_repository} does not exist")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self._proc = subprocess.Popen(
+                self.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=server_environment(self.extra_pythonpath),
+                start_new_session=True,  # own process group: stop() reaches every stub
+            )
+        deadline = time.monotonic() + self.startup_timeout_s
+        delay = 0.05
+        while time.monotonic() < deadline:
+            code = self._proc.poll()
+            if code is not None:
+                self._reap_group()
+                raise Unavailable(
+                    f"tritonserver exited with code {code} while starting; log tail:\n"
+                    f"{self.log_tail()}",
+                    reason="TRITON_START_FAILED",
+                )
+            if self.is_ready():
+                return self
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.5)
+        self.stop()
+        raise Unavailable(
+            f"tritonserver not ready after {self.startup_timeout_s:.0f}s; log tail:\n"
+            f"{self.log_tail()}",
+            reason="TRITON_START_TIMEOUT",
+        )
+
+    def is_ready(self) -> bool:
+        """HTTP ``/v2/health/ready`` answers 200 (strict: every model in the repo is ready)."""
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=1.0) as r:
+                return bool(r.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def stop(self, *, graceful: bool = True) -> None:
+        """SIGTERM the server (in-flight requests finish, models unload, stubs exit), then
+        SIGKILL whatever is left of its process group. ``graceful=False`` kills at once."""
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            if graceful:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=self.stop_timeout_s)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        self._reap_group()
+        self._proc = None
+
+    def _reap_group(self) -> None:
+        """Kill whatever is left in the server's process group (orphaned stubs)."""
+        if self._proc is None:
+            return
+        pgid = self._proc.pid
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and _group_alive(pgid):
+            time.sleep(0.05)
+        # a killed python backend cannot unlink its shared memory: the prefix is ours alone
+        for leftover in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+
+    def log_tail(self, lines: int = 30) -> str:
+        """Triton's error lines (``E…``, where a failing model is named) plus the last lines."""
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return "(no log)"
+        all_lines = [line for line in text.splitlines() if line.strip()]
+        errors = [line for line in all_lines[:-lines] if line.startswith("E")][-10:]
+        return "\n".join([*errors, *(["..."] if errors else []), *all_lines[-lines:]])
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def _group_alive(pgid: int) -> bool:
+    """True while any process (not a zombie) is still in process group ``pgid``."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[-1].split()
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def _connect_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "") else host
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m clinisynth_server.triton.launcher --model-repository R``: run in foreground."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--model-repository", required=True, type=Path)
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--log-path", type=Path, default=None)
+    parser.add_argument("--log-verbose", type=int, default=0)
+    parser.add_argument("--startup-timeout-s", type=float, default=300.0)
+    parser.add_argument("--lenient", action="store_true",
+                        help="keep serving when a model fails to load")
+    args = parser.parse_args(argv)
+    server = TritonServer(
+        args.model_repository,
+        grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        metrics_port=args.metrics_port,
+        host=args.host,
+        log_path=args.log_path,
+        log_verbose=args.log_verbose,
+        startup_timeout_s=args.startup_timeout_s,
+        strict=not args.lenient,
+    )
+    stop = {"now": False}
+
+    def _on_signal(signum: int, frame: object) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    with server:
+        print(f"tritonserver ready: grpc {server.grpc_url}  http {server.http_url}  "
+              f"metrics {server.metrics_url}  log {server.log_path}", flush=True)
+        while not stop["now"] and server.is_running():
+            time.sleep(0.5)
+        code = 0 if stop["now"] else 1
+        if code:
+            print(f"tritonserver exited; log tail:\n{server.log_tail()}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
