@@ -7,15 +7,15 @@ with clinisynth.Client() as client:          # finds the stack started by `clini
 
 from __future__ import annotations
 
-from typing import Any
-
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from clinisynth import _generator
+from clinisynth._counterfactual import AsyncCounterfactualCalls, CounterfactualCalls
 from clinisynth._discovery import SERVICES, Endpoints, discover
 from clinisynth._errors import ClinisynthError, StackNotFoundError
+from clinisynth._finetune import AsyncFinetuneCalls, FinetuneCalls
+from clinisynth._generator import AsyncGeneratorCalls, GeneratorCalls
+from clinisynth._reward import AsyncRewardCalls, RewardCalls
 from clinisynth._transport import AsyncTransport, Transport, _Settings
-from clinisynth._types import GenerationResult, ModelInfo
 
 DEFAULT_TIMEOUT = 300.0
 
@@ -50,7 +50,7 @@ def _settings(
     )
 
 
-class Client:
+class Client(GeneratorCalls, RewardCalls, CounterfactualCalls, FinetuneCalls):
     """Blocking client. Keyword-only options; every call takes an optional ``timeout`` (s).
 
     ``address``: a host running every service at its default port; ``endpoints``: explicit
@@ -107,67 +107,10 @@ class Client:
                 out[service] = err.code
         return out
 
-    # -- generator --------------------------------------------------------------------------
-    def list_models(
-        self,
-        kind: str | None = None,
-        *,
-        name: str | None = None,
-        all_versions: bool = False,
-        timeout: float | None = None,
-    ) -> list[ModelInfo]:
-        """Every model the stack serves (kind: text_to_image, class_conditional, ...)."""
-        pages, token = [], ""
-        while True:
-            req = _generator.list_models_request(kind, name, all_versions, token)
-            resp = self._t.unary(
-                "generator", _generator.STUB, "ListModels", req, idempotent=True, timeout=timeout
-            )
-            pages.append(resp)
-            token = resp.next_page_token
-            if not token:
-                return _generator.model_infos(pages)
 
-    def generate(
-        self,
-        model: str,
-        *,
-        progress: _generator.ProgressCallback | bool | None = None,
-        timeout: float | None = None,
-        **options: Any,
-    ) -> GenerationResult:
-        """Generate images. ``model`` is ``"name"`` or ``"name@version"``.
-
-        Options: prompt, negative_prompt, class_name, n, width, height, steps, guidance_scale,
-        sampler, seed, eta, format ("png", "png16", "dicom", "raw"), store, min_reward,
-        best_of_n, reward_model, preview_every, modality, request_id. ``progress``: a callback
-        receiving ProgressEvents (or True for a tqdm bar); uses the streaming RPC.
-        """
-        req = _generator.generate_request(model, **options)
-        if not progress:
-            resp = self._t.unary(
-                "generator",
-                _generator.STUB,
-                "Generate",
-                req,
-                idempotent=req.HasField("seed"),
-                timeout=timeout,
-            )
-            return _generator.generation_result(resp)
-        callback, bar = _progress_callback(progress)
-        try:
-            assembler = _generator.StreamAssembler(callback)
-            for event in self._t.stream(
-                "generator", _generator.STUB, "GenerateStream", req, timeout=timeout
-            ):
-                assembler.feed(event)
-            return assembler.finish()
-        finally:
-            if bar is not None:
-                bar.close()
-
-
-class AsyncClient:
+class AsyncClient(
+    AsyncGeneratorCalls, AsyncRewardCalls, AsyncCounterfactualCalls, AsyncFinetuneCalls
+):
     """asyncio twin of :class:`Client` (same options, ``await`` every call)."""
 
     def __init__(
@@ -216,65 +159,3 @@ class AsyncClient:
             except ClinisynthError as err:
                 out[service] = err.code
         return out
-
-    async def list_models(
-        self,
-        kind: str | None = None,
-        *,
-        name: str | None = None,
-        all_versions: bool = False,
-        timeout: float | None = None,
-    ) -> list[ModelInfo]:
-        pages, token = [], ""
-        while True:
-            req = _generator.list_models_request(kind, name, all_versions, token)
-            resp = await self._t.unary(
-                "generator", _generator.STUB, "ListModels", req, idempotent=True, timeout=timeout
-            )
-            pages.append(resp)
-            token = resp.next_page_token
-            if not token:
-                return _generator.model_infos(pages)
-
-    async def generate(
-        self,
-        model: str,
-        *,
-        progress: _generator.ProgressCallback | None = None,
-        timeout: float | None = None,
-        **options: Any,
-    ) -> GenerationResult:
-        req = _generator.generate_request(model, **options)
-        if progress is None:
-            resp = await self._t.unary(
-                "generator",
-                _generator.STUB,
-                "Generate",
-                req,
-                idempotent=req.HasField("seed"),
-                timeout=timeout,
-            )
-            return _generator.generation_result(resp)
-        assembler = _generator.StreamAssembler(progress)
-        async for event in self._t.stream(
-            "generator", _generator.STUB, "GenerateStream", req, timeout=timeout
-        ):
-            assembler.feed(event)
-        return assembler.finish()
-
-
-def _progress_callback(progress: Any) -> tuple[Any, Any]:
-    """A user callback as is, or ``True`` → a tqdm bar over the denoising steps."""
-    if callable(progress):
-        return progress, None
-    from tqdm import tqdm
-
-    bar = tqdm(total=0, unit="step", desc="generating")
-
-    def update(event: Any) -> None:
-        if event.total_steps and bar.total != event.total_steps:
-            bar.total = event.total_steps
-        if event.step > bar.n:
-            bar.update(event.step - bar.n)
-
-    return update, bar

@@ -6,6 +6,9 @@ Accepted folders, loaded unchanged:
 - a pixel diffusion folder: ``unet/`` (``UNet2DModel``) + ``scheduler/`` (e.g. what
   ``DDPMPipeline.save_pretrained`` writes), or a bare ``UNet2DModel`` folder → ``class_conditional``
   when the UNet has a class embedding, else ``unconditional``.
+- a scorer folder (``reward`` / ``classifier`` kinds): weights plus a ``clinisynth.json`` with
+  ``kind``, ``triton_role`` (the Triton backend role serving it), ``component``, ``classes``,
+  ``width`` / ``height`` / ``channels`` and optional ``triton_parameters``.
 An optional ``clinisynth.json`` beside them gives ``classes``, ``labels``, ``description`` and
 sampling defaults. Triton component ``<name>.<role>`` gets the same version number as the catalog.
 """
@@ -155,6 +158,28 @@ def register_folder(
         scheduler = _read_json(folder / "scheduler" / "scheduler_config.json") or DEFAULT_SCHEDULER
         digest = folder_digest([folder / "unet", folder / "text_encoder", folder / "vae"])
         default_guidance = float(meta.get("default_guidance_scale", 7.5))
+    elif kind in ("reward", "classifier"):
+        # A scorer folder: weights + clinisynth.json naming the Triton role that serves it
+        # ("triton_role"), its component name ("component", default the kind), classes and size.
+        role = meta.get("triton_role")
+        if not role:
+            raise InvalidArgument.for_field("folder", f"{folder}/clinisynth.json needs triton_role")
+        component = meta.get("component", kind)
+        components[component] = _component(
+            repo_dir,
+            name,
+            role,
+            folder,
+            version,
+            max_batch_size,
+            instance_kind,
+            meta.get("triton_parameters"),
+        )
+        size = int(meta.get("width", meta.get("size", 0)))
+        channels = int(meta.get("channels", 1))
+        scheduler = {}
+        digest = folder_digest([folder])
+        default_guidance = 1.0
     else:
         unet_dir = folder / "unet" if (folder / "unet").is_dir() else folder
         unet_cfg = _read_json(unet_dir / "config.json")
@@ -184,7 +209,7 @@ def register_folder(
         component_versions=dict.fromkeys(components, version),
         classes=list(classes or meta.get("classes") or []) if kind != "text_to_image" else [],
         width=size,
-        height=size,
+        height=int(meta.get("height", size)),
         channels=channels,
         digest=digest,
         default_sampler=meta.get("default_sampler", "ddim"),

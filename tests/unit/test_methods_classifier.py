@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from clinisynth_server.errors import InvalidArgument
 from clinisynth_server.methods.classifier import (
     Classifier,
@@ -44,8 +43,9 @@ def _model(seed: int = 0) -> Classifier:
 def test_plain_training_learns_and_calibrates(tmp_path: Path) -> None:
     x, y = _toy(256, 0)
     model = _model()
-    metrics = train_classifier(model, x, y, epochs=6, lr=3e-3, batch_size=32, seed=0,
-                               val_fraction=0.25)
+    metrics = train_classifier(
+        model, x, y, epochs=6, lr=3e-3, batch_size=32, seed=0, val_fraction=0.25
+    )
     test_x, test_y = _toy(200, 1)
     assert accuracy(model, test_x, test_y) >= 0.9
     assert metrics.val_nll_calibrated <= metrics.val_nll_uncalibrated + 1e-4
@@ -78,10 +78,16 @@ def test_l2_attack_stays_in_ball_and_raises_loss() -> None:
     model = _model()
     train_classifier(model, x, y, epochs=2, lr=3e-3, batch_size=8, seed=0, val_fraction=0.0)
     model.eval()
-    x_adv = l2_attack(model.raw_logits, x, lambda lg: F.cross_entropy(lg, y, reduction="sum"),
-                      eps=0.5, steps=5, step_size=0.25)
+    x_adv = l2_attack(
+        model.raw_logits,
+        x,
+        lambda lg: F.cross_entropy(lg, y, reduction="sum"),
+        eps=0.5,
+        steps=5,
+        step_size=0.25,
+    )
     assert float((x_adv - x).flatten(1).norm(dim=1).max()) <= 0.5 + 1e-5
-    assert 0.0 <= float(x_adv.min()) and float(x_adv.max()) <= 1.0
+    assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
     with torch.no_grad():
         assert F.cross_entropy(model.raw_logits(x_adv), y) > F.cross_entropy(model.raw_logits(x), y)
 
@@ -90,9 +96,19 @@ def test_l2_attack_stays_in_ball_and_raises_loss() -> None:
 def test_adversarial_training_runs_and_learns(adversarial: str) -> None:
     x, y = _toy(128, 3)
     model = _model()
-    metrics = train_classifier(model, x, y, epochs=4, lr=3e-3, batch_size=32, seed=0,
-                               val_fraction=0.25, adversarial=adversarial, eps=0.3,
-                               attack_steps=3)
+    metrics = train_classifier(
+        model,
+        x,
+        y,
+        epochs=4,
+        lr=3e-3,
+        batch_size=32,
+        seed=0,
+        val_fraction=0.25,
+        adversarial=adversarial,
+        eps=0.3,
+        attack_steps=3,
+    )
     assert len(metrics.history) == 4
     assert metrics.val_accuracy >= 0.75
 

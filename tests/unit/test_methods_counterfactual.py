@@ -6,11 +6,6 @@ import math
 
 import pytest
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from torch import Tensor, nn
-
 from clinisynth_server.errors import Cancelled, InvalidArgument
 from clinisynth_server.methods.classifier import Classifier, ClassifierConfig
 from clinisynth_server.methods.counterfactual import (
@@ -24,6 +19,10 @@ from clinisynth_server.methods.counterfactual import (
     run_counterfactual,
 )
 from clinisynth_server.methods.sampling import Cond, predict_x0, unet_eps_fn
+from diffusers import DDPMScheduler, UNet2DModel
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -157,8 +156,15 @@ def test_guidance_gradients_match_autograd_by_hand(toy: dict) -> None:
     t = torch.tensor([300, 300])
     ab = toy["ab"][t]
     out = guidance_gradients(
-        toy["denoiser"], toy["robust"], toy["plain"], x_t, t, toy["x0"], toy["target"],
-        alpha_bar_t=ab, distance_kind="l1",
+        toy["denoiser"],
+        toy["robust"],
+        toy["plain"],
+        x_t,
+        t,
+        toy["x0"],
+        toy["target"],
+        alpha_bar_t=ab,
+        distance_kind="l1",
     )
     x = x_t.clone().requires_grad_(True)
     x0_hat = predict_x0(x, toy["denoiser"](x, t, Cond()), ab)
@@ -174,13 +180,29 @@ def test_guidance_gradients_match_autograd_by_hand(toy: dict) -> None:
     assert out.eps.shape == x_t.shape and not out.eps.requires_grad
 
     only_r = guidance_gradients(
-        toy["denoiser"], toy["robust"], None, x_t, t, toy["x0"], toy["target"],
-        alpha_bar_t=ab, mode="robust_only",
+        toy["denoiser"],
+        toy["robust"],
+        None,
+        x_t,
+        t,
+        toy["x0"],
+        toy["target"],
+        alpha_bar_t=ab,
+        mode="robust_only",
     )
     assert only_r.g_p is None and only_r.logits_plain is None
     with pytest.raises(InvalidArgument) as err:
-        guidance_gradients(toy["denoiser"], toy["robust"], None, x_t, t, toy["x0"],
-                           toy["target"], alpha_bar_t=ab, mode="cone")
+        guidance_gradients(
+            toy["denoiser"],
+            toy["robust"],
+            None,
+            x_t,
+            t,
+            toy["x0"],
+            toy["target"],
+            alpha_bar_t=ab,
+            mode="cone",
+        )
     assert err.value.violations[0].field == "mode"
 
 
@@ -193,8 +215,9 @@ def _run(toy: dict, **knobs: object) -> Tensor:
     mode = str(knobs.get("mode", "cone"))
     guide = make_guide_fn(toy["denoiser"], toy["robust"], toy["plain"], mode=mode)
     config = CounterfactualConfig(steps=40, depth=0.5, **knobs)  # type: ignore[arg-type]
-    return run_counterfactual(guide, toy["x0"], toy["target"], toy["ab"], config=config,
-                              seeds=[1, 2])
+    return run_counterfactual(
+        guide, toy["x0"], toy["target"], toy["ab"], config=config, seeds=[1, 2]
+    )
 
 
 @pytest.mark.parametrize("mode", ["cone", "robust_only", "plain_only"])
@@ -232,8 +255,9 @@ def test_counterfactual_is_deterministic_per_seed_and_cancellable(toy: dict) -> 
     assert (config.distance, config.lambda_d) == ("l1", 0.15)
     guide = make_guide_fn(toy["denoiser"], toy["robust"], toy["plain"], distance_kind="l1")
     a = run_counterfactual(guide, toy["x0"], toy["target"], toy["ab"], config=config, seeds=[3, 4])
-    b = run_counterfactual(guide, toy["x0"][1:], toy["target"][1:], toy["ab"], config=config,
-                           seeds=[4])
+    b = run_counterfactual(
+        guide, toy["x0"][1:], toy["target"][1:], toy["ab"], config=config, seeds=[4]
+    )
     assert (a.image[1:] - b.image).abs().max() < 1e-5
 
     calls = 0
@@ -244,25 +268,43 @@ def test_counterfactual_is_deterministic_per_seed_and_cancellable(toy: dict) -> 
         return guide(*args)
 
     with pytest.raises(Cancelled):
-        run_counterfactual(counting, toy["x0"], toy["target"], toy["ab"], config=config,
-                           seeds=[3, 4], on_step=lambda s: s.index < 1)
+        run_counterfactual(
+            counting,
+            toy["x0"],
+            toy["target"],
+            toy["ab"],
+            config=config,
+            seeds=[3, 4],
+            on_step=lambda s: s.index < 1,
+        )
     assert calls == 2
 
 
 def test_guidance_through_a_real_unet_and_classifiers() -> None:
     torch.manual_seed(0)
     unet = UNet2DModel(
-        sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-        layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
+        sample_size=16,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
     ).eval()
     robust = Classifier(ClassifierConfig(num_classes=2, in_channels=1, backbone_width=4)).eval()
     plain = Classifier(ClassifierConfig(num_classes=2, in_channels=1, backbone_width=4)).eval()
     x0 = torch.rand(2, 1, 16, 16) * 2 - 1
     ab = DDPMScheduler(num_train_timesteps=1000).alphas_cumprod
     guide = make_guide_fn(unet_eps_fn(unet), robust, plain)
-    result = run_counterfactual(guide, x0, torch.tensor([0, 1]), ab,
-                                config=CounterfactualConfig(steps=10, depth=0.3), seeds=[0, 1])
+    result = run_counterfactual(
+        guide,
+        x0,
+        torch.tensor([0, 1]),
+        ab,
+        config=CounterfactualConfig(steps=10, depth=0.3),
+        seeds=[0, 1],
+    )
     assert result.image.shape == (2, 1, 16, 16)
     assert torch.isfinite(result.image).all() and torch.isfinite(result.prob_robust).all()
     assert result.prob_robust.shape == (3, 2)

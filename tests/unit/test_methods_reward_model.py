@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from clinisynth_server.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound
 from clinisynth_server.methods.backbones import build_backbone
 from clinisynth_server.methods.classifier import Classifier, ClassifierConfig
@@ -110,8 +109,16 @@ def test_training_beats_chance_and_keeps_best_epoch() -> None:
     images, labels, aligned = _toy_feedback(320, seed=1)
     steps: list[int] = []
     metrics = train_reward_model(
-        model, images, labels, aligned, epochs=12, lr=3e-3, batch_size=32, seed=0,
-        val_fraction=0.25, on_step=lambda p: steps.append(p.step),
+        model,
+        images,
+        labels,
+        aligned,
+        epochs=12,
+        lr=3e-3,
+        batch_size=32,
+        seed=0,
+        val_fraction=0.25,
+        on_step=lambda p: steps.append(p.step),
     )
     assert metrics.n_val == 80 and metrics.n_train == 240
     assert metrics.majority_baseline < 0.65
@@ -128,20 +135,40 @@ def test_training_beats_chance_and_keeps_best_epoch() -> None:
 def test_weak_feedback_adds_negatives_and_stop_cancels() -> None:
     images, labels, aligned = _toy_feedback(64, seed=3)
     metrics = train_reward_model(
-        _small(num_classes=2), images, labels, aligned, epochs=1, batch_size=32, seed=0,
-        val_fraction=0.25, weak_feedback=True,
+        _small(num_classes=2),
+        images,
+        labels,
+        aligned,
+        epochs=1,
+        batch_size=32,
+        seed=0,
+        val_fraction=0.25,
+        weak_feedback=True,
     )
-    assert metrics.n_weak == int(aligned[torch.randperm(64, generator=torch.Generator()
-                                                        .manual_seed(0))[16:]].sum())
+    assert metrics.n_weak == int(
+        aligned[torch.randperm(64, generator=torch.Generator().manual_seed(0))[16:]].sum()
+    )
     with pytest.raises(Cancelled):
         train_reward_model(
-            _small(num_classes=2), images, labels, aligned, epochs=3, batch_size=16, seed=0,
-            val_fraction=0.25, on_step=lambda p: p.step < 2,
+            _small(num_classes=2),
+            images,
+            labels,
+            aligned,
+            epochs=3,
+            batch_size=16,
+            seed=0,
+            val_fraction=0.25,
+            on_step=lambda p: p.step < 2,
         )
     with pytest.raises(InvalidArgument):
         train_reward_model(
-            _small(conditioning="text", text_dim=4, num_classes=0), images, torch.randn(64, 4),
-            aligned, epochs=1, seed=0, weak_feedback=True,
+            _small(conditioning="text", text_dim=4, num_classes=0),
+            images,
+            torch.randn(64, 4),
+            aligned,
+            epochs=1,
+            seed=0,
+            weak_feedback=True,
         )
 
 

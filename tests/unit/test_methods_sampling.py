@@ -74,7 +74,10 @@ def test_ddim_matches_diffusers_pipeline(unet: UNet2DModel, train_config: dict) 
     expected = pipe(batch_size=2, generator=gens, num_inference_steps=8, output_type="np").images
 
     result = sample(
-        unet_eps_fn(unet), make_scheduler("ddim", train_config), [11, 12], (1, 16, 16),
+        unet_eps_fn(unet),
+        make_scheduler("ddim", train_config),
+        [11, 12],
+        (1, 16, 16),
         num_inference_steps=8,
     )
     got = result.images.permute(0, 2, 3, 1).numpy()
@@ -86,36 +89,67 @@ def test_ddim_matches_diffusers_pipeline(unet: UNet2DModel, train_config: dict) 
 def test_text_cfg_latent_matches_stable_diffusion_pipeline() -> None:
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
-        layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=12,
-        attention_head_dim=2, norm_num_groups=4,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=12,
+        attention_head_dim=2,
+        norm_num_groups=4,
     ).eval()
     vae = AutoencoderKL(
-        in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=4, sample_size=16,
+        in_channels=1,
+        out_channels=1,
+        latent_channels=4,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=4,
+        sample_size=16,
     ).eval()
     scheduler = DDIMScheduler(
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
     )
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     prompt, negative = torch.randn(1, 5, 12), torch.randn(1, 5, 12)
     expected = pipe(
-        prompt_embeds=prompt, negative_prompt_embeds=negative, guidance_scale=3.0,
-        num_inference_steps=5, height=16, width=16, generator=torch.Generator().manual_seed(3),
+        prompt_embeds=prompt,
+        negative_prompt_embeds=negative,
+        guidance_scale=3.0,
+        num_inference_steps=5,
+        height=16,
+        width=16,
+        generator=torch.Generator().manual_seed(3),
         output_type="pt",
     ).images
 
     result = sample(
-        unet_eps_fn(unet), make_scheduler("ddim", scheduler.config), [3], (4, 8, 8),
-        num_inference_steps=5, cond=Cond(encoder_hidden_states=prompt),
-        uncond=Cond(encoder_hidden_states=negative), guidance_scale=3.0,
+        unet_eps_fn(unet),
+        make_scheduler("ddim", scheduler.config),
+        [3],
+        (4, 8, 8),
+        num_inference_steps=5,
+        cond=Cond(encoder_hidden_states=prompt),
+        uncond=Cond(encoder_hidden_states=negative),
+        guidance_scale=3.0,
         decode_fn=vae_decode_fn(vae),
     )
     assert result.final.shape == (1, 4, 8, 8)  # latents
@@ -129,9 +163,15 @@ def test_per_image_pixels_independent_of_batch(
 ) -> None:
     def run(seeds: list[int], labels: list[int]) -> torch.Tensor:
         return sample(
-            unet_eps_fn(class_unet), make_scheduler(sampler, train_config), seeds, (1, 16, 16),
-            num_inference_steps=6, eta=eta, cond=Cond(class_labels=torch.tensor(labels)),
-            uncond=Cond(class_labels=torch.full((len(seeds),), 3)), guidance_scale=2.0,
+            unet_eps_fn(class_unet),
+            make_scheduler(sampler, train_config),
+            seeds,
+            (1, 16, 16),
+            num_inference_steps=6,
+            eta=eta,
+            cond=Cond(class_labels=torch.tensor(labels)),
+            uncond=Cond(class_labels=torch.full((len(seeds),), 3)),
+            guidance_scale=2.0,
         ).images
 
     alone = run([5], [1])
@@ -146,8 +186,12 @@ def test_per_image_pixels_independent_of_batch(
 def test_every_sampler_runs(unet: UNet2DModel, train_config: dict, sampler: str) -> None:
     seen: list[StepInfo] = []
     result = sample(
-        unet_eps_fn(unet), make_scheduler(sampler, train_config), [0, 1], (1, 16, 16),
-        num_inference_steps=4, on_step=seen.append,
+        unet_eps_fn(unet),
+        make_scheduler(sampler, train_config),
+        [0, 1],
+        (1, 16, 16),
+        num_inference_steps=4,
+        on_step=seen.append,
     )
     assert result.images.shape == (2, 1, 16, 16)
     assert torch.isfinite(result.images).all()
@@ -170,8 +214,12 @@ def test_callback_stop_cancels_and_stops_calling_denoiser(
 
     with pytest.raises(Cancelled) as err:
         sample(
-            counting, make_scheduler("ddim", train_config), [0], (1, 16, 16),
-            num_inference_steps=10, on_step=lambda info: info.index < 2,
+            counting,
+            make_scheduler("ddim", train_config),
+            [0],
+            (1, 16, 16),
+            num_inference_steps=10,
+            on_step=lambda info: info.index < 2,
         )
     assert calls == 3
     assert err.value.metadata["step"] == "3"
@@ -185,8 +233,12 @@ def test_callback_stop_cancels_and_stops_calling_denoiser(
     calls = 0
     with pytest.raises(Stop):
         sample(
-            counting, make_scheduler("ddim", train_config), [0], (1, 16, 16),
-            num_inference_steps=10, on_step=raising,
+            counting,
+            make_scheduler("ddim", train_config),
+            [0],
+            (1, 16, 16),
+            num_inference_steps=10,
+            on_step=raising,
         )
     assert calls == 1
 
@@ -194,8 +246,13 @@ def test_callback_stop_cancels_and_stops_calling_denoiser(
 def test_guidance_needs_uncond(class_unet: UNet2DModel, train_config: dict) -> None:
     with pytest.raises(InvalidArgument) as err:
         sample(
-            unet_eps_fn(class_unet), make_scheduler("ddim", train_config), [0], (1, 16, 16),
-            num_inference_steps=2, cond=Cond(class_labels=torch.tensor([1])), guidance_scale=4.0,
+            unet_eps_fn(class_unet),
+            make_scheduler("ddim", train_config),
+            [0],
+            (1, 16, 16),
+            num_inference_steps=2,
+            cond=Cond(class_labels=torch.tensor([1])),
+            guidance_scale=4.0,
         )
     assert err.value.violations[0].field == "guidance_scale"
 
@@ -205,12 +262,21 @@ def test_guidance_scale_one_is_plain_conditional(
 ) -> None:
     cond = Cond(class_labels=torch.tensor([2]))
     plain = sample(
-        unet_eps_fn(class_unet), make_scheduler("ddim", train_config), [4], (1, 16, 16),
-        num_inference_steps=3, cond=cond,
+        unet_eps_fn(class_unet),
+        make_scheduler("ddim", train_config),
+        [4],
+        (1, 16, 16),
+        num_inference_steps=3,
+        cond=cond,
     ).images
     with_uncond = sample(
-        unet_eps_fn(class_unet), make_scheduler("ddim", train_config), [4], (1, 16, 16),
-        num_inference_steps=3, cond=cond, uncond=Cond(class_labels=torch.tensor([3])),
+        unet_eps_fn(class_unet),
+        make_scheduler("ddim", train_config),
+        [4],
+        (1, 16, 16),
+        num_inference_steps=3,
+        cond=cond,
+        uncond=Cond(class_labels=torch.tensor([3])),
     ).images
     assert torch.equal(plain, with_uncond)
 

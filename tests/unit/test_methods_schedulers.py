@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from clinisynth_server.errors import InvalidArgument
+from clinisynth_server.methods.schedulers import SAMPLERS, make_scheduler
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
@@ -10,9 +12,6 @@ from diffusers import (
     EulerDiscreteScheduler,
     PNDMScheduler,
 )
-
-from clinisynth_server.errors import InvalidArgument
-from clinisynth_server.methods.schedulers import SAMPLERS, make_scheduler
 
 
 def test_sampler_names() -> None:
