@@ -12,6 +12,13 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+try:  # two cores shared with Triton's stubs: one torch thread in the test process
+    import torch
+
+    torch.set_num_threads(1)
+except ImportError:  # the SDK-only tests run without torch
+    pass
+
 CELL_CLASSES = ["lymphocyte", "neutrophil", "eosinophil", "monocyte"]
 
 

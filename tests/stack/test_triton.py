@@ -39,18 +39,22 @@ from clinisynth_server.triton.launcher import TritonServer  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SAMPLE_REPO = REPO_ROOT / "deploy" / "triton" / "models"
+SAMPLE = "sample_denoiser"  # the shipped class-conditional UNet2DModel, seeded from config
 
 pytestmark = [pytest.mark.stack, pytest.mark.timeout(300)]
 
 
 # -- tiny models ------------------------------------------------------------------------------
-def _unet_cls(seed: int) -> torch.nn.Module:
+# Every model is one python stub importing torch + diffusers (~7 s of CPU each), so the
+# class-conditional UNet2DModel under test is the shipped sample itself (seeded from its
+# config.json); its version 2 is a saved checkpoint of the same config.
+SAMPLE_WEIGHTS = SAMPLE_REPO / SAMPLE / "1" / "weights"
+
+
+def _sample_unet(seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return diffusers.UNet2DModel(
-        sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-        layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4, num_class_embeds=3,
-    ).eval()
+    cls = diffusers.UNet2DModel
+    return cls.from_config(cls.load_config(str(SAMPLE_WEIGHTS))).eval()
 
 
 def _unet_cond() -> torch.nn.Module:
@@ -87,8 +91,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[torch.nn
     """Tiny models saved diffusers/transformers-style: name → (in-process model, folder)."""
     root = tmp_path_factory.mktemp("weights")
     built = {
-        "unet_cls": _unet_cls(0),
-        "unet_cls_v2": _unet_cls(7),
+        "sample_v2": _sample_unet(7),
         "unet_cond": _unet_cond(),
         "text": _text_encoder(),
         "vae": _vae(),
@@ -97,6 +100,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[torch.nn
     for name, model in built.items():
         model.save_pretrained(root / name)
         out[name] = (model, root / name)
+    out[SAMPLE] = (_sample_unet(0), SAMPLE_WEIGHTS)  # what Triton builds from the config
     return out
 
 
@@ -104,13 +108,11 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[torch.nn
 def repo(tmp_path_factory: pytest.TempPathFactory, models: dict) -> Path:
     path = tmp_path_factory.mktemp("model_repository")
     w = {name: folder for name, (_, folder) in models.items()}
-    slow_batching = repository.Batching(max_queue_delay_us=50_000)
-    repository.write_model(path, "unet_cls", "denoiser", w["unet_cls"], batching=slow_batching)
+    shutil.copytree(SAMPLE_REPO / SAMPLE, path / SAMPLE)  # as shipped
     repository.write_model(path, "unet_cond", "denoiser", w["unet_cond"])
     repository.write_model(path, "text", "text_encoder", w["text"])
     repository.write_model(path, "vae_dec", "vae_decode", w["vae"])
     repository.write_model(path, "vae_enc", "vae_encode", w["vae"])
-    shutil.copytree(SAMPLE_REPO / "sample_denoiser", path / "sample_denoiser")
     return path
 
 
@@ -133,7 +135,7 @@ def _close(a: np.ndarray, b: torch.Tensor | np.ndarray) -> None:
 
 # -- repository builder (no server) --------------------------------------------------------------
 def test_versions_and_roles(tmp_path: Path, models: dict) -> None:
-    folder = models["unet_cls"][1]
+    folder = models[SAMPLE][1]
     assert repository.write_model(tmp_path, "m", "denoiser", folder) == 1
     assert repository.add_version(tmp_path, "m", folder) == 2
     assert repository.list_versions(tmp_path, "m") == [1, 2]
@@ -149,33 +151,33 @@ def test_versions_and_roles(tmp_path: Path, models: dict) -> None:
 
 def test_register_role_from_another_module(tmp_path: Path, models: dict) -> None:
     repository.register_role("denoiser_alias", "clinisynth_server.triton.backends.denoiser")
-    repository.write_model(tmp_path, "m", "denoiser_alias", models["unet_cls"][1])
+    repository.write_model(tmp_path, "m", "denoiser_alias", models[SAMPLE][1])
     assert repository.read_role(tmp_path / "m" / "config.pbtxt") == "denoiser_alias"
     assert "backends.denoiser" in (tmp_path / "m" / "1" / "model.py").read_text()
 
 
 def test_shipped_sample_matches_builder_output() -> None:
-    model_py = (SAMPLE_REPO / "sample_denoiser" / "1" / "model.py").read_text()
+    model_py = (SAMPLE_REPO / SAMPLE / "1" / "model.py").read_text()
     assert model_py == repository.model_py("denoiser", "clinisynth_server.triton.backends.denoiser")
 
 
 # -- through the real server ----------------------------------------------------------------
 def test_repository_index_lists_every_model_ready(client: TritonClient) -> None:
     entries = {(e.name, e.version): e.state for e in client.repository_index()}
-    for name in ("unet_cls", "unet_cond", "text", "vae_dec", "vae_enc", "sample_denoiser"):
+    for name in (SAMPLE, "unet_cond", "text", "vae_dec", "vae_enc"):
         assert entries[(name, "1")] == "READY"
-    assert client.is_ready() and client.model_ready("unet_cls")
-    assert client.model_config("unet_cls")["max_batch_size"] == 8
+    assert client.is_ready() and client.model_ready(SAMPLE)
+    assert client.model_config("unet_cond")["max_batch_size"] == 8
 
 
 def test_class_conditional_unet_matches_in_process(client: TritonClient, models: dict) -> None:
-    unet = models["unet_cls"][0]
+    unet = models[SAMPLE][0]
     rng = np.random.default_rng(0)
-    for size in (8, 16):  # variable H, W through the same model
+    for size in (8, 32):  # variable H, W through the same model
         x = rng.standard_normal((2, 1, size, size)).astype(np.float32)
         t = np.array([3.0, 900.0], np.float32)
-        labels = np.array([0, 2], np.int64)
-        got = client.infer("unet_cls", {"sample": x, "timestep": t, "class_labels": labels},
+        labels = np.array([0, 1], np.int64)
+        got = client.infer(SAMPLE, {"sample": x, "timestep": t, "class_labels": labels},
                            ["noise_pred"])["noise_pred"]
         with torch.no_grad():
             want = unet(torch.from_numpy(x), torch.from_numpy(t),
@@ -213,24 +215,24 @@ def test_text_conditioned_pipeline_pieces_match(client: TritonClient, models: di
 
     encoded = client.infer("vae_enc", {"image": image}, ["latents", "latents_std"])
     with torch.no_grad():
-        dist = vae.encode(torch.from_numpy(image)).latent_dist
+        dist = vae.encode(torch.from_numpy(image.copy())).latent_dist
     _close(encoded["latents"], dist.mean * vae.config.scaling_factor)
     _close(encoded["latents_std"], dist.std * vae.config.scaling_factor)
 
 
 def test_same_backend_code_in_process_and_in_triton(client: TritonClient, models: dict) -> None:
-    backend = denoiser_role.Backend(models["unet_cls"][1], {}, "cpu")
+    backend = denoiser_role.Backend(models[SAMPLE][1], {"random_init_seed": "0"}, "cpu")
     inputs = {
         "sample": np.random.default_rng(2).standard_normal((3, 1, 8, 8)).astype(np.float32),
         "timestep": np.array([1.0, 2.0, 3.0], np.float32),
         "class_labels": np.array([1, 1, 0], np.int64),
     }
-    got = client.infer("unet_cls", inputs, ["noise_pred"])["noise_pred"]
+    got = client.infer(SAMPLE, inputs, ["noise_pred"])["noise_pred"]
     _close(got, backend(inputs)["noise_pred"])
 
 
 def test_concurrent_requests_are_dynamically_batched(client: TritonClient) -> None:
-    before = client.statistics("unet_cls", "1")[0]
+    before = client.statistics(SAMPLE, "1")[0]
     n_threads = 8
     barrier = threading.Barrier(n_threads)
     errors: list[BaseException] = []
@@ -239,8 +241,8 @@ def test_concurrent_requests_are_dynamically_batched(client: TritonClient) -> No
     def worker(i: int) -> None:
         try:
             barrier.wait()
-            client.infer("unet_cls", {"sample": x + i, "timestep": np.array([float(i)], np.float32),
-                                      "class_labels": np.array([i % 3])}, ["noise_pred"])
+            client.infer(SAMPLE, {"sample": x + i, "timestep": np.array([float(i)], np.float32),
+                                      "class_labels": np.array([i % 2])}, ["noise_pred"])
         except BaseException as exc:
             errors.append(exc)
 
@@ -250,7 +252,7 @@ def test_concurrent_requests_are_dynamically_batched(client: TritonClient) -> No
     for th in threads:
         th.join()
     assert not errors
-    after = client.statistics("unet_cls", "1")[0]
+    after = client.statistics(SAMPLE, "1")[0]
     inferences = after.inference_count - before.inference_count
     executions = after.execution_count - before.execution_count
     assert inferences == n_threads
@@ -263,40 +265,27 @@ def test_errors_map_to_the_clinisynth_tree(client: TritonClient) -> None:
     with pytest.raises(NotFound):
         client.infer("no_such_model", ok, ["noise_pred"])
     with pytest.raises(NotFound):
-        client.infer("unet_cls", ok, ["noise_pred"], version="99")
+        client.infer(SAMPLE, ok, ["noise_pred"], version="99")
     with pytest.raises(NotFound):
         client.load_model("no_such_model")
     with pytest.raises(InvalidArgument) as bad_dtype:
-        client.infer("unet_cls", {**ok, "sample": x.astype(np.float64)}, ["noise_pred"])
+        client.infer(SAMPLE, {**ok, "sample": x.astype(np.float64)}, ["noise_pred"])
     assert bad_dtype.value.violations[0].field == "inputs.sample"
     with pytest.raises(InvalidArgument):
-        client.infer("unet_cls", {**ok, "sample": np.zeros((1, 3, 8, 8), np.float32)},
+        client.infer(SAMPLE, {**ok, "sample": np.zeros((1, 3, 8, 8), np.float32)},
                      ["noise_pred"])
     with pytest.raises(Internal):  # the UNet cannot upsample back to 7×7: a model error
-        client.infer("unet_cls", {**ok, "sample": np.zeros((1, 1, 7, 7), np.float32)},
+        client.infer(SAMPLE, {**ok, "sample": np.zeros((1, 1, 7, 7), np.float32)},
                      ["noise_pred"])
     assert not client.model_ready("no_such_model")
-    assert client.infer("unet_cls", ok, ["noise_pred"])["noise_pred"].shape == (1, 1, 8, 8)
-
-
-def test_shipped_sample_denoiser_answers(client: TritonClient) -> None:
-    out = client.infer(
-        "sample_denoiser",
-        {"sample": np.zeros((2, 1, 32, 32), np.float32),
-         "timestep": np.array([5.0, 5.0], np.float32), "class_labels": np.array([0, 1])},
-        ["noise_pred"],
-    )["noise_pred"]
-    assert out.shape == (2, 1, 32, 32) and np.isfinite(out).all()
+    assert client.infer(SAMPLE, ok, ["noise_pred"])["noise_pred"].shape == (1, 1, 8, 8)
 
 
 def test_new_version_serves_while_old_still_answers(
     client: TritonClient, repo: Path, models: dict
 ) -> None:
-    v1_model, _ = models["unet_cls"]
-    v2_model, v2_dir = models["unet_cls_v2"]
-    assert repository.add_version(repo, "unet_cls", v2_dir) == 2
-    client.load_model("unet_cls")
-    assert client.model_ready("unet_cls", "2") and client.model_ready("unet_cls", "1")
+    v1_model, _ = models[SAMPLE]
+    v2_model, v2_dir = models["sample_v2"]
     inputs = {
         "sample": np.random.default_rng(3).standard_normal((1, 1, 8, 8)).astype(np.float32),
         "timestep": np.array([42.0], np.float32),
@@ -306,9 +295,36 @@ def test_new_version_serves_while_old_still_answers(
     with torch.no_grad():
         want_v1 = v1_model(*torch_inputs, class_labels=torch.tensor([1])).sample
         want_v2 = v2_model(*torch_inputs, class_labels=torch.tensor([1])).sample
-    _close(client.infer("unet_cls", inputs, ["noise_pred"], version="1")["noise_pred"], want_v1)
-    _close(client.infer("unet_cls", inputs, ["noise_pred"], version="2")["noise_pred"], want_v2)
-    _close(client.infer("unet_cls", inputs, ["noise_pred"])["noise_pred"], want_v2)  # latest
+
+    # clients pinned to version 1 keep being served while version 2 loads
+    stop = threading.Event()
+    served: list[np.ndarray] = []
+    failures: list[BaseException] = []
+
+    def pinned_traffic() -> None:
+        while not stop.is_set():
+            try:
+                out = client.infer(SAMPLE, inputs, ["noise_pred"], version="1")
+                served.append(out["noise_pred"])
+            except BaseException as exc:
+                failures.append(exc)
+                return
+
+    traffic = threading.Thread(target=pinned_traffic)
+    traffic.start()
+    try:
+        assert repository.add_version(repo, SAMPLE, v2_dir) == 2
+        client.load_model(SAMPLE)
+    finally:
+        stop.set()
+        traffic.join()
+    assert not failures and served
+    for out in served:
+        _close(out, want_v1)
+    assert client.model_ready(SAMPLE, "2") and client.model_ready(SAMPLE, "1")
+    _close(client.infer(SAMPLE, inputs, ["noise_pred"], version="1")["noise_pred"], want_v1)
+    _close(client.infer(SAMPLE, inputs, ["noise_pred"], version="2")["noise_pred"], want_v2)
+    _close(client.infer(SAMPLE, inputs, ["noise_pred"])["noise_pred"], want_v2)  # latest
 
 
 def test_start_failure_is_unavailable_with_log_tail(tmp_path: Path) -> None:
@@ -384,5 +400,5 @@ def test_zz_stop_leaves_no_process_and_clients_get_unavailable(server: TritonSer
     with TritonClient(server.grpc_url, timeout_s=5.0, retries=1, backoff_s=0.01) as c:
         assert not c.is_ready()
         with pytest.raises(Unavailable):
-            c.infer("sample_denoiser", {"sample": np.zeros((1, 1, 8, 8), np.float32)},
+            c.infer(SAMPLE, {"sample": np.zeros((1, 1, 8, 8), np.float32)},
                     ["noise_pred"])

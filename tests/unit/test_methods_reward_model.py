@@ -172,11 +172,11 @@ def test_weak_feedback_adds_negatives_and_stop_cancels() -> None:
         )
 
 
-def test_image_branch_initialised_from_classifier() -> None:
+def test_image_branch_initialised_from_classifier(tmp_path: Path) -> None:
     torch.manual_seed(5)
     clf = Classifier(ClassifierConfig(num_classes=3, in_channels=1, backbone_width=4))
     model = _small()
-    copied = init_image_branch_from_classifier(model, clf)
+    copied = init_image_branch_from_classifier(model, clf.save(tmp_path / "clf"))
     assert copied == len(clf.backbone.state_dict())
     for (name, a), (_, b) in zip(
         model.backbone.state_dict().items(), clf.backbone.state_dict().items(), strict=True

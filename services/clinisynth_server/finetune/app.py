@@ -1,26 +1,87 @@
-"""Wiring of the finetune service: servicers registered on a server.
+"""Wiring of the finetune service: store, catalog, Triton, launcher, scheduler, servicer.
 
-Not built yet: every RPC answers UNIMPLEMENTED (the generated base servicer), never a fake result.
+Settings (``CLINISYNTH_FINETUNE_<KEY>`` or the ``[finetune]`` table of the config file):
+``max_concurrent_jobs`` (1), ``max_restarts`` (3), ``heartbeat_timeout_s`` (120),
+``model_repository`` (else ``CLINISYNTH_MODEL_REPOSITORY``), ``launcher`` (local | kubernetes),
+``workdir`` (workers' local scratch), ``nproc_per_node`` (1), ``job_template``, ``namespace``,
+``worker_image`` (kubernetes launcher).
 """
 
 from __future__ import annotations
 
+import os
+import pathlib
 from collections.abc import Callable, Sequence
 
 import grpc
 from clinisynth.v1 import finetune_pb2, finetune_pb2_grpc
 
-from clinisynth_server.runtime.config import ServiceConfig
+from clinisynth_server.catalog import Catalog
+from clinisynth_server.errors import InvalidArgument
+from clinisynth_server.finetune.launchers import KubernetesLauncher, LocalLauncher
+from clinisynth_server.finetune.service import FinetuneService, Settings
+from clinisynth_server.finetune.servicer import FinetuneServicer
+from clinisynth_server.runtime.config import ServiceConfig, default_home
+from clinisynth_server.runtime.dependencies import Dependencies
 from clinisynth_server.runtime.metrics import ServiceMetrics
 
 SERVICE_NAME = finetune_pb2.DESCRIPTOR.services_by_name["FinetuneService"].full_name
 
 
+def settings_from(config: ServiceConfig) -> Settings:
+    def num(key: str, default: float, kind: type = int) -> float:
+        raw = config.get(key, "")
+        try:
+            return kind(raw) if raw else default
+        except ValueError as exc:
+            raise InvalidArgument.for_field(
+                f"CLINISYNTH_FINETUNE_{key.upper()}", f"not a number: {raw!r}") from exc
+
+    return Settings(
+        max_concurrent_jobs=max(1, int(num("max_concurrent_jobs", 1))),
+        max_restarts=int(num("max_restarts", 3)),
+        heartbeat_timeout_s=float(num("heartbeat_timeout_s", 120.0, float)),
+        poll_s=float(num("poll_s", 0.5, float)),
+        stop_grace_s=float(num("stop_grace_s", 10.0, float)),
+        nproc_per_node=max(1, int(num("nproc_per_node", 1))),
+        model_repository=config.get("model_repository")
+        or os.environ.get("CLINISYNTH_MODEL_REPOSITORY", ""),
+    )
+
+
+def make_launcher(config: ServiceConfig, settings: Settings) -> LocalLauncher | KubernetesLauncher:
+    kind = config.get("launcher", "local")
+    if kind == "kubernetes":
+        return KubernetesLauncher(template_path=config.get("job_template"),
+                                  namespace=config.get("namespace"),
+                                  image=config.get("worker_image", "clinisynth/services"))
+    if kind != "local":
+        raise InvalidArgument.for_field("CLINISYNTH_FINETUNE_LAUNCHER", "local or kubernetes")
+    workdir = pathlib.Path(config.get("workdir") or default_home() / "finetune-work")
+    env = {
+        "CLINISYNTH_FINETUNE_STORE_URL": config.store_url,
+        "CLINISYNTH_FINETUNE_WORKDIR": str(workdir),
+        "CLINISYNTH_MODEL_REPOSITORY": settings.model_repository,
+        "CLINISYNTH_FINETUNE_LOG_FORMAT": config.log_format,
+        "CLINISYNTH_FINETUNE_LOG_LEVEL": config.log_level,
+    }
+    for key in ("heartbeat_s",):
+        if config.get(key):
+            env[f"CLINISYNTH_FINETUNE_{key.upper()}"] = config.get(key)
+    return LocalLauncher(env=env, log_dir=workdir / "logs")
+
+
 def create(config: ServiceConfig) -> Callable[[grpc.Server, ServiceMetrics], Sequence[str]]:
     def register(server: grpc.Server, metrics: ServiceMetrics) -> Sequence[str]:
-        finetune_pb2_grpc.add_FinetuneServiceServicer_to_server(
-            finetune_pb2_grpc.FinetuneServiceServicer(), server
+        deps = Dependencies.open(config, metrics)
+        settings = settings_from(config)
+        service = FinetuneService(
+            deps.store, Catalog(deps.store), deps.triton, make_launcher(config, settings),
+            settings, metrics.finetune,
         )
+        service.start()
+        register.service = service  # type: ignore[attr-defined]  # for tests and benchmarks
+        finetune_pb2_grpc.add_FinetuneServiceServicer_to_server(FinetuneServicer(service), server)
         return [SERVICE_NAME]
 
     return register

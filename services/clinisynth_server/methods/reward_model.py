@@ -132,13 +132,17 @@ class RewardModel(nn.Module):
         return model.to(map_location).eval()
 
 
-def init_image_branch_from_classifier(model: RewardModel, classifier: Classifier) -> int:
-    """Copy a trained classifier's backbone into the reward model's image branch.
+def init_image_branch_from_classifier(
+    model: RewardModel, classifier: Classifier | str | Path
+) -> int:
+    """Copy a trained classifier's backbone (a model or a checkpoint folder) into the image branch.
 
     The first probe of the method found this decisive: from scratch on ~500 labels the reward
     model reached 65 % held-out accuracy, initialised from a classifier on real images 86 %.
     Returns the number of tensors copied.
     """
+    if not isinstance(classifier, Classifier):
+        classifier = Classifier.load(classifier)
     mine, theirs = model.config, classifier.config
     if (mine.backbone, mine.in_channels, mine.backbone_width) != (
         theirs.backbone,

@@ -83,15 +83,21 @@ def draw_disks(
     size: int,
     disks: Sequence[tuple[float, float, float]],
     *,
+    values: Sequence[float] | None = None,
     supersample: int = 4,
 ) -> np.ndarray:
-    """Anti-aliased coverage [0, 1] of disks ``(x, y, radius)`` in pixel coordinates."""
+    """Anti-aliased coverage [0, 1] of disks ``(x, y, radius)`` in pixel coordinates.
+
+    With ``values`` (each in [0, 1]) every disk is painted at its own level instead of 1;
+    later disks overwrite earlier ones, so overlaps never accumulate.
+    """
     big = size * supersample
     canvas = Image.new("L", (big, big), 0)
     draw = ImageDraw.Draw(canvas)
-    for x, y, r in disks:
+    for i, (x, y, r) in enumerate(disks):
         cx, cy, rr = (x + 0.5) * supersample, (y + 0.5) * supersample, r * supersample
-        draw.ellipse((cx - rr, cy - rr, cx + rr, cy + rr), fill=255)
+        fill = 255 if values is None else int(round(255 * float(np.clip(values[i], 0, 1))))
+        draw.ellipse((cx - rr, cy - rr, cx + rr, cy + rr), fill=fill)
     small = canvas.resize((size, size), Image.Resampling.BOX)
     return np.asarray(small, dtype=np.float64) / 255.0
 

@@ -35,6 +35,7 @@ from clinisynth_server.phantoms._common import (
     balanced_labels,
     check_count,
     check_size,
+    draw_disks,
     item_rng,
     soft,
     to_uint8,
@@ -71,7 +72,7 @@ _SPECS: dict[str, _Spec] = {
         n_nuclei=1,
         nucleus="round",
         membrane_area=(130.0, 300.0),
-        nc_ratio=(0.28, 0.65),
+        nc_ratio=(0.24, 0.65),
         nucleus_area=(40.0, 170.0),
     ),
     "neutrophil": _Spec(
@@ -104,12 +105,11 @@ _SPECS: dict[str, _Spec] = {
 }
 
 # Oracle shape/texture thresholds (calibrated on 4,000 phantoms; see tests).
-_ROUND_SOLIDITY_MIN = 0.93  # lymphocyte nucleus and every lobe: convex
-_KIDNEY_SOLIDITY_MAX = 0.91  # monocyte nucleus: visibly indented
-_LOBE_SOLIDITY_MIN = 0.85
+_CONVEX_DEFICIENCY_MAX = 1.5  # px (32-px units): round nuclei and lobes are convex
+_KIDNEY_DEFICIENCY_MIN = 2.0  # px: a monocyte nucleus has a visible notch
 _MEMBRANE_SOLIDITY_MIN = 0.93
 _RIM_MIN_PX = 1.9  # distance (edt, 32-px units) from a nucleus pixel to outside the cell
-_GRANULAR_MIN = 4.0
+_GRANULAR_MIN = 3.5
 _SMOOTH_MAX = 3.3
 _SPLIT_FRACTION = 0.12  # a second membrane component this large (vs the main) = split cell
 _MIN_COMPONENT_PX = 2.0  # smaller specks are ignored as noise (32-px units)
@@ -289,7 +289,7 @@ def sample_params(label: int | str, rng: np.random.Generator, size: int = DEFAUL
             nang = rng.uniform(0, 2 * np.pi)
             ncx, ncy = cx + 1.6 * ox, cy + 1.6 * oy
             rb = rng.uniform(0.62, 0.7) * na
-            dist = nb + rb - rng.uniform(0.66, 0.76) * nb  # indentation depth ~70 % of nb
+            dist = nb + rb - rng.uniform(0.7, 0.8) * nb  # indentation depth ~75 % of nb
             bx = ncx - dist * math.sin(nang)
             by = ncy + dist * math.cos(nang)
             nuclei = (_Nucleus(ncx, ncy, na, nb, nang, (bx, by, rb)),)
@@ -364,15 +364,19 @@ def render(p: CellParams, rng: np.random.Generator) -> np.ndarray:
 
     cyto_img = cyto + 3.0 * unit_noise(rng, (size, size), 1.6 * s)
     if spec.granular:
-        n_gran = int(0.35 * np.pi * p.a * p.b)
+        # granules: disks of ~1 px at 32x32 (physical size independent of `size`); dark and
+        # bright ones drawn on separate canvases that saturate rather than accumulate.
+        n_gran = int(0.5 * np.pi * p.a * p.b / (s * s))
         gx = rng.uniform(p.cx - p.a, p.cx + p.a, n_gran)
         gy = rng.uniform(p.cy - p.a, p.cy + p.a, n_gran)
-        gran = np.zeros((size, size))
-        ix = np.clip(np.rint(gx).astype(int), 0, size - 1)
-        iy = np.clip(np.rint(gy).astype(int), 0, size - 1)
-        amp = rng.choice([-1.0, 1.0], n_gran, p=[0.6, 0.4]) * rng.uniform(24.0, 34.0, n_gran)
-        gran[iy, ix] = amp  # assignment, not accumulation: no granule darker than a nucleus
-        cyto_img = cyto_img + ndimage.gaussian_filter(gran, 0.35 * s)
+        gr = rng.uniform(0.45, 0.6, n_gran) * s
+        level = rng.uniform(0.7, 1.0, n_gran)
+        dark = rng.random(n_gran) < 0.5
+        disks = list(zip(gx, gy, gr, strict=True))
+        cov_dark = draw_disks(size, [d for d, k in zip(disks, dark) if k], values=level[dark])
+        cov_bright = draw_disks(size, [d for d, k in zip(disks, dark) if not k], values=level[~dark])
+        dark_amp = min(34.0, cyto - 114.0)  # dark granules stay well above the nucleus level
+        cyto_img = cyto_img - dark_amp * cov_dark + 34.0 * cov_bright
     img = background * (1.0 - cell_a) + cyto_img * cell_a
 
     if spec.nucleus == "lobes" and len(p.nuclei) > 1:
@@ -422,24 +426,30 @@ def generate(
 # --------------------------------------------------------------------------- oracle
 
 
-def _solidity(mask: np.ndarray) -> float:
-    """Pixel count over pixels whose centres lie in the convex hull of the mask's pixel centres.
-
-    Digital convexity: exactly 1.0 for a convex blob, < 1 for indented (kidney) shapes.
-    """
+def _hull_count(mask: np.ndarray) -> int:
+    """Number of pixels whose centres lie in the convex hull of the mask's pixel centres."""
     ys, xs = np.nonzero(mask)
     if len(xs) < 4:
-        return 1.0
+        return len(xs)
     pts = np.stack([xs, ys], axis=1).astype(np.float64)
     try:
         hull = ConvexHull(pts)
     except QhullError:  # collinear: a line is convex
-        return 1.0
+        return len(xs)
     gy, gx = np.mgrid[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
     grid = np.stack([gx.ravel(), gy.ravel()], axis=1).astype(np.float64)
     eq = hull.equations
-    inside = int(np.count_nonzero(np.all(grid @ eq[:, :2].T + eq[:, 2] <= 1e-9, axis=1)))
-    return len(xs) / max(inside, 1)
+    return int(np.count_nonzero(np.all(grid @ eq[:, :2].T + eq[:, 2] <= 1e-9, axis=1)))
+
+
+def _solidity(mask: np.ndarray) -> float:
+    """Digital solidity: 1.0 for a (digitally) convex blob, lower for clefts and bulges."""
+    return int(mask.sum()) / max(_hull_count(mask), 1)
+
+
+def _deficiency(mask: np.ndarray) -> int:
+    """Convexity deficiency in pixels: hull pixels the blob leaves empty (a kidney's notch)."""
+    return _hull_count(mask) - int(mask.sum())
 
 
 def oracle(image: np.ndarray, label: int | str) -> OracleVerdict:
@@ -490,7 +500,7 @@ def oracle(image: np.ndarray, label: int | str) -> OracleVerdict:
     if mem_sol < _MEMBRANE_SOLIDITY_MIN:
         failures.append("membrane_smooth")
 
-    nucmask = sm < NUCLEUS_THRESHOLD
+    nucmask = ndimage.gaussian_filter(img.astype(np.float64), 0.4 * s) < NUCLEUS_THRESHOLD
     ncomp_lab, n_n = ndimage.label(nucmask)
     n_areas = np.bincount(ncomp_lab.ravel(), minlength=n_n + 1)[1:].astype(np.float64)
     nuclei = [k + 1 for k, a in enumerate(n_areas) if a >= _MIN_COMPONENT_PX * s2]
@@ -514,19 +524,19 @@ def oracle(image: np.ndarray, label: int | str) -> OracleVerdict:
         nlo, nhi = spec.nc_ratio
         if not (nlo <= meas["nc_ratio"] <= nhi):
             shape_ok = False
-        sols = [_solidity(ncomp_lab == k) for k in nuclei]
+        defs = [_deficiency(ncomp_lab == k) / s2 for k in nuclei]
         meas["nucleus_area_min"] = float(min(n_areas[k - 1] for k in nuclei)) / s2
         meas["nucleus_area_max"] = float(max(n_areas[k - 1] for k in nuclei)) / s2
-        meas["nucleus_solidity_min"] = min(sols)
-        for k, sol in zip(nuclei, sols, strict=True):
+        meas["nucleus_deficiency_max"] = max(defs)
+        meas["nucleus_deficiency_min"] = min(defs)
+        for k, dfc in zip(nuclei, defs, strict=True):
             a_k = n_areas[k - 1] / s2
             if not (spec.nucleus_area[0] <= a_k <= spec.nucleus_area[1]):
                 shape_ok = False
-            if spec.nucleus == "round" and sol < _ROUND_SOLIDITY_MIN:
-                shape_ok = False
-            if spec.nucleus == "kidney" and sol > _KIDNEY_SOLIDITY_MAX:
-                shape_ok = False
-            if spec.nucleus == "lobes" and sol < _LOBE_SOLIDITY_MIN:
+            if spec.nucleus == "kidney":
+                if dfc < _KIDNEY_DEFICIENCY_MIN:
+                    shape_ok = False
+            elif dfc > _CONVEX_DEFICIENCY_MAX:
                 shape_ok = False
     else:
         shape_ok = False

@@ -23,6 +23,7 @@ from clinisynth_server.triton.client import TritonClient
 
 log = logging.getLogger(__name__)
 CHECK_INTERVAL_S = 5.0
+STORE_OPTIONS = ("endpoint", "access_key", "secret_key", "region", "secure", "create_bucket")
 
 
 @dataclass
@@ -35,7 +36,15 @@ class Dependencies:
 
     @classmethod
     def open(cls, config: ServiceConfig, metrics: ServiceMetrics | None = None) -> Dependencies:
-        store = open_store(config.store_url)
+        # CLINISYNTH_<SERVICE>_STORE_<OPTION> overrides the shared CLINISYNTH_STORE_<OPTION>.
+        options = {
+            key.removeprefix("store_"): value
+            for key, value in config.extra.items()
+            if key.startswith("store_") and key.removeprefix("store_") in STORE_OPTIONS
+        }
+        if "secure" in options:
+            options["secure"] = options["secure"].lower() in ("1", "true", "yes")
+        store = open_store(config.store_url, **options)
         triton = TritonClient(
             config.triton_url, timeout_s=float(config.get("triton_timeout_s", "120"))
         )

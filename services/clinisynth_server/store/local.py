@@ -71,6 +71,7 @@ except ImportError:  # pragma: no cover - not on Linux
     fcntl = None  # type: ignore[assignment]
 
 _Fingerprint = tuple[int, int, int]  # (inode, size, mtime_ns)
+_COMMIT_RETRIES = 5
 
 
 def _make_temp(directory: Path) -> tuple[int, str]:
@@ -98,7 +99,6 @@ def _guard_source(chunks: Iterator[bytes]) -> Iterator[bytes]:
         yield from chunks
     except Exception as exc:
         raise _SourceFailed() from exc
-_COMMIT_RETRIES = 5
 
 
 def _fingerprint(st: os.stat_result) -> _Fingerprint:

@@ -106,10 +106,14 @@ def torch_dtype(parameters: Mapping[str, str]) -> Any:
 
 
 def require(inputs: Mapping[str, np.ndarray], name: str, ndim: int) -> np.ndarray:
-    """Fetch a batched input and check its rank (Triton checks dtype and fixed dims)."""
+    """Fetch a batched input and check its rank (Triton checks dtype and fixed dims).
+
+    Returns a C-contiguous, writable array (Triton hands out read-only buffers, which
+    ``torch.from_numpy`` warns about); copies only when needed.
+    """
     if name not in inputs:
         raise BackendInputError(f"input '{name}' is required")
     arr = inputs[name]
     if arr.ndim != ndim:
         raise BackendInputError(f"input '{name}' must have rank {ndim}, got shape {arr.shape}")
-    return arr
+    return np.require(arr, requirements=["C", "W"])

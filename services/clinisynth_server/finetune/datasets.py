@@ -1,0 +1,314 @@
+"""Data-set layouts the job kinds read, their validation, and loading into arrays.
+
+Layouts (store prefixes; the same files in a local folder for ``clinisynth data upload``):
+
+- ``image_folder`` — torchvision's ImageFolder: ``<prefix>/<class>/<file>``; the class is the
+  first folder under the prefix (deeper sub-folders belong to it).
+- ``image_text_manifest`` — ``<prefix>/manifest.jsonl``, one JSON object a line with ``image``
+  (path relative to the prefix, e.g. ``images/0001.png``) and the text under ``prompt`` (or
+  ``text`` / ``caption``); images usually under ``<prefix>/images/``.
+- ``feedback_export`` — what the reward service exports: ``<prefix>/labels.jsonl``, one expert
+  judgement a line (``image`` relative path, ``condition`` {``class_name`` | ``prompt``},
+  ``plausible`` bool, ``rater_id``, ``criteria``, ``feedback_id``, ``generator``) + ``images/``.
+
+Images: PNG, JPEG or DICOM (``.dcm``). DICOM is converted with the windowing of
+:mod:`clinisynth_server.imaging.decode`: modality LUT (e.g. Hounsfield units), then the file's
+first WindowCenter / WindowWidth (VOI LUT function honoured), else min–max; MONOCHROME1 is
+inverted so 1.0 is white. Every image is decoded during validation, so an unreadable file fails
+the job before training starts. Files and folders starting with ``.`` are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from clinisynth_server.errors import ClinisynthError, InvalidArgument
+from clinisynth_server.store.base import ArtifactStore, dir_prefix
+
+LAYOUTS = ("image_folder", "image_text_manifest", "feedback_export")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+MANIFEST = "manifest.jsonl"
+LABELS = "labels.jsonl"
+TEXT_FIELDS = ("prompt", "text", "caption")
+MAX_PROBLEMS = 50
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One training example: an image path relative to the prefix and its annotation."""
+
+    path: str
+    class_name: str = ""
+    text: str = ""
+    plausible: bool | None = None
+
+
+@dataclass
+class DatasetReport:
+    prefix: str
+    layout: str
+    entries: list[Entry] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list)
+    per_class: dict[str, int] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    # Shapes seen: (height, width, channels) → count.
+    shapes: dict[tuple[int, int, int], int] = field(default_factory=dict)
+
+    @property
+    def images(self) -> int:
+        return len(self.entries)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def problem(self, text: str) -> None:
+        self.problems.append(text)
+
+    def finish(self) -> DatasetReport:
+        if len(self.problems) > MAX_PROBLEMS:
+            more = len(self.problems) - MAX_PROBLEMS
+            self.problems = [*self.problems[:MAX_PROBLEMS], f"... and {more} more problems"]
+        return self
+
+    @property
+    def channels(self) -> int:
+        """3 when any image is colour, else 1."""
+        return 3 if any(c == 3 for _, _, c in self.shapes) else 1
+
+    @property
+    def size(self) -> int:
+        """The most common side length (images are resized to the job's size anyway)."""
+        if not self.shapes:
+            return 0
+        (h, w, _), _n = max(self.shapes.items(), key=lambda kv: kv[1])
+        return min(h, w)
+
+
+# ---------------------------------------------------------------------------------------------
+# sources: a store prefix or a local folder
+# ---------------------------------------------------------------------------------------------
+
+
+class Source:
+    """Relative file names under a root, and their bytes."""
+
+    def names(self) -> list[str]:
+        raise NotImplementedError
+
+    def read(self, name: str) -> bytes:
+        raise NotImplementedError
+
+
+class StoreSource(Source):
+    def __init__(self, store: ArtifactStore, prefix: str) -> None:
+        self.store = store
+        self.prefix = dir_prefix(prefix, "dataset")
+
+    def names(self) -> list[str]:
+        return [info.key[len(self.prefix):] for info in self.store.list(self.prefix)]
+
+    def read(self, name: str) -> bytes:
+        return self.store.get_bytes(self.prefix + name)
+
+
+class FolderSource(Source):
+    def __init__(self, root: str | pathlib.Path) -> None:
+        self.root = pathlib.Path(root)
+
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file()
+        )
+
+    def read(self, name: str) -> bytes:
+        return (self.root / name).read_bytes()
+
+
+def _visible(name: str) -> bool:
+    return not any(part.startswith(".") for part in name.split("/"))
+
+
+def is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def decode(data: bytes, name: str) -> np.ndarray:
+    """Bytes → float32 HxW or HxWx3 in [0, 1] (PNG / JPEG / DICOM with windowing)."""
+    from clinisynth_server.imaging.decode import decode_image
+
+    return decode_image(data, field=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------------------------
+
+
+def validate(
+    source: Source, prefix: str, layout: str, *, decode_images: bool = True
+) -> DatasetReport:
+    """Read the layout's index, check every file exists and decodes; list every problem."""
+    report = DatasetReport(prefix=prefix, layout=layout)
+    if layout not in LAYOUTS:
+        report.problem(f"unknown layout {layout!r}; one of {', '.join(LAYOUTS)}")
+        return report.finish()
+    try:
+        names = [n for n in source.names() if _visible(n)]
+    except ClinisynthError as exc:
+        report.problem(f"cannot list {prefix!r}: {exc.message}")
+        return report.finish()
+    if not names:
+        report.problem(f"no files under {prefix!r} (empty or missing data set)")
+        return report.finish()
+    present = set(names)
+    if layout == "image_folder":
+        for name in names:
+            if "/" not in name:
+                if is_image(name):
+                    report.problem(f"{name}: image outside a class folder (<class>/<file>)")
+                continue
+            if is_image(name):
+                report.entries.append(Entry(name, class_name=name.split("/", 1)[0]))
+    else:
+        index = MANIFEST if layout == "image_text_manifest" else LABELS
+        if index not in present:
+            report.problem(f"{index} is missing (the {layout} layout needs it)")
+            return report.finish()
+        report.entries = list(_read_index(source, index, layout, present, report))
+    if not report.entries and not report.problems:
+        report.problem(f"no images in {prefix!r} ({', '.join(IMAGE_SUFFIXES)} files)")
+    for entry in report.entries:
+        if entry.class_name:
+            report.per_class[entry.class_name] = report.per_class.get(entry.class_name, 0) + 1
+    report.classes = sorted(report.per_class)
+    if decode_images:
+        for path in sorted({e.path for e in report.entries}):
+            try:
+                arr = decode(source.read(path), path)
+            except ClinisynthError as exc:
+                report.problem(f"{path}: unreadable image ({exc.message})")
+                continue
+            except Exception as exc:  # noqa: BLE001 - any decoder failure is a data problem
+                report.problem(f"{path}: unreadable image ({exc})")
+                continue
+            shape = (arr.shape[0], arr.shape[1], 1 if arr.ndim == 2 else arr.shape[2])
+            report.shapes[shape] = report.shapes.get(shape, 0) + 1
+    return report.finish()
+
+
+def _read_index(
+    source: Source, index: str, layout: str, present: set[str], report: DatasetReport
+) -> Iterator[Entry]:
+    try:
+        text = source.read(index).decode("utf-8")
+    except (UnicodeDecodeError, ClinisynthError) as exc:
+        report.problem(f"{index}: unreadable ({exc})")
+        return
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{index} line {lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            report.problem(f"{where}: not JSON ({exc.msg})")
+            continue
+        if not isinstance(obj, dict):
+            report.problem(f"{where}: expected a JSON object")
+            continue
+        image = obj.get("image")
+        if not isinstance(image, str) or not image:
+            report.problem(f"{where}: 'image' (a relative path) is missing")
+            continue
+        if image not in present:
+            report.problem(f"{where}: {image} does not exist under the prefix")
+            continue
+        if layout == "image_text_manifest":
+            text_value = next((obj[f] for f in TEXT_FIELDS if isinstance(obj.get(f), str)), None)
+            if not text_value or not text_value.strip():
+                report.problem(f"{where}: no text ('prompt', 'text' or 'caption')")
+                continue
+            yield Entry(image, text=text_value.strip(), class_name=str(obj.get("class_name", "")))
+        else:
+            condition = obj.get("condition") or {}
+            plausible = obj.get("plausible")
+            if not isinstance(plausible, bool):
+                report.problem(f"{where}: 'plausible' must be true or false")
+                continue
+            if not isinstance(condition, dict) or not (
+                condition.get("class_name") or condition.get("prompt")
+            ):
+                report.problem(f"{where}: 'condition' needs class_name or prompt")
+                continue
+            yield Entry(
+                image,
+                class_name=str(condition.get("class_name") or ""),
+                text=str(condition.get("prompt") or ""),
+                plausible=plausible,
+            )
+
+
+def check_classes(
+    report: DatasetReport, known: Iterable[str], what: str, field_name: str = "dataset"
+) -> list[str]:
+    """Problems for classes of the data set that ``known`` lacks."""
+    known_list = list(known)
+    unknown = [c for c in report.classes if c not in known_list]
+    if not unknown:
+        return []
+    return [f"unknown class {c!r} ({report.per_class[c]} images): {what} has "
+            f"{', '.join(known_list) or 'no classes'}" for c in unknown]
+
+
+def raise_if_bad(report: DatasetReport, field_name: str = "dataset") -> None:
+    if report.problems:
+        from clinisynth_server.errors import FieldViolation
+
+        raise InvalidArgument(
+            f"{field_name}: {report.problems[0]}"
+            + (f" (and {len(report.problems) - 1} more)" if len(report.problems) > 1 else ""),
+            violations=[FieldViolation(field_name, p) for p in report.problems],
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# loading (workers)
+# ---------------------------------------------------------------------------------------------
+
+
+def load_images(
+    source: Source,
+    paths: Iterable[str],
+    *,
+    size: int,
+    channels: int,
+    progress: Callable[[int], Any] | None = None,
+) -> np.ndarray:
+    """Decode and resize to ``(N, channels, size, size)`` float32 in [0, 1]."""
+    from clinisynth_server.imaging.decode import resize_to
+
+    out = []
+    for i, path in enumerate(paths):
+        arr = decode(source.read(path), path)
+        if arr.ndim == 2 and channels == 3:
+            arr = np.repeat(arr[:, :, None], 3, axis=2)
+        elif arr.ndim == 3 and channels == 1:
+            arr = arr.mean(axis=2)
+        if arr.shape[0] != arr.shape[1]:  # centre crop to square
+            side = min(arr.shape[:2])
+            top, left = (arr.shape[0] - side) // 2, (arr.shape[1] - side) // 2
+            arr = arr[top : top + side, left : left + side]
+        arr = resize_to(arr, (size, size), resample="area" if arr.shape[0] > size else "bilinear")
+        out.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
+        if progress is not None:
+            progress(i)
+    return np.clip(np.stack(out).astype(np.float32), 0.0, 1.0)

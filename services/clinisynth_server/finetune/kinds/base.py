@@ -1,0 +1,251 @@
+"""What a job kind is (spec + trainer) and the training pieces the kinds share.
+
+A kind declares its parameters (:class:`~clinisynth_server.finetune.params.Param`), its data-set
+layout, an extra up-front check (base model exists, classes match …) and a trainer factory. The
+worker (:mod:`clinisynth_server.finetune.worker`) owns the loop around the trainer: steps,
+checkpoints, resume, events, cancellation. A trainer owns one optimiser step, its full resumable
+state (model, optimiser, LR schedule, EMA, RNG, data position) and writing a promotable folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import pathlib
+import random
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from clinisynth_server.errors import FieldViolation
+from clinisynth_server.finetune.datasets import DatasetReport, Source
+from clinisynth_server.finetune.params import Param
+
+
+@dataclass(frozen=True)
+class CheckContext:
+    """What a kind's up-front check may consult (service side, no training)."""
+
+    catalog: Any
+    store: Any
+    model_repository: str
+
+
+@dataclass
+class TrainContext:
+    """What a trainer gets in the worker."""
+
+    job_id: str
+    params: dict[str, Any]
+    source: Source
+    report: DatasetReport
+    workdir: pathlib.Path
+    store: Any
+    catalog: Any
+    model_repository: str
+    accelerator: Any
+    log: Callable[[str], None]
+    save_artifact: Callable[[str, pathlib.Path], None]
+    load_artifact: Callable[[str, pathlib.Path], bool]
+    check_cancel: Callable[[], None] = lambda: None
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device if self.accelerator is not None else torch.device("cpu")
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index if self.accelerator is not None else 0
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes if self.accelerator is not None else 1
+
+    def prepare(self, *objects: Any) -> Any:
+        if self.accelerator is None:
+            return objects if len(objects) > 1 else objects[0]
+        return self.accelerator.prepare(*objects)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.accelerator is None:
+            loss.backward()
+        else:
+            self.accelerator.backward(loss)
+
+    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(model) if self.accelerator is not None else model
+
+    def clip(self, params: Any, max_norm: float) -> None:
+        if max_norm <= 0:
+            return
+        if self.accelerator is not None:
+            self.accelerator.clip_grad_norm_(params, max_norm)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+class Trainer(Protocol):
+    #: Metric of ``evaluate()`` that marks the best checkpoint ("" = the last one is best).
+    best_metric: str
+    best_mode: str  # "max" or "min"
+
+    def step(self, step: int) -> dict[str, float]: ...
+
+    def evaluate(self) -> dict[str, float]: ...
+
+    def state(self) -> dict[str, Any]: ...
+
+    def load_state(self, state: dict[str, Any]) -> None: ...
+
+    def save_model(self, folder: pathlib.Path) -> None: ...
+
+
+Check = Callable[[dict[str, Any], DatasetReport, CheckContext], list[FieldViolation]]
+
+
+@dataclass(frozen=True)
+class KindSpec:
+    name: str
+    description: str
+    dataset_layout: str
+    params: tuple[Param, ...]
+    trainer: Callable[[TrainContext], Trainer]
+    check: Check = field(default=lambda params, report, ctx: [])
+    # Training itself, for the benchmark's plain loop: (model, batch) → see kinds.
+
+
+# ---------------------------------------------------------------------------------------------
+# shared training pieces
+# ---------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def load_rng_state(state: Mapping[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class EpochSampler:
+    """Seeded shuffled batches over ``n`` items with a resumable position (epoch, offset).
+
+    Each epoch's order depends only on (seed, epoch), so a resumed job sees exactly the batches
+    an uninterrupted one would. With several ranks, rank r takes rows r, r+W, … of each global
+    batch.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, *, rank: int = 0, world: int = 1):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world = rank, world
+        self.epoch, self.offset = 0, 0
+        self._perm: torch.Tensor | None = None
+
+    def _order(self) -> torch.Tensor:
+        if self._perm is None:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            self._perm = torch.randperm(self.n, generator=g)
+        return self._perm
+
+    def next(self) -> torch.Tensor:
+        """Indices of the next batch (wrapping into the next epoch; always ``batch_size``)."""
+        parts = []
+        need = self.batch_size
+        while need:
+            order = self._order()
+            take = order[self.offset : self.offset + need]
+            parts.append(take)
+            need -= len(take)
+            self.offset += len(take)
+            if self.offset >= self.n:
+                self.epoch, self.offset, self._perm = self.epoch + 1, 0, None
+        batch = torch.cat(parts)
+        return batch[self.rank :: self.world]
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load_state(self, state: Mapping[str, int]) -> None:
+        self.epoch, self.offset, self._perm = int(state["epoch"]), int(state["offset"]), None
+
+
+def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    """Linear warm-up, then constant / cosine / linear decay to 0 at ``total``."""
+
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress
+
+    return f
+
+
+def make_optimizer(
+    params: Any, p: Mapping[str, Any], *, weight_decay: float | None = None
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    opt = torch.optim.AdamW(
+        params,
+        lr=p["learning_rate"],
+        weight_decay=p.get("weight_decay", 0.0) if weight_decay is None else weight_decay,
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lr_lambda(p["lr_schedule"], p["lr_warmup_steps"], p["max_steps"])
+    )
+    return opt, sched
+
+
+class EMA:
+    """Exponential moving average of a module's parameters (and copied buffers)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = copy.deepcopy(model).eval()
+        for param in self.shadow.parameters():
+            param.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for s, m in zip(self.shadow.parameters(), model.parameters(), strict=True):
+            s.lerp_(m.detach(), 1.0 - self.decay)
+        for s, m in zip(self.shadow.buffers(), model.buffers(), strict=True):
+            s.copy_(m)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.shadow.load_state_dict(state)
+
+
+def batched(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+def violation(name: str, text: str) -> FieldViolation:
+    return FieldViolation(name, text)

@@ -1,0 +1,146 @@
+"""Typed parameter specs of the job kinds, and their validation (every problem at once).
+
+Parameters travel as strings (``map<string, string>`` in the proto, ``--set key=value`` in the
+CLI); each kind declares :class:`Param` specs with a type, default, range and description, so
+``ListJobKinds`` can show them and ``CreateJob`` can reject a bad value before any work starts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from clinisynth_server.errors import FieldViolation
+
+TYPES = ("int", "float", "bool", "str", "choice")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a job kind. ``default`` is a string as a user would type it."""
+
+    name: str
+    type: str
+    default: str
+    description: str
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+    maximum: float | None = None
+
+    def parse(self, raw: str) -> Any:
+        """The typed value of ``raw``; ``ValueError`` with a teaching message when bad."""
+        text = raw.strip()
+        if self.type == "int":
+            try:
+                value: Any = int(text)
+            except ValueError:
+                raise ValueError(f"expects an integer, got {raw!r}") from None
+        elif self.type == "float":
+            try:
+                value = float(text)
+            except ValueError:
+                raise ValueError(f"expects a number, got {raw!r}") from None
+            if not math.isfinite(value):
+                raise ValueError(f"expects a finite number, got {raw!r}")
+        elif self.type == "bool":
+            if text.lower() in _TRUE:
+                return True
+            if text.lower() in _FALSE:
+                return False
+            raise ValueError(f"expects true or false, got {raw!r}")
+        elif self.type == "choice":
+            if text not in self.choices:
+                raise ValueError(f"expects one of {', '.join(self.choices)}, got {raw!r}")
+            return text
+        else:
+            return text
+        if self.minimum is not None and value < self.minimum:
+            raise ValueError(f"must be >= {_fmt(self.minimum)}, got {raw!r}")
+        if self.maximum is not None and value > self.maximum:
+            raise ValueError(f"must be <= {_fmt(self.maximum)}, got {raw!r}")
+        return value
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def common_params(
+    *,
+    max_steps: int,
+    batch_size: int,
+    learning_rate: float,
+    checkpoint_every: int,
+    lr_schedule: str = "constant",
+    weight_decay: float = 0.0,
+) -> tuple[Param, ...]:
+    """The parameters every kind accepts, with kind-specific defaults."""
+    return (
+        Param("max_steps", "int", str(max_steps), "optimiser steps in total", minimum=1,
+              maximum=10_000_000),
+        Param("batch_size", "int", str(batch_size), "examples per optimiser step (all ranks)",
+              minimum=1, maximum=65_536),
+        Param("learning_rate", "float", repr(learning_rate), "peak learning rate (AdamW)",
+              minimum=1e-12, maximum=10.0),
+        Param("seed", "int", "0", "seed of weights init, data order and noise: equal seeds, "
+              "equal runs", minimum=0, maximum=2**31 - 1),
+        Param("checkpoint_every", "int", str(checkpoint_every),
+              "steps between checkpoints (a crash loses at most this many)", minimum=1),
+        Param("log_every", "int", "10", "steps between progress events", minimum=1),
+        Param("keep_checkpoints", "int", "3",
+              "newest checkpoints kept (the best one is always kept too)", minimum=1),
+        Param("lr_warmup_steps", "int", "0", "linear warm-up steps", minimum=0),
+        Param("lr_schedule", "choice", lr_schedule, "learning-rate schedule after warm-up",
+              choices=("constant", "cosine", "linear")),
+        Param("weight_decay", "float", repr(weight_decay), "decoupled weight decay", minimum=0),
+        Param("max_grad_norm", "float", "1.0", "gradient clipping norm (0 = off)", minimum=0),
+        Param("mixed_precision", "choice", "no", "autocast on GPUs (accelerate)",
+              choices=("no", "fp16", "bf16")),
+        Param("nproc_per_node", "int", "0",
+              "worker processes (GPUs) per node; 0 = the service default", minimum=0,
+              maximum=64),
+    )
+
+
+@dataclass(frozen=True)
+class ParsedParams:
+    """Validated parameters: typed values, the canonical strings, and what was wrong."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    strings: dict[str, str] = field(default_factory=dict)
+    violations: list[FieldViolation] = field(default_factory=list)
+
+
+def parse_params(specs: Sequence[Param], given: Mapping[str, str]) -> ParsedParams:
+    """Defaults filled in; unknown names and bad values become ``params[name]`` violations."""
+    by_name = {p.name: p for p in specs}
+    out = ParsedParams()
+    for name in sorted(set(given) - set(by_name)):
+        close = [n for n in by_name if n.startswith(name[:4])] if len(name) >= 4 else []
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        out.violations.append(FieldViolation(
+            f"params[{name}]", f"unknown parameter{hint}; known: {', '.join(sorted(by_name))}"
+        ))
+    for spec in specs:
+        raw = given.get(spec.name, spec.default)
+        try:
+            value = spec.parse(raw)
+        except ValueError as exc:
+            out.violations.append(FieldViolation(f"params[{spec.name}]", str(exc)))
+            continue
+        out.values[spec.name] = value
+        out.strings[spec.name] = raw.strip()
+    return out
+
+
+def typed(specs: Sequence[Param], strings: Mapping[str, str]) -> dict[str, Any]:
+    """Re-parse stored canonical strings (the worker's view of a validated job)."""
+    parsed = parse_params(specs, {k: v for k, v in strings.items() if k in {s.name for s in specs}})
+    if parsed.violations:
+        first = parsed.violations[0]
+        raise ValueError(f"{first.field}: {first.description}")
+    return parsed.values

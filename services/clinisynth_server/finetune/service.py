@@ -1,0 +1,540 @@
+"""The finetune domain: validate and queue jobs, run the queue, watch, promote. No grpc here.
+
+The service process is the only writer of ``job.json``: a scheduler thread starts queued jobs
+(at most ``max_concurrent_jobs`` at once, oldest first), notices workers that finished (their
+``result.json``), died (no result: resumed from the last checkpoint, up to ``max_restarts``) or
+hang (stale heartbeat), and after a restart re-adopts workers that still run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import pathlib
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+from clinisynth_server.catalog import Catalog, ModelRecord
+from clinisynth_server.errors import (
+    ClinisynthError,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    ValidationErrors,
+)
+from clinisynth_server.finetune import datasets, models
+from clinisynth_server.finetune.kinds import KINDS, KindSpec
+from clinisynth_server.finetune.kinds.base import CheckContext
+from clinisynth_server.finetune.params import parse_params
+from clinisynth_server.finetune.records import (
+    STATES,
+    CheckpointInfo,
+    Event,
+    JobRecord,
+    JobStore,
+    best_checkpoint,
+    new_job_id,
+)
+from clinisynth_server.runtime.metrics import FinetuneMetrics
+from clinisynth_server.store.base import ArtifactStore, ObjectInfo, validate_key, validate_prefix
+
+log = logging.getLogger(__name__)
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+MAX_PAGE = 1000
+
+
+@dataclass(frozen=True)
+class Settings:
+    max_concurrent_jobs: int = 1
+    max_restarts: int = 3
+    heartbeat_timeout_s: float = 120.0
+    poll_s: float = 0.5
+    stop_grace_s: float = 10.0
+    nproc_per_node: int = 1
+    model_repository: str = ""
+    max_upload_bytes: int = 4 * 1024**3
+
+
+@dataclass(frozen=True)
+class JobView:
+    """A record plus what the worker reported and the queue position."""
+
+    record: JobRecord
+    step: int
+    metrics: dict[str, float]
+    queue_position: int = 0
+
+
+class FinetuneService:
+    def __init__(self, store: ArtifactStore, catalog: Catalog, triton: Any, launcher: Any,
+                 settings: Settings, metrics: FinetuneMetrics | None = None) -> None:
+        self.store = store
+        self.catalog = catalog
+        self.triton = triton
+        self.launcher = launcher
+        self.settings = settings
+        self.metrics = metrics
+        self.jobs = JobStore(store)
+        self._lock = threading.RLock()
+        self._records: dict[str, JobRecord] = {}
+        self._seen_alive: set[str] = set()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._promote_lock = threading.Lock()
+        self._live_labels: set[tuple[str, str]] = set()
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        """Load every record from the store and start the scheduler thread."""
+        for record in self.jobs.all():
+            self._records[record.id] = record
+        self._thread = threading.Thread(target=self._run, daemon=True, name="finetune-scheduler")
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop scheduling; running workers keep going and are adopted by the next service."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except ClinisynthError as exc:
+                log.warning("scheduler tick failed: %s", exc)
+            except Exception:  # the scheduler must survive anything
+                log.exception("scheduler tick failed")
+            self._wake.wait(self.settings.poll_s)
+            self._wake.clear()
+
+    # -- create ---------------------------------------------------------------------------
+    def create(self, kind: str, dataset: str, params: dict[str, str], *, model_name: str = "",
+               request_id: str = "") -> JobRecord:
+        """Validate everything up front (all problems at once), then queue the job."""
+        if request_id:
+            existing = self._by_request(request_id)
+            if existing is not None:
+                return existing
+        errors = ValidationErrors()
+        spec = KINDS.get(kind)
+        if spec is None:
+            errors.add("kind", f"unknown job kind {kind!r}; one of {', '.join(KINDS)}")
+        dataset = dataset.strip().strip("/")
+        if not dataset:
+            errors.add("dataset", "required: the store prefix of the data set")
+        else:
+            try:
+                validate_prefix(dataset, "dataset")
+            except InvalidArgument as exc:
+                errors.violations.extend(exc.violations)
+                dataset = ""
+        if model_name and not _NAME_RE.match(model_name):
+            errors.add("model_name", "letters, digits, '_', '-', '.' (at most 100), starting "
+                       f"with a letter or digit; got {model_name!r}")
+        report = None
+        parsed = None
+        if spec is not None:
+            parsed = parse_params(spec.params, params)
+            errors.violations.extend(parsed.violations)
+            if dataset:
+                report = datasets.validate(datasets.StoreSource(self.store, dataset), dataset,
+                                           spec.dataset_layout)
+                errors.violations.extend(FieldViolation("dataset", p) for p in report.problems)
+            if report is not None and not parsed.violations and not report.problems:
+                ctx = CheckContext(self.catalog, self.store, self.settings.model_repository)
+                errors.violations.extend(spec.check(parsed.values, report, ctx))
+        errors.raise_if_any()
+        assert spec is not None and parsed is not None and report is not None
+
+        record = JobRecord(
+            id=new_job_id(), kind=kind, dataset=dataset, params=parsed.strings,
+            model_name=model_name or self._default_model_name(spec, dataset, parsed.values),
+            request_id=request_id, state="queued", created=time.time(),
+            max_steps=int(parsed.values["max_steps"]),
+            data={"images": report.images, "classes": report.classes,
+                  "per_class": report.per_class, "size": report.size,
+                  "channels": report.channels},
+        )
+        if request_id:
+            owner = self.jobs.claim_request(request_id, record.id)
+            if owner != record.id:
+                return self.jobs.get(owner)
+        self.jobs.put(record)
+        self.jobs.append_event(record.id, "state", state="queued",
+                               message=f"queued {kind} on {dataset}")
+        with self._lock:
+            self._records[record.id] = record
+        self._wake.set()
+        return record
+
+    def _by_request(self, request_id: str) -> JobRecord | None:
+        with self._lock:
+            for record in self._records.values():
+                if record.request_id == request_id:
+                    return record
+        return None
+
+    def _default_model_name(self, spec: KindSpec, dataset: str, values: dict[str, Any]) -> str:
+        base = str(values.get("base_model", "") or "")
+        if base and "/" not in base and spec.name in ("text_to_image_adaptation",
+                                                      "reward_finetune"):
+            return base.partition("@")[0]  # a new version of the model it fine-tunes
+        stem = re.sub(r"[^A-Za-z0-9_.-]", "-", dataset.rstrip("/").rsplit("/", 1)[-1]).strip("-.")
+        suffix = {"diffusion_pretrain": "diffusion", "text_to_image_adaptation": "t2i",
+                  "reward_model": "reward", "reward_finetune": "aligned",
+                  "classifier": "classifier"}[spec.name]
+        return f"{stem or 'data'}-{suffix}"[:100]
+
+    # -- read -----------------------------------------------------------------------------
+    def _record(self, job_id: str) -> JobRecord:
+        if not job_id:
+            raise InvalidArgument.for_field("id", "required")
+        with self._lock:
+            record = self._records.get(job_id)
+        if record is None:
+            record = self.jobs.get(job_id)  # another replica's job, or NotFound
+        return record
+
+    def view(self, record: JobRecord) -> JobView:
+        step, metrics = record.step, dict(record.metrics)
+        if record.state == "running":
+            progress = self.jobs.progress(record.id)
+            if progress.get("attempt", -1) >= 0:
+                step = int(progress.get("step", step))
+                metrics = dict(progress.get("metrics", metrics))
+        position = 0
+        if record.state == "queued":
+            with self._lock:
+                queued = sorted((r for r in self._records.values() if r.state == "queued"),
+                                key=lambda r: (r.created, r.id))
+            position = 1 + next((i for i, r in enumerate(queued) if r.id == record.id), 0)
+        return JobView(record, step, metrics, position)
+
+    def get(self, job_id: str) -> JobView:
+        return self.view(self._record(job_id))
+
+    def list(self, *, state: str = "", kind: str = "", page_size: int = 0,
+             page_token: str = "") -> tuple[list[JobView], str]:
+        errors = ValidationErrors()
+        if state and state not in STATES:
+            errors.add("state", f"one of {', '.join(STATES)}")
+        if kind and kind not in KINDS:
+            errors.add("kind", f"unknown job kind {kind!r}; one of {', '.join(KINDS)}")
+        if page_size < 0:
+            errors.add("page_size", "must be >= 0")
+        start = 0
+        if page_token:
+            try:
+                start = int(page_token)
+            except ValueError:
+                errors.add("page_token", "not a token from this API")
+        errors.raise_if_any()
+        with self._lock:
+            records = [r for r in self._records.values()
+                       if (not state or r.state == state) and (not kind or r.kind == kind)]
+        records.sort(key=lambda r: (r.created, r.id), reverse=True)  # newest first
+        size = min(page_size or 100, MAX_PAGE)
+        page = records[start : start + size]
+        nxt = str(start + size) if start + size < len(records) else ""
+        return [self.view(r) for r in page], nxt
+
+    # -- cancel ---------------------------------------------------------------------------
+    def cancel(self, job_id: str, *, strict: bool = False) -> JobView:
+        with self._lock:
+            record = self._record(job_id)
+            if record.terminal:
+                if strict:
+                    raise FailedPrecondition(f"job {job_id} already {record.state}",
+                                             reason="JOB_FINISHED")
+                return self.view(record)
+            was_running = record.state == "running"
+            if was_running:
+                self.jobs.request_cancel(job_id)
+            self._finish(record, "cancelled", "cancelled by request")
+        if was_running:
+            self.launcher.stop(record, self.settings.stop_grace_s)
+        self._wake.set()
+        return self.view(self._record(job_id))
+
+    # -- watch ----------------------------------------------------------------------------
+    def watch(self, job_id: str, since: int, sink: Callable[[Event], None],
+              check: Callable[[], None], poll_s: float = 0.2) -> None:
+        """Send events after ``since`` until the job has ended and its last event went out."""
+        if since < 0:
+            raise InvalidArgument.for_field("since_sequence", "must be >= 0")
+        self._record(job_id)
+        last = since
+        while True:
+            check()
+            terminal = self._record(job_id).terminal  # read before the events: no lost tail
+            for event in self.jobs.events(job_id, last):
+                sink(event)
+                last = event.sequence
+            if terminal:
+                return
+            time.sleep(poll_s)
+
+    # -- checkpoints and promote ------------------------------------------------------------
+    def checkpoints(self, job_id: str) -> list[CheckpointInfo]:
+        self._record(job_id)
+        checkpoints = self.jobs.checkpoints(job_id)
+        best = best_checkpoint(checkpoints)
+        return [replace(c, best=best is not None and c.id == best.id) for c in checkpoints]
+
+    def promote(self, job_id: str, checkpoint_id: str = "",
+                model_name: str = "") -> tuple[ModelRecord, str]:
+        record = self._record(job_id)
+        checkpoints = self.checkpoints(job_id)
+        if not checkpoints:
+            raise FailedPrecondition(f"job {job_id} ({record.state}) has no checkpoint yet",
+                                     reason="NO_CHECKPOINT")
+        if checkpoint_id:
+            chosen = next((c for c in checkpoints if c.id == checkpoint_id), None)
+            if chosen is None:
+                raise InvalidArgument.for_field(
+                    "checkpoint_id", f"job {job_id} has no checkpoint {checkpoint_id!r}; "
+                    f"checkpoints: {', '.join(c.id for c in checkpoints)}")
+        else:
+            chosen = next(c for c in checkpoints if c.best)
+        name = model_name or record.model_name
+        if not _NAME_RE.match(name):
+            raise InvalidArgument.for_field("model_name", f"not a valid model name: {name!r}")
+        repo = self.settings.model_repository
+        if not repo or not pathlib.Path(repo).is_dir():
+            raise FailedPrecondition(
+                f"model repository {repo!r} is not a folder: set CLINISYNTH_MODEL_REPOSITORY "
+                "(or the finetune service's model_repository) to Triton's repository")
+        from clinisynth_server import registry
+
+        with self._promote_lock, tempfile.TemporaryDirectory(prefix="promote-") as tmp:
+            folder = pathlib.Path(tmp) / "model"
+            self.store.download_dir(chosen.prefix + "model/", folder)
+            versions = self.catalog.versions(name)
+            previous = str(versions[-1].version) if versions else ""
+            self.catalog.invalidate()
+            try:
+                model = registry.register_folder(
+                    folder, name, catalog=self.catalog, store=self.store, model_repository=repo,
+                    triton=self.triton,
+                    labels={"finetune_job": job_id, "checkpoint": chosen.id,
+                            "finetune_kind": record.kind},
+                )
+            except NotFound as exc:
+                raise FailedPrecondition(
+                    f"cannot serve this checkpoint: {exc.message} (the Triton role for "
+                    f"{record.kind} checkpoints is not available in this build)",
+                    reason="TRITON_ROLE_MISSING") from exc
+        self.jobs.append_event(job_id, "log", step=chosen.step,
+                               message=f"checkpoint {chosen.id} promoted as {model.ref}")
+        return model, previous
+
+    # -- kinds, uploads, data-set checks ---------------------------------------------------------
+    @staticmethod
+    def kinds() -> list[KindSpec]:
+        return list(KINDS.values())
+
+    def upload(self, chunks: Iterable[tuple[str, bytes, str]]) -> ObjectInfo:
+        """(key, data, sha256) chunks of one file → the stored object; digest checked."""
+        key = ""
+        expected = ""
+        digest = hashlib.sha256()
+        size = 0
+        with tempfile.TemporaryFile() as spool:
+            for chunk_key, data, sha in chunks:
+                if chunk_key and not key:
+                    key = validate_key(chunk_key, "key")
+                elif chunk_key and chunk_key != key:
+                    raise InvalidArgument.for_field("key", "one upload carries one file")
+                if not key:
+                    raise InvalidArgument.for_field("key", "the first chunk must name the key")
+                size += len(data)
+                if size > self.settings.max_upload_bytes:
+                    raise InvalidArgument.for_field(
+                        "data", f"larger than {self.settings.max_upload_bytes} bytes")
+                digest.update(data)
+                spool.write(data)
+                if sha:
+                    expected = sha.lower()
+            if not key:
+                raise InvalidArgument.for_field("key", "empty upload: no chunk named a key")
+            if expected and expected != digest.hexdigest():
+                raise InvalidArgument.for_field(
+                    "sha256", f"mismatch: sent {expected}, received bytes hash to "
+                    f"{digest.hexdigest()} ({size} bytes); nothing was stored")
+            spool.seek(0)
+            return self.store.put_stream(key, spool)
+
+    def validate_dataset(self, prefix: str, layout: str = "") -> datasets.DatasetReport:
+        prefix = prefix.strip().strip("/")
+        if not prefix:
+            raise InvalidArgument.for_field("prefix", "required")
+        validate_prefix(prefix, "prefix")
+        if layout and layout not in datasets.LAYOUTS:
+            raise InvalidArgument.for_field("layout", f"one of {', '.join(datasets.LAYOUTS)}")
+        source = datasets.StoreSource(self.store, prefix)
+        if not layout:
+            names = set(source.names())
+            layout = ("image_text_manifest" if datasets.MANIFEST in names else
+                      "feedback_export" if datasets.LABELS in names else "image_folder")
+        return datasets.validate(source, prefix, layout)
+
+    # -- the scheduler ------------------------------------------------------------------------
+    def tick(self) -> None:
+        now = time.time()
+        with self._lock:
+            running = [r for r in self._records.values() if r.state == "running"]
+        for record in running:
+            self._check_running(record, now)
+        with self._lock:
+            active = sum(1 for r in self._records.values() if r.state == "running")
+            queued = sorted((r for r in self._records.values() if r.state == "queued"),
+                            key=lambda r: (r.created, r.id))
+        for record in queued[: max(0, self.settings.max_concurrent_jobs - active)]:
+            self._launch(record)
+        self._export_metrics()
+
+    def _check_running(self, record: JobRecord, now: float) -> None:
+        result = self.jobs.result(record.id)
+        if result and int(result.get("attempt", -1)) == record.attempt and result.get("state"):
+            with self._lock:
+                if self._records[record.id].state == "running":
+                    record.step = int(result.get("step", record.step))
+                    record.metrics = dict(result.get("metrics", record.metrics))
+                    self._finish(record, result["state"], result.get("reason", ""))
+            return
+        alive = self.launcher.alive(record)
+        progress = self.jobs.progress(record.id)
+        beat = float(progress.get("time", 0)) if progress.get("attempt") == record.attempt else 0
+        last_sign = max(beat, float(record.worker.get("launched", record.started)))
+        stale = now - last_sign > self.settings.heartbeat_timeout_s
+        if alive and not stale:
+            if record.id not in self._seen_alive:
+                self._seen_alive.add(record.id)
+                if not self._launched_here(record):
+                    self.jobs.append_event(record.id, "log", step=int(progress.get("step", 0)),
+                                           message="worker adopted by a restarted service")
+            return
+        if alive is None and not stale:
+            return  # cannot tell and the heartbeat is fresh: still running
+        # Dead (or hung): re-read the result once, the worker may have just finished.
+        result = self.jobs.result(record.id)
+        if result and int(result.get("attempt", -1)) == record.attempt and result.get("state"):
+            return self._check_running(record, now)
+        if alive:
+            self.launcher.stop(record, 0.0)
+        code = self.launcher.exit_code(record)
+        why = (f"worker heartbeat stale for {now - last_sign:.0f} s" if alive else
+               f"worker exited without a result (exit code {code})" if code is not None else
+               "worker process is gone")
+        self._restart(record, why)
+
+    def _launched_here(self, record: JobRecord) -> bool:
+        return getattr(self.launcher, "_proc", lambda r: None)(record) is not None
+
+    def _restart(self, record: JobRecord, why: str) -> None:
+        with self._lock:
+            self._seen_alive.discard(record.id)
+            if record.restarts >= self.settings.max_restarts:
+                self._finish(record, "failed",
+                             f"{why}; gave up after {record.restarts} restarts")
+                return
+            record.restarts += 1
+            checkpoints = self.jobs.checkpoints(record.id)
+            resume = f"checkpoint {checkpoints[-1].id}" if checkpoints else "the start"
+            self.jobs.append_event(record.id, "error", message=f"{why}; resuming from {resume} "
+                                   f"(restart {record.restarts})")
+            record.state = "queued"
+            record.worker = {}
+            self.jobs.put(record)
+            self.jobs.append_event(record.id, "state", state="queued", message="re-queued")
+
+    def _launch(self, record: JobRecord) -> None:
+        with self._lock:
+            if record.state != "queued":
+                return
+            record.state = "running"
+            record.started = record.started or time.time()
+            record.attempt = record.restarts
+            record.worker = {"launched": time.time()}
+            self.jobs.put(record)
+        try:
+            nproc = int(record.params.get("nproc_per_node", "0")) or self.settings.nproc_per_node
+            handle = self.launcher.launch(record, nproc)
+        except ClinisynthError as exc:
+            with self._lock:
+                self._finish(record, "failed", f"could not start a worker: {exc.message}")
+            return
+        with self._lock:
+            record.worker = handle
+            self._seen_alive.add(record.id)
+            self.jobs.put(record)
+        self.jobs.append_event(record.id, "state", state="running",
+                               message=f"worker attempt {record.attempt} launched")
+
+    def _finish(self, record: JobRecord, state: str, reason: str) -> None:
+        """Terminal transition (caller holds the lock): event first, then the record."""
+        if state not in ("succeeded", "failed", "cancelled"):
+            state, reason = "failed", f"unknown worker outcome {state!r}"
+        self.jobs.append_event(record.id, "state", state=state, step=record.step,
+                               message=reason or state)
+        record.state = state
+        record.failure_reason = reason if state == "failed" else ""
+        record.finished = time.time()
+        if state == "succeeded":
+            record.step = record.max_steps
+        self.jobs.put(record)
+        self._records[record.id] = record
+        forget = getattr(self.launcher, "forget", None)
+        if forget is not None and state != "cancelled":
+            forget(record)
+        if self.metrics is not None and state == "failed":
+            self.metrics.failures.labels(record.kind).inc()
+
+    def _export_metrics(self) -> None:
+        if self.metrics is None:
+            return
+        with self._lock:
+            records = list(self._records.values())
+        counts = {(s, k): 0 for s in STATES for k in KINDS}
+        live: set[tuple[str, str]] = set()
+        for r in records:
+            counts[(r.state, r.kind)] = counts.get((r.state, r.kind), 0) + 1
+            if r.state == "running":
+                live.add((r.id, r.kind))
+                progress = self.jobs.progress(r.id)
+                metrics = progress.get("metrics", {})
+                if "loss" in metrics:
+                    self.metrics.job_loss.labels(r.id, r.kind).set(metrics["loss"])
+                self.metrics.job_step.labels(r.id, r.kind).set(int(progress.get("step", 0)))
+                if progress.get("checkpoint_time"):
+                    self.metrics.checkpoint_time.labels(r.id, r.kind).set(
+                        progress["checkpoint_time"])
+        for (state, kind), n in counts.items():
+            self.metrics.jobs.labels(state, kind).set(n)
+        for labels in self._live_labels - live:
+            for gauge in (self.metrics.job_loss, self.metrics.job_step,
+                          self.metrics.checkpoint_time):
+                try:
+                    gauge.remove(*labels)
+                except KeyError:
+                    pass
+        self._live_labels = live
+
+
+def iter_upload(chunks: Iterator[Any]) -> Iterator[tuple[str, bytes, str]]:
+    for chunk in chunks:
+        yield chunk.key, bytes(chunk.data), chunk.sha256
+
+
+def cleanup_dir(path: pathlib.Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,331 @@
+"""``python -m clinisynth_server.finetune.worker --run-id=ID``: run one job's training.
+
+Started by the service's launcher (a local subprocess, ``torchrun`` for several processes, or a
+Kubernetes Job from ``deploy/k8s/base/finetune/job-template.yaml``). Everything it needs is in the
+store: it reads the job record, downloads the data set, resumes from the newest committed
+checkpoint (model, optimiser, LR schedule, EMA, RNG, data position) and then:
+
+1. runs optimiser steps, reporting progress events every ``log_every`` steps;
+2. writes a checkpoint every ``checkpoint_every`` steps (files first, ``checkpoint.json`` last),
+   prunes old ones, keeps the best;
+3. stops at ``max_steps`` (result ``succeeded``), on an error (``failed``), when the service asks
+   (``cancel.json``, then ``cancelled``), or on SIGTERM without a cancel (preempted: it writes a
+   checkpoint and exits 143 without a result, so the service resumes it).
+
+A heartbeat thread keeps ``progress.json`` fresh so a restarted service can tell a live worker it
+may adopt from a dead one it must resume. Only the main process (rank 0) writes to the store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+from clinisynth_server.errors import Cancelled, ClinisynthError
+
+log = logging.getLogger("clinisynth.finetune.worker")
+PREEMPTED_EXIT = 143
+HEARTBEAT_S = float(os.environ.get("CLINISYNTH_FINETUNE_HEARTBEAT_S", "2"))
+CANCEL_POLL_S = 1.0
+
+
+class Preempted(Exception):
+    """SIGTERM without a cancel request: checkpoint and leave the job to be resumed."""
+
+
+class Worker:
+    def __init__(self, run_id: str, *, store_url: str, workdir: pathlib.Path,
+                 model_repository: str) -> None:
+        from clinisynth_server.catalog import Catalog
+        from clinisynth_server.finetune.records import JobStore
+        from clinisynth_server.store import open_store
+
+        self.run_id = run_id
+        self.store = open_store(store_url)
+        self.jobs = JobStore(self.store)
+        self.catalog = Catalog(self.store)
+        self.workdir = workdir / run_id
+        self.model_repository = model_repository
+        self.record = self.jobs.get(run_id)
+        self._lock = threading.Lock()
+        self._progress: dict[str, Any] = {}
+        self._stop = threading.Event()
+        self._cancel = threading.Event()
+        self._term = threading.Event()
+        self.is_main = True
+
+    # -- store side effects (main process only) -------------------------------------------
+    def event(self, type: str, **fields: Any) -> None:
+        if self.is_main:
+            self.jobs.append_event(self.run_id, type, **fields)
+
+    def heartbeat(self, **update: Any) -> None:
+        if not self.is_main:
+            return
+        from clinisynth_server.finetune.records import pid_start_time
+
+        with self._lock:
+            self._progress.update(update)
+            self._progress.update({
+                "time": time.time(), "pid": os.getpid(), "start_time": pid_start_time(os.getpid()),
+                "host": socket.gethostname(), "attempt": self.record.attempt,
+            })
+            self.jobs.put_progress(self.run_id, dict(self._progress))
+
+    def _background(self) -> None:
+        next_beat = 0.0
+        while not self._stop.wait(0.25):
+            now = time.monotonic()
+            if now >= next_beat:
+                next_beat = now + HEARTBEAT_S
+                try:
+                    self.heartbeat()
+                    if self.jobs.cancel_requested(self.run_id):
+                        self._cancel.set()
+                except ClinisynthError:
+                    log.warning("store unreachable for the heartbeat", exc_info=True)
+
+    def check_cancel(self) -> None:
+        if self._cancel.is_set():
+            raise Cancelled("cancelled by request")
+        if self._term.is_set():
+            if self.jobs.cancel_requested(self.run_id):
+                self._cancel.set()
+                raise Cancelled("cancelled by request")
+            raise Preempted("SIGTERM")
+
+    def _on_sigterm(self, signum: int, _frame: Any) -> None:
+        self._term.set()
+
+    # -- artifacts surviving a crash -----------------------------------------------------
+    def save_artifact(self, name: str, path: pathlib.Path) -> None:
+        if self.is_main:
+            self.store.put_file(self.jobs.key(self.run_id, f"artifacts/{name}"), path)
+
+    def load_artifact(self, name: str, path: pathlib.Path) -> bool:
+        key = self.jobs.key(self.run_id, f"artifacts/{name}")
+        if not self.store.exists(key):
+            return False
+        self.store.get_file(key, path)
+        return True
+
+    # -- the run ---------------------------------------------------------------------------
+    def run(self) -> int:
+        if self.record.terminal:
+            log.info("job %s is %s: nothing to do", self.run_id, self.record.state)
+            return 0
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        threading.Thread(target=self._background, daemon=True, name="heartbeat").start()
+        outcome: dict[str, Any] = {"attempt": self.record.attempt}
+        code = 0
+        try:
+            outcome.update(self._train())
+            outcome["state"] = "succeeded"
+        except Cancelled as exc:
+            outcome.update(state="cancelled", reason=str(exc))
+        except Preempted:
+            code = PREEMPTED_EXIT
+        except Exception as exc:  # noqa: BLE001 - every failure is reported, then the job fails
+            reason = f"{type(exc).__name__}: {exc}"
+            if not isinstance(exc, ClinisynthError):
+                log.error("job %s failed:\n%s", self.run_id, traceback.format_exc())
+            self.event("error", message=reason)
+            outcome.update(state="failed", reason=reason)
+        finally:
+            self._stop.set()
+        if code == 0 and self.is_main:
+            outcome["time"] = time.time()
+            outcome.setdefault("step", self._progress.get("step", 0))
+            outcome.setdefault("metrics", self._progress.get("metrics", {}))
+            self.jobs.put_result(self.run_id, outcome)
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        return code
+
+    def _accelerator(self, mixed_precision: str) -> Any:
+        try:
+            from accelerate import Accelerator
+        except ImportError:  # accelerate is optional: one process, CPU or one GPU
+            return None
+        import torch
+
+        return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision)
+
+    def _train(self) -> dict[str, Any]:
+        import torch
+
+        from clinisynth_server.finetune import datasets
+        from clinisynth_server.finetune.kinds import KINDS
+        from clinisynth_server.finetune.kinds.base import (
+            TrainContext,
+            load_rng_state,
+            rng_state,
+            seed_everything,
+        )
+        from clinisynth_server.finetune.params import typed
+        from clinisynth_server.finetune.records import CheckpointInfo, JobStore
+
+        spec = KINDS[self.record.kind]
+        p = typed(spec.params, self.record.params)
+        accelerator = self._accelerator(p["mixed_precision"])
+        self.is_main = accelerator is None or accelerator.is_main_process
+        t_setup = time.monotonic()
+        self.heartbeat(step=0, phase="setup")
+        self.event("log", message=(
+            f"worker attempt {self.record.attempt} started: pid {os.getpid()} on "
+            f"{socket.gethostname()}, {accelerator.num_processes if accelerator else 1} "
+            f"process(es), device {accelerator.device if accelerator else 'cpu'}"))
+
+        # 1. Data: the prefix copied to local scratch once per attempt, then read locally.
+        data_dir = self.workdir / "data"
+        if self.is_main:
+            shutil.rmtree(data_dir, ignore_errors=True)
+            self.store.download_dir(self.record.dataset, data_dir)
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+        source = datasets.FolderSource(data_dir)
+        report = datasets.validate(source, self.record.dataset, spec.dataset_layout,
+                                   decode_images=False)
+        datasets.raise_if_bad(report)
+
+        # 2. The trainer, built identically on every attempt (same seed) ...
+        seed_everything(p["seed"])
+        ctx = TrainContext(
+            job_id=self.run_id, params=p, source=source, report=report, workdir=self.workdir,
+            store=self.store, catalog=self.catalog, model_repository=self.model_repository,
+            accelerator=accelerator, log=lambda msg: self.event("log", message=msg),
+            save_artifact=self.save_artifact, load_artifact=self.load_artifact,
+            check_cancel=self.check_cancel,
+        )
+        trainer = spec.trainer(ctx)
+
+        # 3. ... then overwritten by the newest committed checkpoint, if any.
+        start = 0
+        checkpoints = self.jobs.checkpoints(self.run_id)
+        if checkpoints:
+            last = checkpoints[-1]
+            state_file = self.workdir / "resume" / "trainer.pt"
+            self.store.get_file(last.prefix + "state/trainer.pt", state_file)
+            state = torch.load(state_file, map_location="cpu", weights_only=False)
+            trainer.load_state(state["trainer"])
+            load_rng_state(state["rng"])
+            start = last.step
+            self.event("log", step=start,
+                       message=f"resumed from checkpoint {last.id} (step {last.step})")
+
+        # 4. The loop.
+        max_steps, every = p["max_steps"], p["checkpoint_every"]
+        log_every = p["log_every"]
+        setup_s = time.monotonic() - t_setup
+        self.heartbeat(step=start, phase="train", setup_s=setup_s)
+        window: list[float] = []
+        extra: dict[str, list[float]] = {}
+        t_window, steps_window = time.monotonic(), 0
+        metrics: dict[str, float] = {}
+        last_ckpt = start
+        try:
+            for step in range(start + 1, max_steps + 1):
+                self.check_cancel()
+                out = trainer.step(step)
+                window.append(out["loss"])
+                for k, v in out.items():
+                    if k != "loss":
+                        extra.setdefault(k, []).append(v)
+                steps_window += 1
+                if step % log_every == 0 or step == max_steps:
+                    now = time.monotonic()
+                    metrics = {"loss": sum(window) / len(window),
+                               "steps_per_s": steps_window / max(now - t_window, 1e-9)}
+                    metrics.update({k: sum(v) / len(v) for k, v in extra.items()})
+                    window, extra, t_window, steps_window = [], {}, now, 0
+                    self.heartbeat(step=step, metrics=metrics)
+                    self.event("progress", step=step, metrics=metrics)
+                if step % every == 0 or step == max_steps:
+                    self._checkpoint(trainer, step, metrics, CheckpointInfo, JobStore, rng_state, p)
+                    last_ckpt = step
+        except Preempted:
+            if self.is_main and step - 1 > last_ckpt:
+                self._checkpoint(trainer, step - 1, metrics, CheckpointInfo, JobStore, rng_state,
+                                 p)
+            raise
+        return {"step": max_steps, "metrics": metrics}
+
+    def _checkpoint(self, trainer: Any, step: int, metrics: dict[str, float], CheckpointInfo: Any,
+                    JobStore: Any, rng_state: Any, p: dict[str, Any]) -> None:
+        import torch
+
+        t0 = time.monotonic()
+        evaluation = trainer.evaluate()
+        if not self.is_main:
+            return
+        ckpt_id = JobStore.checkpoint_id(step)
+        local = self.workdir / "checkpoints" / ckpt_id
+        shutil.rmtree(local, ignore_errors=True)
+        (local / "state").mkdir(parents=True)
+        trainer.save_model(local / "model")
+        torch.save({"trainer": trainer.state(), "rng": rng_state(), "step": step},
+                   local / "state" / "trainer.pt")
+        prefix = self.jobs.checkpoint_prefix(self.run_id, ckpt_id)
+        self.store.delete_prefix(prefix)  # leftovers of an attempt that died mid-upload
+        self.store.upload_dir(local, prefix)
+        all_metrics = {**{k: v for k, v in metrics.items() if k != "steps_per_s"}, **evaluation}
+        info = CheckpointInfo(
+            id=ckpt_id, step=step, metrics=all_metrics, created=time.time(), best=False,
+            prefix=prefix, attempt=self.record.attempt,
+        )
+        manifest = {**info.to_json(), "best_metric": trainer.best_metric,
+                    "best_mode": trainer.best_mode}
+        self.store.put_json(prefix + "checkpoint.json", manifest)
+        shutil.rmtree(local, ignore_errors=True)
+        write_s = time.monotonic() - t0
+        self._prune(p["keep_checkpoints"], trainer.best_metric, trainer.best_mode)
+        self.heartbeat(checkpoint=ckpt_id, checkpoint_time=time.time())
+        self.event("checkpoint", step=step, metrics={**all_metrics, "write_s": write_s},
+                   checkpoint={"id": ckpt_id, "step": step, "prefix": prefix})
+        if evaluation:
+            self.event("metrics", step=step, metrics=evaluation)
+
+    def _prune(self, keep: int, best_metric: str, best_mode: str) -> None:
+        from clinisynth_server.finetune.records import best_checkpoint
+
+        checkpoints = self.jobs.checkpoints(self.run_id)
+        best = best_checkpoint(checkpoints, best_metric, best_mode)
+        for ckpt in checkpoints[:-keep]:
+            if best is None or ckpt.id != best.id:
+                self.jobs.delete_checkpoint(self.run_id, ckpt.id)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from clinisynth_server.runtime.config import default_home, load_config
+    from clinisynth_server.runtime.logs import setup_logging
+
+    parser = argparse.ArgumentParser(prog="clinisynth-finetune-worker", description=__doc__)
+    parser.add_argument("--run-id", required=True)
+    parser.add_argument("--store-url", help="default: the finetune service's store_url config")
+    parser.add_argument("--workdir", help="local scratch (default: CLINISYNTH_FINETUNE_WORKDIR)")
+    parser.add_argument("--model-repository", help="Triton model repository folder")
+    ns = parser.parse_args(argv)
+    config = load_config("finetune")
+    setup_logging("finetune-worker", config.log_format, config.log_level)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    workdir = pathlib.Path(ns.workdir or config.get("workdir")
+                           or default_home() / "finetune-work")
+    model_repository = (ns.model_repository or config.get("model_repository")
+                        or os.environ.get("CLINISYNTH_MODEL_REPOSITORY", ""))
+    worker = Worker(ns.run_id, store_url=ns.store_url or config.store_url, workdir=workdir,
+                    model_repository=model_repository)
+    return worker.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

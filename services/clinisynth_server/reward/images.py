@@ -1,0 +1,123 @@
+"""Images entering the reward service: validated, decoded, and stored by content.
+
+An input image is inline bytes (PNG / JPEG / DICOM), a raw array, or a key in the artifact store.
+Every failure is INVALID_ARGUMENT on the caller's field (``images[3].encoded``): unknown
+reference, oversized upload, non-image bytes, bad raw shape.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from clinisynth_server.errors import InvalidArgument
+from clinisynth_server.imaging import decode as imdecode
+from clinisynth_server.imaging.encode import encode_png
+from clinisynth_server.store.base import ArtifactStore, validate_key
+
+IMAGES_PREFIX = "feedback/images/"
+SUFFIXES = {"png": ".png", "jpeg": ".jpg", "dicom": ".dcm"}
+IMAGE_KEY_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """What the caller sent. ``kind``: encoded | dicom | raw | ref."""
+
+    kind: str
+    data: bytes = b""
+    shape: tuple[int, ...] = ()
+    dtype: str = ""
+    key: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    key: str
+    sha256: str
+    size: int
+
+
+def check_size(image: ImageInput, field: str, max_bytes: int) -> None:
+    if image.nbytes > max_bytes:
+        raise InvalidArgument.for_field(
+            field,
+            f"upload is {image.nbytes} bytes, over the limit of {max_bytes}; downscale it or "
+            "put it in the store and send a reference",
+        )
+
+
+def decode(
+    image: ImageInput,
+    *,
+    field: str,
+    store: ArtifactStore,
+    max_bytes: int,
+    channels: int | None = None,
+) -> np.ndarray:
+    """Float32 [H, W] / [H, W, 3] in [0, 1]; INVALID_ARGUMENT on ``field`` otherwise."""
+    ch = channels if channels in (1, 3) else None
+    if image.kind == "none":
+        raise InvalidArgument.for_field(field, "no image data (set encoded, dicom, raw or ref)")
+    if image.kind == "ref":
+        data = read_ref(image.key, field=f"{field}.ref.key", store=store)
+        return imdecode.decode_image(data, field=f"{field}.ref", channels=ch)  # type: ignore[arg-type]
+    check_size(image, f"{field}.{image.kind}", max_bytes)
+    if image.kind == "raw":
+        arr = imdecode.decode_raw(
+            image.data, image.shape, image.dtype or "float32", field=f"{field}.raw", channels=ch  # type: ignore[arg-type]
+        )
+        if arr.min() < 0 or arr.max() > 1:
+            raise InvalidArgument.for_field(f"{field}.raw", "raw values must lie in [0, 1]")
+        return arr
+    return imdecode.decode_image(image.data, field=f"{field}.{image.kind}", channels=ch)  # type: ignore[arg-type]
+
+
+def read_ref(key: str, *, field: str, store: ArtifactStore) -> bytes:
+    validate_key(key, field)
+    if not store.exists(key):
+        raise InvalidArgument.for_field(field, f"unknown image reference: no stored object {key!r}")
+    return store.get_bytes(key)
+
+
+def encoded_bytes(image: ImageInput, pixels: np.ndarray) -> tuple[bytes, str]:
+    """The bytes to keep for an upload and their suffix (raw arrays become 16-bit / RGB PNG)."""
+    if image.kind in ("encoded", "dicom"):
+        kind = imdecode.sniff_format(image.data[:132]) or "png"
+        return image.data, SUFFIXES.get(kind, ".png")
+    bits = 16 if pixels.ndim == 2 else 8
+    return encode_png(pixels, None, bits=bits), ".png"
+
+
+def store_upload(store: ArtifactStore, data: bytes, suffix: str) -> StoredImage:
+    """Content-addressed: ``feedback/images/<sha256><suffix>``, written once (durable)."""
+    sha = hashlib.sha256(data).hexdigest()
+    key = f"{IMAGES_PREFIX}{sha}{suffix}"
+    store.put_if_absent(key, data)
+    return StoredImage(key, sha, len(data))
+
+
+def stored_ref(store: ArtifactStore, key: str, field: str) -> StoredImage:
+    validate_key(key, field)
+    if not store.exists(key):
+        raise InvalidArgument.for_field(field, f"unknown image reference: no stored object {key!r}")
+    info = store.stat(key)
+    return StoredImage(key, info.sha256 or "", info.size)
+
+
+def display_png(data: bytes) -> bytes:
+    """PNG bytes for the review page (DICOM / 16-bit / JPEG converted; 8-bit PNG as is)."""
+    kind = imdecode.sniff_format(data[:132])
+    if kind == "png":
+        arr = imdecode.decode_image(data, field="image")
+        if data[24] == 8:  # bit depth byte of IHDR
+            return data
+        return encode_png(arr, None, bits=8)
+    arr = imdecode.decode_image(data, field="image")
+    return encode_png(arr, None, bits=8)
