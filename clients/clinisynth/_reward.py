@@ -1,8 +1,696 @@
-"""SDK calls of the reward scorer and expert feedback service (mixed into Client / AsyncClient)."""
+"""SDK calls of the reward scorer and expert feedback service (mixed into Client / AsyncClient).
+
+with clinisynth.Client() as client:
+    scores = client.score(["a.png", "b.png"], "neutrophil", model="cells-reward")
+    client.feedback.submit("a.png", rater_id="dr_a", plausible=True, class_name="neutrophil")
+    client.review.enqueue(images, class_name="neutrophil", raters_per_item=2)
+    print(client.agreement())
+"""
 
 from __future__ import annotations
 
+import hashlib
+import math
+import os
+import pathlib
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from clinisynth import _images
 from clinisynth._transport import AsyncTransport, Transport
+from clinisynth._types import ProgressEvent
+from clinisynth.v1 import common_pb2, reward_pb2, reward_pb2_grpc
+
+STUB = reward_pb2_grpc.RewardServiceStub
+SCORE_CHUNK = 64
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".npy")
+ProgressCallback = Callable[[ProgressEvent], None]
+
+
+# ---------------------------------------------------------------------------------------------
+# typed results
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageScore:
+    """One scored image: reward = P(aligned) in [0, 1] by ``model_version`` ("name@version")."""
+
+    index: int
+    reward: float
+    p_aligned: float
+    model_version: str
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class ScoreSummary:
+    scored: int
+    mean_reward: float
+    model_version: str
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """One stored expert judgement."""
+
+    id: str
+    client_request_id: str
+    rater_id: str
+    plausible: bool
+    condition: dict[str, str]
+    criteria: dict[str, bool]
+    comment: str
+    time_spent_ms: int
+    item_id: str
+    image_key: str
+    image_sha256: str
+    generator: str
+    created: float
+    duplicate: bool = False
+
+
+@dataclass(frozen=True)
+class FeedbackExport:
+    """An exported data set: ``<prefix>/labels.jsonl`` + ``images/`` (+ local copy in ``out``)."""
+
+    prefix: str
+    judgements: int
+    images: int
+    labels_key: str
+    out: pathlib.Path | None = None
+    files: list[pathlib.Path] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ReviewItem:
+    id: str
+    condition: dict[str, str]
+    image_key: str
+    image_sha256: str
+    p_aligned: float | None
+    raters_per_item: int
+    judgements: int
+    generator: str
+
+
+@dataclass(frozen=True)
+class ReviewBatch:
+    items: list[ReviewItem]
+    pending: int
+
+
+@dataclass(frozen=True)
+class Criterion:
+    name: str
+    description: str
+
+
+@dataclass(frozen=True)
+class ConditionAgreement:
+    condition: dict[str, str]
+    shared_items: int
+    raters: int
+    kappa: float  # NaN when undefined
+    statistic: str  # "cohen" | "fleiss"
+    percent_agreement: float
+
+
+@dataclass(frozen=True)
+class RaterStats:
+    rater_id: str
+    judgements: int
+    plausible_rate: float
+    agreement_with_majority: float
+    median_time_spent_ms: float
+
+
+@dataclass(frozen=True)
+class Agreement:
+    conditions: list[ConditionAgreement]
+    raters: list[RaterStats]
+
+
+# ---------------------------------------------------------------------------------------------
+# request building / parsing (shared by the sync and async twins)
+# ---------------------------------------------------------------------------------------------
+
+
+def _model_ref(model: str | None) -> common_pb2.ModelRef:
+    name, _, version = (model or "").partition("@")
+    return common_pb2.ModelRef(name=name, version=version)
+
+
+def condition_msg(
+    condition: str | dict[str, str] | None = None,
+    *,
+    class_name: str | None = None,
+    prompt: str | None = None,
+) -> common_pb2.Condition | None:
+    """``condition`` as a class name (str) or {"class_name"|"prompt": ...}; or the keywords."""
+    if isinstance(condition, dict):
+        class_name = condition.get("class_name") or class_name
+        prompt = condition.get("prompt") or prompt
+    elif condition:
+        class_name = class_name or condition
+    if class_name and prompt:
+        raise ValueError("pass a class_name or a prompt, not both")
+    if class_name:
+        return common_pb2.Condition(class_name=class_name)
+    if prompt:
+        return common_pb2.Condition(prompt=prompt)
+    return None
+
+
+def _cond_dict(c: common_pb2.Condition) -> dict[str, str]:
+    kind = c.WhichOneof("value")
+    return {kind: getattr(c, kind)} if kind else {}
+
+
+def image_list(images: Any) -> list[Any]:
+    """A list of images; a numpy batch ``[N, H, W]`` / ``[N, H, W, C]`` is split.
+
+    A 3-D array whose last axis is 3 is one RGB image; a 2-D array is one gray image.
+    """
+    if isinstance(images, np.ndarray):
+        if images.ndim == 2 or (images.ndim == 3 and images.shape[-1] == 3):
+            return [images]
+        return list(images)
+    if isinstance(images, (str, os.PathLike, bytes, common_pb2.Image)):
+        return [images]
+    return list(images)
+
+
+def _name_of(image: Any) -> str:
+    return str(image) if isinstance(image, (str, os.PathLike)) else ""
+
+
+def _to_image(image: Any) -> common_pb2.Image:
+    if isinstance(image, (str, os.PathLike)) and str(image).endswith(".npy"):
+        image = np.load(image)
+    return _images.to_proto_image(image)
+
+
+def image_score(s: reward_pb2.ImageScore, offset: int = 0) -> ImageScore:
+    return ImageScore(
+        index=s.index + offset,
+        reward=s.reward,
+        p_aligned=s.p_aligned,
+        model_version=f"{s.model.name}@{s.model.version}",
+        name=s.name,
+    )
+
+
+def feedback_from(f: reward_pb2.Feedback, duplicate: bool = False) -> Feedback:
+    gen = f"{f.generator.name}@{f.generator.version}" if f.generator.version else f.generator.name
+    return Feedback(
+        id=f.id,
+        client_request_id=f.client_request_id,
+        rater_id=f.rater_id,
+        plausible=f.plausible,
+        condition=_cond_dict(f.condition),
+        criteria={a.criterion: a.satisfied for a in f.criteria},
+        comment=f.comment,
+        time_spent_ms=f.time_spent_ms,
+        item_id=f.item_id,
+        image_key=f.image_ref.key,
+        image_sha256=f.image_ref.sha256,
+        generator=gen,
+        created=f.created.ToNanoseconds() / 1e9,
+        duplicate=duplicate,
+    )
+
+
+def review_item(m: reward_pb2.ReviewItem) -> ReviewItem:
+    gen = f"{m.generator.name}@{m.generator.version}" if m.generator.version else m.generator.name
+    return ReviewItem(
+        id=m.id,
+        condition=_cond_dict(m.condition),
+        image_key=m.image_ref.key,
+        image_sha256=m.image_ref.sha256,
+        p_aligned=m.p_aligned if m.HasField("p_aligned") else None,
+        raters_per_item=m.raters_per_item,
+        judgements=m.judgements,
+        generator=gen,
+    )
+
+
+def agreement_from(resp: reward_pb2.GetAgreementResponse) -> Agreement:
+    return Agreement(
+        conditions=[
+            ConditionAgreement(
+                condition=_cond_dict(c.condition),
+                shared_items=c.shared_items,
+                raters=c.raters,
+                kappa=c.kappa,
+                statistic=c.statistic,
+                percent_agreement=c.percent_agreement,
+            )
+            for c in resp.conditions
+        ],
+        raters=[
+            RaterStats(
+                rater_id=r.rater_id,
+                judgements=r.judgements,
+                plausible_rate=r.plausible_rate,
+                agreement_with_majority=r.agreement_with_majority,
+                median_time_spent_ms=r.median_time_spent_ms,
+            )
+            for r in resp.raters
+        ],
+    )
+
+
+def score_requests(
+    images: Any,
+    condition: Any,
+    class_name: str | None,
+    prompt: str | None,
+    model: str | None,
+    resize: bool,
+    generator: str | None,
+) -> list[tuple[int, reward_pb2.ScoreRequest]]:
+    items = image_list(images)
+    if not items:
+        raise ValueError("no images to score")
+    cond = condition_msg(condition, class_name=class_name, prompt=prompt)
+    out = []
+    for start in range(0, len(items), SCORE_CHUNK):
+        req = reward_pb2.ScoreRequest(
+            model=_model_ref(model),
+            images=[_to_image(im) for im in items[start : start + SCORE_CHUNK]],
+            resize=resize,
+        )
+        if cond is not None:
+            req.condition.CopyFrom(cond)
+        if generator:
+            req.generator.CopyFrom(_model_ref(generator))
+        out.append((start, req))
+    return out
+
+
+def _with_names(resp: reward_pb2.ScoreResponse, items: list[Any], start: int) -> list[ImageScore]:
+    scores = []
+    for s in resp.scores:
+        score = image_score(s, start)
+        if not score.name:
+            score = ImageScore(score.index, score.reward, score.p_aligned, score.model_version,
+                               _name_of(items[score.index]))
+        scores.append(score)
+    return scores
+
+
+def stream_requests(
+    images: Iterable[Any],
+    *,
+    condition: common_pb2.Condition | None,
+    model: str | None,
+    resize: bool,
+    store_prefix: str | None,
+    batch_size: int,
+    generator: str | None,
+) -> Iterator[reward_pb2.ScoreStreamRequest]:
+    config = reward_pb2.ScoreStreamConfig(
+        model=_model_ref(model), store_prefix=store_prefix or "", resize=resize,
+        batch_size=batch_size,
+    )
+    if condition is not None:
+        config.condition.CopyFrom(condition)
+    if generator:
+        config.generator.CopyFrom(_model_ref(generator))
+    yield reward_pb2.ScoreStreamRequest(config=config)
+    for item in images:
+        cond = None
+        if isinstance(item, tuple):
+            name, image, *rest = item
+            cond = condition_msg(rest[0]) if rest else None
+        else:
+            name, image = _name_of(item), item
+        msg = reward_pb2.NamedImage(name=str(name), image=_to_image(image))
+        if cond is not None:
+            msg.condition.CopyFrom(cond)
+        yield reward_pb2.ScoreStreamRequest(image=msg)
+
+
+def folder_images(
+    folder: str | os.PathLike[str], class_name: str | None, prompt: str | None
+) -> list[tuple[str, pathlib.Path, dict[str, str] | None]]:
+    """(relative name, path, condition) for every image under ``folder``, sorted.
+
+    Without a class or prompt, the first sub-folder names the class (ImageFolder layout).
+    """
+    root = pathlib.Path(folder)
+    if not root.is_dir():
+        raise ValueError(f"{root} is not a folder")
+    out = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        rel = path.relative_to(root).as_posix()
+        cond = None
+        if not class_name and not prompt and "/" in rel:
+            cond = {"class_name": rel.split("/", 1)[0]}
+        out.append((rel, path, cond))
+    return out
+
+
+class StreamFolder:
+    """Folds ScoreStreamEvents: scores to the caller, progress to a callback, summary kept."""
+
+    def __init__(self, on_progress: ProgressCallback | None) -> None:
+        self.on_progress = on_progress
+        self.summary: ScoreSummary | None = None
+
+    def feed(self, event: reward_pb2.ScoreStreamEvent) -> ImageScore | None:
+        kind = event.WhichOneof("event")
+        if kind == "score":
+            return image_score(event.score)
+        if kind == "progress" and self.on_progress is not None:
+            p = event.progress
+            self.on_progress(ProgressEvent(p.stage, p.step, p.total_steps, p.fraction, p.message))
+        elif kind == "done":
+            d = event.done
+            self.summary = ScoreSummary(
+                d.scored, d.mean_reward, f"{d.model.name}@{d.model.version}"
+            )
+        return None
+
+
+class ScoreStream:
+    """Iterate for per-image scores; ``summary`` is set once the stream ended."""
+
+    def __init__(self, events: Iterator[reward_pb2.ScoreStreamEvent],
+                 on_progress: ProgressCallback | None) -> None:
+        self._events = events
+        self._folder = StreamFolder(on_progress)
+
+    @property
+    def summary(self) -> ScoreSummary | None:
+        return self._folder.summary
+
+    def __iter__(self) -> Iterator[ImageScore]:
+        for event in self._events:
+            score = self._folder.feed(event)
+            if score is not None:
+                yield score
+
+
+def _progress_bar(total: int, desc: str) -> tuple[ProgressCallback, Any]:
+    from tqdm import tqdm
+
+    bar = tqdm(total=total or None, unit="img", desc=desc)
+
+    def update(event: ProgressEvent) -> None:
+        if event.total_steps and bar.total != event.total_steps:
+            bar.total = event.total_steps
+        if event.step > bar.n:
+            bar.update(event.step - bar.n)
+
+    return update, bar
+
+
+def _progress(progress: Any, total: int, desc: str) -> tuple[ProgressCallback | None, Any]:
+    if callable(progress):
+        return progress, None
+    if progress:
+        return _progress_bar(total, desc)
+    return None, None
+
+
+def submit_request(
+    image: Any,
+    *,
+    rater_id: str,
+    plausible: bool,
+    condition: Any,
+    class_name: str | None,
+    prompt: str | None,
+    item_id: str | None,
+    criteria: dict[str, bool] | None,
+    comment: str,
+    time_spent_ms: int,
+    generator: str | None,
+    client_request_id: str | None,
+) -> reward_pb2.SubmitFeedbackRequest:
+    f = reward_pb2.Feedback(
+        client_request_id=client_request_id or uuid.uuid4().hex,
+        rater_id=rater_id,
+        item_id=item_id or "",
+        plausible=plausible,
+        criteria=[
+            reward_pb2.CriterionAnswer(criterion=k, satisfied=bool(v))
+            for k, v in (criteria or {}).items()
+        ],
+        comment=comment,
+        time_spent_ms=time_spent_ms,
+    )
+    if image is not None:
+        f.image.CopyFrom(_to_image(image))
+    cond = condition_msg(condition, class_name=class_name, prompt=prompt)
+    if cond is not None:
+        f.condition.CopyFrom(cond)
+    if generator:
+        f.generator.CopyFrom(_model_ref(generator))
+    return reward_pb2.SubmitFeedbackRequest(feedback=f)
+
+
+def list_request(
+    condition: Any, class_name: str | None, prompt: str | None, rater_id: str | None,
+    page_size: int, token: str,
+) -> reward_pb2.ListFeedbackRequest:
+    req = reward_pb2.ListFeedbackRequest(
+        rater_id=rater_id or "", page_size=page_size, page_token=token
+    )
+    cond = condition_msg(condition, class_name=class_name, prompt=prompt)
+    if cond is not None:
+        req.condition.CopyFrom(cond)
+    return req
+
+
+def export_request(
+    prefix: str | None, condition: Any, class_name: str | None, prompt: str | None,
+    aggregate: str,
+) -> reward_pb2.ExportFeedbackRequest:
+    req = reward_pb2.ExportFeedbackRequest(prefix=prefix or "", aggregate=aggregate)
+    cond = condition_msg(condition, class_name=class_name, prompt=prompt)
+    if cond is not None:
+        req.condition.CopyFrom(cond)
+    return req
+
+
+class ExportWriter:
+    """Writes DownloadExport chunks under ``out``, checking each file's sha256."""
+
+    def __init__(self, out: str | os.PathLike[str]) -> None:
+        self.out = pathlib.Path(out)
+        self.files: list[pathlib.Path] = []
+        self._digest = hashlib.sha256()
+        self._fh: Any = None
+
+    def feed(self, chunk: reward_pb2.ExportFileChunk) -> None:
+        rel = pathlib.PurePosixPath(chunk.path)
+        if rel.is_absolute() or ".." in rel.parts:
+            raise ValueError(f"refusing to write outside {self.out}: {chunk.path!r}")
+        dest = self.out.joinpath(*rel.parts)
+        if self._fh is None:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(dest.with_name(dest.name + ".part"), "wb")  # noqa: SIM115
+            self._digest = hashlib.sha256()
+        self._fh.write(chunk.data)
+        self._digest.update(chunk.data)
+        if chunk.last:
+            self._fh.close()
+            self._fh = None
+            part = dest.with_name(dest.name + ".part")
+            if chunk.sha256 and self._digest.hexdigest() != chunk.sha256:
+                part.unlink()
+                raise ValueError(f"{chunk.path}: sha256 mismatch while downloading")
+            part.replace(dest)
+            self.files.append(dest)
+
+
+def _export_result(resp: reward_pb2.ExportFeedbackResponse, writer: ExportWriter | None
+                   ) -> FeedbackExport:
+    return FeedbackExport(
+        prefix=resp.prefix,
+        judgements=resp.judgements,
+        images=resp.images,
+        labels_key=resp.labels.key,
+        out=writer.out if writer is not None else None,
+        files=list(writer.files) if writer is not None else [],
+    )
+
+
+def enqueue_request(
+    images: Any, condition: Any, class_name: str | None, prompt: str | None,
+    raters_per_item: int, generator: str | None, names: Sequence[str] | None,
+) -> reward_pb2.EnqueueReviewRequest:
+    items = image_list(images)
+    names = list(names or [_name_of(i) for i in items])
+    req = reward_pb2.EnqueueReviewRequest(
+        images=[
+            reward_pb2.NamedImage(name=n, image=_to_image(i))
+            for n, i in zip(names, items, strict=True)
+        ],
+        raters_per_item=raters_per_item,
+    )
+    cond = condition_msg(condition, class_name=class_name, prompt=prompt)
+    if cond is not None:
+        req.condition.CopyFrom(cond)
+    if generator:
+        req.generator.CopyFrom(_model_ref(generator))
+    return req
+
+
+def next_request(rater_id: str, condition: Any, class_name: str | None, prompt: str | None,
+                 limit: int) -> reward_pb2.NextReviewItemsRequest:
+    req = reward_pb2.NextReviewItemsRequest(rater_id=rater_id, limit=limit)
+    cond = condition_msg(condition, class_name=class_name, prompt=prompt)
+    if cond is not None:
+        req.condition.CopyFrom(cond)
+    return req
+
+
+def _agreement_request(condition: Any, class_name: str | None, prompt: str | None
+                       ) -> reward_pb2.GetAgreementRequest:
+    req = reward_pb2.GetAgreementRequest()
+    cond = condition_msg(condition, class_name=class_name, prompt=prompt)
+    if cond is not None:
+        req.condition.CopyFrom(cond)
+    return req
+
+
+# ---------------------------------------------------------------------------------------------
+# blocking calls
+# ---------------------------------------------------------------------------------------------
+
+
+class FeedbackCalls:
+    """``client.feedback``: expert judgements."""
+
+    def __init__(self, transport: Transport) -> None:
+        self._t = transport
+
+    def submit(
+        self,
+        image: Any = None,
+        *,
+        rater_id: str,
+        plausible: bool,
+        condition: str | dict[str, str] | None = None,
+        class_name: str | None = None,
+        prompt: str | None = None,
+        item_id: str | None = None,
+        criteria: dict[str, bool] | None = None,
+        comment: str = "",
+        time_spent_ms: int = 0,
+        generator: str | None = None,
+        client_request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Feedback:
+        """Store one judgement (an uploaded image, or a review ``item_id``).
+
+        Idempotent on ``client_request_id`` (a fresh one is made when omitted), so it is retried
+        on UNAVAILABLE; a retry that reached the store returns ``duplicate=True``.
+        """
+        req = submit_request(
+            image, rater_id=rater_id, plausible=plausible, condition=condition,
+            class_name=class_name, prompt=prompt, item_id=item_id, criteria=criteria,
+            comment=comment, time_spent_ms=time_spent_ms, generator=generator,
+            client_request_id=client_request_id,
+        )
+        resp = self._t.unary("reward", STUB, "SubmitFeedback", req, idempotent=True,
+                             timeout=timeout)
+        return feedback_from(resp.feedback, resp.duplicate)
+
+    def list(
+        self,
+        *,
+        condition: str | dict[str, str] | None = None,
+        class_name: str | None = None,
+        prompt: str | None = None,
+        rater_id: str | None = None,
+        page_size: int = 500,
+        timeout: float | None = None,
+    ) -> list[Feedback]:
+        """Every stored judgement matching the filters, oldest first (all pages)."""
+        out, token = [], ""
+        while True:
+            req = list_request(condition, class_name, prompt, rater_id, page_size, token)
+            resp = self._t.unary("reward", STUB, "ListFeedback", req, idempotent=True,
+                                 timeout=timeout)
+            out += [feedback_from(f) for f in resp.feedback]
+            token = resp.next_page_token
+            if not token:
+                return out
+
+    def export(
+        self,
+        *,
+        out: str | os.PathLike[str] | None = None,
+        prefix: str | None = None,
+        condition: str | dict[str, str] | None = None,
+        class_name: str | None = None,
+        prompt: str | None = None,
+        aggregate: str = "all",
+        timeout: float | None = None,
+    ) -> FeedbackExport:
+        """Write the labelled data set in the store; with ``out``, also download it there."""
+        req = export_request(prefix, condition, class_name, prompt, aggregate)
+        resp = self._t.unary("reward", STUB, "ExportFeedback", req, idempotent=True,
+                             timeout=timeout)
+        writer = None
+        if out is not None:
+            writer = ExportWriter(out)
+            dl = reward_pb2.DownloadExportRequest(prefix=resp.prefix)
+            for chunk in self._t.stream("reward", STUB, "DownloadExport", dl, timeout=timeout):
+                writer.feed(chunk)
+        return _export_result(resp, writer)
+
+
+class ReviewCalls:
+    """``client.review``: the expert review queue."""
+
+    def __init__(self, transport: Transport) -> None:
+        self._t = transport
+
+    def enqueue(
+        self,
+        images: Any,
+        *,
+        condition: str | dict[str, str] | None = None,
+        class_name: str | None = None,
+        prompt: str | None = None,
+        raters_per_item: int = 1,
+        generator: str | None = None,
+        names: Sequence[str] | None = None,
+        timeout: float | None = None,
+    ) -> list[ReviewItem]:
+        req = enqueue_request(images, condition, class_name, prompt, raters_per_item, generator,
+                              names)
+        resp = self._t.unary("reward", STUB, "EnqueueReview", req, idempotent=True,
+                             timeout=timeout)
+        return [review_item(m) for m in resp.items]
+
+    def next(
+        self,
+        rater_id: str,
+        *,
+        condition: str | dict[str, str] | None = None,
+        class_name: str | None = None,
+        prompt: str | None = None,
+        limit: int = 10,
+        timeout: float | None = None,
+    ) -> ReviewBatch:
+        """Items for ``rater_id``, least certain (by the current reward model) first."""
+        req = next_request(rater_id, condition, class_name, prompt, limit)
+        resp = self._t.unary("reward", STUB, "NextReviewItems", req, idempotent=True,
+                             timeout=timeout)
+        return ReviewBatch([review_item(m) for m in resp.items], resp.pending)
 
 
 class RewardCalls:
@@ -10,8 +698,282 @@ class RewardCalls:
 
     _t: Transport
 
+    @property
+    def feedback(self) -> FeedbackCalls:
+        return FeedbackCalls(self._t)
+
+    @property
+    def review(self) -> ReviewCalls:
+        return ReviewCalls(self._t)
+
+    def score(
+        self,
+        images: Any,
+        condition: str | dict[str, str] | None = None,
+        *,
+        class_name: str | None = None,
+        prompt: str | None = None,
+        model: str | None = None,
+        resize: bool = False,
+        generator: str | None = None,
+        progress: ProgressCallback | bool | None = None,
+        timeout: float | None = None,
+    ) -> list[ImageScore]:
+        """Reward (= P(aligned)) per image. ``condition``: a class name (or use ``prompt=``).
+
+        ``images``: paths, bytes, PIL images, arrays, or a numpy batch; sent in chunks of 64.
+        ``model``: "name" or "name@version" (default: the service's default for the condition).
+        """
+        items = image_list(images)
+        reqs = score_requests(items, condition, class_name, prompt, model, resize, generator)
+        callback, bar = _progress(progress, len(items), "scoring")
+        out: list[ImageScore] = []
+        try:
+            for start, req in reqs:
+                resp = self._t.unary("reward", STUB, "Score", req, idempotent=True,
+                                     timeout=timeout)
+                out += _with_names(resp, items, start)
+                if callback is not None:
+                    callback(ProgressEvent("score", len(out), len(items),
+                                           len(out) / len(items)))
+        finally:
+            if bar is not None:
+                bar.close()
+        return out
+
+    def score_stream(
+        self,
+        images: Iterable[Any] = (),
+        condition: str | dict[str, str] | None = None,
+        *,
+        class_name: str | None = None,
+        prompt: str | None = None,
+        model: str | None = None,
+        resize: bool = False,
+        store_prefix: str | None = None,
+        batch_size: int = 0,
+        generator: str | None = None,
+        progress: ProgressCallback | None = None,
+        timeout: float | None = None,
+    ) -> ScoreStream:
+        """Score a large set lazily: items are images or ``(name, image[, condition])``; or
+        every image under ``store_prefix``. Iterate the result; ``.summary`` at the end."""
+        reqs = stream_requests(
+            images if not store_prefix else (),
+            condition=condition_msg(condition, class_name=class_name, prompt=prompt),
+            model=model, resize=resize, store_prefix=store_prefix, batch_size=batch_size,
+            generator=generator,
+        )
+        events = self._t.stream("reward", STUB, "ScoreStream", reqs, timeout=timeout)
+        return ScoreStream(events, progress)
+
+    def score_folder(
+        self,
+        folder: str | os.PathLike[str],
+        *,
+        model: str | None = None,
+        class_name: str | None = None,
+        prompt: str | None = None,
+        resize: bool = False,
+        batch_size: int = 64,
+        progress: ProgressCallback | bool | None = True,
+        timeout: float | None = None,
+    ) -> list[ImageScore]:
+        """Every image under ``folder`` (sub-folder = class unless a class / prompt is given);
+        ``name`` is the path relative to ``folder``."""
+        files = folder_images(folder, class_name, prompt)
+        if not files:
+            raise ValueError(f"no images under {folder}")
+        callback, bar = _progress(progress, len(files), "scoring")
+        try:
+            stream = self.score_stream(
+                ((rel, path, cond) if cond else (rel, path) for rel, path, cond in files),
+                class_name=class_name, prompt=prompt, model=model, resize=resize,
+                batch_size=batch_size, progress=callback, timeout=timeout,
+            )
+            return list(stream)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def checklist(
+        self,
+        condition: str | dict[str, str] | None = None,
+        *,
+        class_name: str | None = None,
+        prompt: str | None = None,
+        timeout: float | None = None,
+    ) -> list[Criterion]:
+        req = reward_pb2.GetChecklistRequest()
+        cond = condition_msg(condition, class_name=class_name, prompt=prompt)
+        if cond is not None:
+            req.condition.CopyFrom(cond)
+        resp = self._t.unary("reward", STUB, "GetChecklist", req, idempotent=True,
+                             timeout=timeout)
+        return [Criterion(c.name, c.description) for c in resp.criteria]
+
+    def agreement(
+        self,
+        condition: str | dict[str, str] | None = None,
+        *,
+        class_name: str | None = None,
+        prompt: str | None = None,
+        timeout: float | None = None,
+    ) -> Agreement:
+        """Inter-rater agreement per condition (Cohen / Fleiss kappa) and rater statistics."""
+        req = _agreement_request(condition, class_name, prompt)
+        resp = self._t.unary("reward", STUB, "GetAgreement", req, idempotent=True,
+                             timeout=timeout)
+        return agreement_from(resp)
+
+
+# ---------------------------------------------------------------------------------------------
+# asyncio twins
+# ---------------------------------------------------------------------------------------------
+
+
+class AsyncFeedbackCalls:
+    def __init__(self, transport: AsyncTransport) -> None:
+        self._t = transport
+
+    async def submit(self, image: Any = None, *, rater_id: str, plausible: bool,
+                     condition: str | dict[str, str] | None = None,
+                     class_name: str | None = None, prompt: str | None = None,
+                     item_id: str | None = None, criteria: dict[str, bool] | None = None,
+                     comment: str = "", time_spent_ms: int = 0, generator: str | None = None,
+                     client_request_id: str | None = None,
+                     timeout: float | None = None) -> Feedback:
+        req = submit_request(
+            image, rater_id=rater_id, plausible=plausible, condition=condition,
+            class_name=class_name, prompt=prompt, item_id=item_id, criteria=criteria,
+            comment=comment, time_spent_ms=time_spent_ms, generator=generator,
+            client_request_id=client_request_id,
+        )
+        resp = await self._t.unary("reward", STUB, "SubmitFeedback", req, idempotent=True,
+                                   timeout=timeout)
+        return feedback_from(resp.feedback, resp.duplicate)
+
+    async def list(self, *, condition: str | dict[str, str] | None = None,
+                   class_name: str | None = None, prompt: str | None = None,
+                   rater_id: str | None = None, page_size: int = 500,
+                   timeout: float | None = None) -> list[Feedback]:
+        out, token = [], ""
+        while True:
+            req = list_request(condition, class_name, prompt, rater_id, page_size, token)
+            resp = await self._t.unary("reward", STUB, "ListFeedback", req, idempotent=True,
+                                       timeout=timeout)
+            out += [feedback_from(f) for f in resp.feedback]
+            token = resp.next_page_token
+            if not token:
+                return out
+
+    async def export(self, *, out: str | os.PathLike[str] | None = None,
+                     prefix: str | None = None, condition: str | dict[str, str] | None = None,
+                     class_name: str | None = None, prompt: str | None = None,
+                     aggregate: str = "all", timeout: float | None = None) -> FeedbackExport:
+        req = export_request(prefix, condition, class_name, prompt, aggregate)
+        resp = await self._t.unary("reward", STUB, "ExportFeedback", req, idempotent=True,
+                                   timeout=timeout)
+        writer = None
+        if out is not None:
+            writer = ExportWriter(out)
+            dl = reward_pb2.DownloadExportRequest(prefix=resp.prefix)
+            async for chunk in self._t.stream("reward", STUB, "DownloadExport", dl,
+                                              timeout=timeout):
+                writer.feed(chunk)
+        return _export_result(resp, writer)
+
+
+class AsyncReviewCalls:
+    def __init__(self, transport: AsyncTransport) -> None:
+        self._t = transport
+
+    async def enqueue(self, images: Any, *, condition: str | dict[str, str] | None = None,
+                      class_name: str | None = None, prompt: str | None = None,
+                      raters_per_item: int = 1, generator: str | None = None,
+                      names: Sequence[str] | None = None,
+                      timeout: float | None = None) -> list[ReviewItem]:
+        req = enqueue_request(images, condition, class_name, prompt, raters_per_item, generator,
+                              names)
+        resp = await self._t.unary("reward", STUB, "EnqueueReview", req, idempotent=True,
+                                   timeout=timeout)
+        return [review_item(m) for m in resp.items]
+
+    async def next(self, rater_id: str, *, condition: str | dict[str, str] | None = None,
+                   class_name: str | None = None, prompt: str | None = None, limit: int = 10,
+                   timeout: float | None = None) -> ReviewBatch:
+        req = next_request(rater_id, condition, class_name, prompt, limit)
+        resp = await self._t.unary("reward", STUB, "NextReviewItems", req, idempotent=True,
+                                   timeout=timeout)
+        return ReviewBatch([review_item(m) for m in resp.items], resp.pending)
+
 
 class AsyncRewardCalls:
     """Reward calls of :class:`clinisynth.AsyncClient`."""
 
     _t: AsyncTransport
+
+    @property
+    def feedback(self) -> AsyncFeedbackCalls:
+        return AsyncFeedbackCalls(self._t)
+
+    @property
+    def review(self) -> AsyncReviewCalls:
+        return AsyncReviewCalls(self._t)
+
+    async def score(self, images: Any, condition: str | dict[str, str] | None = None, *,
+                    class_name: str | None = None, prompt: str | None = None,
+                    model: str | None = None, resize: bool = False,
+                    generator: str | None = None,
+                    timeout: float | None = None) -> list[ImageScore]:
+        items = image_list(images)
+        out: list[ImageScore] = []
+        for start, req in score_requests(items, condition, class_name, prompt, model, resize,
+                                         generator):
+            resp = await self._t.unary("reward", STUB, "Score", req, idempotent=True,
+                                       timeout=timeout)
+            out += _with_names(resp, items, start)
+        return out
+
+    async def score_stream(self, images: Iterable[Any] = (),
+                           condition: str | dict[str, str] | None = None, *,
+                           class_name: str | None = None, prompt: str | None = None,
+                           model: str | None = None, resize: bool = False,
+                           store_prefix: str | None = None, batch_size: int = 0,
+                           generator: str | None = None,
+                           progress: ProgressCallback | None = None,
+                           timeout: float | None = None) -> AsyncIterator[ImageScore]:
+        reqs = stream_requests(
+            images if not store_prefix else (),
+            condition=condition_msg(condition, class_name=class_name, prompt=prompt),
+            model=model, resize=resize, store_prefix=store_prefix, batch_size=batch_size,
+            generator=generator,
+        )
+        folder = StreamFolder(progress)
+        async for event in self._t.stream("reward", STUB, "ScoreStream", reqs, timeout=timeout):
+            score = folder.feed(event)
+            if score is not None:
+                yield score
+
+    async def checklist(self, condition: str | dict[str, str] | None = None, *,
+                        class_name: str | None = None, prompt: str | None = None,
+                        timeout: float | None = None) -> list[Criterion]:
+        req = reward_pb2.GetChecklistRequest()
+        cond = condition_msg(condition, class_name=class_name, prompt=prompt)
+        if cond is not None:
+            req.condition.CopyFrom(cond)
+        resp = await self._t.unary("reward", STUB, "GetChecklist", req, idempotent=True,
+                                   timeout=timeout)
+        return [Criterion(c.name, c.description) for c in resp.criteria]
+
+    async def agreement(self, condition: str | dict[str, str] | None = None, *,
+                        class_name: str | None = None, prompt: str | None = None,
+                        timeout: float | None = None) -> Agreement:
+        req = _agreement_request(condition, class_name, prompt)
+        resp = await self._t.unary("reward", STUB, "GetAgreement", req, idempotent=True,
+                                   timeout=timeout)
+        return agreement_from(resp)
+
+
+def is_nan(x: float) -> bool:
+    return isinstance(x, float) and math.isnan(x)

@@ -35,6 +35,8 @@ from clinisynth_server.runtime.config import (
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 SAMPLE_REPOSITORY = REPO_ROOT / "deploy" / "triton" / "models"
+# Demo models shipped in the repo (checkpoint folders + clinisynth.json), registered on first start.
+SHIPPED_MODELS = REPO_ROOT / "deploy" / "models"
 
 
 def state_path(home: pathlib.Path) -> pathlib.Path:
@@ -172,6 +174,7 @@ class Stack:
             startup_timeout_s=timeout_s,
         )
         self.triton.start()
+        self._register_shipped()
         env = dict(os.environ)
         env.update(
             {
@@ -200,6 +203,25 @@ class Stack:
         info = self.describe()
         self._write_state(info)
         return info
+
+    def _register_shipped(self) -> None:
+        """Register every shipped model folder whose name the catalog does not know yet."""
+        if not SHIPPED_MODELS.is_dir():
+            return
+        from clinisynth_server import registry
+        from clinisynth_server.catalog import Catalog
+        from clinisynth_server.store import open_store
+        from clinisynth_server.triton.client import TritonClient
+
+        store = open_store(self.store_url)
+        catalog = Catalog(store, ttl_s=0)
+        known = {r.name for r in catalog.all()}
+        with TritonClient(self.triton.grpc_url, timeout_s=300) as triton:
+            for folder in sorted(p for p in SHIPPED_MODELS.iterdir() if p.is_dir()):
+                if folder.name not in known and (folder / "clinisynth.json").exists():
+                    registry.register_folder(folder, folder.name, catalog=catalog, store=store,
+                                             model_repository=self.model_repository,
+                                             triton=triton)
 
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {

@@ -198,6 +198,26 @@ class ExportFeedbackResponse(_message.Message):
     labels: _common_pb2.ArtifactRef
     def __init__(self, prefix: _Optional[str] = ..., judgements: _Optional[int] = ..., images: _Optional[int] = ..., labels: _Optional[_Union[_common_pb2.ArtifactRef, _Mapping]] = ...) -> None: ...
 
+class DownloadExportRequest(_message.Message):
+    __slots__ = ("prefix",)
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    prefix: str
+    def __init__(self, prefix: _Optional[str] = ...) -> None: ...
+
+class ExportFileChunk(_message.Message):
+    __slots__ = ("path", "offset", "data", "last", "sha256")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    offset: int
+    data: bytes
+    last: bool
+    sha256: str
+    def __init__(self, path: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., last: _Optional[bool] = ..., sha256: _Optional[str] = ...) -> None: ...
+
 class EnqueueReviewRequest(_message.Message):
     __slots__ = ("images", "condition", "raters_per_item", "generator")
     IMAGES_FIELD_NUMBER: _ClassVar[int]

@@ -60,6 +60,11 @@ class RewardServiceStub:
                 request_serializer=clinisynth_dot_v1_dot_reward__pb2.ExportFeedbackRequest.SerializeToString,
                 response_deserializer=clinisynth_dot_v1_dot_reward__pb2.ExportFeedbackResponse.FromString,
                 _registered_method=True)
+        self.DownloadExport = channel.unary_stream(
+                '/clinisynth.v1.RewardService/DownloadExport',
+                request_serializer=clinisynth_dot_v1_dot_reward__pb2.DownloadExportRequest.SerializeToString,
+                response_deserializer=clinisynth_dot_v1_dot_reward__pb2.ExportFileChunk.FromString,
+                _registered_method=True)
         self.EnqueueReview = channel.unary_unary(
                 '/clinisynth.v1.RewardService/EnqueueReview',
                 request_serializer=clinisynth_dot_v1_dot_reward__pb2.EnqueueReviewRequest.SerializeToString,
@@ -131,6 +136,15 @@ class RewardServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DownloadExport(self, request, context):
+        """Read an export written by ExportFeedback back, file by file in chunks (for clients without
+        direct store access, e.g. the local-folder store). Only prefixes holding an export.json
+        manifest written by ExportFeedback are served: INVALID_ARGUMENT "prefix" otherwise.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def EnqueueReview(self, request, context):
         """Put images in the expert review queue (they become review items).
         """
@@ -194,6 +208,11 @@ def add_RewardServiceServicer_to_server(servicer, server):
                     servicer.ExportFeedback,
                     request_deserializer=clinisynth_dot_v1_dot_reward__pb2.ExportFeedbackRequest.FromString,
                     response_serializer=clinisynth_dot_v1_dot_reward__pb2.ExportFeedbackResponse.SerializeToString,
+            ),
+            'DownloadExport': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadExport,
+                    request_deserializer=clinisynth_dot_v1_dot_reward__pb2.DownloadExportRequest.FromString,
+                    response_serializer=clinisynth_dot_v1_dot_reward__pb2.ExportFileChunk.SerializeToString,
             ),
             'EnqueueReview': grpc.unary_unary_rpc_method_handler(
                     servicer.EnqueueReview,
@@ -356,6 +375,33 @@ class RewardService:
             '/clinisynth.v1.RewardService/ExportFeedback',
             clinisynth_dot_v1_dot_reward__pb2.ExportFeedbackRequest.SerializeToString,
             clinisynth_dot_v1_dot_reward__pb2.ExportFeedbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadExport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/clinisynth.v1.RewardService/DownloadExport',
+            clinisynth_dot_v1_dot_reward__pb2.DownloadExportRequest.SerializeToString,
+            clinisynth_dot_v1_dot_reward__pb2.ExportFileChunk.FromString,
             options,
             channel_credentials,
             insecure,

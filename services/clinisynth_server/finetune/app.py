@@ -14,8 +14,8 @@ import pathlib
 from collections.abc import Callable, Sequence
 
 import grpc
-from clinisynth.v1 import finetune_pb2, finetune_pb2_grpc
 
+from clinisynth.v1 import finetune_pb2, finetune_pb2_grpc
 from clinisynth_server.catalog import Catalog
 from clinisynth_server.errors import InvalidArgument
 from clinisynth_server.finetune.launchers import KubernetesLauncher, LocalLauncher

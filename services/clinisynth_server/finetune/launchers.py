@@ -188,7 +188,7 @@ class KubernetesLauncher:
         batch, _ = self._clients()
         try:
             job = batch.read_namespaced_job(record.worker["name"], self.namespace)
-        except Exception:  # noqa: BLE001 - gone or unreadable: fall back to the heartbeat
+        except Exception:
             return None
         status = job.status
         if (status.active or 0) > 0:

@@ -8,6 +8,7 @@ hang (stale heartbeat), and after a restart re-adopts workers that still run.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import pathlib
@@ -29,9 +30,9 @@ from clinisynth_server.errors import (
     NotFound,
     ValidationErrors,
 )
-from clinisynth_server.finetune import datasets, models
-from clinisynth_server.finetune.kinds import KINDS, KindSpec
-from clinisynth_server.finetune.kinds.base import CheckContext
+from clinisynth_server.finetune import datasets
+from clinisynth_server.finetune.kinds import NAMES, load
+from clinisynth_server.finetune.kinds.base import CheckContext, KindSpec
 from clinisynth_server.finetune.params import parse_params
 from clinisynth_server.finetune.records import (
     STATES,
@@ -90,6 +91,7 @@ class FinetuneService:
         self._thread: threading.Thread | None = None
         self._promote_lock = threading.Lock()
         self._live_labels: set[tuple[str, str]] = set()
+        self._kinds: dict[str, KindSpec] = {name: load(name) for name in NAMES}
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -126,9 +128,9 @@ class FinetuneService:
             if existing is not None:
                 return existing
         errors = ValidationErrors()
-        spec = KINDS.get(kind)
+        spec = self._kinds.get(kind)
         if spec is None:
-            errors.add("kind", f"unknown job kind {kind!r}; one of {', '.join(KINDS)}")
+            errors.add("kind", f"unknown job kind {kind!r}; one of {', '.join(NAMES)}")
         dataset = dataset.strip().strip("/")
         if not dataset:
             errors.add("dataset", "required: the store prefix of the data set")
@@ -153,6 +155,8 @@ class FinetuneService:
             if report is not None and not parsed.violations and not report.problems:
                 ctx = CheckContext(self.catalog, self.store, self.settings.model_repository)
                 errors.violations.extend(spec.check(parsed.values, report, ctx))
+        elif dataset and not any(True for _ in self.store.list(dataset + "/", limit=1)):
+            errors.add("dataset", f"no files under {dataset!r} (empty or missing data set)")
         errors.raise_if_any()
         assert spec is not None and parsed is not None and report is not None
 
@@ -228,8 +232,8 @@ class FinetuneService:
         errors = ValidationErrors()
         if state and state not in STATES:
             errors.add("state", f"one of {', '.join(STATES)}")
-        if kind and kind not in KINDS:
-            errors.add("kind", f"unknown job kind {kind!r}; one of {', '.join(KINDS)}")
+        if kind and kind not in NAMES:
+            errors.add("kind", f"unknown job kind {kind!r}; one of {', '.join(NAMES)}")
         if page_size < 0:
             errors.add("page_size", "must be >= 0")
         start = 0
@@ -339,9 +343,8 @@ class FinetuneService:
         return model, previous
 
     # -- kinds, uploads, data-set checks ---------------------------------------------------------
-    @staticmethod
-    def kinds() -> list[KindSpec]:
-        return list(KINDS.values())
+    def kinds(self) -> list[KindSpec]:
+        return list(self._kinds.values())
 
     def upload(self, chunks: Iterable[tuple[str, bytes, str]]) -> ObjectInfo:
         """(key, data, sha256) chunks of one file → the stored object; digest checked."""
@@ -505,7 +508,7 @@ class FinetuneService:
             return
         with self._lock:
             records = list(self._records.values())
-        counts = {(s, k): 0 for s in STATES for k in KINDS}
+        counts = {(s, k): 0 for s in STATES for k in NAMES}
         live: set[tuple[str, str]] = set()
         for r in records:
             counts[(r.state, r.kind)] = counts.get((r.state, r.kind), 0) + 1
@@ -524,10 +527,8 @@ class FinetuneService:
         for labels in self._live_labels - live:
             for gauge in (self.metrics.job_loss, self.metrics.job_step,
                           self.metrics.checkpoint_time):
-                try:
+                with contextlib.suppress(KeyError):
                     gauge.remove(*labels)
-                except KeyError:
-                    pass
         self._live_labels = live
 
 

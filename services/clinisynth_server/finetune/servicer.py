@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from clinisynth.v1 import finetune_pb2, finetune_pb2_grpc
-
+from clinisynth.v1 import common_pb2, finetune_pb2, finetune_pb2_grpc
 from clinisynth_server import protoconv
 from clinisynth_server.finetune import service as svc
 from clinisynth_server.finetune.records import CheckpointInfo, Event
@@ -43,11 +42,7 @@ def job_proto(view: svc.JobView) -> finetune_pb2.Job:
 
 
 def checkpoint_proto(c: CheckpointInfo, store) -> finetune_pb2.Checkpoint:  # type: ignore[no-untyped-def]
-    from clinisynth_server.store.base import ObjectInfo
-
-    ref = protoconv.artifact_ref(
-        ObjectInfo(key=c.prefix + "model/", size=0, sha256=None, modified=None), store,
-        presign=False)
+    ref = common_pb2.ArtifactRef(key=c.prefix + "model/", uri=store.uri(c.prefix + "model"))
     msg = finetune_pb2.Checkpoint(id=c.id, step=c.step, metrics=c.metrics, ref=ref, best=c.best)
     msg.created.CopyFrom(protoconv.timestamp(c.created))
     return msg
@@ -64,9 +59,9 @@ def event_proto(e: Event, store) -> finetune_pb2.JobEvent:  # type: ignore[no-un
         msg.checkpoint.CopyFrom(finetune_pb2.Checkpoint(
             id=e.checkpoint.get("id", ""), step=int(e.checkpoint.get("step", 0)),
             metrics={k: float(v) for k, v in e.metrics.items()},
-            ref=protoconv.common_pb2.ArtifactRef(
+            ref=common_pb2.ArtifactRef(
                 key=e.checkpoint.get("prefix", "") + "model/",
-                uri=store.uri(e.checkpoint.get("prefix", "") + "model/")),
+                uri=store.uri(e.checkpoint.get("prefix", "") + "model")),
         ))
     return msg
 

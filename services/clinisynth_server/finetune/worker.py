@@ -135,7 +135,7 @@ class Worker:
             outcome.update(state="cancelled", reason=str(exc))
         except Preempted:
             code = PREEMPTED_EXIT
-        except Exception as exc:  # noqa: BLE001 - every failure is reported, then the job fails
+        except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"
             if not isinstance(exc, ClinisynthError):
                 log.error("job %s failed:\n%s", self.run_id, traceback.format_exc())
@@ -163,8 +163,7 @@ class Worker:
     def _train(self) -> dict[str, Any]:
         import torch
 
-        from clinisynth_server.finetune import datasets
-        from clinisynth_server.finetune.kinds import KINDS
+        from clinisynth_server.finetune import datasets, kinds
         from clinisynth_server.finetune.kinds.base import (
             TrainContext,
             load_rng_state,
@@ -174,7 +173,7 @@ class Worker:
         from clinisynth_server.finetune.params import typed
         from clinisynth_server.finetune.records import CheckpointInfo, JobStore
 
-        spec = KINDS[self.record.kind]
+        spec = kinds.load(self.record.kind)
         p = typed(spec.params, self.record.params)
         accelerator = self._accelerator(p["mixed_precision"])
         self.is_main = accelerator is None or accelerator.is_main_process
@@ -196,6 +195,10 @@ class Worker:
         report = datasets.validate(source, self.record.dataset, spec.dataset_layout,
                                    decode_images=False)
         datasets.raise_if_bad(report)
+        # Sizes were measured when the job was created (every image decoded then).
+        size, channels = int(self.record.data.get("size", 0)), int(
+            self.record.data.get("channels", 1))
+        report.shapes = {(size, size, channels): report.images} if size else {}
 
         # 2. The trainer, built identically on every attempt (same seed) ...
         seed_everything(p["seed"])

@@ -31,8 +31,10 @@ def check_count(n: int, field: str = "n") -> int:
 
 def check_size(size: int, minimum: int, field: str = "size") -> int:
     """Validate an image side length in pixels (square images only)."""
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not (
-        minimum <= size <= 1024
+    if (
+        isinstance(size, bool)
+        or not isinstance(size, (int, np.integer))
+        or not (minimum <= size <= 1024)
     ):
         raise InvalidArgument.for_field(field, f"must be an int in [{minimum}, 1024], got {size!r}")
     return int(size)
@@ -72,9 +74,9 @@ def draw_polylines(
     canvas = Image.new("L", (big, big), 0)
     draw = ImageDraw.Draw(canvas)
     for points, width in lines:
-        pts = [((x + 0.5) * supersample, (y + 0.5) * supersample) for x, y in points]
-        w = max(1, int(round(width * supersample)))
-        draw.line(pts, fill=255, width=w, joint="curve")
+        pts = ((np.asarray(points, dtype=np.float64) + 0.5) * supersample).ravel().tolist()
+        w = max(1, round(width * supersample))
+        draw.line(pts, fill=255, width=w)  # no round joints: ~5x faster, notches are sub-pixel
     small = canvas.resize((size, size), Image.Resampling.BOX)
     return np.asarray(small, dtype=np.float64) / 255.0
 
@@ -96,7 +98,7 @@ def draw_disks(
     draw = ImageDraw.Draw(canvas)
     for i, (x, y, r) in enumerate(disks):
         cx, cy, rr = (x + 0.5) * supersample, (y + 0.5) * supersample, r * supersample
-        fill = 255 if values is None else int(round(255 * float(np.clip(values[i], 0, 1))))
+        fill = 255 if values is None else round(255 * min(1.0, max(0.0, float(values[i]))))
         draw.ellipse((cx - rr, cy - rr, cx + rr, cy + rr), fill=fill)
     small = canvas.resize((size, size), Image.Resampling.BOX)
     return np.asarray(small, dtype=np.float64) / 255.0

@@ -109,8 +109,8 @@ _CONVEX_DEFICIENCY_MAX = 1.5  # px (32-px units): round nuclei and lobes are con
 _KIDNEY_DEFICIENCY_MIN = 2.0  # px: a monocyte nucleus has a visible notch
 _MEMBRANE_SOLIDITY_MIN = 0.93
 _RIM_MIN_PX = 1.9  # distance (edt, 32-px units) from a nucleus pixel to outside the cell
-_GRANULAR_MIN = 3.5
-_SMOOTH_MAX = 3.3
+_GRANULAR_MIN = 3.4
+_SMOOTH_MAX = 3.0
 _SPLIT_FRACTION = 0.12  # a second membrane component this large (vs the main) = split cell
 _MIN_COMPONENT_PX = 2.0  # smaller specks are ignored as noise (32-px units)
 
@@ -135,7 +135,11 @@ class OracleVerdict:
 def _checklist_for(name: str) -> tuple[Criterion, ...]:
     spec = _SPECS[name]
     lo, hi = spec.cell_radius
-    count = {1: "exactly one nucleus", 2: "exactly two nuclear lobes", 3: "exactly three nuclear lobes"}
+    count = {
+        1: "exactly one nucleus",
+        2: "exactly two nuclear lobes",
+        3: "exactly three nuclear lobes",
+    }
     shape = {
         "lymphocyte": "The nucleus is large, round and smooth and fills most of the cell.",
         "neutrophil": "The three lobes are small, round and of similar size.",
@@ -186,7 +190,9 @@ def _label_index(label: int | str) -> int:
             raise InvalidArgument.for_field("label", f"unknown cell type {label!r}")
         return CELL_TYPES.index(label)
     if isinstance(label, bool) or not (0 <= int(label) < len(CELL_TYPES)):
-        raise InvalidArgument.for_field("label", f"must be in [0, {len(CELL_TYPES)}), got {label!r}")
+        raise InvalidArgument.for_field(
+            "label", f"must be in [0, {len(CELL_TYPES)}), got {label!r}"
+        )
     return int(label)
 
 
@@ -258,7 +264,9 @@ def _gaps_ok(nuclei: tuple[_Nucleus, ...], gap: float) -> bool:
     return True
 
 
-def sample_params(label: int | str, rng: np.random.Generator, size: int = DEFAULT_SIZE) -> CellParams:
+def sample_params(
+    label: int | str, rng: np.random.Generator, size: int = DEFAULT_SIZE
+) -> CellParams:
     """Draw the geometry of one cell of type ``label`` (rejection-sampled until anatomical)."""
     label = _label_index(label)
     size = check_size(size, MIN_SIZE)
@@ -373,8 +381,12 @@ def render(p: CellParams, rng: np.random.Generator) -> np.ndarray:
         level = rng.uniform(0.7, 1.0, n_gran)
         dark = rng.random(n_gran) < 0.5
         disks = list(zip(gx, gy, gr, strict=True))
-        cov_dark = draw_disks(size, [d for d, k in zip(disks, dark) if k], values=level[dark])
-        cov_bright = draw_disks(size, [d for d, k in zip(disks, dark) if not k], values=level[~dark])
+        cov_dark = draw_disks(
+            size, [d for d, k in zip(disks, dark, strict=True) if k], values=level[dark]
+        )
+        cov_bright = draw_disks(
+            size, [d for d, k in zip(disks, dark, strict=True) if not k], values=level[~dark]
+        )
         dark_amp = min(34.0, cyto - 114.0)  # dark granules stay well above the nucleus level
         cyto_img = cyto_img - dark_amp * cov_dark + 34.0 * cov_bright
     img = background * (1.0 - cell_a) + cyto_img * cell_a

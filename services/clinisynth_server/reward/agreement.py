@@ -88,7 +88,7 @@ def agreement(judgements: Mapping[str, Mapping[str, bool]]) -> Agreement:
 def rater_stats(
     judgements: Mapping[str, Mapping[str, bool]], times_ms: Mapping[str, Sequence[int]]
 ) -> list[RaterStats]:
-    """Per rater: volume, plausible rate, agreement with the other raters' majority (ties skipped)."""
+    """Per rater: volume, plausible rate, agreement with the others' majority (ties skipped)."""
     per_rater: dict[str, list[bool]] = {}
     agree: dict[str, list[bool]] = {}
     for ratings in judgements.values():

@@ -1,26 +1,88 @@
-"""Wiring of the reward service: servicers registered on a server.
+"""Wiring of the reward service: store, Triton client, catalog, domain, servicer, review page.
 
-Not built yet: every RPC answers UNIMPLEMENTED (the generated base servicer), never a fake result.
+Settings (``CLINISYNTH_REWARD_<KEY>``): ``http_port`` (review page, default 8080, 0 = any free
+port), ``raters`` (comma list; when set, only these rater ids may submit), ``classes`` (extra
+class names accepted for feedback besides the catalog's and the cell phantoms'),
+``max_upload_bytes`` (default 4 MiB per image). On start the service prints one line
+``REVIEW http://<host>:<port>/review`` (the stack supervisor reads it for ``review_url``).
 """
 
 from __future__ import annotations
 
+import sys
+import threading
 from collections.abc import Callable, Sequence
 
 import grpc
-from clinisynth.v1 import reward_pb2, reward_pb2_grpc
 
+from clinisynth.v1 import reward_pb2
+from clinisynth_server.catalog import Catalog
+from clinisynth_server.errors import InvalidArgument
+from clinisynth_server.reward.service import Reward
+from clinisynth_server.reward.servicer import RewardServicer
+from clinisynth_server.reward.web import ReviewWeb
 from clinisynth_server.runtime.config import ServiceConfig
+from clinisynth_server.runtime.dependencies import Dependencies
 from clinisynth_server.runtime.metrics import ServiceMetrics
 
 SERVICE_NAME = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
+DEFAULT_HTTP_PORT = 8080
+
+
+def _int(config: ServiceConfig, key: str, default: int) -> int:
+    raw = config.get(key, str(default))
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise InvalidArgument.for_field(
+            f"CLINISYNTH_REWARD_{key.upper()}", f"not an integer: {raw!r}"
+        ) from exc
+
+
+def _list(config: ServiceConfig, key: str) -> list[str]:
+    return [x.strip() for x in config.get(key).split(",") if x.strip()]
+
+
+class RewardApp:
+    """What ``create`` built, kept on the register function (tests and tools reach it there)."""
+
+    reward: Reward | None = None
+    web: ReviewWeb | None = None
 
 
 def create(config: ServiceConfig) -> Callable[[grpc.Server, ServiceMetrics], Sequence[str]]:
+    app = RewardApp()
+
     def register(server: grpc.Server, metrics: ServiceMetrics) -> Sequence[str]:
-        reward_pb2_grpc.add_RewardServiceServicer_to_server(
-            reward_pb2_grpc.RewardServiceServicer(), server
+        from clinisynth.v1 import reward_pb2_grpc
+
+        deps = Dependencies.open(config, metrics)
+        catalog = Catalog(deps.store)
+        reward = Reward(
+            catalog,
+            deps.triton,
+            deps.store,
+            metrics=metrics.reward,
+            raters=_list(config, "raters"),
+            classes=_list(config, "classes"),
+            max_upload_bytes=_int(config, "max_upload_bytes", 4 * 1024 * 1024),
         )
+        reward_pb2_grpc.add_RewardServiceServicer_to_server(
+            RewardServicer(reward, catalog, deps.store), server
+        )
+        web = ReviewWeb(
+            reward, config.host, _int(config, "http_port", DEFAULT_HTTP_PORT), config.auth_tokens
+        ).start()
+        app.reward, app.web = reward, web
+        print(f"REVIEW {web.url}", flush=True)
+        sys.stdout.flush()
+
+        def stop_with_grpc() -> None:
+            server.wait_for_termination()
+            web.stop()
+
+        threading.Thread(target=stop_with_grpc, daemon=True, name="review-http-stop").start()
         return [SERVICE_NAME]
 
+    register.app = app  # type: ignore[attr-defined]
     return register

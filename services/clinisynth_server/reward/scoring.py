@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 ROLE = "reward_scorer"
 COMPONENT = "scorer"
 DEFAULT_TRITON_BATCH = 16
+MAX_TRITON_TIMEOUT_S = 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -204,6 +205,8 @@ class Scorer:
         """P(aligned) per image for ``[B, C, H, W]`` pixels, one condition per image."""
         if len(conditions) != len(pixels):
             raise InvalidArgument.for_field("conditions", "one condition per image")
+        if timeout_s is not None and timeout_s > MAX_TRITON_TIMEOUT_S:
+            timeout_s = None  # no client deadline (gRPC reports ~9e18 s): the client default
         out = np.empty(len(pixels), dtype=np.float32)
         if not len(pixels):
             return out

@@ -11,6 +11,7 @@ learned encoder can be added later without ambiguity.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 from collections.abc import Sequence
 
@@ -30,7 +31,7 @@ def embed_text(prompts: Sequence[str], dim: int) -> np.ndarray:
     out = np.zeros((len(prompts), dim), dtype=np.float32)
     for i, prompt in enumerate(prompts):
         words = _TOKEN.findall(prompt.lower())
-        for token in [*words, *(f"{a}_{b}" for a, b in zip(words, words[1:], strict=False))]:
+        for token in [*words, *(f"{a}_{b}" for a, b in itertools.pairwise(words))]:
             j, sign = _bucket(token, dim)
             out[i, j] += sign
         norm = float(np.linalg.norm(out[i]))

@@ -254,6 +254,10 @@ class TritonClient:
             ) from exc
 
     def unload_model(self, name: str) -> None:
+        """Ask Triton to unload every version (asynchronous: the index shows UNLOADING first).
+
+        New requests for the model get :class:`NotFound` at once; in-flight ones finish.
+        """
         self._forget(name)
         self._call(lambda: self._client.unload_model(name, client_timeout=self.timeout_s),
                    model=name)

@@ -78,7 +78,7 @@ def check(params: dict[str, Any], report: DatasetReport, ctx: CheckContext) -> l
         try:
             base = models.resolve(params["base_model"], ctx.catalog, ctx.store,
                                   field_name="params[base_model]")
-        except Exception as exc:  # noqa: BLE001 - reported as a field violation
+        except Exception as exc:
             out.append(FieldViolation("params[base_model]", str(exc)))
         else:
             if base.kind not in PIXEL_KINDS:
@@ -152,7 +152,8 @@ class DiffusionTrainer:
                 norm_num_groups=8,
             )
             sched_cfg = {
-                "num_train_timesteps": p["num_train_timesteps"], "beta_schedule": p["beta_schedule"],
+                "num_train_timesteps": p["num_train_timesteps"],
+                "beta_schedule": p["beta_schedule"],
                 "beta_start": 0.0001, "beta_end": 0.02, "prediction_type": "epsilon",
                 "clip_sample": True, "clip_sample_range": 1.0,
             }
