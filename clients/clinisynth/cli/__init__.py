@@ -13,7 +13,9 @@ import sys
 from clinisynth._errors import ClinisynthError
 
 # Modules that contribute sub-commands, in help order. A module missing here is a bug.
-COMMAND_MODULES = ("stack", "generator", "reward", "counterfactual", "finetune", "benchmark")
+COMMAND_MODULES = (
+    "stack", "generator", "reward", "counterfactual", "finetune", "benchmark", "demo",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
