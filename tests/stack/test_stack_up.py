@@ -90,6 +90,8 @@ def test_status_json_maps_every_service_and_metrics(stack):
         host, _, port = data[key].rpartition(":")
         assert host and int(port) > 0, (key, data[key])
     assert set(data["metrics"]) == {"generator", "reward", "counterfactual", "finetune"}
+    review = urllib.request.urlopen(data["review_url"], timeout=10)
+    assert review.status == 200 and b"<html" in review.read().lower()
     assert data["health"] == dict.fromkeys(
         ("generator", "reward", "counterfactual", "finetune"), "SERVING")
 

@@ -78,13 +78,19 @@ def build_toy_models(
     *,
     size: int = 16,
     n_images: int = 256,
-    denoiser_steps: int = 400,
-    classifier_epochs: int = 6,
+    denoiser_steps: int = 200,
+    max_train_t: int = 600,
+    batch_size: int = 16,
+    classifier_epochs: int = 4,
     train: bool = True,
     seed: int = 0,
     domain: str = "toy-blob",
 ) -> ToyFolders:
-    """Write ``denoiser/``, ``robust/`` and ``plain/`` under ``root`` (``train=False``: random)."""
+    """Write ``denoiser/``, ``robust/`` and ``plain/`` under ``root`` (``train=False``: random).
+
+    The denoiser only learns timesteps below ``max_train_t``: counterfactuals start half-way down
+    the chain, so that is all they visit (with the default start depth 0.5 of 1000 steps).
+    """
     from diffusers import DDPMScheduler
 
     from clinisynth_server import builders
@@ -102,7 +108,7 @@ def build_toy_models(
 
     # 1. Denoiser: a tiny unconditional UNet, ε-MSE on the toy images (model space [-1, 1]).
     den = builders.build_pixel_unet(
-        root / "denoiser", size=size, channels=1, block_out_channels=(16, 32), seed=seed,
+        root / "denoiser", size=size, channels=1, block_out_channels=(8, 16), seed=seed,
         labels={"domain": domain}, description="toy blob denoiser",
     )
     if train:
@@ -110,14 +116,14 @@ def build_toy_models(
 
         unet = UNet2DModel.from_pretrained(str(den / "unet"))
         sched = DDPMScheduler.from_pretrained(str(den / "scheduler"))
-        opt = torch.optim.AdamW(unet.parameters(), lr=2e-3)
+        opt = torch.optim.AdamW(unet.parameters(), lr=3e-3)
         gen = torch.Generator().manual_seed(seed)
         unet.train()
         for _ in range(denoiser_steps):
-            idx = torch.randint(0, len(x), (32,), generator=gen)
+            idx = torch.randint(0, len(x), (batch_size,), generator=gen)
             x0 = x[idx] * 2 - 1
             noise = torch.randn(x0.shape, generator=gen)
-            t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=gen)
+            t = torch.randint(0, max_train_t, (len(idx),), generator=gen)
             pred = unet(sched.add_noise(x0, noise, t), t).sample
             loss = torch.nn.functional.mse_loss(pred, noise)
             opt.zero_grad(set_to_none=True)

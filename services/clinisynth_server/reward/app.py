@@ -9,6 +9,7 @@ class names accepted for feedback besides the catalog's and the cell phantoms'),
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -27,6 +28,7 @@ from clinisynth_server.runtime.metrics import ServiceMetrics
 
 SERVICE_NAME = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
 DEFAULT_HTTP_PORT = 8080
+log = logging.getLogger(__name__)
 
 
 def _int(config: ServiceConfig, key: str, default: int) -> int:
@@ -70,9 +72,14 @@ def create(config: ServiceConfig) -> Callable[[grpc.Server, ServiceMetrics], Seq
         reward_pb2_grpc.add_RewardServiceServicer_to_server(
             RewardServicer(reward, catalog, deps.store), server
         )
-        web = ReviewWeb(
-            reward, config.host, _int(config, "http_port", DEFAULT_HTTP_PORT), config.auth_tokens
-        ).start()
+        port = _int(config, "http_port", DEFAULT_HTTP_PORT)
+        try:
+            web = ReviewWeb(reward, config.host, port, config.auth_tokens).start()
+        except OSError:
+            if "http_port" in config.extra:
+                raise  # a port the operator chose: fail loudly
+            log.warning("review page: port %s is taken; using a free port", port)
+            web = ReviewWeb(reward, config.host, 0, config.auth_tokens).start()
         app.reward, app.web = reward, web
         print(f"REVIEW {web.url}", flush=True)
         sys.stdout.flush()
