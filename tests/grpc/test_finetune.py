@@ -279,7 +279,7 @@ def test_text_to_image_lora_prior_textual_inversion(client, jobs, store):  # typ
     ckpt = client.finetune.checkpoints(job.id)[-1]
     keys = {i.key[len(ckpt.key):] for i in store.list(ckpt.key)}
     assert {"unet/config.json", "text_encoder/config.json", "vae/config.json",
-            "tokenizer/vocab.json", "model_index.json"} <= keys
+            "tokenizer/tokenizer_config.json", "model_index.json"} <= keys
     assert not any("lora" in k for k in keys)  # adapters merged: a plain pipeline folder
     events = list(client.finetune.watch(job.id))
     assert any("prior images" in e.message for e in events)

@@ -19,6 +19,7 @@ and autograd cannot cross an RPC, so the three networks must sit in one Triton m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -74,12 +75,16 @@ def write_guidance_folder(
     unet_config = json.loads((denoiser_weights / "config.json").read_text())
     if unet_config.get("_class_name") != "UNet2DModel" or unet_config.get("num_class_embeds"):
         raise InvalidArgument.for_field(
-            "diffusion_model.name", "the counterfactual denoiser must be an unconditional UNet2DModel"
+            "diffusion_model.name",
+            "the counterfactual denoiser must be an unconditional UNet2DModel",
         )
     in_ch = int(unet_config.get("in_channels", 3))
     out_ch = int(unet_config.get("out_channels", in_ch))
-    for name, src in (("denoiser", denoiser_weights), ("robust", robust_weights),
-                      ("plain", plain_weights)):
+    for name, src in (
+        ("denoiser", denoiser_weights),
+        ("robust", robust_weights),
+        ("plain", plain_weights),
+    ):
         os.symlink(src.resolve(), folder / name, target_is_directory=True)
     meta = {
         "kind": KIND,
@@ -135,19 +140,24 @@ def ensure_guidance_model(
                     classes=robust.classes,
                     sources=_sources(denoiser, robust, plain),
                 )
-                try:
+                # another replica may have written it first: same inputs, same model
+                with contextlib.suppress(AlreadyExists):
                     repository.write_model(
-                        repo, name, ROLE, folder, version=1, max_batch_size=MAX_BATCH_SIZE,
+                        repo,
+                        name,
+                        ROLE,
+                        folder,
+                        version=1,
+                        max_batch_size=MAX_BATCH_SIZE,
                         instance_kind=instance_kind,  # type: ignore[arg-type]
                         parameters=parameters,
                     )
-                except AlreadyExists:
-                    pass  # another replica wrote it first: same inputs, same model
         triton.load_model(name)
     if store is not None:
         record = {"triton_model": name, **_sources(denoiser, robust, plain), "created": time.time()}
         store.put_if_absent(
-            f"{RECORD_PREFIX}{name}.json", json.dumps(record, indent=2).encode(),
+            f"{RECORD_PREFIX}{name}.json",
+            json.dumps(record, indent=2).encode(),
             content_type="application/json",
         )
     return name
@@ -171,7 +181,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     records = [catalog.get(*ref.partition("@")[::2]) for ref in (ns.denoiser, ns.robust, ns.plain)]
     with TritonClient(ns.triton, timeout_s=600) as triton:
         name = ensure_guidance_model(
-            *records, model_repository=ns.repository, triton=triton, store=store,
+            *records,
+            model_repository=ns.repository,
+            triton=triton,
+            store=store,
             instance_kind="gpu" if ns.gpu else "cpu",
         )
     print(name)

@@ -124,16 +124,34 @@ def resolve_models(
     class), the unconditional denoiser of the classifiers' domain; ambiguity is an error."""
     den = rob = pla = None
     if options.diffusion_model:
-        den = _get(catalog, options.diffusion_model, options.diffusion_version,
-                   "diffusion_model", "unconditional", errors)
+        den = _get(
+            catalog,
+            options.diffusion_model,
+            options.diffusion_version,
+            "diffusion_model",
+            "unconditional",
+            errors,
+        )
     if options.robust_classifier:
-        rob = _get(catalog, options.robust_classifier, options.robust_version,
-                   "robust_classifier", "classifier", errors)
+        rob = _get(
+            catalog,
+            options.robust_classifier,
+            options.robust_version,
+            "robust_classifier",
+            "classifier",
+            errors,
+        )
         if rob is not None and not _is_robust(rob):
             errors.add("robust_classifier.name", f"{rob.ref} is not labelled robust=true")
     if options.plain_classifier:
-        pla = _get(catalog, options.plain_classifier, options.plain_version,
-                   "plain_classifier", "classifier", errors)
+        pla = _get(
+            catalog,
+            options.plain_classifier,
+            options.plain_version,
+            "plain_classifier",
+            "classifier",
+            errors,
+        )
     if errors.violations:
         return den, rob, pla
 
@@ -161,8 +179,12 @@ def resolve_models(
         found = catalog.list(kind="unconditional")
         if domain:
             found = [r for r in found if r.labels.get("domain") == domain]
-        den = _pick(found, f"unconditional denoiser{f' for {domain}' if domain else ''}",
-                    "diffusion_model.name", errors)
+        den = _pick(
+            found,
+            f"unconditional denoiser{f' for {domain}' if domain else ''}",
+            "diffusion_model.name",
+            errors,
+        )
     return den, rob, pla
 
 
@@ -173,18 +195,26 @@ def validate(options: CounterfactualOptions, catalog: Catalog) -> Plan:
 
     # Models fit together: same classes, the classifiers take the denoiser's images.
     if rob is not None and pla is not None and rob.classes != pla.classes:
-        errors.add("plain_classifier.name",
-                   f"{pla.ref} has classes {pla.classes}, {rob.ref} has {rob.classes}")
+        errors.add(
+            "plain_classifier.name",
+            f"{pla.ref} has classes {pla.classes}, {rob.ref} has {rob.classes}",
+        )
     if den is not None:
         for rec, field in ((rob, "robust_classifier.name"), (pla, "plain_classifier.name")):
             if rec is None:
                 continue
             if rec.channels != den.channels:
-                errors.add(field, f"{rec.ref} takes {rec.channels}-channel images, "
-                                  f"{den.ref} makes {den.channels}-channel ones")
+                errors.add(
+                    field,
+                    f"{rec.ref} takes {rec.channels}-channel images, "
+                    f"{den.ref} makes {den.channels}-channel ones",
+                )
             if (rec.width, rec.height) != (den.width, den.height) and rec.width:
-                errors.add(field, f"{rec.ref} takes {rec.width}x{rec.height} images, "
-                                  f"{den.ref} makes {den.width}x{den.height}")
+                errors.add(
+                    field,
+                    f"{rec.ref} takes {rec.width}x{rec.height} images, "
+                    f"{den.ref} makes {den.width}x{den.height}",
+                )
 
     # Target class.
     classes = rob.classes if rob is not None else []
@@ -198,18 +228,29 @@ def validate(options: CounterfactualOptions, catalog: Catalog) -> Plan:
             errors.add("target_class", f"unknown class {options.target_class!r}; one of {classes}")
 
     # Knobs.
-    def number(name: str, value: float | None, default: float, lo: float, hi: float,
-               lo_open: bool = False, hi_open: bool = False) -> float:
+    def number(
+        name: str,
+        value: float | None,
+        default: float,
+        lo: float,
+        hi: float,
+        lo_open: bool = False,
+        hi_open: bool = False,
+    ) -> float:
         v = default if value is None else float(value)
-        ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else
-                                                                          v <= hi)
+        ok = (
+            math.isfinite(v)
+            and (v > lo if lo_open else v >= lo)
+            and (v < hi if hi_open else v <= hi)
+        )
         if not ok:
             interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
             errors.add(name, f"must be in {interval}, got {v}")
         return v
 
-    start_depth = number("start_depth", options.start_depth, DEFAULT_START_DEPTH, 0, 1,
-                         lo_open=True, hi_open=True)
+    start_depth = number(
+        "start_depth", options.start_depth, DEFAULT_START_DEPTH, 0, 1, lo_open=True, hi_open=True
+    )
     train_steps = int(den.scheduler.get("num_train_timesteps", 1000)) if den is not None else 1000
     steps = options.steps or DEFAULT_STEPS
     if not 1 <= steps <= min(MAX_STEPS, train_steps):
@@ -217,8 +258,15 @@ def validate(options: CounterfactualOptions, catalog: Catalog) -> Plan:
     elif 0 < start_depth < 1 and round(steps * (1 - start_depth)) < 1:
         errors.add("start_depth", f"{start_depth} of {steps} steps leaves no step to run")
     lambda_c = number("lambda_c", options.lambda_c, DEFAULT_LAMBDA_C, 0, MAX_LAMBDA)
-    alpha = number("cone_angle_deg", options.cone_angle_deg, DEFAULT_ALPHA_DEG, 0, 90,
-                   lo_open=True, hi_open=True)
+    alpha = number(
+        "cone_angle_deg",
+        options.cone_angle_deg,
+        DEFAULT_ALPHA_DEG,
+        0,
+        90,
+        lo_open=True,
+        hi_open=True,
+    )
     distance = options.distance or "l2"
     if distance not in DISTANCES:
         errors.add("distance", f"{distance!r} is not one of {', '.join(DISTANCES)}")
@@ -249,5 +297,6 @@ def validate(options: CounterfactualOptions, catalog: Catalog) -> Plan:
         mode=mode,
     )
     seed = options.seed if options.seed is not None else random.SystemRandom().randrange(2**31)
-    return Plan(den, rob, pla, options.target_class, target_index, config, start_depth, seed,
-                options)
+    return Plan(
+        den, rob, pla, options.target_class, target_index, config, start_depth, seed, options
+    )

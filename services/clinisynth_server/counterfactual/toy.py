@@ -108,8 +108,13 @@ def build_toy_models(
 
     # 1. Denoiser: a tiny unconditional UNet, ε-MSE on the toy images (model space [-1, 1]).
     den = builders.build_pixel_unet(
-        root / "denoiser", size=size, channels=1, block_out_channels=(8, 16), seed=seed,
-        labels={"domain": domain}, description="toy blob denoiser",
+        root / "denoiser",
+        size=size,
+        channels=1,
+        block_out_channels=(8, 16),
+        seed=seed,
+        labels={"domain": domain},
+        description="toy blob denoiser",
     )
     if train:
         from diffusers import UNet2DModel
@@ -138,12 +143,25 @@ def build_toy_models(
         clf = Classifier(ClassifierConfig(num_classes=2, in_channels=1, backbone_width=8))
         if train:
             train_classifier(
-                clf, x, y, epochs=classifier_epochs, batch_size=32, seed=seed, lr=3e-3,
-                adversarial=adversarial, eps=0.5, attack_steps=3,
+                clf,
+                x,
+                y,
+                epochs=classifier_epochs,
+                batch_size=32,
+                seed=seed,
+                lr=3e-3,
+                adversarial=adversarial,
+                eps=0.5,
+                attack_steps=3,
             )
         clf.eval()
         folders[name] = write_classifier_folder(
-            root / name, clf, classes=CLASSES, size=size, channels=1,
-            robust=name == "robust", domain=domain,
+            root / name,
+            clf,
+            classes=CLASSES,
+            size=size,
+            channels=1,
+            robust=name == "robust",
+            domain=domain,
         )
     return ToyFolders(den, folders["robust"], folders["plain"])

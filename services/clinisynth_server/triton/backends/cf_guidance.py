@@ -108,7 +108,9 @@ class Backend:
         x_t = require(inputs, "x_t", 4)
         x0 = require(inputs, "x0", 4)
         b = x_t.shape[0]
-        scalars = {n: require(inputs, n, 1) for n in ("timestep", "alpha_bar", "target", "distance")}
+        scalars = {
+            n: require(inputs, n, 1) for n in ("timestep", "alpha_bar", "target", "distance")
+        }
         if x0.shape != x_t.shape or x_t.shape[1] != self.channels:
             raise BackendInputError(
                 f"inputs 'x_t' and 'x0' must both be [B, {self.channels}, H, W], got "
