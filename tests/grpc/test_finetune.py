@@ -97,7 +97,7 @@ def jobs(client, data) -> dict[str, str]:  # type: ignore[no-untyped-def]
             **FAST, "max_steps": 30, "checkpoint_every": 15, "backbone_width": 8,
             "adversarial": "pgd", "eps": 0.3, "attack_steps": 2, "val_fraction": 0.25}).id,
         "t2i": client.finetune.create("text_to_image_adaptation", data["chest"], params={
-            **FAST, "batch_size": 4, "max_steps": 20, "checkpoint_every": 10,
+            **FAST, "batch_size": 4, "max_steps": 12, "checkpoint_every": 6, "log_every": 4,
             "base_model": data["sd"], "method": "lora", "lora_rank": 4,
             "train_text_encoder": True, "prior_preservation": True,
             "prior_prompt": "a chest x-ray", "num_prior_images": 2, "prior_steps": 2,
@@ -294,9 +294,9 @@ def test_reward_finetune_with_store_prefix_models(client, jobs, data):  # type: 
     base_ckpt = client.finetune.checkpoints(base.id)[-1].key
     reward_ckpt = next(c for c in client.finetune.checkpoints(reward.id) if c.best).key
     job = client.finetune.create("reward_finetune", data["cells"], params={
-        **FAST, "max_steps": 20, "checkpoint_every": 10, "base_model": base_ckpt,
-        "reward_model": reward_ckpt, "pool_size": 8, "pool_steps": 2, "rounds": 2,
-        "real_to_synthetic": 3.0, "beta": 1.0})
+        **FAST, "batch_size": 16, "max_steps": 30, "checkpoint_every": 15, "log_every": 10,
+        "base_model": base_ckpt, "reward_model": reward_ckpt, "pool_size": 8, "pool_steps": 2,
+        "rounds": 2, "beta": 1.0})
     done = assert_trained(client, job.id)
     events = list(client.finetune.watch(done.id))
     pools = [e.message for e in events if e.message.startswith("round ")]
