@@ -91,7 +91,7 @@ def test_worker_sigkill_resumes_from_checkpoint_reproducibly(home, store_dir):  
 
     running = start_service("finetune", "127.0.0.1:1", store_dir, home / "svc1",
                             max_concurrent_jobs="2", workdir=str(home / "work1"),
-                            heartbeat_s="0.5", poll_s="0.2")
+                            heartbeat_s="0.5", poll_s="0.2", torch_threads="1")
     try:
         with clinisynth.Client(endpoints={"finetune": running.address}, timeout=60) as client:
             killed = client.finetune.create("diffusion_pretrain", "data/cells", params=PARAMS)
@@ -132,7 +132,8 @@ def service_proc(home, store_dir) -> Iterator[object]:  # type: ignore[no-untype
                "CLINISYNTH_TRITON_URL": "127.0.0.1:1",
                "CLINISYNTH_FINETUNE_WORKDIR": str(home / "work2"),
                "CLINISYNTH_FINETUNE_HEARTBEAT_S": "0.5", "CLINISYNTH_FINETUNE_POLL_S": "0.2",
-               "CLINISYNTH_FINETUNE_HEARTBEAT_TIMEOUT_S": "60", "PYTHONUNBUFFERED": "1"}
+               "CLINISYNTH_FINETUNE_HEARTBEAT_TIMEOUT_S": "60", "PYTHONUNBUFFERED": "1",
+               "CLINISYNTH_FINETUNE_TORCH_THREADS": "1"}
         proc = subprocess.Popen(
             [sys.executable, "-m", "clinisynth_server.serve", "finetune", "--port", "0",
              "--metrics-port", "0"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,

@@ -85,6 +85,8 @@ def build_toy_models(
     train: bool = True,
     seed: int = 0,
     domain: str = "toy-blob",
+    unet_channels: tuple[int, ...] = (8, 16),
+    classifier_width: int = 8,
 ) -> ToyFolders:
     """Write ``denoiser/``, ``robust/`` and ``plain/`` under ``root`` (``train=False``: random).
 
@@ -111,7 +113,7 @@ def build_toy_models(
         root / "denoiser",
         size=size,
         channels=1,
-        block_out_channels=(8, 16),
+        block_out_channels=unet_channels,
         seed=seed,
         labels={"domain": domain},
         description="toy blob denoiser",
@@ -140,7 +142,9 @@ def build_toy_models(
     # 2. Classifiers: plain (cross-entropy) and robust (PGD in an L2 ball), temperature-scaled.
     folders = {}
     for name, adversarial in (("plain", "none"), ("robust", "pgd")):
-        clf = Classifier(ClassifierConfig(num_classes=2, in_channels=1, backbone_width=8))
+        clf = Classifier(
+            ClassifierConfig(num_classes=2, in_channels=1, backbone_width=classifier_width)
+        )
         if train:
             train_classifier(
                 clf,

@@ -4,7 +4,8 @@ Settings (``CLINISYNTH_FINETUNE_<KEY>`` or the ``[finetune]`` table of the confi
 ``max_concurrent_jobs`` (1), ``max_restarts`` (3), ``heartbeat_timeout_s`` (120),
 ``model_repository`` (else ``CLINISYNTH_MODEL_REPOSITORY``), ``launcher`` (local | kubernetes),
 ``workdir`` (workers' local scratch), ``nproc_per_node`` (1), ``job_template``, ``namespace``,
-``worker_image`` (kubernetes launcher).
+``worker_image`` (kubernetes launcher), ``torch_threads`` (CPU threads per local worker; 0 = torch's
+default), ``heartbeat_s`` (workers' heartbeat period).
 """
 
 from __future__ import annotations
@@ -65,9 +66,11 @@ def make_launcher(config: ServiceConfig, settings: Settings) -> LocalLauncher | 
         "CLINISYNTH_FINETUNE_LOG_FORMAT": config.log_format,
         "CLINISYNTH_FINETUNE_LOG_LEVEL": config.log_level,
     }
-    for key in ("heartbeat_s",):
+    for key in ("heartbeat_s", "torch_threads"):
         if config.get(key):
             env[f"CLINISYNTH_FINETUNE_{key.upper()}"] = config.get(key)
+    if config.get("torch_threads"):  # several CPU workers must not oversubscribe the cores
+        env["OMP_NUM_THREADS"] = config.get("torch_threads")
     return LocalLauncher(env=env, log_dir=workdir / "logs")
 
 

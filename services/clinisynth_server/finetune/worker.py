@@ -173,6 +173,9 @@ class Worker:
         from clinisynth_server.finetune.params import typed
         from clinisynth_server.finetune.records import CheckpointInfo, JobStore
 
+        threads = int(os.environ.get("CLINISYNTH_FINETUNE_TORCH_THREADS", "0") or 0)
+        if threads > 0:
+            torch.set_num_threads(threads)
         spec = kinds.load(self.record.kind)
         p = typed(spec.params, self.record.params)
         accelerator = self._accelerator(p["mixed_precision"])
@@ -216,6 +219,7 @@ class Worker:
         checkpoints = self.jobs.checkpoints(self.run_id)
         if checkpoints:
             last = checkpoints[-1]
+            t_resume = time.monotonic()
             state_file = self.workdir / "resume" / "trainer.pt"
             self.store.get_file(last.prefix + "state/trainer.pt", state_file)
             state = torch.load(state_file, map_location="cpu", weights_only=False)
@@ -223,6 +227,8 @@ class Worker:
             load_rng_state(state["rng"])
             start = last.step
             self.event("log", step=start,
+                       metrics={"resume_s": time.monotonic() - t_resume,
+                                "setup_s": time.monotonic() - t_setup},
                        message=f"resumed from checkpoint {last.id} (step {last.step})")
 
         # 4. The loop.

@@ -1,0 +1,73 @@
+"""Data-set layouts: every problem is listed before any training."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from clinisynth_server.finetune import datasets
+from clinisynth_server.finetune.datasets import FolderSource, StoreSource, validate
+from clinisynth_server.store import open_store
+
+
+@pytest.fixture()
+def store(tmp_path: pathlib.Path):  # type: ignore[no-untyped-def]
+    return open_store(str(tmp_path / "store"))
+
+
+def images(n: int, size: int = 8) -> np.ndarray:
+    return (np.arange(n * size * size, dtype=np.uint8).reshape(n, size, size) * 7)
+
+
+def test_image_folder_classes_counts_and_sizes(store) -> None:  # type: ignore[no-untyped-def]
+    datasets.write_image_folder(store, "d", images(5), [0, 1, 1, 0, 1], ["a", "b"])
+    report = validate(StoreSource(store, "d"), "d", "image_folder")
+    assert report.ok and report.images == 5
+    assert report.classes == ["a", "b"] and report.per_class == {"a": 2, "b": 3}
+    assert (report.size, report.channels) == (8, 1)
+    arr = datasets.load_images(StoreSource(store, "d"), [e.path for e in report.entries],
+                               size=4, channels=3)
+    assert arr.shape == (5, 3, 4, 4) and arr.dtype == np.float32
+    assert 0 <= arr.min() <= arr.max() <= 1
+
+
+def test_image_folder_problems(store) -> None:  # type: ignore[no-untyped-def]
+    datasets.write_image_folder(store, "d", images(2), [0, 1], ["a", "b"])
+    store.put_bytes("d/a/broken.png", b"\x89PNG nope")
+    store.put_bytes("d/loose.png", datasets.png_bytes(images(1)[0]))
+    report = validate(StoreSource(store, "d"), "d", "image_folder")
+    assert len(report.problems) == 2
+    assert any("a/broken.png: unreadable image" in p for p in report.problems)
+    assert any("loose.png: image outside a class folder" in p for p in report.problems)
+    empty = validate(StoreSource(store, "nothing"), "nothing", "image_folder")
+    assert empty.problems == ["no files under 'nothing' (empty or missing data set)"]
+
+
+def test_manifest_problems_listed_per_line(tmp_path: pathlib.Path) -> None:
+    root = tmp_path / "m"
+    (root / "images").mkdir(parents=True)
+    (root / "images" / "0.png").write_bytes(datasets.png_bytes(images(1)[0]))
+    lines = [json.dumps({"image": "images/0.png", "prompt": "left effusion"}), "{not json",
+             json.dumps({"image": "images/9.png", "prompt": "x"}),
+             json.dumps({"image": "images/0.png"})]
+    (root / "manifest.jsonl").write_text("\n".join(lines))
+    report = validate(FolderSource(root), "m", "image_text_manifest")
+    assert report.images == 1 and report.entries[0].text == "left effusion"
+    assert [p.split(":")[0] for p in report.problems] == [
+        "manifest.jsonl line 2", "manifest.jsonl line 3", "manifest.jsonl line 4"]
+    missing = validate(FolderSource(root / "images"), "m", "image_text_manifest")
+    assert missing.problems == ["manifest.jsonl is missing (the image_text_manifest layout "
+                                "needs it)"]
+
+
+def test_feedback_export(store) -> None:  # type: ignore[no-untyped-def]
+    datasets.write_feedback(store, "fb", images(4), ["a", "b", "a", "b"],
+                            [True, False, True, False])
+    report = validate(StoreSource(store, "fb"), "fb", "feedback_export")
+    assert report.ok and [e.plausible for e in report.entries] == [True, False, True, False]
+    assert report.per_class == {"a": 2, "b": 2}
+    problems = datasets.check_classes(report, ["a"], "cells@1")
+    assert problems == ["unknown class 'b' (2 images): cells@1 has a"]
