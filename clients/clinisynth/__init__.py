@@ -6,6 +6,12 @@ with clinisynth.Client() as client:
 """
 
 from clinisynth._client import AsyncClient, Client
+from clinisynth._counterfactual import (
+    CounterfactualBatchItem,
+    CounterfactualBatchResult,
+    CounterfactualResult,
+    TrajectoryPoint,
+)
 from clinisynth._discovery import Endpoints
 from clinisynth._errors import (
     AlreadyExistsError,
@@ -49,6 +55,9 @@ __all__ = [
     "Client",
     "ClinisynthError",
     "ConditionAgreement",
+    "CounterfactualBatchItem",
+    "CounterfactualBatchResult",
+    "CounterfactualResult",
     "Criterion",
     "DeadlineExceededError",
     "Endpoints",
@@ -72,6 +81,7 @@ __all__ = [
     "ScoreStream",
     "ScoreSummary",
     "StackNotFoundError",
+    "TrajectoryPoint",
     "UnauthenticatedError",
     "UnavailableError",
     "UnimplementedError",

@@ -42,7 +42,10 @@ def to_proto_image(image: ImageLike) -> common_pb2.Image:
         return common_pb2.Image(encoded=buf.getvalue(), width=image.width, height=image.height)
     if isinstance(image, np.ndarray):
         arr = np.ascontiguousarray(image)
-        if arr.dtype not in (np.float32, np.float64, np.uint8, np.uint16):
+        if arr.dtype.kind in "ui":  # integer pixels: scale to [0, 1] floats (what servers take)
+            top = np.iinfo(arr.dtype).max if arr.dtype.kind == "u" else max(int(arr.max()), 1)
+            arr = arr.astype(np.float32) / np.float32(top)
+        elif arr.dtype not in (np.float32, np.float64):
             arr = arr.astype(np.float32)
         return common_pb2.Image(
             raw=common_pb2.RawArray(

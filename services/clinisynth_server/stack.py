@@ -181,6 +181,9 @@ class Stack:
                 "CLINISYNTH_TRITON_URL": self.triton.grpc_url,
                 "CLINISYNTH_STORE_URL": self.store_url,
                 "CLINISYNTH_MODEL_REPOSITORY": str(self.model_repository),
+            # The services that write Triton models (promote, guidance models) need the folder.
+            "CLINISYNTH_FINETUNE_MODEL_REPOSITORY": str(self.model_repository),
+            "CLINISYNTH_COUNTERFACTUAL_MODEL_REPOSITORY": str(self.model_repository),
                 "CLINISYNTH_HOME": str(self.home),
                 "PYTHONUNBUFFERED": "1",
             }

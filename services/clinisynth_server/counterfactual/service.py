@@ -431,17 +431,22 @@ class Counterfactuals:
                 on_step(info.index + 1, info.total)
             return True
 
-        result = cf.run_counterfactual(
-            triton_guide_fn(
-                self.triton, model, distance=plan.config.distance, cancel=cancel, angles=angles
-            ),
-            x0,
-            target,
-            self.alphas_cumprod(plan.denoiser),
-            config=plan.config,
-            seeds=seeds,
-            on_step=step,
-        )
+        try:
+            result = cf.run_counterfactual(
+                triton_guide_fn(
+                    self.triton, model, distance=plan.config.distance, cancel=cancel, angles=angles
+                ),
+                x0,
+                target,
+                self.alphas_cumprod(plan.denoiser),
+                config=plan.config,
+                seeds=seeds,
+                on_step=step,
+            )
+        except NotFound:
+            with self._lock:  # Triton lost the model (restart, unload): look it up again
+                self._ready.discard(model)
+            raise
         after = np.stack(
             [
                 _softmax_p(self.classify(plan.robust, result.image, cancel), plan.target_index),

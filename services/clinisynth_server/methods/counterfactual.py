@@ -287,8 +287,9 @@ class CounterfactualConfig:
             raise InvalidArgument.for_field(
                 "alpha_deg", f"must be in [0, 90), got {self.alpha_deg}"
             )
-        if self.lambda_c < 0 or self.lambda_d < 0:
-            raise InvalidArgument.for_field("lambda_c", "λ_c and λ_d must be ≥ 0")
+        for name in ("lambda_c", "lambda_d"):
+            if getattr(self, name) < 0:
+                raise InvalidArgument.for_field(name, f"must be ≥ 0, got {getattr(self, name)}")
 
     @property
     def reverse_steps(self) -> int:
