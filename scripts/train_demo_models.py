@@ -61,9 +61,9 @@ def _export(client: Any, store: Any, job: Any, name: str, domain: str, out: path
     dest = out / name
     if dest.exists():
         shutil.rmtree(dest)
-    prefix = best.ref["key"].rstrip("/")
-    prefix = prefix[: prefix.rfind("/") + 1] if not prefix.endswith("/") and "." in prefix.rsplit(
-        "/", 1)[-1] else prefix + "/"
+    # The checkpoint reference names its folder (or a file in it); its model/ is registrable.
+    key = best.key.rstrip("/")
+    prefix = key.rsplit("/", 1)[0] + "/" if "." in key.rsplit("/", 1)[-1] else key + "/"
     store.download_dir(prefix + "model/", dest)
     meta_path = dest / "clinisynth.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}

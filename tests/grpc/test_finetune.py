@@ -378,6 +378,9 @@ def test_cli_create_list_get_checkpoints_kinds(finetune_server, jobs, data, monk
               jobs["classifier"])
     assert main(["finetune", "checkpoints", jobs["classifier"], "--json"]) == 0
     assert any(c["best"] for c in json.loads(capsys.readouterr().out))
+    assert main(["finetune", "watch", jobs["classifier"]]) == 0  # replays, then ends
+    captured = capsys.readouterr()
+    assert "succeeded" in captured.out and "checkpoint" in captured.out + captured.err
     assert main(["finetune", "create", "--kind", "classifier", "--data", "ft/none"]) == 2
 
 
@@ -390,3 +393,18 @@ def test_metrics_families(finetune_server, jobs, client):  # type: ignore[no-unt
     assert 'clinisynth_finetune_jobs{kind="diffusion_pretrain",state="succeeded"}' in text
     # A finished job's live series are gone.
     assert f'job="{jobs["diffusion"]}"' not in text
+
+
+def test_async_client_twins(finetune_server, jobs):  # type: ignore[no-untyped-def]
+    import asyncio
+
+    async def run() -> tuple[list[str], str, int]:
+        async with clinisynth.AsyncClient(endpoints={"finetune": finetune_server.address},
+                                          timeout=60) as client:
+            kinds = [k.name for k in await client.finetune.kinds()]
+            job = await client.finetune.wait(jobs["classifier"])
+            checkpoints = await client.finetune.checkpoints(job.id)
+            return kinds, job.state, len(checkpoints)
+
+    kinds, state, n = asyncio.run(run())
+    assert "classifier" in kinds and state == "succeeded" and n == 2

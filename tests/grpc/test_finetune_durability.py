@@ -19,7 +19,7 @@ import clinisynth
 
 pytestmark = pytest.mark.stack
 
-PARAMS = {"max_steps": 120, "checkpoint_every": 20, "log_every": 5, "batch_size": 8,
+PARAMS = {"max_steps": 80, "checkpoint_every": 20, "log_every": 5, "batch_size": 8,
           "learning_rate": 1e-3, "seed": 5, "block_out_channels": "16,32"}
 CLASSES = ["lymphocyte", "neutrophil", "eosinophil", "monocyte"]
 
@@ -78,6 +78,13 @@ def messages_so_far(store_url: str, job_id: str) -> list[str]:
     from clinisynth_server.store import open_store
 
     return [e.message for e in JobStore(open_store(store_url)).events(job_id)]
+
+
+def _checkpoints(store_url: str, job_id: str) -> list[object]:
+    from clinisynth_server.finetune.records import JobStore
+    from clinisynth_server.store import open_store
+
+    return list(JobStore(open_store(store_url)).checkpoints(job_id))
 
 
 def kill_worker(store_url: str, job_id: str) -> int:
@@ -157,13 +164,16 @@ def test_service_sigkill_adopts_running_worker_then_resumes(home, store_dir, ser
     first, address = service_proc()  # type: ignore[operator]
     with clinisynth.Client(endpoints={"finetune": address}, timeout=60) as client:
         job = client.finetune.create("diffusion_pretrain", "data/cells",
-                                     params={**PARAMS, "max_steps": 200})
+                                     params={**PARAMS, "max_steps": 120})
         poll(lambda: progress_step(store_dir, job.id) >= 5)
     first.kill()  # SIGKILL the service: its worker runs on in its own session
     first.wait()
     worker_pid = int(record(store_dir, job.id).worker["pid"])
     seen = progress_step(store_dir, job.id)
     poll(lambda: progress_step(store_dir, job.id) > seen)  # training goes on, no service
+    poll(lambda: _checkpoints(store_dir, job.id))
+    # Freeze the worker (however fast this machine) so it is still mid-job when it dies below.
+    os.kill(worker_pid, signal.SIGSTOP)
 
     second, address = service_proc()  # type: ignore[operator]
     with clinisynth.Client(endpoints={"finetune": address}, timeout=60) as client:
@@ -171,11 +181,10 @@ def test_service_sigkill_adopts_running_worker_then_resumes(home, store_dir, ser
         assert client.finetune.get(job.id).state == "running"
         assert int(record(store_dir, job.id).worker["pid"]) == worker_pid
         # Now the adopted worker dies too: the new service resumes from the last checkpoint.
-        poll(lambda: client.finetune.checkpoints(job.id))
         os.kill(worker_pid, signal.SIGKILL)
         done = client.finetune.wait(job.id, timeout=300)
         assert done.state == "succeeded", done.failure_reason
-        assert done.restarts == 1 and done.step == 200
+        assert done.restarts == 1 and done.step == 120
         messages = [e.message for e in client.finetune.watch(job.id)]
         assert any(m.startswith("resumed from checkpoint") for m in messages)
     second.terminate()

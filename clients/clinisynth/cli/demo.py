@@ -38,7 +38,9 @@ def _tile(image: Image.Image, caption: str) -> Image.Image:
     return canvas
 
 
-def contact_sheet(rows: list[tuple[str, list[tuple[Image.Image, str]]]], path: pathlib.Path) -> None:
+def contact_sheet(
+    rows: list[tuple[str, list[tuple[Image.Image, str]]]], path: pathlib.Path
+) -> None:
     """One labelled row per section; tiles upscaled to TILE px with a caption under each."""
     width = 130 + TILE * max(len(tiles) for _, tiles in rows)
     sheet = Image.new("RGB", (width, (TILE + 18) * len(rows)), "white")
@@ -51,12 +53,18 @@ def contact_sheet(rows: list[tuple[str, list[tuple[Image.Image, str]]]], path: p
     sheet.save(path)
 
 
-def _pick(models: list[Any], kind: str, domain: str) -> Any:
-    for m in models:
-        if m.kind == kind and m.labels.get("domain") == domain:
-            return m
-    raise SystemExit(f"no {kind} model for the {domain} domain is registered; the demo models "
-                     "ship in deploy/models (see scripts/train_demo_models.py)")
+def _pick(models: list[Any], kind: str, domain: str, summary: dict[str, Any]) -> Any:
+    """The latest model of ``kind`` for ``domain``, or None (noted in the summary)."""
+    found = [m for m in models if m.kind == kind and m.labels.get("domain") == domain]
+    if not found:
+        note = (
+            f"skipped: no {kind} model for the {domain} domain is registered (demo models "
+            "ship in deploy/models; scripts/train_demo_models.py trains them)"
+        )
+        print(note, flush=True)
+        summary.setdefault("skipped", []).append(note)
+        return None
+    return found[-1]
 
 
 def run_demo(client: Client, out: pathlib.Path, seed: int) -> dict[str, Any]:
@@ -66,48 +74,75 @@ def run_demo(client: Client, out: pathlib.Path, seed: int) -> dict[str, Any]:
     rows: list[tuple[str, list[tuple[Image.Image, str]]]] = []
 
     # 1. Cells by class, scored by the reward model.
-    cells = _pick(models, "class_conditional", "cells")
-    reward = _pick(models, "reward", "cells")
+    cells = _pick(models, "class_conditional", "cells", summary)
+    reward = _pick(models, "reward", "cells", summary)
     cell_rows = []
-    for i, cls in enumerate(cells.classes):
+    for i, cls in enumerate(cells.classes if cells else []):
         res = client.generate(cells.name, class_name=cls, n=4, seed=seed + 100 * i)
         res.save(out / "cells" / cls)
-        scores = client.score([img.to_numpy() for img in res.images], class_name=cls,
-                              model=reward.name)
+        if reward is None:
+            cell_rows += [(img.to_pil(), cls[:12]) for img in res.images]
+            continue
+        scores = client.score(
+            [img.to_numpy() for img in res.images], class_name=cls, model=reward.name
+        )
         for img, score in zip(res.images, scores, strict=True):
             cell_rows.append((img.to_pil(), f"{cls[:10]} r={score.reward:.2f}"))
         summary.setdefault("cells", {})[cls] = [round(s.reward, 3) for s in scores]
-    rows.append(("cells + reward", cell_rows[:8]))
-    rows.append(("cells (cont.)", cell_rows[8:16]))
+    if cell_rows:
+        rows.append(("cells + reward", cell_rows[:8]))
+        rows.append(("cells (cont.)", cell_rows[8:16]))
 
     # 2. Chest X-rays by prompt.
-    chest = _pick(models, "text_to_image", "chest")
+    chest = _pick(models, "text_to_image", "chest", summary)
     chest_tiles = []
-    for i, prompt in enumerate(CHEST_PROMPTS):
-        res = client.generate(chest.name, prompt=prompt, n=1, seed=seed + i, format="dicom",
-                              modality="DX")
+    for i, prompt in enumerate(CHEST_PROMPTS if chest else ()):
+        res = client.generate(
+            chest.name, prompt=prompt, n=1, seed=seed + i, format="dicom", modality="DX"
+        )
         res.save(out / "chest", stem=f"prompt{i}")
         png = client.generate(chest.name, prompt=prompt, n=1, seed=seed + i)
         chest_tiles.append((png.images[0].to_pil(), prompt.split(".")[0][:18]))
-    rows.append(("chest by prompt", chest_tiles))
-    summary["chest"] = {"prompts": list(CHEST_PROMPTS), "format": "DICOM (DX) + PNG"}
+    if chest_tiles:
+        rows.append(("chest by prompt", chest_tiles))
+        summary["chest"] = {"prompts": list(CHEST_PROMPTS), "format": "DICOM (DX) + PNG"}
 
     # 3. A counterfactual: a healthy fundus phantom → "lesion".
+    fundus_model = _pick(models, "unconditional", "fundus", summary)
+    classifiers = [
+        m for m in models if m.kind == "classifier" and m.labels.get("domain") == "fundus"
+    ]
+    if fundus_model is None or len(classifiers) < 2:
+        if fundus_model is not None:
+            _pick([], "classifier", "fundus", summary)
+        return _finish(rows, summary, out)
     from clinisynth_server.phantoms import fundus
 
-    healthy, _lesioned, _mask = fundus.render_pair(7, size=_pick(
-        models, "unconditional", "fundus").width, lesion_seed=1)
+    healthy, _lesioned, _mask = fundus.render_pair(7, size=fundus_model.width, lesion_seed=1)
     cf = client.counterfactual(healthy.astype(np.float32) / 255.0, target="lesion", seed=seed)
     cf.save(out / "counterfactual", "fundus_healthy")
-    rows.append(("counterfactual", [
-        (Image.fromarray(healthy), "input"),
-        (cf.to_pil(), f"p {cf.p_target_before_robust:.2f}->{cf.p_target_after_robust:.2f}"),
-        (cf.difference_pil(), "difference"),
-    ]))
+    rows.append(
+        (
+            "counterfactual",
+            [
+                (Image.fromarray(healthy), "input"),
+                (cf.to_pil(), f"p {cf.p_target_before:.2f}->{cf.p_target_after:.2f}"),
+                (cf.difference_image(), "difference"),
+            ],
+        )
+    )
     summary["counterfactual"] = {
-        "target": "lesion", "p_before": cf.p_target_before_robust,
-        "p_after": cf.p_target_after_robust, "distance": cf.distance,
+        "target": "lesion",
+        "p_before": cf.p_target_before,
+        "p_after": cf.p_target_after,
+        "distance": cf.distance,
     }
+    return _finish(rows, summary, out)
+
+
+def _finish(rows: list[Any], summary: dict[str, Any], out: pathlib.Path) -> dict[str, Any]:
+    if not rows:
+        raise SystemExit("no demo model is registered: run scripts/train_demo_models.py")
     contact_sheet(rows, out / "contact_sheet.png")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

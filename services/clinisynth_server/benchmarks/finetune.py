@@ -11,7 +11,7 @@ Same model (a class-conditional ``UNet2DModel``), batch, optimiser (AdamW), loss
    ``kill -9`` of the worker (download + load of the state; and kill → training again, which
    includes the new process's start-up).
 
-    python -m clinisynth_server.benchmarks.finetune [--steps 200] [--batch 32] [--size 32]
+    python -m clinisynth_server.benchmarks.finetune [--steps 120] [--batch 16] [--size 32]
 """
 
 from __future__ import annotations
@@ -72,14 +72,19 @@ def plain_loop(images: torch.Tensor, labels: torch.Tensor, args: argparse.Namesp
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="clinisynth benchmark finetune", description=__doc__)
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--channels", default="32,64,64", help="UNet block_out_channels")
+    parser.add_argument("--channels", default="16,32,32", help="UNet block_out_channels")
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--log-every", type=int, default=10)
-    parser.add_argument("--checkpoint-every", type=int, default=100)
+    parser.add_argument("--checkpoint-every", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads of both arms (0 = torch's default)")
     args = parser.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from clinisynth_server.finetune import datasets
     from clinisynth_server.finetune.records import JobStore
@@ -106,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
 
     env = {"CLINISYNTH_STORE_URL": store_url, "CLINISYNTH_TRITON_URL": "127.0.0.1:1",
            "CLINISYNTH_FINETUNE_WORKDIR": str(tmp / "work"),
-           "CLINISYNTH_FINETUNE_POLL_S": "0.2", "CLINISYNTH_FINETUNE_HEARTBEAT_S": "2"}
+           "CLINISYNTH_FINETUNE_POLL_S": "0.2", "CLINISYNTH_FINETUNE_HEARTBEAT_S": "2",
+           "CLINISYNTH_FINETUNE_TORCH_THREADS": str(args.threads)}
     config = load_config("finetune", env=env, port=0, metrics_port=0)
     running = start_server(config, app.create(config), serve_metrics=False)
     import clinisynth

@@ -50,8 +50,9 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"comma-separated subset of {', '.join(STUDIES)}")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0 = torch's default; 1 is faster on a busy machine)")
-    p.add_argument("--feedback-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a feedback setting, e.g. beta=0.3 or pool_eta=0 (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="STUDY.KEY=VALUE",
+                   help="override a study setting, e.g. feedback.beta=0.3, "
+                   "counterfactual.lambda_c=0.3 (repeatable)")
     p.add_argument("--refresh", action="store_true", help="retrain cached models")
     p.add_argument("--reuse-cache", action="store_true",
                    help="--full: reuse models cached by an earlier --full run")
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     from clinisynth_server.benchmarks import methods_adaptation as ad
     from clinisynth_server.benchmarks import methods_counterfactual as cf
     from clinisynth_server.benchmarks import methods_feedback as fb
-    from clinisynth_server.benchmarks.methods_common import machine, machine_line, say
+    from clinisynth_server.benchmarks.methods_common import machine, machine_line, override, say
 
     full = bool(ns.full)
     mode = "tiny" if ns.tiny else ("full" if full else "quick")
@@ -149,12 +150,18 @@ def main(argv: list[str] | None = None) -> int:
     command = "clinisynth benchmark methods " + " ".join(argv if argv is not None else sys.argv[1:])
     say(f"{mode} mode, seeds {seeds}, studies {studies}; {machine_line(m)}")
 
-    overrides = dict(kv.split("=", 1) for kv in ns.feedback_set)
-    preset = {"tiny": "tiny", "full": "full", "quick": "quick"}[mode]
+    overrides: dict[str, dict[str, str]] = {s: {} for s in STUDIES}
+    for item in ns.set:
+        key, sep, value = item.partition("=")
+        study, dot, field = key.partition(".")
+        if not (sep and dot) or study not in overrides:
+            raise SystemExit(f"--set {item!r}: expected STUDY.KEY=VALUE, STUDY in {STUDIES}")
+        overrides[study][field] = value
     configs = {
-        "feedback": fb.with_overrides(getattr(fb.FeedbackConfig, preset)(), overrides),
-        "adaptation": getattr(ad.AdaptationConfig, preset)(),
-        "counterfactual": getattr(cf.CounterfactualStudyConfig, preset)(),
+        "feedback": override(getattr(fb.FeedbackConfig, mode)(), overrides["feedback"]),
+        "adaptation": override(getattr(ad.AdaptationConfig, mode)(), overrides["adaptation"]),
+        "counterfactual": override(getattr(cf.CounterfactualStudyConfig, mode)(),
+                                   overrides["counterfactual"]),
     }
     modules = {"feedback": fb, "adaptation": ad, "counterfactual": cf}
     results: dict[str, Any] = {"mode": mode, "seeds": seeds, "machine": m, "command": command,

@@ -399,6 +399,25 @@ def fmt(values: Sequence[float], scale: float = 1.0, digits: int = 1) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
+def override(cfg: Any, overrides: Mapping[str, str]) -> Any:
+    """A frozen config dataclass with ``key=value`` strings applied, typed by each default."""
+    import dataclasses
+
+    typed: dict[str, Any] = {}
+    for key, raw in overrides.items():
+        if not hasattr(cfg, key):
+            raise SystemExit(f"unknown setting {key!r} of {type(cfg).__name__}")
+        current = getattr(cfg, key)
+        if isinstance(current, bool):
+            typed[key] = raw.lower() in ("1", "true", "yes", "on")
+        elif isinstance(current, tuple):
+            items = [x for x in raw.split(",") if x]
+            typed[key] = tuple(type(current[0])(x) if current else x for x in items)
+        else:
+            typed[key] = type(current)(raw)
+    return dataclasses.replace(cfg, **typed)
+
+
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

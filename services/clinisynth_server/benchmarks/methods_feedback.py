@@ -40,6 +40,7 @@ from clinisynth_server.benchmarks.methods_common import (
     load_pixel_unet,
     markdown_table,
     mean_sd,
+    override,
     predict,
     say,
     shipped,
@@ -501,16 +502,5 @@ def verdict(result: dict[str, Any], arm: str = "reward") -> dict[str, Any]:
 
 
 def with_overrides(cfg: FeedbackConfig, overrides: dict[str, str]) -> FeedbackConfig:
-    """``--feedback-set beta=1.0`` style overrides (typed by the field's default)."""
-    typed: dict[str, Any] = {}
-    for key, raw in overrides.items():
-        if not hasattr(cfg, key):
-            raise SystemExit(f"unknown feedback setting {key!r}")
-        current = getattr(cfg, key)
-        if isinstance(current, bool):
-            typed[key] = raw.lower() in ("1", "true", "yes", "on")
-        elif isinstance(current, tuple):
-            typed[key] = tuple(x for x in raw.split(",") if x)
-        else:
-            typed[key] = type(current)(raw)
-    return replace(cfg, **typed)
+    """``--set feedback.beta=1.0`` style overrides (typed by the field's default)."""
+    return override(cfg, overrides)

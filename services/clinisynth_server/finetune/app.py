@@ -67,9 +67,10 @@ def make_launcher(config: ServiceConfig, settings: Settings) -> LocalLauncher | 
         "CLINISYNTH_FINETUNE_LOG_LEVEL": config.log_level,
     }
     for key in ("heartbeat_s", "torch_threads"):
-        if config.get(key):
+        if config.get(key) not in ("", "0"):
             env[f"CLINISYNTH_FINETUNE_{key.upper()}"] = config.get(key)
-    if config.get("torch_threads"):  # several CPU workers must not oversubscribe the cores
+    # Several CPU workers must not oversubscribe the cores.
+    if config.get("torch_threads") not in ("", "0"):
         env["OMP_NUM_THREADS"] = config.get("torch_threads")
     return LocalLauncher(env=env, log_dir=workdir / "logs")
 

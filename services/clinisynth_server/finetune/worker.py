@@ -22,6 +22,7 @@ import argparse
 import logging
 import os
 import pathlib
+import queue
 import shutil
 import signal
 import socket
@@ -62,25 +63,53 @@ class Worker:
         self._stop = threading.Event()
         self._cancel = threading.Event()
         self._term = threading.Event()
+        self._writes: queue.Queue[Any] = queue.Queue()
         self.is_main = True
 
-    # -- store side effects (main process only) -------------------------------------------
+    # -- store side effects (main process only), written by one writer thread ---------------
+    # The training thread only enqueues: it never waits on the store (fsync, S3 round trips),
+    # and the writes keep their order (events, then the result).
     def event(self, type: str, **fields: Any) -> None:
         if self.is_main:
-            self.jobs.append_event(self.run_id, type, **fields)
+            self._writes.put(("event", type, fields))
 
     def heartbeat(self, **update: Any) -> None:
         if not self.is_main:
             return
+        with self._lock:
+            self._progress.update(update)
+        self._writes.put(("progress", None, None))
+
+    def _write_progress(self) -> None:
         from clinisynth_server.finetune.records import pid_start_time
 
         with self._lock:
-            self._progress.update(update)
             self._progress.update({
                 "time": time.time(), "pid": os.getpid(), "start_time": pid_start_time(os.getpid()),
                 "host": socket.gethostname(), "attempt": self.record.attempt,
             })
-            self.jobs.put_progress(self.run_id, dict(self._progress))
+            snapshot = dict(self._progress)
+        self.jobs.put_progress(self.run_id, snapshot)
+
+    def _writer(self) -> None:
+        while True:
+            item = self._writes.get()
+            try:
+                if item is None:
+                    return
+                what, type_, fields = item
+                if what == "event":
+                    self.jobs.append_event(self.run_id, type_, **fields)
+                else:  # progress or the final flush
+                    self._write_progress()
+            except ClinisynthError:
+                log.warning("store write failed", exc_info=True)
+            finally:
+                self._writes.task_done()
+
+    def _drain(self) -> None:
+        self._writes.put(("flush", None, None))
+        self._writes.join()
 
     def _background(self) -> None:
         next_beat = 0.0
@@ -88,12 +117,12 @@ class Worker:
             now = time.monotonic()
             if now >= next_beat:
                 next_beat = now + HEARTBEAT_S
+                self.heartbeat()
                 try:
-                    self.heartbeat()
                     if self.jobs.cancel_requested(self.run_id):
                         self._cancel.set()
                 except ClinisynthError:
-                    log.warning("store unreachable for the heartbeat", exc_info=True)
+                    log.warning("store unreachable for the cancel check", exc_info=True)
 
     def check_cancel(self) -> None:
         if self._cancel.is_set():
@@ -125,6 +154,7 @@ class Worker:
             log.info("job %s is %s: nothing to do", self.run_id, self.record.state)
             return 0
         signal.signal(signal.SIGTERM, self._on_sigterm)
+        threading.Thread(target=self._writer, daemon=True, name="store-writer").start()
         threading.Thread(target=self._background, daemon=True, name="heartbeat").start()
         outcome: dict[str, Any] = {"attempt": self.record.attempt}
         code = 0
@@ -143,6 +173,7 @@ class Worker:
             outcome.update(state="failed", reason=reason)
         finally:
             self._stop.set()
+            self._drain()
         if code == 0 and self.is_main:
             outcome["time"] = time.time()
             outcome.setdefault("step", self._progress.get("step", 0))
