@@ -17,21 +17,98 @@ from collections.abc import Iterable, Sequence
 import torch
 
 # Words the chest / cells / fundus prompts use; each becomes a single token.
-DOMAIN_WORDS = (
-    "a chest x-ray xray radiograph frontal pa ap view of with without no acute finding findings "
-    "normal small large moderate left right bilateral pleural effusion effusions cardiomegaly "
-    "enlarged heart size cardiac silhouette pneumothorax lung lungs clear apex apical base "
-    "basal costophrenic angle blunting opacity consolidation is are the and there in on "
-    "cell nucleus nuclei lymphocyte neutrophil eosinophil monocyte fundus retina lesion "
-    "microaneurysm microaneurysms exudate exudates healthy optic disc macula vessel vessels "
-    "abdomen abdominal liver kidney spine bowel ct scan axial image"
-).split()
+DOMAIN_WORDS = [
+    "a",
+    "chest",
+    "x-ray",
+    "xray",
+    "radiograph",
+    "frontal",
+    "pa",
+    "ap",
+    "view",
+    "of",
+    "with",
+    "without",
+    "no",
+    "acute",
+    "finding",
+    "findings",
+    "normal",
+    "small",
+    "large",
+    "moderate",
+    "left",
+    "right",
+    "bilateral",
+    "pleural",
+    "effusion",
+    "effusions",
+    "cardiomegaly",
+    "enlarged",
+    "heart",
+    "size",
+    "cardiac",
+    "silhouette",
+    "pneumothorax",
+    "lung",
+    "lungs",
+    "clear",
+    "apex",
+    "apical",
+    "base",
+    "basal",
+    "costophrenic",
+    "angle",
+    "blunting",
+    "opacity",
+    "consolidation",
+    "is",
+    "are",
+    "the",
+    "and",
+    "there",
+    "in",
+    "on",
+    "cell",
+    "nucleus",
+    "nuclei",
+    "lymphocyte",
+    "neutrophil",
+    "eosinophil",
+    "monocyte",
+    "fundus",
+    "retina",
+    "lesion",
+    "microaneurysm",
+    "microaneurysms",
+    "exudate",
+    "exudates",
+    "healthy",
+    "optic",
+    "disc",
+    "macula",
+    "vessel",
+    "vessels",
+    "abdomen",
+    "abdominal",
+    "liver",
+    "kidney",
+    "spine",
+    "bowel",
+    "ct",
+    "scan",
+    "axial",
+    "image",
+]
 
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2 / CLIP byte → printable unicode map."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1)
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
     )
     cs = bs[:]
     n = 0
@@ -54,7 +131,7 @@ def write_clip_tokenizer(
     merges: list[tuple[str, str]] = []
     seen = set(vocab)
     for word in dict.fromkeys(w.lower() for w in words):
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        symbols = [*word[:-1], word[-1] + "</w>"]
         while len(symbols) > 1:
             pair = (symbols[0], symbols[1])
             merged = pair[0] + pair[1]
@@ -69,23 +146,42 @@ def write_clip_tokenizer(
     (folder / "merges.txt").write_text(
         "#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n"
     )
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "CLIPTokenizer", "model_max_length": max_length,
-        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "do_lower_case": True,
-    }))
-    (folder / "special_tokens_map.json").write_text(json.dumps({
-        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
-    }))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "CLIPTokenizer",
+                "model_max_length": max_length,
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+                "do_lower_case": True,
+            }
+        )
+    )
+    (folder / "special_tokens_map.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+            }
+        )
+    )
     return folder
 
 
 def _ddpm_scheduler_config() -> dict[str, object]:
     return {
-        "_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear",
-        "beta_start": 0.0001, "beta_end": 0.02, "prediction_type": "epsilon",
-        "clip_sample": True, "clip_sample_range": 1.0,
+        "_class_name": "DDPMScheduler",
+        "num_train_timesteps": 1000,
+        "beta_schedule": "linear",
+        "beta_start": 0.0001,
+        "beta_end": 0.02,
+        "prediction_type": "epsilon",
+        "clip_sample": True,
+        "clip_sample_range": 1.0,
     }
 
 
@@ -108,17 +204,27 @@ def build_pixel_unet(
     torch.manual_seed(seed)
     n = len(block_out_channels)
     unet = UNet2DModel(
-        sample_size=size, in_channels=channels, out_channels=channels,
-        block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
-        down_block_types=("DownBlock2D",) * n, up_block_types=("UpBlock2D",) * n,
-        num_class_embeds=len(classes) if classes else None, norm_num_groups=8,
+        sample_size=size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=layers_per_block,
+        down_block_types=("DownBlock2D",) * n,
+        up_block_types=("UpBlock2D",) * n,
+        num_class_embeds=len(classes) if classes else None,
+        norm_num_groups=8,
     )
     unet.save_pretrained(folder / "unet")
     DDPMScheduler.from_config(_ddpm_scheduler_config()).save_pretrained(folder / "scheduler")
-    (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"],
-        "scheduler": ["diffusers", "DDPMScheduler"],
-    }))
+    (folder / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "DDPMPipeline",
+                "unet": ["diffusers", "UNet2DModel"],
+                "scheduler": ["diffusers", "DDPMScheduler"],
+            }
+        )
+    )
     meta: dict[str, object] = {"description": description, "labels": labels or {}}
     if classes:
         meta["classes"] = list(classes)
@@ -147,40 +253,72 @@ def build_text_to_image(
     tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
     torch.manual_seed(seed)
     vae = AutoencoderKL(
-        in_channels=image_channels, out_channels=image_channels, latent_channels=latent_channels,
-        block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8,
+        in_channels=image_channels,
+        out_channels=image_channels,
+        latent_channels=latent_channels,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=8,
         sample_size=size,
     )
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     n = len(unet_channels)
     unet = UNet2DConditionModel(
-        sample_size=size // factor, in_channels=latent_channels, out_channels=latent_channels,
-        block_out_channels=tuple(unet_channels), layers_per_block=1,
+        sample_size=size // factor,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        block_out_channels=tuple(unet_channels),
+        layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
-        cross_attention_dim=text_dim, attention_head_dim=8, norm_num_groups=8,
+        cross_attention_dim=text_dim,
+        attention_head_dim=8,
+        norm_num_groups=8,
     )
-    text = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=text_dim, intermediate_size=2 * text_dim,
-        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    ))
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=text_dim,
+            intermediate_size=2 * text_dim,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
     unet.save_pretrained(folder / "unet")
     vae.save_pretrained(folder / "vae")
     text.save_pretrained(folder / "text_encoder")
-    sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
-                          beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                          set_alpha_to_one=False, steps_offset=1)
+    sched = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
     sched.save_pretrained(folder / "scheduler")
-    (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"],
-        "safety_checker": [None, None], "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-    }))
-    (folder / "clinisynth.json").write_text(json.dumps(
-        {"description": description, "labels": labels or {}}, indent=2))
+    (folder / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "scheduler": ["diffusers", "DDIMScheduler"],
+                "safety_checker": [None, None],
+                "feature_extractor": [None, None],
+                "requires_safety_checker": False,
+            }
+        )
+    )
+    (folder / "clinisynth.json").write_text(
+        json.dumps({"description": description, "labels": labels or {}}, indent=2)
+    )
     return folder

@@ -5,9 +5,9 @@ from __future__ import annotations
 import datetime as dt
 
 import numpy as np
-from clinisynth.v1 import common_pb2
 from google.protobuf import timestamp_pb2
 
+from clinisynth.v1 import common_pb2
 from clinisynth_server.catalog import ModelRecord
 from clinisynth_server.errors import InvalidArgument
 from clinisynth_server.imaging import decode as imdecode

@@ -163,9 +163,8 @@ def test_triton_down_is_unavailable(store_url, session_dir):
     running = start_service("generator", "127.0.0.1:1", store_url, session_dir)
     try:
         with clinisynth.Client(endpoints={"generator": running.address}, retries=0,
-                               timeout=60) as client:
-            with pytest.raises(clinisynth.UnavailableError):
-                client.generate("cells-tiny", class_name="monocyte", seed=1, steps=2)
+                               timeout=60) as client, pytest.raises(clinisynth.UnavailableError):
+            client.generate("cells-tiny", class_name="monocyte", seed=1, steps=2)
     finally:
         running.stop(0)
 
@@ -177,8 +176,7 @@ def test_store_down_is_unavailable(session_dir):
                             store_endpoint="127.0.0.1:9")
     try:
         with clinisynth.Client(endpoints={"generator": running.address}, retries=0,
-                               timeout=60) as client:
-            with pytest.raises(clinisynth.UnavailableError):
-                client.list_models()
+                               timeout=60) as client, pytest.raises(clinisynth.UnavailableError):
+            client.list_models()
     finally:
         running.stop(0)

@@ -82,7 +82,7 @@ def _logs(home) -> str:
 
 
 def test_status_json_maps_every_service_and_metrics(stack):
-    env, info, home = stack
+    env, _info, _home = stack
     status = _cli(env, "status", "--json", timeout=60)
     assert status.returncode == 0, status.stdout + status.stderr
     data = json.loads(status.stdout)
@@ -167,7 +167,8 @@ def test_real_prometheus_scrapes_the_stack_and_the_catalogue_is_live(stack, tmp_
         proc.wait(30)
 
     # Every metric in the catalogue is really exported by the target it names.
-    catalogue = yaml.safe_load(open(os.path.join(ROOT, "deploy/prometheus/metrics.yaml")))
+    with open(os.path.join(ROOT, "deploy/prometheus/metrics.yaml")) as f:
+        catalogue = yaml.safe_load(f)
     exported: dict[str, set[str]] = {}
     for name, addr in targets.items():
         text = urllib.request.urlopen(f"http://{addr}/metrics", timeout=10).read().decode()

@@ -19,12 +19,13 @@ import pytest
 
 # The shared contract lives in the package: let pytest explain its failed asserts too.
 pytest.register_assert_rewrite("clinisynth_server.store.testing")
+from minio import Minio  # noqa: E402
+from moto.server import ThreadedMotoServer  # noqa: E402
+
 from clinisynth_server.errors import FailedPrecondition, Internal, NotFound, Unavailable  # noqa: E402
 from clinisynth_server.store import open_store  # noqa: E402
 from clinisynth_server.store.s3 import S3Store  # noqa: E402
 from clinisynth_server.store.testing import StoreContract, payload, sha  # noqa: E402
-from minio import Minio  # noqa: E402
-from moto.server import ThreadedMotoServer  # noqa: E402
 
 pytestmark = [pytest.mark.stack, pytest.mark.timeout(120)]
 

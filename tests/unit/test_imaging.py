@@ -15,6 +15,11 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
+
 from clinisynth_server.errors import InvalidArgument
 from clinisynth_server.imaging import (
     DICOM_PRIVATE_CREATOR,
@@ -37,10 +42,6 @@ from clinisynth_server.imaging import (
     safe_log_repr,
     synthetic_patient_id,
 )
-from PIL import Image
-from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence as DicomSequence
 
 DCIODVFY = shutil.which("dciodvfy")
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+
 from clinisynth_server.errors import InvalidArgument
 from clinisynth_server.methods.classifier import (
     Classifier,

@@ -6,6 +6,11 @@ import math
 
 import pytest
 import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
 from clinisynth_server.errors import Cancelled, InvalidArgument
 from clinisynth_server.methods.classifier import Classifier, ClassifierConfig
 from clinisynth_server.methods.counterfactual import (
@@ -19,10 +24,6 @@ from clinisynth_server.methods.counterfactual import (
     run_counterfactual,
 )
 from clinisynth_server.methods.sampling import Cond, predict_x0, unet_eps_fn
-from diffusers import DDPMScheduler, UNet2DModel
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from torch import Tensor, nn
 
 
 @pytest.fixture(autouse=True, scope="module")

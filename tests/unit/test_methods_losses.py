@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
+
 from clinisynth_server.errors import InvalidArgument
 from clinisynth_server.methods.losses import (
     diffusion_loss,
@@ -13,7 +15,6 @@ from clinisynth_server.methods.losses import (
     reward_weighted_loss,
 )
 from clinisynth_server.methods.sampling import Cond, unet_eps_fn
-from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
 
 @pytest.fixture(autouse=True, scope="module")

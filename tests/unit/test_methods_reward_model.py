@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from clinisynth_server.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound
 from clinisynth_server.methods.backbones import build_backbone
 from clinisynth_server.methods.classifier import Classifier, ClassifierConfig

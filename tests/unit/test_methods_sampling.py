@@ -4,6 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMPipeline,
+    DDIMScheduler,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
+
 from clinisynth_server.errors import Cancelled, InvalidArgument
 from clinisynth_server.methods.sampling import (
     Cond,
@@ -15,15 +25,6 @@ from clinisynth_server.methods.sampling import (
     vae_decode_fn,
 )
 from clinisynth_server.methods.schedulers import SAMPLERS, make_scheduler
-from diffusers import (
-    AutoencoderKL,
-    DDIMPipeline,
-    DDIMScheduler,
-    DDPMScheduler,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-    UNet2DModel,
-)
 
 ATOL = 1e-5
 

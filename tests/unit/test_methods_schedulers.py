@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from clinisynth_server.errors import InvalidArgument
-from clinisynth_server.methods.schedulers import SAMPLERS, make_scheduler
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
@@ -12,6 +10,9 @@ from diffusers import (
     EulerDiscreteScheduler,
     PNDMScheduler,
 )
+
+from clinisynth_server.errors import InvalidArgument
+from clinisynth_server.methods.schedulers import SAMPLERS, make_scheduler
 
 
 def test_sampler_names() -> None:

@@ -130,7 +130,7 @@ def _measure(clinisynth, address: str, work: pathlib.Path, ns) -> dict[str, floa
         local.append(in_process_latency(work / "model", ns.steps, ns.size, r))
     # Throughput: 8 concurrent clients vs the in-process pipeline run 8 times in a row.
     conc, seq = [], []
-    for r in range(max(1, ns.repeats // 2)):
+    for _ in range(max(1, ns.repeats // 2)):
         threads = [threading.Thread(target=client.generate, args=("bench",),
                                     kwargs={"seed": 100 + i, **opts})
                    for i in range(ns.clients)]

@@ -6,8 +6,8 @@ import pathlib
 from collections.abc import Callable, Sequence
 
 import grpc
-from clinisynth.v1 import generator_pb2, generator_pb2_grpc
 
+from clinisynth.v1 import generator_pb2, generator_pb2_grpc
 from clinisynth_server.catalog import Catalog
 from clinisynth_server.generator.service import Generator
 from clinisynth_server.generator.servicer import GeneratorServicer

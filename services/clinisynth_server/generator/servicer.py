@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from clinisynth.v1 import common_pb2, generator_pb2, generator_pb2_grpc
-
 from clinisynth_server import protoconv
 from clinisynth_server.catalog import Catalog
 from clinisynth_server.errors import InvalidArgument
