@@ -61,10 +61,8 @@ def _export(client: Any, store: Any, job: Any, name: str, domain: str, out: path
     dest = out / name
     if dest.exists():
         shutil.rmtree(dest)
-    # The checkpoint reference names its folder (or a file in it); its model/ is registrable.
-    key = best.key.rstrip("/")
-    prefix = key.rsplit("/", 1)[0] + "/" if "." in key.rsplit("/", 1)[-1] else key + "/"
-    store.download_dir(prefix + "model/", dest)
+    # The checkpoint reference is its registrable model folder ("…/checkpoints/<id>/model/").
+    store.download_dir(best.key, dest)
     meta_path = dest / "clinisynth.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     meta.setdefault("labels", {})["domain"] = domain
@@ -96,6 +94,19 @@ def _feedback_round(client: Any, generator: str, classes: list[str], per_class: 
                     plausible=verdict.plausible, client_request_id=f"demo-{cls}-{img.seed}",
                     generator=f"{generator}", comment=",".join(verdict.failures))
                 judged += 1
+    # Experts also judge uploaded images: real phantoms and corrupted ones, so the reward model
+    # sees both verdicts even when the generator's samples are still mostly implausible.
+    images, labels = cells.generate(per_class * len(classes), seed=7, size=SIZE)
+    rng = np.random.default_rng(7)
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        if i % 2:
+            image = cells.corrupt(image, cells.CORRUPTIONS[i // 2 % len(cells.CORRUPTIONS)], rng)
+        verdict = cells.oracle(image, int(label))
+        client.feedback.submit(
+            image=image.astype(np.float32) / 255.0, class_name=classes[int(label)],
+            rater_id="oracle", plausible=verdict.plausible,
+            client_request_id=f"demo-upload-{i}", comment=",".join(verdict.failures))
+        judged += 1
     export = client.feedback.export(prefix="exports/demo-cells/")
     print(f"[feedback] {judged} judgements exported to {export.prefix}", flush=True)
     return export.prefix
@@ -153,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             if want("fundus"):
                 job = _train(client, "diffusion_pretrain", fundus_ds, "fundus", {
                     "max_steps": steps(1500), "batch_size": 32, "learning_rate": 3e-4,
-                    "conditioning": "unconditional", "block_out_channels": "32,64,64",
+                    "conditioning": "none", "block_out_channels": "32,64,64",
                     "ema": "true", "ema_decay": 0.995, "seed": 0,
                     "checkpoint_every": steps(250)})
                 _export(client, store, job, "fundus", "fundus", ns.out)
