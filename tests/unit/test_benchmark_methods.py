@@ -155,7 +155,8 @@ def test_main_writes_tables_json_and_contact_sheets(tmp_path: pathlib.Path) -> N
     assert rc == 0
     text = (out / "methods.md").read_text()
     assert "Counterfactuals" in text and "| direction |" in text
-    data = json.loads((out / "methods.json").read_text())
+    data = json.loads((out / "methods.json").read_text())["studies"]["counterfactual"]
     assert data["seeds"] == [0] and data["machine"]["cores"] >= 1
-    assert data["studies"]["counterfactual"]["per_seed"][0]["results"]
+    assert data["per_seed"][0]["results"]
+    assert (out / "counterfactual.md").read_text().strip() in text  # per-study files merge
     assert (out / "counterfactual-contact-sheet.png").stat().st_size > 0

@@ -220,10 +220,12 @@ def _section(name: str, res: dict[str, Any], clean: dict[str, Any], module: Any,
         lines.append(module.table(res))
         lines.append(
             f"\nMean ± sd over seeds {seeds}; every arm evaluated paired on the same "
-            f"{cfg['n_eval']} seeds (DDIM {cfg['eval_steps']}, η = 0), judged by the oracle. "
+            f"{cfg['n_eval']} seeds ({cfg['eval_sampler']} {cfg['eval_steps']} steps, same "
+            f"initial and per-step noise), judged by the oracle. "
             f"Generator: {res['generator']}. Fine-tuning: {cfg['ft_steps']} steps, lr "
             f"{cfg['ft_lr']}, β = {cfg['beta']}, real:synthetic = {cfg['real_to_synthetic']}, "
-            f"pool {cfg['pool_size']} (DDIM {cfg['pool_steps']}, η = {cfg['pool_eta']}), "
+            f"pool {cfg['pool_size']} ({cfg['pool_sampler']} {cfg['pool_steps']} steps, η = "
+            f"{cfg['pool_eta']}), "
             f"{cfg['rounds']} round(s), EMA {cfg['ema']} ({cfg['ema_decay']}), min_reward "
             f"{cfg['min_reward']}. Reward model: {cfg['n_labels']} oracle labels per seed, "
             f"image branch from the real-phantom classifier (test accuracy "

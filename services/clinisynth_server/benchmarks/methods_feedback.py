@@ -79,7 +79,7 @@ class FeedbackConfig:
     pretrain_lr: float = 2e-4
     pretrain_ema_decay: float = 0.995
     # feedback + reward model (reward_model)
-    n_labels: int = 512
+    n_labels: int = 384
     rm_steps: int = 200
     rm_lr: float = 1e-4
     # reward_finetune knobs (FINDINGS.md)
@@ -89,8 +89,9 @@ class FeedbackConfig:
     ft_warmup: int = 10
     beta: float = 1.0
     real_to_synthetic: float = 1.0
-    pool_size: int = 512
-    pool_steps: int = 25
+    pool_size: int = 384
+    pool_sampler: str = "ddpm"  # stochastic ancestral sampling (FINDINGS: not deterministic)
+    pool_steps: int = 50
     pool_eta: float = 1.0
     rounds: int = 1
     ema: bool = True
@@ -98,8 +99,9 @@ class FeedbackConfig:
     min_reward: float = 0.0
     filter_threshold: float = 0.5  # min_reward of the reward_filtered arm
     # evaluation
-    n_eval: int = 300
-    eval_steps: int = 25
+    n_eval: int = 200
+    eval_sampler: str = "ddpm"  # paired all the same: per-image seeded noise streams
+    eval_steps: int = 50
     downstream_epochs: int = 10
     arms: tuple[str, ...] = ARMS
 
@@ -109,7 +111,7 @@ class FeedbackConfig:
 
     @classmethod
     def full(cls) -> FeedbackConfig:
-        return cls(n_real=4000, pretrain_steps=3000, n_labels=1000, rm_steps=300, ft_steps=300,
+        return cls(n_real=4000, pretrain_steps=4000, n_labels=1000, rm_steps=300, ft_steps=300,
                    pool_size=1200, n_eval=600, clf_steps=500)
 
     @classmethod
@@ -202,18 +204,45 @@ def prepare_assets(cfg: FeedbackConfig, runner: JobRunner, work: pathlib.Path, *
         gen_dir, source = ship, "shipped deploy/models/cells"
     else:
         def build_generator(out: pathlib.Path) -> None:
-            runner.run("diffusion_pretrain", {
-                "max_steps": cfg.pretrain_steps, "batch_size": cfg.pretrain_batch,
-                "learning_rate": cfg.pretrain_lr, "lr_warmup_steps": min(100, cfg.pretrain_steps),
-                "checkpoint_every": cfg.pretrain_steps, "conditioning": "class",
+            # Continue from a cached generator of the same set-up trained for fewer steps (the
+            # job's base_model), so raising pretrain_steps costs only the extra steps.
+            done, base = _shorter_cached_generator(cfg, cache)
+            params: dict[str, Any] = {
+                "max_steps": cfg.pretrain_steps - done, "batch_size": cfg.pretrain_batch,
+                "learning_rate": cfg.pretrain_lr,
+                "lr_warmup_steps": min(100, cfg.pretrain_steps - done),
+                "checkpoint_every": cfg.pretrain_steps - done, "conditioning": "class",
                 "block_out_channels": cfg.gen_channels, "ema": True,
-                "ema_decay": cfg.pretrain_ema_decay, "seed": 0,
-            }, real_dir, out, data_shape=(cfg.size, 1))
+                "ema_decay": cfg.pretrain_ema_decay, "seed": done,
+            }
+            if base is not None:
+                say(f"cells generator: continuing {base.name} ({done} steps) to "
+                    f"{cfg.pretrain_steps}")
+                params["base_model"] = runner.publish(base, "cells-generator-base")
+            runner.run("diffusion_pretrain", params, real_dir, out, data_shape=(cfg.size, 1))
 
         gen_dir = cached("cells-generator", cfg.generator_key(), build_generator,
                          refresh=refresh, root=cache)
         source = f"diffusion_pretrain, {cfg.pretrain_steps} steps (cached)"
     return CellsAssets(real_dir, from_uint8(x_te), y_te, clf_dir, gen_dir, source)
+
+
+def _shorter_cached_generator(cfg: FeedbackConfig, cache: pathlib.Path | None
+                              ) -> tuple[int, pathlib.Path | None]:
+    """(steps, folder) of the longest cached generator with this set-up and fewer steps."""
+    from clinisynth_server.benchmarks.methods_common import cache_root
+
+    want = {k: v for k, v in cfg.generator_key().items() if k != "pretrain_steps"}
+    best: tuple[int, pathlib.Path | None] = (0, None)
+    for folder in (cache or cache_root()).glob("cells-generator-*"):
+        meta = folder / "benchmark-config.json"
+        if not meta.is_file():
+            continue
+        got = json.loads(meta.read_text())
+        steps = int(got.get("pretrain_steps", 0))
+        if {k: got.get(k) for k in want} == want and best[0] < steps < cfg.pretrain_steps:
+            best = (steps, folder)
+    return best
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,13 +286,13 @@ def judge(images: torch.Tensor, class_names: list[str]) -> tuple[np.ndarray, dic
 def evaluate_generator(gen_dir: pathlib.Path, cfg: FeedbackConfig, seed: int,
                        assets: CellsAssets, clf: torch.nn.Module,
                        real_feats: torch.Tensor) -> dict[str, Any]:
-    """Paired evaluation: the same seeds for every arm (deterministic DDIM, η = 0)."""
+    """Paired evaluation: the same seeds (initial and per-step noise) for every arm."""
     from clinisynth_server.methods.classifier import Classifier, ClassifierConfig, train_classifier
     from clinisynth_server.methods.evaluation import features
     from clinisynth_server.phantoms import cells
 
     x, names = sample_cells(gen_dir, cfg.n_eval, 10_000_000 * (seed + 1), steps=cfg.eval_steps,
-                            eta=0.0)
+                            eta=0.0, sampler=cfg.eval_sampler)
     ok, fails = judge(x, names)
     out: dict[str, Any] = {"plausibility": float(ok.mean()), "failures": fails}
     out.update(fidelity(real_feats, features(classifier_features(clf), x), seed=seed))
@@ -296,7 +325,7 @@ def run_seed(cfg: FeedbackConfig, seed: int, runner: JobRunner, assets: CellsAss
     # 1. Feedback: the oracle judges a fresh sample set of the pretrained generator.
     say(f"feedback seed {seed}: {cfg.n_labels} samples for the oracle")
     xf, names = sample_cells(assets.generator_dir, cfg.n_labels, 20_000_000 * (seed + 1),
-                             steps=cfg.pool_steps, eta=cfg.pool_eta)
+                             steps=cfg.pool_steps, eta=cfg.pool_eta, sampler=cfg.pool_sampler)
     ok, _ = judge(xf, names)
     res["feedback_plausible_share"] = float(ok.mean())
     fb_x, fb_names, fb_ok = to_uint8(xf), list(names), list(ok)
@@ -386,7 +415,8 @@ def _finetune_arm(cfg: FeedbackConfig, arm: str, seed: int, runner: JobRunner,
         "learning_rate": cfg.ft_lr, "lr_warmup_steps": cfg.ft_warmup,
         "checkpoint_every": cfg.ft_steps, "base_model": gen_ref, "reward_model": rm_ref,
         "beta": cfg.beta, "real_to_synthetic": cfg.real_to_synthetic,
-        "pool_size": cfg.pool_size, "pool_sampler": "ddim", "pool_steps": cfg.pool_steps,
+        "pool_size": cfg.pool_size, "pool_sampler": cfg.pool_sampler,
+        "pool_steps": cfg.pool_steps,
         "pool_eta": cfg.pool_eta, "pool_batch": 64, "rounds": cfg.rounds,
         "weighting": "uniform" if arm == "uniform" else "reward",
         "min_reward": min_reward, "ema": cfg.ema, "ema_decay": cfg.ema_decay,
