@@ -71,3 +71,13 @@ def test_feedback_export(store) -> None:  # type: ignore[no-untyped-def]
     assert report.per_class == {"a": 2, "b": 2}
     problems = datasets.check_classes(report, ["a"], "cells@1")
     assert problems == ["unknown class 'b' (2 images): cells@1 has a"]
+
+
+def test_phantom_manifests_are_readable_by_the_finetune_reader(tmp_path):
+    """phantoms/datasets.py writes "file" keys; the reader takes them as "image"."""
+    from clinisynth_server.finetune import datasets as fd
+    from clinisynth_server.phantoms import datasets as pd
+
+    pd.write_phantom_dataset("chest", tmp_path / "ds", n=6, size=32)
+    report = fd.validate(fd.FolderSource(tmp_path / "ds"), "", "image_text_manifest")
+    assert report.problems == [] and report.images == 6

@@ -225,7 +225,8 @@ def _read_index(
         if not isinstance(obj, dict):
             report.problem(f"{where}: expected a JSON object")
             continue
-        image = obj.get("image")
+        # "file" is the phantom writers' name for the same field (phantoms/datasets.py).
+        image = obj.get("image", obj.get("file"))
         if not isinstance(image, str) or not image:
             report.problem(f"{where}: 'image' (a relative path) is missing")
             continue
