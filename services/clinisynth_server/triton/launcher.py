@@ -246,7 +246,9 @@ class TritonServer:
                     f"{self.log_tail()}",
                     reason="TRITON_START_FAILED",
                 )
-            if self.is_ready():
+            # Ready only when *this* process logged its endpoints: another server on a port we
+            # picked could otherwise answer the readiness probe while ours fails to bind.
+            if self._started_here() and self.is_ready():
                 return self
             time.sleep(delay)
             delay = min(delay * 1.5, 0.5)
@@ -256,6 +258,18 @@ class TritonServer:
             f"{self.log_tail()}",
             reason="TRITON_START_TIMEOUT",
         )
+
+    def _started_here(self) -> bool:
+        if self._proc is None:
+            return False
+        pid = f" {self._proc.pid} "
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return False
+        lines = [ln for ln in text.splitlines() if pid in ln]
+        return (any("Started GRPCInferenceService" in ln for ln in lines)
+                and any("Started HTTPService" in ln for ln in lines))
 
     def is_ready(self) -> bool:
         """HTTP ``/v2/health/ready`` answers 200 (strict: every model in the repo is ready)."""
