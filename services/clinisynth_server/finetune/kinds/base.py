@@ -75,6 +75,15 @@ class TrainContext:
         else:
             self.accelerator.backward(loss)
 
+    def update(self, loss: torch.Tensor, params: Any, optimizer: Any, lr: Any,
+               max_grad_norm: float) -> None:
+        """One optimizer update: backward, clip, step, LR step, zero the gradients."""
+        self.backward(loss)
+        self.clip(params, max_grad_norm)
+        optimizer.step()
+        lr.step()
+        optimizer.zero_grad(set_to_none=True)
+
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return self.accelerator.unwrap_model(model) if self.accelerator is not None else model
 

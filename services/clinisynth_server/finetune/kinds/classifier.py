@@ -135,11 +135,8 @@ class ClassifierTrainer:
         idx = self.sampler.next()
         x, y = self.x_tr[idx].to(self.ctx.device), self.y_tr[idx].to(self.ctx.device)
         loss = self._loss(x, y)
-        self.ctx.backward(loss)
-        self.ctx.clip(self.model.parameters(), self.p["max_grad_norm"])
-        self.optimizer.step()
-        self.lr.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.ctx.update(loss, self.model.parameters(), self.optimizer, self.lr,
+                        self.p["max_grad_norm"])
         return {"loss": float(loss.detach())}
 
     @torch.no_grad()

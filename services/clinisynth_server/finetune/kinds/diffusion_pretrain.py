@@ -185,11 +185,8 @@ class DiffusionTrainer:
         noise = torch.randn(x0.shape, generator=self.gen).to(x0.device)
         t = torch.randint(0, self.T, (x0.shape[0],), generator=self.gen).to(x0.device)
         loss = diffusion_loss(self.eps, x0, cond, t, noise, self.noise_scheduler)
-        self.ctx.backward(loss)
-        self.ctx.clip(self.model.parameters(), self.p["max_grad_norm"])
-        self.optimizer.step()
-        self.lr.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.ctx.update(loss, self.model.parameters(), self.optimizer, self.lr,
+                        self.p["max_grad_norm"])
         if self.ema is not None:
             self.ema.update(self.ctx.unwrap(self.model))
         return {"loss": float(loss.detach()), "lr": self.lr.get_last_lr()[0]}

@@ -261,11 +261,8 @@ class RewardFinetuneTrainer:
             real_term = losses[: len(ri)].mean()
             syn_term = (r.to(losses.dtype) * losses[len(ri):]).mean()
             loss = beta * real_term + syn_term
-        self.ctx.backward(loss)
-        self.ctx.clip(self.model.parameters(), self.p["max_grad_norm"])
-        self.optimizer.step()
-        self.lr.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.ctx.update(loss, self.model.parameters(), self.optimizer, self.lr,
+                        self.p["max_grad_norm"])
         if self.ema is not None:
             self.ema.update(self.ctx.unwrap(self.model))
         return {"loss": float(loss.detach()), "loss_real": float(real_term),

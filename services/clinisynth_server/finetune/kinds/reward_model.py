@@ -158,11 +158,8 @@ class RewardTrainer:
         logits = self.model(self.x_tr[idx].to(dev), self.y_tr[idx].to(dev))
         target = F.one_hot((~self.a_tr[idx]).long(), 2).float().to(dev)
         loss = F.mse_loss(logits, target)
-        self.ctx.backward(loss)
-        self.ctx.clip(self.model.parameters(), self.p["max_grad_norm"])
-        self.optimizer.step()
-        self.lr.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.ctx.update(loss, self.model.parameters(), self.optimizer, self.lr,
+                        self.p["max_grad_norm"])
         return {"loss": float(loss.detach())}
 
     @torch.no_grad()

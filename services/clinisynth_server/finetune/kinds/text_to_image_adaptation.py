@@ -300,11 +300,7 @@ class TextToImageTrainer:
                 loss = diffusion_loss(self.eps, z0, cond, t, noise, self.noise_scheduler)
                 total = total + loss
                 metrics["loss_diffusion"] = float(loss.detach())
-        self.ctx.backward(total)
-        self.ctx.clip(self.params, p["max_grad_norm"])
-        self.optimizer.step()
-        self.lr.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.ctx.update(total, self.params, self.optimizer, self.lr, p["max_grad_norm"])
         if self.token_id is not None and not p["train_text_encoder"]:
             # Only the new token's row may move: restore every other row.
             emb = self.ctx.unwrap(self.text_encoder).get_input_embeddings().weight
