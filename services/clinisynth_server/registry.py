@@ -121,7 +121,11 @@ def register_folder(
     repo_dir = pathlib.Path(model_repository)
     meta = _read_json(folder / "clinisynth.json")
     kind = meta.get("kind") or detect_kind(folder)
-    version = catalog.next_version(name)
+    # Free in the catalog and in the repository: an interrupted registration can leave
+    # component versions behind without a catalog record.
+    taken = [v for model in repository.list_models(repo_dir) if model.startswith(f"{name}.")
+             for v in repository.list_versions(repo_dir, model)] if repo_dir.is_dir() else []
+    version = max(catalog.next_version(name), max(taken, default=0) + 1)
     extra: dict[str, Any] = dict(meta.get("extra", {}))
     components: dict[str, str] = {}
 

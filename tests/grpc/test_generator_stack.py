@@ -180,3 +180,18 @@ def test_store_down_is_unavailable(session_dir):
             client.list_models()
     finally:
         running.stop(0)
+
+
+def test_registration_skips_versions_left_by_an_interrupted_one(session_dir, catalog, store,
+                                                                 model_repository):
+    from clinisynth_server import builders, registry
+    from clinisynth_server.triton import repository
+
+    folder = builders.build_pixel_unet(session_dir / "leftover", size=16, classes=["a", "b"])
+    # An earlier registration wrote the Triton component, then died before the catalog record.
+    repository.write_model(model_repository, "leftover.denoiser", "denoiser", folder / "unet",
+                           version=1)
+    record = registry.register_folder(folder, "leftover", catalog=catalog, store=store,
+                                      model_repository=model_repository)
+    assert record.version == 2 and record.component_versions == {"denoiser": 2}
+    assert repository.list_versions(model_repository, "leftover.denoiser") == [1, 2]
