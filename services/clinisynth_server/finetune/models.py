@@ -50,7 +50,7 @@ def resolve(ref: str, catalog: Catalog, store: ArtifactStore, *, field_name: str
         return BaseModel(ref, record.kind, list(record.classes), record=record)
     prefix = dir_prefix(ref.rstrip("/"), field_name)
     try:
-        names = {info.key[len(prefix):] for info in store.list(prefix)}
+        names = {info.key[len(prefix) :] for info in store.list(prefix)}
     except ClinisynthError as exc:
         raise InvalidArgument.for_field(field_name, f"cannot list {prefix!r}: {exc}") from exc
     if not names:
@@ -115,21 +115,32 @@ def materialize(
         tok = record.extra.get("tokenizer_prefix", "")
         store.download_dir(tok, dest / "tokenizer")
         scheduler["_class_name"] = record.scheduler.get("_class_name", "DDIMScheduler")
-        (dest / "model_index.json").write_text(json.dumps({
-            "_class_name": "StableDiffusionPipeline",
-            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "scheduler": ["diffusers", scheduler["_class_name"]],
-            "safety_checker": [None, None], "feature_extractor": [None, None],
-            "requires_safety_checker": False,
-        }))
+        (dest / "model_index.json").write_text(
+            json.dumps(
+                {
+                    "_class_name": "StableDiffusionPipeline",
+                    "unet": ["diffusers", "UNet2DConditionModel"],
+                    "vae": ["diffusers", "AutoencoderKL"],
+                    "text_encoder": ["transformers", "CLIPTextModel"],
+                    "tokenizer": ["transformers", "CLIPTokenizer"],
+                    "scheduler": ["diffusers", scheduler["_class_name"]],
+                    "safety_checker": [None, None],
+                    "feature_extractor": [None, None],
+                    "requires_safety_checker": False,
+                }
+            )
+        )
     elif record.kind in ("class_conditional", "unconditional"):
         shutil.copytree(weights("denoiser"), dest / "unet")
-        (dest / "model_index.json").write_text(json.dumps({
-            "_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"],
-            "scheduler": ["diffusers", "DDPMScheduler"],
-        }))
+        (dest / "model_index.json").write_text(
+            json.dumps(
+                {
+                    "_class_name": "DDPMPipeline",
+                    "unet": ["diffusers", "UNet2DModel"],
+                    "scheduler": ["diffusers", "DDPMScheduler"],
+                }
+            )
+        )
     else:
         role = next(iter(record.components))
         shutil.rmtree(dest)
@@ -137,7 +148,21 @@ def materialize(
         return dest
     (dest / "scheduler").mkdir(exist_ok=True)
     (dest / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
-    (dest / "clinisynth.json").write_text(json.dumps({
-        "classes": record.classes, "description": record.description, "labels": record.labels,
-    }))
+    (dest / "clinisynth.json").write_text(
+        json.dumps(
+            {
+                "classes": record.classes,
+                "description": record.description,
+                "labels": record.labels,
+            }
+        )
+    )
     return dest
+
+
+def fetch(
+    ref: str, ctx: Any, dest: pathlib.Path, *, field_name: str
+) -> tuple[BaseModel, pathlib.Path]:
+    """Resolve ``ref`` (catalog name or store prefix) and materialize it under ``dest``."""
+    base = resolve(ref, ctx.catalog, ctx.store, field_name=field_name)
+    return base, materialize(base, dest, store=ctx.store, model_repository=ctx.model_repository)

@@ -75,8 +75,9 @@ class TrainContext:
         else:
             self.accelerator.backward(loss)
 
-    def update(self, loss: torch.Tensor, params: Any, optimizer: Any, lr: Any,
-               max_grad_norm: float) -> None:
+    def update(
+        self, loss: torch.Tensor, params: Any, optimizer: Any, lr: Any, max_grad_norm: float
+    ) -> None:
         """One optimizer update: backward, clip, step, LR step, zero the gradients."""
         self.backward(loss)
         self.clip(params, max_grad_norm)

@@ -42,19 +42,35 @@ NAME = "classifier"
 TRITON_ROLE = "classifier"
 
 PARAMS = (
-    *common_params(max_steps=500, batch_size=64, learning_rate=1e-3, checkpoint_every=100,
-                   lr_schedule="cosine", weight_decay=5e-4),
-    Param("adversarial", "choice", "none", "none (plain), pgd or trades (robust, L2 ball)",
-          choices=ADVERSARIAL),
+    *common_params(
+        max_steps=500,
+        batch_size=64,
+        learning_rate=1e-3,
+        checkpoint_every=100,
+        lr_schedule="cosine",
+        weight_decay=5e-4,
+    ),
+    Param(
+        "adversarial",
+        "choice",
+        "none",
+        "none (plain), pgd or trades (robust, L2 ball)",
+        choices=ADVERSARIAL,
+    ),
     Param("eps", "float", "0.5", "radius ε of the L2 threat ball", minimum=1e-6, maximum=100.0),
     Param("attack_steps", "int", "7", "PGD steps of the inner attack", minimum=1, maximum=100),
-    Param("attack_step_size", "float", "0", "step of the attack (0 = 2.5·ε / steps)",
-          minimum=0),
+    Param("attack_step_size", "float", "0", "step of the attack (0 = 2.5·ε / steps)", minimum=0),
     Param("trades_beta", "float", "6.0", "TRADES trade-off β", minimum=0),
     Param("backbone", "choice", "small_cnn", "image backbone", choices=BACKBONES),
     Param("backbone_width", "int", "16", "small_cnn width", minimum=4, maximum=256),
-    Param("val_fraction", "float", "0.1", "validation split (temperature scaling, best "
-          "checkpoint)", minimum=0.0, maximum=0.9),
+    Param(
+        "val_fraction",
+        "float",
+        "0.1",
+        "validation split (temperature scaling, best checkpoint)",
+        minimum=0.0,
+        maximum=0.9,
+    ),
     Param("calibrate", "bool", "true", "fit the temperature T on the validation split"),
     Param("size", "int", "0", "image side (0 = the data's)", minimum=0, maximum=1024),
     Param("channels", "int", "0", "1 or 3 (0 = from the data)", minimum=0, maximum=3),
@@ -64,18 +80,31 @@ PARAMS = (
 def check(params: dict[str, Any], report: DatasetReport, ctx: CheckContext) -> list[FieldViolation]:
     out = []
     if len(report.classes) < 2:
-        out.append(FieldViolation("dataset", f"a classifier needs ≥ 2 class folders, found "
-                                  f"{len(report.classes)} ({', '.join(report.classes)})"))
+        out.append(
+            FieldViolation(
+                "dataset",
+                f"a classifier needs ≥ 2 class folders, found "
+                f"{len(report.classes)} ({', '.join(report.classes)})",
+            )
+        )
     if report.images < 4:
         out.append(FieldViolation("dataset", f"only {report.images} images"))
     return out
 
 
-def scorer_meta(kind: str, role: str, classes: list[str], size: int, channels: int,
-                **extra: Any) -> dict[str, Any]:
-    return {"kind": kind, "triton_role": role, "component": kind if kind != "reward" else
-            "scorer", "classes": classes, "width": size, "height": size, "channels": channels,
-            **extra}
+def scorer_meta(
+    kind: str, role: str, classes: list[str], size: int, channels: int, **extra: Any
+) -> dict[str, Any]:
+    return {
+        "kind": kind,
+        "triton_role": role,
+        "component": kind if kind != "reward" else "scorer",
+        "classes": classes,
+        "width": size,
+        "height": size,
+        "channels": channels,
+        **extra,
+    }
 
 
 class ClassifierTrainer:
@@ -89,21 +118,27 @@ class ClassifierTrainer:
         self.classes = report.classes
         self.size = p["size"] or report.size
         self.channels = p["channels"] or report.channels
-        images = load_images(ctx.source, [e.path for e in report.entries], size=self.size,
-                             channels=self.channels)
+        images = load_images(
+            ctx.source, [e.path for e in report.entries], size=self.size, channels=self.channels
+        )
         labels = torch.tensor([self.classes.index(e.class_name) for e in report.entries])
         x = torch.from_numpy(images)
         train_idx, val_idx = split_indices(len(x), p["val_fraction"], p["seed"])
         self.x_tr, self.y_tr = x[train_idx], labels[train_idx]
         self.x_val, self.y_val = x[val_idx], labels[val_idx]
-        self.net = Classifier(ClassifierConfig(
-            num_classes=len(self.classes), in_channels=self.channels, backbone=p["backbone"],
-            backbone_width=p["backbone_width"],
-        ))
+        self.net = Classifier(
+            ClassifierConfig(
+                num_classes=len(self.classes),
+                in_channels=self.channels,
+                backbone=p["backbone"],
+                backbone_width=p["backbone_width"],
+            )
+        )
         self.optimizer, self.lr = make_optimizer(self.net.parameters(), p)
         self.model, self.optimizer = ctx.prepare(self.net, self.optimizer)
-        self.sampler = EpochSampler(len(self.x_tr), p["batch_size"], p["seed"],
-                                    rank=ctx.rank, world=ctx.world_size)
+        self.sampler = EpochSampler(
+            len(self.x_tr), p["batch_size"], p["seed"], rank=ctx.rank, world=ctx.world_size
+        )
         self.gen = torch.Generator().manual_seed(p["seed"] + 2)
         self.step_size = p["attack_step_size"] or 2.5 * p["eps"] / p["attack_steps"]
 
@@ -115,17 +150,28 @@ class ClassifierTrainer:
             return F.cross_entropy(raw(x), y)
         model.eval()  # attack against fixed BatchNorm statistics
         if p["adversarial"] == "pgd":
-            x_adv = l2_attack(raw, x, lambda lg: F.cross_entropy(lg, y, reduction="sum"),
-                              eps=p["eps"], steps=p["attack_steps"], step_size=self.step_size,
-                              generator=self.gen)
+            x_adv = l2_attack(
+                raw,
+                x,
+                lambda lg: F.cross_entropy(lg, y, reduction="sum"),
+                eps=p["eps"],
+                steps=p["attack_steps"],
+                step_size=self.step_size,
+                generator=self.gen,
+            )
             model.train()
             return F.cross_entropy(raw(x_adv), y)
         with torch.no_grad():
             p_clean = F.softmax(raw(x), dim=1)
-        x_adv = l2_attack(raw, x, lambda lg: F.kl_div(F.log_softmax(lg, 1), p_clean,
-                                                      reduction="sum"),
-                          eps=p["eps"], steps=p["attack_steps"], step_size=self.step_size,
-                          generator=self.gen)
+        x_adv = l2_attack(
+            raw,
+            x,
+            lambda lg: F.kl_div(F.log_softmax(lg, 1), p_clean, reduction="sum"),
+            eps=p["eps"],
+            steps=p["attack_steps"],
+            step_size=self.step_size,
+            generator=self.gen,
+        )
         model.train()
         clean, adv = raw(torch.cat([x, x_adv])).chunk(2)
         kl = F.kl_div(F.log_softmax(adv, 1), F.softmax(clean, 1), reduction="batchmean")
@@ -135,8 +181,9 @@ class ClassifierTrainer:
         idx = self.sampler.next()
         x, y = self.x_tr[idx].to(self.ctx.device), self.y_tr[idx].to(self.ctx.device)
         loss = self._loss(x, y)
-        self.ctx.update(loss, self.model.parameters(), self.optimizer, self.lr,
-                        self.p["max_grad_norm"])
+        self.ctx.update(
+            loss, self.model.parameters(), self.optimizer, self.lr, self.p["max_grad_norm"]
+        )
         return {"loss": float(loss.detach())}
 
     @torch.no_grad()
@@ -147,24 +194,35 @@ class ClassifierTrainer:
         net.eval()
         logits = net.raw_logits(self.x_val.to(self.ctx.device))
         y = self.y_val.to(logits.device)
-        out = {"val_accuracy": float((logits.argmax(1) == y).float().mean()),
-               "val_loss": float(F.cross_entropy(logits, y))}
+        out = {
+            "val_accuracy": float((logits.argmax(1) == y).float().mean()),
+            "val_loss": float(F.cross_entropy(logits, y)),
+        }
         if self.p["adversarial"] != "none":
             with torch.enable_grad():
-                x_adv = l2_attack(net.raw_logits, self.x_val.to(self.ctx.device),
-                                  lambda lg: F.cross_entropy(lg, y, reduction="sum"),
-                                  eps=self.p["eps"], steps=self.p["attack_steps"],
-                                  step_size=self.step_size,
-                                  generator=torch.Generator().manual_seed(0))
+                x_adv = l2_attack(
+                    net.raw_logits,
+                    self.x_val.to(self.ctx.device),
+                    lambda lg: F.cross_entropy(lg, y, reduction="sum"),
+                    eps=self.p["eps"],
+                    steps=self.p["attack_steps"],
+                    step_size=self.step_size,
+                    generator=torch.Generator().manual_seed(0),
+                )
             out["val_robust_accuracy"] = float(
-                (net.raw_logits(x_adv).argmax(1) == y).float().mean())
+                (net.raw_logits(x_adv).argmax(1) == y).float().mean()
+            )
         net.train()
         return out
 
     def state(self) -> dict[str, Any]:
-        return {"model": self.ctx.unwrap(self.model).state_dict(),
-                "optimizer": self.optimizer.state_dict(), "lr": self.lr.state_dict(),
-                "sampler": self.sampler.state(), "gen": self.gen.get_state()}
+        return {
+            "model": self.ctx.unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr": self.lr.state_dict(),
+            "sampler": self.sampler.state(),
+            "gen": self.gen.get_state(),
+        }
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.ctx.unwrap(self.model).load_state_dict(state["model"])
@@ -178,11 +236,20 @@ class ClassifierTrainer:
         if self.p["calibrate"] and len(self.x_val):
             fit_temperature(net, self.x_val, self.y_val)
         net.save(folder)
-        meta = scorer_meta("classifier", TRITON_ROLE, self.classes, self.size, self.channels,
-                           adversarial=self.p["adversarial"], eps=self.p["eps"],
-                           temperature=float(net.temperature),
-                           labels={"finetune_job": self.ctx.job_id,
-                                   "robust": str(self.p["adversarial"] != "none").lower()})
+        meta = scorer_meta(
+            "classifier",
+            TRITON_ROLE,
+            self.classes,
+            self.size,
+            self.channels,
+            adversarial=self.p["adversarial"],
+            eps=self.p["eps"],
+            temperature=float(net.temperature),
+            labels={
+                "finetune_job": self.ctx.job_id,
+                "robust": str(self.p["adversarial"] != "none").lower(),
+            },
+        )
         (folder / "clinisynth.json").write_text(json.dumps(meta, indent=2))
 
 

@@ -34,19 +34,41 @@ PIXEL_KINDS = ("class_conditional", "unconditional")
 
 PARAMS = (
     *common_params(max_steps=1000, batch_size=16, learning_rate=1e-4, checkpoint_every=100),
-    Param("conditioning", "choice", "auto", "class-conditional (class), unconditional (none), "
-          "or class when the set has several classes (auto)", choices=("auto", "class", "none")),
-    Param("size", "int", "0", "image side in pixels (0 = the data's, rounded to the UNet's "
-          "multiple)", minimum=0, maximum=1024),
-    Param("channels", "int", "0", "1 (grayscale) or 3 (colour); 0 = from the data",
-          minimum=0, maximum=3),
+    Param(
+        "conditioning",
+        "choice",
+        "auto",
+        "class-conditional (class), unconditional (none), "
+        "or class when the set has several classes (auto)",
+        choices=("auto", "class", "none"),
+    ),
+    Param(
+        "size",
+        "int",
+        "0",
+        "image side in pixels (0 = the data's, rounded to the UNet's multiple)",
+        minimum=0,
+        maximum=1024,
+    ),
+    Param(
+        "channels",
+        "int",
+        "0",
+        "1 (grayscale) or 3 (colour); 0 = from the data",
+        minimum=0,
+        maximum=3,
+    ),
     Param("block_out_channels", "str", "32,64,64", "UNet channels per resolution level"),
     Param("layers_per_block", "int", "1", "ResNet blocks per level", minimum=1, maximum=8),
     Param("attention", "bool", "false", "self-attention at the lowest resolution"),
-    Param("num_train_timesteps", "int", "1000", "diffusion steps T", minimum=10,
-          maximum=10000),
-    Param("beta_schedule", "choice", "linear", "noise schedule",
-          choices=("linear", "scaled_linear", "squaredcos_cap_v2")),
+    Param("num_train_timesteps", "int", "1000", "diffusion steps T", minimum=10, maximum=10000),
+    Param(
+        "beta_schedule",
+        "choice",
+        "linear",
+        "noise schedule",
+        choices=("linear", "scaled_linear", "squaredcos_cap_v2"),
+    ),
     Param("ema", "bool", "false", "keep EMA weights (promoted folders hold them)"),
     Param("ema_decay", "float", "0.999", "EMA decay per step", minimum=0.0, maximum=1.0),
     Param("base_model", "str", "", "continue from a pixel model (catalog name or store prefix)"),
@@ -70,39 +92,56 @@ def check(params: dict[str, Any], report: DatasetReport, ctx: CheckContext) -> l
     multiple = 2 ** (len(levels) - 1)
     size = params["size"] or report.size
     if size and size % multiple:
-        out.append(FieldViolation(
-            "params[size]", f"{size} is not a multiple of {multiple} ({len(levels)} levels)"))
+        out.append(
+            FieldViolation(
+                "params[size]", f"{size} is not a multiple of {multiple} ({len(levels)} levels)"
+            )
+        )
     if params["conditioning"] == "class" and len(report.classes) < 1:
         out.append(FieldViolation("dataset", "class conditioning needs class folders"))
     if params["base_model"]:
         try:
-            base = models.resolve(params["base_model"], ctx.catalog, ctx.store,
-                                  field_name="params[base_model]")
+            base = models.resolve(
+                params["base_model"], ctx.catalog, ctx.store, field_name="params[base_model]"
+            )
         except Exception as exc:
             out.append(FieldViolation("params[base_model]", str(exc)))
         else:
             if base.kind not in PIXEL_KINDS:
-                out.append(FieldViolation("params[base_model]",
-                                          f"{base.ref} is a {base.kind} model, not a pixel UNet"))
+                out.append(
+                    FieldViolation(
+                        "params[base_model]", f"{base.ref} is a {base.kind} model, not a pixel UNet"
+                    )
+                )
             elif base.kind == "class_conditional":
-                out += [FieldViolation("dataset", p)
-                        for p in check_classes(report, base.classes, base.ref)]
+                out += [
+                    FieldViolation("dataset", p)
+                    for p in check_classes(report, base.classes, base.ref)
+                ]
     return out
 
 
 def pixel_folder(
-    folder: pathlib.Path, unet: torch.nn.Module, scheduler_config: dict[str, Any],
-    classes: list[str], meta: dict[str, Any] | None = None,
+    folder: pathlib.Path,
+    unet: torch.nn.Module,
+    scheduler_config: dict[str, Any],
+    classes: list[str],
+    meta: dict[str, Any] | None = None,
 ) -> None:
     """Write a DDPM-pipeline folder (unet/ + scheduler/) the registry imports unchanged."""
     from diffusers import DDPMScheduler
 
     unet.save_pretrained(folder / "unet")
     DDPMScheduler.from_config(scheduler_config).save_pretrained(folder / "scheduler")
-    (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"],
-        "scheduler": ["diffusers", "DDPMScheduler"],
-    }))
+    (folder / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "DDPMPipeline",
+                "unet": ["diffusers", "UNet2DModel"],
+                "scheduler": ["diffusers", "DDPMScheduler"],
+            }
+        )
+    )
     info: dict[str, Any] = dict(meta or {})
     if classes:
         info["classes"] = list(classes)
@@ -121,10 +160,9 @@ class DiffusionTrainer:
         report = ctx.report
         base_dir = None
         if p["base_model"]:
-            base = models.resolve(p["base_model"], ctx.catalog, ctx.store,
-                                  field_name="params[base_model]")
-            base_dir = models.materialize(base, ctx.workdir / "base", store=ctx.store,
-                                          model_repository=ctx.model_repository)
+            base, base_dir = models.fetch(
+                p["base_model"], ctx, ctx.workdir / "base", field_name="params[base_model]"
+            )
             self.unet = UNet2DModel.from_pretrained(base_dir / "unet")
             self.classes = base.classes or report.classes
             sched_cfg = json.loads((base_dir / "scheduler" / "scheduler_config.json").read_text())
@@ -145,17 +183,24 @@ class DiffusionTrainer:
             if p["attention"]:
                 down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
             self.unet = UNet2DModel(
-                sample_size=size, in_channels=channels, out_channels=channels,
-                block_out_channels=tuple(levels), layers_per_block=p["layers_per_block"],
-                down_block_types=tuple(down), up_block_types=tuple(up),
+                sample_size=size,
+                in_channels=channels,
+                out_channels=channels,
+                block_out_channels=tuple(levels),
+                layers_per_block=p["layers_per_block"],
+                down_block_types=tuple(down),
+                up_block_types=tuple(up),
                 num_class_embeds=len(self.classes) if self.conditional else None,
                 norm_num_groups=8,
             )
             sched_cfg = {
                 "num_train_timesteps": p["num_train_timesteps"],
                 "beta_schedule": p["beta_schedule"],
-                "beta_start": 0.0001, "beta_end": 0.02, "prediction_type": "epsilon",
-                "clip_sample": True, "clip_sample_range": 1.0,
+                "beta_start": 0.0001,
+                "beta_end": 0.02,
+                "prediction_type": "epsilon",
+                "clip_sample": True,
+                "clip_sample_range": 1.0,
             }
         self.scheduler_config = {k: v for k, v in sched_cfg.items() if not k.startswith("_")}
         self.noise_scheduler = DDPMScheduler.from_config(self.scheduler_config)
@@ -167,8 +212,9 @@ class DiffusionTrainer:
         self.x = torch.from_numpy(images) * 2 - 1
         index = {c: i for i, c in enumerate(self.classes)}
         self.y = torch.tensor([index.get(e.class_name, 0) for e in entries], dtype=torch.long)
-        self.sampler = EpochSampler(len(entries), p["batch_size"], p["seed"],
-                                    rank=ctx.rank, world=ctx.world_size)
+        self.sampler = EpochSampler(
+            len(entries), p["batch_size"], p["seed"], rank=ctx.rank, world=ctx.world_size
+        )
         self.gen = torch.Generator().manual_seed(p["seed"] + 1)
 
         self.ema = EMA(self.unet, p["ema_decay"]) if p["ema"] else None
@@ -185,8 +231,9 @@ class DiffusionTrainer:
         noise = torch.randn(x0.shape, generator=self.gen).to(x0.device)
         t = torch.randint(0, self.T, (x0.shape[0],), generator=self.gen).to(x0.device)
         loss = diffusion_loss(self.eps, x0, cond, t, noise, self.noise_scheduler)
-        self.ctx.update(loss, self.model.parameters(), self.optimizer, self.lr,
-                        self.p["max_grad_norm"])
+        self.ctx.update(
+            loss, self.model.parameters(), self.optimizer, self.lr, self.p["max_grad_norm"]
+        )
         if self.ema is not None:
             self.ema.update(self.ctx.unwrap(self.model))
         return {"loss": float(loss.detach()), "lr": self.lr.get_last_lr()[0]}
@@ -215,10 +262,16 @@ class DiffusionTrainer:
 
     def save_model(self, folder: pathlib.Path) -> None:
         unet = self.ema.shadow if self.ema is not None else self.ctx.unwrap(self.model)
-        pixel_folder(folder, unet, self.scheduler_config,
-                     self.classes if self.conditional else [],
-                     {"description": f"{NAME} job {self.ctx.job_id}",
-                      "labels": {"finetune_job": self.ctx.job_id}})
+        pixel_folder(
+            folder,
+            unet,
+            self.scheduler_config,
+            self.classes if self.conditional else [],
+            {
+                "description": f"{NAME} job {self.ctx.job_id}",
+                "labels": {"finetune_job": self.ctx.job_id},
+            },
+        )
 
 
 SPEC = KindSpec(

@@ -45,27 +45,62 @@ NAME = "reward_finetune"
 
 PARAMS = (
     *common_params(max_steps=300, batch_size=32, learning_rate=1e-4, checkpoint_every=50),
-    Param("base_model", "str", "", "the pixel generator to fine-tune (catalog name or store "
-          "prefix); required"),
-    Param("reward_model", "str", "", "the reward model r(x, y) (catalog name of a reward "
-          "model or a store prefix); required"),
+    Param(
+        "base_model",
+        "str",
+        "",
+        "the pixel generator to fine-tune (catalog name or store prefix); required",
+    ),
+    Param(
+        "reward_model",
+        "str",
+        "",
+        "the reward model r(x, y) (catalog name of a reward model or a store prefix); required",
+    ),
     Param("beta", "float", "0.3", "weight β of the real-data term", minimum=0.0, maximum=100.0),
-    Param("real_to_synthetic", "float", "1.0", "real ÷ synthetic examples per batch (1 = "
-          "half and half)", minimum=0.01, maximum=100.0),
-    Param("pool_size", "int", "256", "synthetic images generated and scored per round",
-          minimum=1, maximum=1_000_000),
+    Param(
+        "real_to_synthetic",
+        "float",
+        "1.0",
+        "real ÷ synthetic examples per batch (1 = half and half)",
+        minimum=0.01,
+        maximum=100.0,
+    ),
+    Param(
+        "pool_size",
+        "int",
+        "256",
+        "synthetic images generated and scored per round",
+        minimum=1,
+        maximum=1_000_000,
+    ),
     Param("pool_sampler", "choice", "ddim", "sampler of the pool", choices=SAMPLERS),
-    Param("pool_steps", "int", "25", "denoising steps per pool image", minimum=1,
-          maximum=1000),
-    Param("pool_eta", "float", "1.0", "DDIM η of the pool (1 = stochastic, 0 = deterministic)",
-          minimum=0.0, maximum=1.0),
+    Param("pool_steps", "int", "25", "denoising steps per pool image", minimum=1, maximum=1000),
+    Param(
+        "pool_eta",
+        "float",
+        "1.0",
+        "DDIM η of the pool (1 = stochastic, 0 = deterministic)",
+        minimum=0.0,
+        maximum=1.0,
+    ),
     Param("pool_batch", "int", "64", "images per sampling batch", minimum=1, maximum=4096),
-    Param("rounds", "int", "1", "rounds; each starts with a fresh pool", minimum=1,
-          maximum=1000),
-    Param("weighting", "choice", "reward", "reward: r(x, y) weights; uniform: r = 1 (control)",
-          choices=("reward", "uniform")),
-    Param("min_reward", "float", "0.0", "drop pool images scoring below this", minimum=0.0,
-          maximum=1.0),
+    Param("rounds", "int", "1", "rounds; each starts with a fresh pool", minimum=1, maximum=1000),
+    Param(
+        "weighting",
+        "choice",
+        "reward",
+        "reward: r(x, y) weights; uniform: r = 1 (control)",
+        choices=("reward", "uniform"),
+    ),
+    Param(
+        "min_reward",
+        "float",
+        "0.0",
+        "drop pool images scoring below this",
+        minimum=0.0,
+        maximum=1.0,
+    ),
     Param("ema", "bool", "true", "EMA weights for sampling pools and in promoted folders"),
     Param("ema_decay", "float", "0.999", "EMA decay per step", minimum=0.0, maximum=1.0),
 )
@@ -79,39 +114,60 @@ def check(params: dict[str, Any], report: DatasetReport, ctx: CheckContext) -> l
             out.append(FieldViolation(f"params[{name}]", "required"))
     if params["base_model"]:
         try:
-            base = models.resolve(params["base_model"], ctx.catalog, ctx.store,
-                                  field_name="params[base_model]")
+            base = models.resolve(
+                params["base_model"], ctx.catalog, ctx.store, field_name="params[base_model]"
+            )
         except Exception as exc:
             out.append(FieldViolation("params[base_model]", str(exc)))
         else:
             if base.kind not in PIXEL_KINDS:
-                out.append(FieldViolation("params[base_model]", f"{base.ref} is a {base.kind} "
-                                          "model; reward fine-tuning needs a pixel generator"))
+                out.append(
+                    FieldViolation(
+                        "params[base_model]",
+                        f"{base.ref} is a {base.kind} "
+                        "model; reward fine-tuning needs a pixel generator",
+                    )
+                )
                 base = None
             elif base.kind == "class_conditional":
-                out += [FieldViolation("dataset", p)
-                        for p in check_classes(report, base.classes, base.ref)]
+                out += [
+                    FieldViolation("dataset", p)
+                    for p in check_classes(report, base.classes, base.ref)
+                ]
     if params["reward_model"]:
         try:
-            reward = models.resolve(params["reward_model"], ctx.catalog, ctx.store,
-                                    field_name="params[reward_model]")
+            reward = models.resolve(
+                params["reward_model"], ctx.catalog, ctx.store, field_name="params[reward_model]"
+            )
         except Exception as exc:
             out.append(FieldViolation("params[reward_model]", str(exc)))
         else:
             if reward.kind != "reward":
-                out.append(FieldViolation("params[reward_model]",
-                                          f"{reward.ref} is a {reward.kind} model, not a reward"))
+                out.append(
+                    FieldViolation(
+                        "params[reward_model]",
+                        f"{reward.ref} is a {reward.kind} model, not a reward",
+                    )
+                )
             elif base is not None and base.classes:
                 missing = [c for c in base.classes if c not in reward.classes]
                 if missing:
-                    out.append(FieldViolation(
-                        "params[reward_model]", f"{reward.ref} cannot score classes {missing} "
-                        f"of {base.ref} (it knows {reward.classes})"))
+                    out.append(
+                        FieldViolation(
+                            "params[reward_model]",
+                            f"{reward.ref} cannot score classes {missing} "
+                            f"of {base.ref} (it knows {reward.classes})",
+                        )
+                    )
     n = params["batch_size"]
     n_syn = round(n / (1 + params["real_to_synthetic"]))
     if n_syn < 1 or n - n_syn < 1:
-        out.append(FieldViolation("params[real_to_synthetic]", f"batch_size {n} leaves no room "
-                                  "for one real and one synthetic example"))
+        out.append(
+            FieldViolation(
+                "params[real_to_synthetic]",
+                f"batch_size {n} leaves no room for one real and one synthetic example",
+            )
+        )
     return out
 
 
@@ -124,14 +180,12 @@ class RewardFinetuneTrainer:
 
         p = self.p = ctx.params
         self.ctx = ctx
-        base = models.resolve(p["base_model"], ctx.catalog, ctx.store,
-                              field_name="params[base_model]")
-        base_dir = models.materialize(base, ctx.workdir / "base", store=ctx.store,
-                                      model_repository=ctx.model_repository)
-        rm = models.resolve(p["reward_model"], ctx.catalog, ctx.store,
-                            field_name="params[reward_model]")
-        rm_dir = models.materialize(rm, ctx.workdir / "reward", store=ctx.store,
-                                    model_repository=ctx.model_repository)
+        base, base_dir = models.fetch(
+            p["base_model"], ctx, ctx.workdir / "base", field_name="params[base_model]"
+        )
+        rm, rm_dir = models.fetch(
+            p["reward_model"], ctx, ctx.workdir / "reward", field_name="params[reward_model]"
+        )
         self.reward = RewardModel.load(rm_dir).to(ctx.device).eval()
         self.reward_classes = rm.classes
         self.unet = UNet2DModel.from_pretrained(base_dir / "unet")
@@ -147,16 +201,18 @@ class RewardFinetuneTrainer:
         self.channels = int(self.unet.config.in_channels)
 
         entries = ctx.report.entries
-        imgs = load_images(ctx.source, [e.path for e in entries], size=self.size,
-                           channels=self.channels)
+        imgs = load_images(
+            ctx.source, [e.path for e in entries], size=self.size, channels=self.channels
+        )
         self.x_real = torch.from_numpy(imgs) * 2 - 1
         index = {c: i for i, c in enumerate(self.classes)}
         self.y_real = torch.tensor([index.get(e.class_name, 0) for e in entries])
         n = p["batch_size"]
         self.n_syn = round(n / (1 + p["real_to_synthetic"]))
         self.n_real = n - self.n_syn
-        self.real_sampler = EpochSampler(len(entries), self.n_real, p["seed"],
-                                         rank=ctx.rank, world=ctx.world_size)
+        self.real_sampler = EpochSampler(
+            len(entries), self.n_real, p["seed"], rank=ctx.rank, world=ctx.world_size
+        )
         self.steps_per_round = -(-p["max_steps"] // p["rounds"])
         self.gen = torch.Generator().manual_seed(p["seed"] + 3)
         self.ema = EMA(self.unet, p["ema_decay"]) if p["ema"] else None
@@ -181,13 +237,19 @@ class RewardFinetuneTrainer:
             torch.save(self.pool, local)
             self.ctx.save_artifact(name, local)
             r = self.pool["rewards"]
-            self.ctx.log(f"round {round_}: pool of {len(r)} scored, mean reward "
-                         f"{float(r.mean()):.3f}, kept {int(self.pool['keep'].sum())}")
+            self.ctx.log(
+                f"round {round_}: pool of {len(r)} scored, mean reward "
+                f"{float(r.mean()):.3f}, kept {int(self.pool['keep'].sum())}"
+            )
         keep = self.pool["keep"].nonzero().flatten()
         self.pool_index = keep if len(keep) else torch.arange(len(self.pool["rewards"]))
-        self.pool_sampler = EpochSampler(len(self.pool_index), self.n_syn,
-                                         self.p["seed"] + 7919 * (round_ + 1),
-                                         rank=self.ctx.rank, world=self.ctx.world_size)
+        self.pool_sampler = EpochSampler(
+            len(self.pool_index),
+            self.n_syn,
+            self.p["seed"] + 7919 * (round_ + 1),
+            rank=self.ctx.rank,
+            world=self.ctx.world_size,
+        )
         self.round = round_
 
     @torch.no_grad()
@@ -204,10 +266,16 @@ class RewardFinetuneTrainer:
             y = labels[sl]
             cond = Cond(class_labels=y.to(dev)) if self.conditional else Cond()
             seeds = [base_seed + i for i in range(sl.start, sl.stop)]
-            out = sample(eps_fn, make_scheduler(p["pool_sampler"], self.scheduler_config), seeds,
-                         (self.channels, self.size, self.size),
-                         num_inference_steps=p["pool_steps"], cond=cond, eta=p["pool_eta"],
-                         device=dev)
+            out = sample(
+                eps_fn,
+                make_scheduler(p["pool_sampler"], self.scheduler_config),
+                seeds,
+                (self.channels, self.size, self.size),
+                num_inference_steps=p["pool_steps"],
+                cond=cond,
+                eta=p["pool_eta"],
+                device=dev,
+            )
             images = out.images.to(dev)  # [0, 1]
             if p["weighting"] == "uniform":
                 r = torch.ones(len(y))
@@ -217,8 +285,7 @@ class RewardFinetuneTrainer:
             rewards.append(r)
         self.ctx.unwrap(self.model).train()
         r = torch.cat(rewards)
-        return {"x": torch.cat(xs), "y": labels, "rewards": r,
-                "keep": r >= p["min_reward"]}
+        return {"x": torch.cat(xs), "y": labels, "rewards": r, "keep": r >= p["min_reward"]}
 
     def _score(self, images: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         cfg = self.reward.config
@@ -250,24 +317,44 @@ class RewardFinetuneTrainer:
         c_syn = Cond(class_labels=y_syn) if self.conditional else Cond()
         beta = self.p["beta"]
         if len(ri) == len(si):  # the method's own function
-            out = reward_weighted_loss(self.eps, x_real, c_real, x_syn, c_syn, r, t, n_real,
-                                       n_syn, self.noise_scheduler, beta=beta)
+            out = reward_weighted_loss(
+                self.eps,
+                x_real,
+                c_real,
+                x_syn,
+                c_syn,
+                r,
+                t,
+                n_real,
+                n_syn,
+                self.noise_scheduler,
+                beta=beta,
+            )
             loss, real_term, syn_term = out.total, out.real, out.synthetic
         else:  # unequal halves: row i of each half still shares t[i]
             losses = per_sample_losses(
-                self.eps, torch.cat([x_real, x_syn]), Cond.cat(c_real, c_syn),
-                torch.cat([t[: len(ri)], t[: len(si)]]), torch.cat([n_real, n_syn]),
-                self.noise_scheduler)
+                self.eps,
+                torch.cat([x_real, x_syn]),
+                Cond.cat(c_real, c_syn),
+                torch.cat([t[: len(ri)], t[: len(si)]]),
+                torch.cat([n_real, n_syn]),
+                self.noise_scheduler,
+            )
             real_term = losses[: len(ri)].mean()
-            syn_term = (r.to(losses.dtype) * losses[len(ri):]).mean()
+            syn_term = (r.to(losses.dtype) * losses[len(ri) :]).mean()
             loss = beta * real_term + syn_term
-        self.ctx.update(loss, self.model.parameters(), self.optimizer, self.lr,
-                        self.p["max_grad_norm"])
+        self.ctx.update(
+            loss, self.model.parameters(), self.optimizer, self.lr, self.p["max_grad_norm"]
+        )
         if self.ema is not None:
             self.ema.update(self.ctx.unwrap(self.model))
-        return {"loss": float(loss.detach()), "loss_real": float(real_term),
-                "loss_synthetic": float(syn_term), "pool_reward": float(r.mean()),
-                "round": float(round_)}
+        return {
+            "loss": float(loss.detach()),
+            "loss_real": float(real_term),
+            "loss_synthetic": float(syn_term),
+            "pool_reward": float(r.mean()),
+            "round": float(round_),
+        }
 
     def evaluate(self) -> dict[str, float]:
         return {}
@@ -275,11 +362,13 @@ class RewardFinetuneTrainer:
     def state(self) -> dict[str, Any]:
         return {
             "model": self.ctx.unwrap(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(), "lr": self.lr.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr": self.lr.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "real_sampler": self.real_sampler.state(),
             "pool_sampler": self.pool_sampler.state() if self.pool_sampler else None,
-            "round": self.round, "gen": self.gen.get_state(),
+            "round": self.round,
+            "gen": self.gen.get_state(),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -297,12 +386,21 @@ class RewardFinetuneTrainer:
 
     def save_model(self, folder: pathlib.Path) -> None:
         unet = self.ema.shadow if self.ema is not None else self.ctx.unwrap(self.model)
-        pixel_folder(folder, unet, self.scheduler_config, self.classes,
-                     {"description": f"{NAME} of {self.p['base_model']} with "
-                      f"{self.p['reward_model']} (job {self.ctx.job_id})",
-                      "labels": {"finetune_job": self.ctx.job_id,
-                                 "base_model": self.p["base_model"],
-                                 "reward_model": self.p["reward_model"]}})
+        pixel_folder(
+            folder,
+            unet,
+            self.scheduler_config,
+            self.classes,
+            {
+                "description": f"{NAME} of {self.p['base_model']} with "
+                f"{self.p['reward_model']} (job {self.ctx.job_id})",
+                "labels": {
+                    "finetune_job": self.ctx.job_id,
+                    "base_model": self.p["base_model"],
+                    "reward_model": self.p["reward_model"],
+                },
+            },
+        )
 
 
 SPEC = KindSpec(

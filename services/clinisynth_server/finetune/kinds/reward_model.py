@@ -46,18 +46,33 @@ NAME = "reward_model"
 TRITON_ROLE = "reward_scorer"
 
 PARAMS = (
-    *common_params(max_steps=300, batch_size=64, learning_rate=1e-4, checkpoint_every=50,
-                   lr_schedule="cosine", weight_decay=5e-4),
-    Param("val_fraction", "float", "0.2", "held-out share of the judgements", minimum=0.0,
-          maximum=0.9),
+    *common_params(
+        max_steps=300,
+        batch_size=64,
+        learning_rate=1e-4,
+        checkpoint_every=50,
+        lr_schedule="cosine",
+        weight_decay=5e-4,
+    ),
+    Param(
+        "val_fraction", "float", "0.2", "held-out share of the judgements", minimum=0.0, maximum=0.9
+    ),
     Param("backbone", "choice", "small_cnn", "image backbone", choices=BACKBONES),
     Param("backbone_width", "int", "16", "small_cnn width", minimum=4, maximum=256),
-    Param("classes", "str", "", "class names in label order, comma-separated (default: the "
-          "generator's or the export's, sorted)"),
-    Param("weak_feedback", "bool", "false", "add aligned images with a wrong class as "
-          "negatives"),
-    Param("init_classifier", "str", "", "classifier (catalog name or store prefix) whose "
-          "backbone initialises the image branch"),
+    Param(
+        "classes",
+        "str",
+        "",
+        "class names in label order, comma-separated (default: the "
+        "generator's or the export's, sorted)",
+    ),
+    Param("weak_feedback", "bool", "false", "add aligned images with a wrong class as negatives"),
+    Param(
+        "init_classifier",
+        "str",
+        "",
+        "classifier (catalog name or store prefix) whose backbone initialises the image branch",
+    ),
     Param("freeze_backbone", "bool", "false", "train only the heads"),
     Param("size", "int", "0", "image side (0 = the data's)", minimum=0, maximum=1024),
     Param("channels", "int", "0", "1 or 3 (0 = from the data)", minimum=0, maximum=3),
@@ -72,28 +87,48 @@ def class_list(params: dict[str, Any], report: DatasetReport) -> list[str]:
 def check(params: dict[str, Any], report: DatasetReport, ctx: CheckContext) -> list[FieldViolation]:
     out = []
     if any(e.text and not e.class_name for e in report.entries):
-        out.append(FieldViolation("dataset", "prompt-conditioned feedback is not supported by "
-                                  "this kind yet: every judgement needs condition.class_name"))
+        out.append(
+            FieldViolation(
+                "dataset",
+                "prompt-conditioned feedback is not supported by "
+                "this kind yet: every judgement needs condition.class_name",
+            )
+        )
     verdicts = {e.plausible for e in report.entries}
     if verdicts != {True, False}:
-        out.append(FieldViolation("dataset", "judgements must include both plausible and "
-                                  "implausible images (found only "
-                                  f"{'plausible' if True in verdicts else 'implausible'})"))
+        out.append(
+            FieldViolation(
+                "dataset",
+                "judgements must include both plausible and "
+                "implausible images (found only "
+                f"{'plausible' if True in verdicts else 'implausible'})",
+            )
+        )
     classes = class_list(params, report)
     unknown = sorted(set(report.classes) - set(classes))
     if unknown:
-        out.append(FieldViolation("dataset", f"unknown classes {unknown}: params[classes] is "
-                                  f"{classes}"))
+        out.append(
+            FieldViolation("dataset", f"unknown classes {unknown}: params[classes] is {classes}")
+        )
     if len(classes) < 2:
-        out.append(FieldViolation("params[classes]", "the reward model needs ≥ 2 classes; "
-                                  "name them with classes=a,b,..."))
+        out.append(
+            FieldViolation(
+                "params[classes]",
+                "the reward model needs ≥ 2 classes; name them with classes=a,b,...",
+            )
+        )
     if params["init_classifier"]:
         try:
-            base = models.resolve(params["init_classifier"], ctx.catalog, ctx.store,
-                                  field_name="params[init_classifier]")
+            base = models.resolve(
+                params["init_classifier"],
+                ctx.catalog,
+                ctx.store,
+                field_name="params[init_classifier]",
+            )
             if base.kind != "classifier":
-                out.append(FieldViolation("params[init_classifier]",
-                                          f"{base.ref} is a {base.kind} model"))
+                out.append(
+                    FieldViolation("params[init_classifier]", f"{base.ref} is a {base.kind} model")
+                )
         except Exception as exc:
             out.append(FieldViolation("params[init_classifier]", str(exc)))
     return out
@@ -111,8 +146,11 @@ class RewardTrainer:
         self.size = p["size"] or report.size
         self.channels = p["channels"] or report.channels
         entries = report.entries
-        x = torch.from_numpy(load_images(ctx.source, [e.path for e in entries], size=self.size,
-                                         channels=self.channels))
+        x = torch.from_numpy(
+            load_images(
+                ctx.source, [e.path for e in entries], size=self.size, channels=self.channels
+            )
+        )
         y = torch.tensor([self.classes.index(e.class_name) for e in entries])
         a = torch.tensor([bool(e.plausible) for e in entries])
         train_idx, val_idx = split_indices(len(x), p["val_fraction"], p["seed"])
@@ -126,28 +164,38 @@ class RewardTrainer:
             self.x_tr = torch.cat([self.x_tr, xw])
             self.y_tr = torch.cat([self.y_tr, wrong])
             self.a_tr = torch.cat([self.a_tr, torch.zeros(len(yw), dtype=torch.bool)])
-        self.net = RewardModel(RewardModelConfig(
-            conditioning="class", num_classes=len(self.classes), in_channels=self.channels,
-            backbone=p["backbone"], backbone_width=p["backbone_width"],
-        ))
+        self.net = RewardModel(
+            RewardModelConfig(
+                conditioning="class",
+                num_classes=len(self.classes),
+                in_channels=self.channels,
+                backbone=p["backbone"],
+                backbone_width=p["backbone_width"],
+            )
+        )
         if p["init_classifier"]:
-            base = models.resolve(p["init_classifier"], ctx.catalog, ctx.store,
-                                  field_name="params[init_classifier]")
-            folder = models.materialize(base, ctx.workdir / "init_classifier", store=ctx.store,
-                                        model_repository=ctx.model_repository)
+            base, folder = models.fetch(
+                p["init_classifier"],
+                ctx,
+                ctx.workdir / "init_classifier",
+                field_name="params[init_classifier]",
+            )
             n = init_image_branch_from_classifier(self.net, folder)
             ctx.log(f"image branch initialised from {base.ref} ({n} tensors)")
         for param in self.net.backbone.parameters():
             param.requires_grad_(not p["freeze_backbone"])
         params = [q for q in self.net.parameters() if q.requires_grad]
         # The method's optimiser: Adam with L2 weight decay, cosine LR.
-        self.optimizer = torch.optim.Adam(params, lr=p["learning_rate"],
-                                          weight_decay=p["weight_decay"])
+        self.optimizer = torch.optim.Adam(
+            params, lr=p["learning_rate"], weight_decay=p["weight_decay"]
+        )
         self.lr = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(p["lr_schedule"], p["lr_warmup_steps"], p["max_steps"]))
+            self.optimizer, lr_lambda(p["lr_schedule"], p["lr_warmup_steps"], p["max_steps"])
+        )
         self.model, self.optimizer = ctx.prepare(self.net, self.optimizer)
-        self.sampler = EpochSampler(len(self.x_tr), p["batch_size"], p["seed"],
-                                    rank=ctx.rank, world=ctx.world_size)
+        self.sampler = EpochSampler(
+            len(self.x_tr), p["batch_size"], p["seed"], rank=ctx.rank, world=ctx.world_size
+        )
 
     def step(self, step: int) -> dict[str, float]:
         self.model.train()
@@ -158,8 +206,9 @@ class RewardTrainer:
         logits = self.model(self.x_tr[idx].to(dev), self.y_tr[idx].to(dev))
         target = F.one_hot((~self.a_tr[idx]).long(), 2).float().to(dev)
         loss = F.mse_loss(logits, target)
-        self.ctx.update(loss, self.model.parameters(), self.optimizer, self.lr,
-                        self.p["max_grad_norm"])
+        self.ctx.update(
+            loss, self.model.parameters(), self.optimizer, self.lr, self.p["max_grad_norm"]
+        )
         return {"loss": float(loss.detach())}
 
     @torch.no_grad()
@@ -185,9 +234,12 @@ class RewardTrainer:
         return out
 
     def state(self) -> dict[str, Any]:
-        return {"model": self.ctx.unwrap(self.model).state_dict(),
-                "optimizer": self.optimizer.state_dict(), "lr": self.lr.state_dict(),
-                "sampler": self.sampler.state()}
+        return {
+            "model": self.ctx.unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr": self.lr.state_dict(),
+            "sampler": self.sampler.state(),
+        }
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.ctx.unwrap(self.model).load_state_dict(state["model"])
@@ -198,9 +250,15 @@ class RewardTrainer:
     def save_model(self, folder: pathlib.Path) -> None:
         net = self.ctx.unwrap(self.model)
         net.save(folder)
-        meta = scorer_meta("reward", TRITON_ROLE, self.classes, self.size, self.channels,
-                           conditioning="class",
-                           labels={"finetune_job": self.ctx.job_id})
+        meta = scorer_meta(
+            "reward",
+            TRITON_ROLE,
+            self.classes,
+            self.size,
+            self.channels,
+            conditioning="class",
+            labels={"finetune_job": self.ctx.job_id},
+        )
         (folder / "clinisynth.json").write_text(json.dumps(meta, indent=2))
         net.train()
 
