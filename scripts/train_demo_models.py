@@ -142,8 +142,9 @@ def main(argv: list[str] | None = None) -> int:
                 cells_ds = _dataset(client, "cells", 3000, tmp_path)
             if want("cells"):
                 job = _train(client, "diffusion_pretrain", cells_ds, "cells", {
-                    "max_steps": steps(1500), "batch_size": 64, "learning_rate": 3e-4,
-                    "block_out_channels": "16,32,32", "ema": "true", "ema_decay": 0.995,
+                    "max_steps": steps(1500), "batch_size": 64, "learning_rate": 2e-4,
+                    "lr_warmup_steps": 100, "block_out_channels": "16,32,32",
+                    "prediction_type": "v_prediction", "ema": "true", "ema_decay": 0.995,
                     "seed": 0, "checkpoint_every": steps(250)})
                 _export(client, store, job, "cells", "cells", ns.out)
             if want("cells-classifier") or want("cells-reward"):

@@ -89,7 +89,8 @@ def jobs(client, data) -> dict[str, str]:  # type: ignore[no-untyped-def]
     return {
         "diffusion": client.finetune.create("diffusion_pretrain", data["cells"], params={
             **FAST, "max_steps": 30, "checkpoint_every": 15, "block_out_channels": "16,32",
-            "ema": True, "ema_decay": 0.9}, model_name="cells-ft").id,
+            "ema": True, "ema_decay": 0.9, "prediction_type": "v_prediction"},
+            model_name="cells-ft").id,
         "reward": client.finetune.create("reward_model", data["feedback"], params={
             **FAST, "max_steps": 30, "checkpoint_every": 10, "backbone_width": 8,
             "classes": ",".join(CLASSES), "batch_size": 16}).id,
@@ -239,11 +240,16 @@ def test_idempotent_create_queue_positions_and_cancel(client, data, jobs):  # ty
 # ---------------------------------------------------------------------------------------------
 
 
-def test_diffusion_pretrain_runs_to_completion(client, jobs):  # type: ignore[no-untyped-def]
+def test_diffusion_pretrain_runs_to_completion(client, jobs, store):  # type: ignore[no-untyped-def]
+    import json
+
     job = assert_trained(client, jobs["diffusion"])
     checkpoints = client.finetune.checkpoints(job.id)
     assert [c.step for c in checkpoints] == [15, 30]
     assert checkpoints[-1].best  # generators: the newest is best
+    # v-prediction (asked for) reaches the scheduler config every sampler and trainer reads
+    sched = json.loads(store.get_bytes(checkpoints[-1].key + "scheduler/scheduler_config.json"))
+    assert sched["prediction_type"] == "v_prediction"
     events = list(client.finetune.watch(job.id))
     assert [e.sequence for e in events] == sorted({e.sequence for e in events})
     types = {e.type for e in events}

@@ -78,6 +78,8 @@ class FeedbackConfig:
     pretrain_batch: int = 64
     pretrain_lr: float = 2e-4
     pretrain_ema_decay: float = 0.995
+    # v: an ε-trained generator of this size leaves noise in deterministic (DDIM) samples
+    pretrain_prediction_type: str = "v_prediction"
     # feedback + reward model (reward_model)
     n_labels: int = 384
     rm_steps: int = 200
@@ -125,7 +127,7 @@ class FeedbackConfig:
     def generator_key(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in (
             "size", "n_real", "data_seed", "gen_channels", "pretrain_steps", "pretrain_batch",
-            "pretrain_lr", "pretrain_ema_decay")}
+            "pretrain_lr", "pretrain_ema_decay", "pretrain_prediction_type")}
 
     def classifier_key(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in (
@@ -214,6 +216,7 @@ def prepare_assets(cfg: FeedbackConfig, runner: JobRunner, work: pathlib.Path, *
                 "checkpoint_every": cfg.pretrain_steps - done, "conditioning": "class",
                 "block_out_channels": cfg.gen_channels, "ema": True,
                 "ema_decay": cfg.pretrain_ema_decay, "seed": done,
+                "prediction_type": cfg.pretrain_prediction_type,
             }
             if base is not None:
                 say(f"cells generator: continuing {base.name} ({done} steps) to "

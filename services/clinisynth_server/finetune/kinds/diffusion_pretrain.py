@@ -69,6 +69,14 @@ PARAMS = (
         "noise schedule",
         choices=("linear", "scaled_linear", "squaredcos_cap_v2"),
     ),
+    Param(
+        "prediction_type",
+        "choice",
+        "epsilon",
+        "what the UNet predicts: ε, or v (stable at high noise levels: small models trained on "
+        "ε leave noise behind in deterministic samplers such as DDIM)",
+        choices=("epsilon", "v_prediction"),
+    ),
     Param("ema", "bool", "false", "keep EMA weights (promoted folders hold them)"),
     Param("ema_decay", "float", "0.999", "EMA decay per step", minimum=0.0, maximum=1.0),
     Param("base_model", "str", "", "continue from a pixel model (catalog name or store prefix)"),
@@ -198,7 +206,7 @@ class DiffusionTrainer:
                 "beta_schedule": p["beta_schedule"],
                 "beta_start": 0.0001,
                 "beta_end": 0.02,
-                "prediction_type": "epsilon",
+                "prediction_type": p["prediction_type"],
                 "clip_sample": True,
                 "clip_sample_range": 1.0,
             }
