@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse-cache", action="store_true",
                    help="--full: reuse models cached by an earlier --full run")
     p.add_argument("--work", default="", help="scratch folder (default: a temporary one)")
+    p.add_argument("--combine", nargs="+", default=[], metavar="RUN_OUT",
+                   help="merge the --out folders of runs of other seeds (e.g. one seed per "
+                   "process, run side by side) into one table per study in --out; trains nothing")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the unit test
     return p
 
@@ -131,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     from clinisynth_server.benchmarks import methods_feedback as fb
     from clinisynth_server.benchmarks.methods_common import machine, machine_line, override, say
 
+    if ns.combine:
+        return combine([pathlib.Path(d) for d in ns.combine], pathlib.Path(ns.out))
     full = bool(ns.full)
     mode = "tiny" if ns.tiny else ("full" if full else "quick")
     seeds = [int(s) for s in ns.seeds.split(",") if s.strip()]
@@ -194,6 +199,53 @@ def main(argv: list[str] | None = None) -> int:
     say(f"done in {results['wall_seconds']:.0f}s: {out / 'methods.md'}, {out / 'methods.json'}")
     if not ns.work:
         shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def combine(runs: list[pathlib.Path], out: pathlib.Path) -> int:
+    """One table per study from runs of the same settings that differ only in their seeds."""
+    from clinisynth_server.benchmarks import methods_adaptation as ad
+    from clinisynth_server.benchmarks import methods_counterfactual as cf
+    from clinisynth_server.benchmarks import methods_feedback as fb
+    from clinisynth_server.benchmarks.methods_common import machine_line
+
+    modules = {"feedback": fb, "adaptation": ad, "counterfactual": cf}
+    out.mkdir(parents=True, exist_ok=True)
+    found = False
+    for name in STUDIES:
+        parts = [json.loads((d / f"{name}.json").read_text()) for d in runs
+                 if (d / f"{name}.json").is_file()]
+        if not parts:
+            continue
+        found = True
+        configs = {json.dumps(p["config"], sort_keys=True) for p in parts}
+        if len(configs) > 1 or len({p["mode"] for p in parts}) > 1:
+            raise SystemExit(f"--combine: the {name} runs used different settings; "
+                             "only runs that differ in their seeds can be combined")
+        res = dict(parts[0])
+        res["per_seed"] = [s for p in parts for s in p["per_seed"]]
+        res["seeds"] = [int(s) for p in parts for s in p["seeds"]]
+        if len(set(res["seeds"])) != len(res["seeds"]):
+            raise SystemExit(f"--combine: the {name} runs share seeds {res['seeds']}")
+        res["wall_seconds"] = max(float(p["wall_seconds"]) for p in parts)
+        if name == "feedback":
+            res["verdict"] = fb.verdict(res)
+            res["verdict_filtered"] = fb.verdict(res, "reward_filtered")
+        commands = "; ".join(f"`{p['command']}`" for p in parts)
+        section = (_section(name, res, res, modules[name], res["seeds"], res["mode"])[:-1]
+                   + " (the longest of the runs combined, run side by side)."
+                   + f"\n\nCombined from {commands} on {machine_line(res['machine'])}.")
+        print(section, flush=True)
+        (out / f"{name}.md").write_text(section + "\n")
+        (out / f"{name}.json").write_text(json.dumps(res, indent=2, default=str))
+        for d in runs:  # the first run's contact sheet shows the study
+            sheet = d / f"{name}-contact-sheet.png"
+            if sheet.is_file() and d.resolve() != out.resolve():
+                shutil.copyfile(sheet, out / sheet.name)
+                break
+    if not found:
+        raise SystemExit(f"--combine: no study results (<study>.json) in {[str(d) for d in runs]}")
+    _merge(out)
     return 0
 
 
