@@ -1,6 +1,6 @@
 """Train the demo models the stack ships, through the stack's own finetune service.
 
-    python scripts/train_demo_models.py [--quick] [--only cells,fundus,...] [--out deploy/models]
+    python scripts/train_demo_models.py [--quick | --scale F] [--only cells,...] [--out DIR]
 
 1. writes the phantom data sets (cells, fundus, abdomen, chest) and uploads them
    (`client.finetune.upload_dataset`);
@@ -116,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "deploy" / "models")
-    parser.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
+    parser.add_argument("--quick", action="store_true", help="a tenth of the steps (a smoke run)")
+    parser.add_argument("--scale", type=float, default=0.0,
+                        help="fraction of the full steps (overrides --quick), e.g. 0.3")
     parser.add_argument("--only", default="", help="comma list of models to (re)train")
     ns = parser.parse_args(argv)
     import clinisynth
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     from clinisynth_server import builders, stack
     from clinisynth_server.store import open_store
 
-    scale = 0.1 if ns.quick else 1.0
+    scale = ns.scale if ns.scale > 0 else (0.1 if ns.quick else 1.0)
     steps = lambda n: max(20, int(n * scale))  # noqa: E731
     only = set(filter(None, ns.only.split(",")))
     want = lambda name: not only or name in only  # noqa: E731

@@ -173,3 +173,17 @@ def test_main_writes_tables_json_and_contact_sheets(tmp_path: pathlib.Path) -> N
     assert "seeds [0, 1]" in (both / "counterfactual.md").read_text()
     with pytest.raises(SystemExit, match="share seeds"):
         methods.main(["--combine", str(out), str(out), "--out", str(tmp_path / "dup")])
+
+
+def test_fidelity_kid_does_not_depend_on_the_feature_scale() -> None:
+    from clinisynth_server.benchmarks.methods_common import fidelity
+
+    gen = torch.Generator().manual_seed(0)
+    real = torch.randn(120, 16, generator=gen).abs()
+    fake = torch.randn(120, 16, generator=gen).abs() + 0.5
+    small = fidelity(real, fake)
+    large = fidelity(real * 300, fake * 300)
+    assert small["kid_x1000"] > 0  # the shifted set is measurably different
+    assert math.isclose(small["kid_x1000"], large["kid_x1000"], rel_tol=1e-3)
+    same = fidelity(real, real.clone())
+    assert abs(same["kid_x1000"]) < small["kid_x1000"] / 10

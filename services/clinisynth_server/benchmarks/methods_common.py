@@ -366,10 +366,16 @@ def classifier_features(clf: torch.nn.Module) -> Callable[[torch.Tensor], torch.
 
 
 def fidelity(real_feats: torch.Tensor, fake_feats: torch.Tensor, seed: int = 0) -> dict[str, float]:
-    """FID, KID (×10³) and precision / recall / density / coverage on classifier features."""
+    """FID, KID (×10³) and precision / recall / density / coverage on classifier features.
+
+    KID's cubic kernel (x·y/d + 1)³ assumes Inception-scale features; a small CNN's can be far
+    larger and the kernel then explodes (KID×10³ in the hundred thousands). Both sets are
+    divided by one scalar, the real features' root mean square, before KID only.
+    """
     from clinisynth_server.methods import evaluation as ev
 
-    kid_mean, _ = ev.kid(real_feats, fake_feats, subsets=10,
+    scale = float(real_feats.float().pow(2).mean().sqrt().clamp_min(1e-12))
+    kid_mean, _ = ev.kid(real_feats / scale, fake_feats / scale, subsets=10,
                          subset_size=min(200, len(real_feats), len(fake_feats)), seed=seed)
     out = {"fid": ev.fid(real_feats, fake_feats), "kid_x1000": 1000 * kid_mean}
     out.update(ev.prdc(real_feats, fake_feats, k=5))
