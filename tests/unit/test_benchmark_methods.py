@@ -13,6 +13,7 @@ import math
 import pathlib
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -46,7 +47,9 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 @pytest.fixture(scope="module")
 def feedback(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], pathlib.Path]:
     work = tmp_path_factory.mktemp("feedback")
-    return fb.run(fb.FeedbackConfig.tiny(), [0], work, quick=False, cache=work / "cache"), work
+    cfg = fb.FeedbackConfig.tiny()
+    cfg = fb.with_overrides(cfg, {"real_corrupt_fraction": "0.25"})  # an archive with artefacts
+    return fb.run(cfg, [0], work, quick=False, cache=work / "cache"), work
 
 
 def test_feedback_loop_runs_every_arm_through_the_jobs(
@@ -69,6 +72,20 @@ def test_feedback_loop_runs_every_arm_through_the_jobs(
             for a in ("real_only", "uniform", "reward", "oracle")}
     assert not any(_same(base, s) for s in arms.values())
     assert not _same(arms["reward"], arms["real_only"])
+
+
+def test_feedback_real_set_holds_the_asked_share_of_artefacts(
+    feedback: tuple[dict[str, Any], pathlib.Path],
+) -> None:
+    from PIL import Image
+
+    from clinisynth_server.phantoms import cells
+
+    _, work = feedback
+    files = sorted((work / "cells-real").glob("*/*.png"))
+    assert len(files) == fb.FeedbackConfig.tiny().n_real
+    verdicts = [cells.oracle(np.asarray(Image.open(f)), f.parent.name).plausible for f in files]
+    assert abs((1 - np.mean(verdicts)) - 0.25) <= 0.03
 
 
 def test_feedback_arms_train_on_one_pool_with_their_own_rewards(

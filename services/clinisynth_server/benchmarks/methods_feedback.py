@@ -69,6 +69,9 @@ class FeedbackConfig:
     n_real: int = 3000  # training phantoms (generator, classifier, real term)
     n_test: int = 1000  # held-out real phantoms (FID reference, downstream test)
     data_seed: int = 1234
+    # Share of training phantoms given an implausibility (cells.CORRUPTIONS), as real archives
+    # hold artefacts: continued training on real data then keeps them; feedback can remove them.
+    real_corrupt_fraction: float = 0.0
     # classifier on real phantoms
     clf_steps: int = 300
     clf_width: int = 16
@@ -127,11 +130,16 @@ class FeedbackConfig:
     def generator_key(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in (
             "size", "n_real", "data_seed", "gen_channels", "pretrain_steps", "pretrain_batch",
-            "pretrain_lr", "pretrain_ema_decay", "pretrain_prediction_type")}
+            "pretrain_lr", "pretrain_ema_decay", "pretrain_prediction_type")} | self._data_key()
 
     def classifier_key(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in (
-            "size", "n_real", "data_seed", "clf_steps", "clf_width")}
+            "size", "n_real", "data_seed", "clf_steps", "clf_width")} | self._data_key()
+
+    def _data_key(self) -> dict[str, Any]:
+        """Only when set, so caches of clean-data models stay valid."""
+        return {"real_corrupt_fraction": self.real_corrupt_fraction} if (
+            self.real_corrupt_fraction) else {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,6 +196,12 @@ def prepare_assets(cfg: FeedbackConfig, runner: JobRunner, work: pathlib.Path, *
 
     say("cells: phantoms")
     imgs, labs = cells.generate(cfg.n_real, seed=cfg.data_seed, size=cfg.size)
+    if cfg.real_corrupt_fraction > 0:
+        rng = np.random.default_rng(cfg.data_seed)
+        bad = rng.choice(len(imgs), round(cfg.real_corrupt_fraction * len(imgs)), replace=False)
+        for j, i in enumerate(bad):
+            imgs[i] = cells.corrupt(imgs[i], cells.CORRUPTIONS[j % len(cells.CORRUPTIONS)], rng)
+        say(f"cells: {len(bad)} of {len(imgs)} training phantoms corrupted")
     real_dir = write_image_folder(work / "cells-real", imgs, labs, cells.CELL_TYPES)
     x_te, y_te = cells.generate(cfg.n_test, seed=cfg.data_seed + 1, size=cfg.size)
 
@@ -201,7 +215,8 @@ def prepare_assets(cfg: FeedbackConfig, runner: JobRunner, work: pathlib.Path, *
     clf_dir = cached("cells-classifier", cfg.classifier_key(), build_classifier,
                      refresh=refresh, root=cache)
 
-    ship = shipped("cells") if quick else None
+    # The shipped generator learned clean phantoms: a contaminated set needs its own.
+    ship = shipped("cells") if quick and cfg.real_corrupt_fraction == 0 else None
     if ship is not None:
         gen_dir, source = ship, "shipped deploy/models/cells"
     else:
