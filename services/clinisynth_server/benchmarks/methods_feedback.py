@@ -424,7 +424,7 @@ def _finetune_arm(cfg: FeedbackConfig, arm: str, seed: int, runner: JobRunner,
         if arm == "uniform":
             r = torch.ones(len(pool["y"]))
         else:  # the trainer's own scoring, with this arm's scorer
-            r = state["trainer"]._score((pool["x"] + 1) / 2, pool["y"]).cpu().float()
+            r = state["trainer"]._score((pool["x"] + 1) / 2, pool["y"]).detach().cpu().float()
         torch.save({**pool, "rewards": r, "keep": r >= min_reward}, path)
         return True
 

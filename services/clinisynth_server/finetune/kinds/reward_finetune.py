@@ -308,7 +308,7 @@ class RewardFinetuneTrainer:
         si = self.pool_index[self.pool_sampler.next()]
         x_real, y_real = self.x_real[ri].to(dev), self.y_real[ri].to(dev)
         x_syn, y_syn = self.pool["x"][si].to(dev), self.pool["y"][si].to(dev)
-        r = self.pool["rewards"][si].to(dev)
+        r = self.pool["rewards"][si].detach().to(dev)  # weights, never a path for gradients
         rows = max(len(ri), len(si))
         t = torch.randint(0, self.T, (rows,), generator=self.gen).to(dev)
         n_real = torch.randn(x_real.shape, generator=self.gen).to(dev)
