@@ -173,16 +173,9 @@ def write_clip_tokenizer(
 
 
 def _ddpm_scheduler_config() -> dict[str, object]:
-    return {
-        "_class_name": "DDPMScheduler",
-        "num_train_timesteps": 1000,
-        "beta_schedule": "linear",
-        "beta_start": 0.0001,
-        "beta_end": 0.02,
-        "prediction_type": "epsilon",
-        "clip_sample": True,
-        "clip_sample_range": 1.0,
-    }
+    from clinisynth_server.methods.schedulers import DDPM_SCHEDULE
+
+    return dict(DDPM_SCHEDULE)
 
 
 def build_pixel_unet(

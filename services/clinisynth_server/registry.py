@@ -23,20 +23,13 @@ from typing import Any
 
 from clinisynth_server.catalog import Catalog, ModelRecord
 from clinisynth_server.errors import InvalidArgument
+from clinisynth_server.methods.schedulers import DDPM_SCHEDULE
 from clinisynth_server.store.base import ArtifactStore
 from clinisynth_server.triton import repository
 from clinisynth_server.triton.client import TritonClient
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
-DEFAULT_SCHEDULER = {
-    "_class_name": "DDPMScheduler",
-    "num_train_timesteps": 1000,
-    "beta_schedule": "linear",
-    "beta_start": 0.0001,
-    "beta_end": 0.02,
-    "prediction_type": "epsilon",
-    "clip_sample": True,
-}
+DEFAULT_SCHEDULER = DDPM_SCHEDULE  # for folders that ship no scheduler config
 
 
 def _read_json(path: pathlib.Path) -> dict[str, Any]:

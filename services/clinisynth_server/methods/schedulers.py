@@ -26,6 +26,18 @@ from clinisynth_server.errors import InvalidArgument
 SAMPLERS: Final[tuple[str, ...]] = ("ddim", "ddpm", "dpmsolver++", "euler")
 """Valid sampler names, in the order shown to users."""
 
+DDPM_SCHEDULE: Final[dict[str, Any]] = {
+    "_class_name": "DDPMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_schedule": "linear",
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "prediction_type": "epsilon",
+    "clip_sample": True,
+    "clip_sample_range": 1.0,
+}
+"""The training noise schedule of models built or trained here, and of folders that ship none."""
+
 STOCHASTIC_SAMPLERS: Final[frozenset[str]] = frozenset({"ddpm"})
 """Samplers that draw fresh noise every step (DDIM does too when ``eta > 0``)."""
 

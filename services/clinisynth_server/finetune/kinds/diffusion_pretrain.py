@@ -28,6 +28,7 @@ from clinisynth_server.finetune.kinds.base import (
 from clinisynth_server.finetune.params import Param, common_params
 from clinisynth_server.methods.losses import diffusion_loss
 from clinisynth_server.methods.sampling import Cond, unet_eps_fn
+from clinisynth_server.methods.schedulers import DDPM_SCHEDULE
 
 NAME = "diffusion_pretrain"
 PIXEL_KINDS = ("class_conditional", "unconditional")
@@ -202,13 +203,10 @@ class DiffusionTrainer:
                 norm_num_groups=8,
             )
             sched_cfg = {
+                **DDPM_SCHEDULE,
                 "num_train_timesteps": p["num_train_timesteps"],
                 "beta_schedule": p["beta_schedule"],
-                "beta_start": 0.0001,
-                "beta_end": 0.02,
                 "prediction_type": p["prediction_type"],
-                "clip_sample": True,
-                "clip_sample_range": 1.0,
             }
         self.scheduler_config = {k: v for k, v in sched_cfg.items() if not k.startswith("_")}
         self.noise_scheduler = DDPMScheduler.from_config(self.scheduler_config)
