@@ -172,6 +172,21 @@ def write_clip_tokenizer(
     return folder
 
 
+def sd_model_index(scheduler_class: str) -> dict[str, object]:
+    """``model_index.json`` of a StableDiffusionPipeline folder (no safety checker)."""
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", scheduler_class],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
+
+
 def _ddpm_scheduler_config() -> dict[str, object]:
     from clinisynth_server.methods.schedulers import DDPM_SCHEDULE
 
@@ -296,21 +311,7 @@ def build_text_to_image(
         steps_offset=1,
     )
     sched.save_pretrained(folder / "scheduler")
-    (folder / "model_index.json").write_text(
-        json.dumps(
-            {
-                "_class_name": "StableDiffusionPipeline",
-                "unet": ["diffusers", "UNet2DConditionModel"],
-                "vae": ["diffusers", "AutoencoderKL"],
-                "text_encoder": ["transformers", "CLIPTextModel"],
-                "tokenizer": ["transformers", "CLIPTokenizer"],
-                "scheduler": ["diffusers", "DDIMScheduler"],
-                "safety_checker": [None, None],
-                "feature_extractor": [None, None],
-                "requires_safety_checker": False,
-            }
-        )
-    )
+    (folder / "model_index.json").write_text(json.dumps(sd_model_index("DDIMScheduler")))
     (folder / "clinisynth.json").write_text(
         json.dumps({"description": description, "labels": labels or {}}, indent=2)
     )

@@ -115,21 +115,9 @@ def materialize(
         tok = record.extra.get("tokenizer_prefix", "")
         store.download_dir(tok, dest / "tokenizer")
         scheduler["_class_name"] = record.scheduler.get("_class_name", "DDIMScheduler")
-        (dest / "model_index.json").write_text(
-            json.dumps(
-                {
-                    "_class_name": "StableDiffusionPipeline",
-                    "unet": ["diffusers", "UNet2DConditionModel"],
-                    "vae": ["diffusers", "AutoencoderKL"],
-                    "text_encoder": ["transformers", "CLIPTextModel"],
-                    "tokenizer": ["transformers", "CLIPTokenizer"],
-                    "scheduler": ["diffusers", scheduler["_class_name"]],
-                    "safety_checker": [None, None],
-                    "feature_extractor": [None, None],
-                    "requires_safety_checker": False,
-                }
-            )
-        )
+        from clinisynth_server.builders import sd_model_index
+
+        (dest / "model_index.json").write_text(json.dumps(sd_model_index(scheduler["_class_name"])))
     elif record.kind in ("class_conditional", "unconditional"):
         shutil.copytree(weights("denoiser"), dest / "unet")
         (dest / "model_index.json").write_text(
