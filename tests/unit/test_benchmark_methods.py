@@ -154,7 +154,9 @@ def test_counterfactual_edits_every_direction_and_mode(tmp_path: pathlib.Path) -
     cfg = cf.CounterfactualStudyConfig.tiny()
     res = cf.run(cfg, [0], tmp_path, quick=False, cache=tmp_path / "cache")
     (seed,) = res["per_seed"]
-    assert set(seed["results"]) == {f"{d}|{m}" for d in cf.DIRECTIONS for m in cf.MODES}
+    assert set(seed["results"]) == {cf.arm_key(d, m, lam) for d in cf.DIRECTIONS
+                                    for m, lam in cf.arms(cfg)}
+    assert len(seed["results"]) == len(cf.DIRECTIONS) * (1 + 3 * len(cfg.lambda_c))
     for key, r in seed["results"].items():
         for name in ("flip_robust", "flip_plain", "flip_heldout", "share_in_mask", "mask_area"):
             assert 0.0 <= r[name] <= 1.0, (key, name)

@@ -320,7 +320,8 @@ def _section(name: str, res: dict[str, Any], clean: dict[str, Any], module: Any,
             f"\nMean ± sd over seeds {seeds} (seeds change the eyes and the noise; models "
             f"trained once), {cfg['n_images']} eyes per direction and seed, "
             f"{cfg['size']}×{cfg['size']} px, chain {cfg['cf_steps']} steps × depth "
-            f"{cfg['depth']}, λ_c = {cfg['lambda_c']}, λ_d = {cfg['lambda_d']}. Clean accuracy "
+            f"{cfg['depth']}, λ_c ∈ {{{', '.join(f'{v:g}' for v in cfg['lambda_c'])}}}, λ_d = "
+            f"{cfg['lambda_d']}; contact sheet: {res.get('example_arm', '–')}. Clean accuracy "
             f"on fresh phantoms: robust {acc['robust']:.2f}, plain {acc['plain']:.2f}, held-out "
             f"{acc['heldout']:.2f}. Models: " + ", ".join(
                 f"{k} {v}" for k, v in res["sources"].items()) + ".")

@@ -6,7 +6,9 @@ an unconditional ``diffusion_pretrain`` denoiser, a plain and an adversarially t
 other seed) that no guidance ever saw. ``methods.counterfactual.run_counterfactual`` edits real
 phantoms healthy → lesion and lesion → healthy with cone / robust-only / plain-only guidance, and
 a no-guidance control (λ_c = 0: noise-and-denoise with the distance term only), which tells how
-much of a "flip" regeneration alone causes.
+much of a "flip" regeneration alone causes. Each guided mode runs at every guidance scale in
+``lambda_c`` (a sweep, not a tuned value: the scale that makes the edit flip depends on the
+denoiser and the image size, and the claim is about what each mode does at equal strength).
 
 Where the change lies: the phantoms know where lesions are. Lesion → healthy: the image's own
 lesion mask (dilated by one pixel: every pixel the lesions touch). Healthy → lesion: where this
@@ -64,7 +66,7 @@ class CounterfactualStudyConfig:
     n_images: int = 12  # per direction and seed
     cf_steps: int = 50  # respaced chain
     depth: float = 0.3  # share of the chain re-run (the paper: 0.5)
-    lambda_c: float = 0.1
+    lambda_c: tuple[float, ...] = (0.1, 0.5, 2.0)  # swept; one row per value
     lambda_d: float = 0.5
     alpha_deg: float = 30.0
     union_seeds: int = 16
@@ -156,6 +158,23 @@ def prepare_models(cfg: CounterfactualStudyConfig, runner: JobRunner, work: path
     )
 
 
+def arms(cfg: CounterfactualStudyConfig) -> list[tuple[str, float]]:
+    """(mode, λ_c) pairs: every guided mode at every scale, the no-guidance control once."""
+    return [(mode, 0.0) if mode == "none" else (mode, lam)
+            for mode in cfg.modes for lam in ((0.0,) if mode == "none" else cfg.lambda_c)]
+
+
+def example_arm(cfg: CounterfactualStudyConfig) -> tuple[str, float]:
+    """The arm the contact sheet shows: the first mode at the middle of the sweep."""
+    guided = [a for a in arms(cfg) if a[0] != "none"] or arms(cfg)
+    same_mode = [a for a in guided if a[0] == guided[0][0]]
+    return same_mode[len(same_mode) // 2]
+
+
+def arm_key(direction: str, mode: str, lam: float) -> str:
+    return f"{direction}|{mode}" if mode == "none" else f"{direction}|{mode}|{lam:g}"
+
+
 def _dilate(mask: np.ndarray) -> np.ndarray:
     from scipy import ndimage
 
@@ -198,11 +217,10 @@ def run_seed(cfg: CounterfactualStudyConfig, seed: int, models: FundusModels,
             twins = from_uint8(np.stack([
                 fundus.render_patient(int(ids[i]), size=size, lesions=False)[0] for i in pick]))
         region = np.stack([_dilate(m) for m in region])
-        for mode in cfg.modes:
+        for mode, lam in arms(cfg):
             ccfg = CounterfactualConfig.fundus(
                 steps=cfg.cf_steps, depth=cfg.depth, alpha_deg=cfg.alpha_deg,
-                lambda_c=0.0 if mode == "none" else cfg.lambda_c, lambda_d=cfg.lambda_d,
-                mode="cone" if mode == "none" else mode)
+                lambda_c=lam, lambda_d=cfg.lambda_d, mode="cone" if mode == "none" else mode)
             guide = make_guide_fn(unet_eps_fn(unet), nets["robust"], nets["plain"],
                                   mode=ccfg.mode)
             res = run_counterfactual(guide, x01 * 2 - 1, target, alphas, config=ccfg,
@@ -224,11 +242,11 @@ def run_seed(cfg: CounterfactualStudyConfig, seed: int, models: FundusModels,
                 before = (x01 - twins).flatten(1).norm(dim=1)
                 after = (cf - twins).flatten(1).norm(dim=1)
                 r["to_twin_ratio"] = float((after / before.clamp_min(1e-6)).mean())
-            out["results"][f"{direction}|{mode}"] = r
-            say(f"counterfactual seed {seed} {direction} {mode}: flip robust "
+            out["results"][arm_key(direction, mode, lam)] = r
+            say(f"counterfactual seed {seed} {direction} {mode} λ_c={lam}: flip robust "
                 f"{r['flip_robust']:.2f} held-out {r['flip_heldout']:.2f}, in-mask "
                 f"{r['share_in_mask']:.2f} (area {r['mask_area']:.2f})")
-            if seed == nets["first_seed"] and mode == cfg.modes[0]:
+            if seed == nets["first_seed"] and (mode, lam) == example_arm(cfg):
                 out.setdefault("examples", {})[direction] = torch.cat([x01[:4], cf[:4]])
         # Accuracy of the classifiers on the inputs themselves (before any edit).
         out.setdefault("input_accuracy", {})[direction] = {
@@ -262,17 +280,21 @@ def run(cfg: CounterfactualStudyConfig, seeds: list[int], work: pathlib.Path, *,
     acc = {name: float((predict(nets[name], x_t) == torch.from_numpy(yt)).float().mean())
            for name in ("robust", "plain", "heldout")}
     per_seed = [run_seed(cfg, s, models, nets) for s in seeds]
+    ex_mode, ex_lam = example_arm(cfg)
     return {"config": asdict(cfg), "seeds": seeds, "sources": models.sources,
+            "example_arm": f"{MODE_LABELS[ex_mode]} at λ_c = {ex_lam:g}, first seed",
             "classifier_test_accuracy": acc, "per_seed": per_seed}
 
 
 def table(result: dict[str, Any]) -> str:
     rows = []
     seeds = result["per_seed"]
-    modes = result["config"]["modes"]
+    cfg = CounterfactualStudyConfig(**{
+        **result["config"], "modes": tuple(result["config"]["modes"]),
+        "lambda_c": tuple(result["config"]["lambda_c"])})
     for direction in DIRECTIONS:
-        for mode in modes:
-            vals = [s["results"][f"{direction}|{mode}"] for s in seeds]
+        for mode, lam in arms(cfg):
+            vals = [s["results"][arm_key(direction, mode, lam)] for s in seeds]
 
             def col(key: str, scale: float = 1.0, digits: int = 1,
                     vals: list[dict[str, Any]] = vals) -> str:
@@ -280,11 +302,12 @@ def table(result: dict[str, Any]) -> str:
                     return "–"
                 return fmt([v[key] for v in vals], scale, digits)
 
-            rows.append([direction, MODE_LABELS[mode], col("flip_robust", 100),
+            rows.append([direction, MODE_LABELS[mode], "0" if mode == "none" else f"{lam:g}",
+                         col("flip_robust", 100),
                          col("flip_plain", 100), col("flip_heldout", 100), col("l2", 1, 2),
                          col("mean_abs", 1000, 1), col("share_in_mask", 100),
                          col("mask_area", 100), col("to_twin_ratio", 1, 2)])
     return markdown_table(
-        ["direction", "guidance", "flip robust %", "flip plain %", "flip held-out %",
+        ["direction", "guidance", "λ_c", "flip robust %", "flip plain %", "flip held-out %",
          "L2 to input", "mean |Δ| ×10³", "change in lesion region %", "region area %",
          "‖cf−twin‖ ÷ ‖x−twin‖"], rows)
