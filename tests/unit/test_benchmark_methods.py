@@ -131,7 +131,7 @@ def test_adaptation_trains_the_parts_it_names(tmp_path: pathlib.Path) -> None:
     res = ad.run(ad.AdaptationConfig.tiny(), [0], tmp_path, quick=False,
                  cache=tmp_path / "cache")
     (seed,) = res["per_seed"]
-    assert set(seed["arms"]) == {"real", "base", "unet", "unet_text"}
+    assert set(seed["arms"]) == set(ad.ARMS)
     for arm in seed["arms"].values():
         assert set(arm["per_finding"]) == set(ad.FINDINGS)
         for v in arm["per_finding"].values():
@@ -147,6 +147,11 @@ def test_adaptation_trains_the_parts_it_names(tmp_path: pathlib.Path) -> None:
     for arm in ("unet", "unet_text"):
         assert not _same(_state(tmp_path / f"t2i-{arm}" / "unet"), _state(base / "unet"))
         assert _same(_state(tmp_path / f"t2i-{arm}" / "vae"), _state(base / "vae"))
+    # VAE arm: its VAE is the chest-tuned one, and the adaptation after it left that VAE alone.
+    assert not _same(_state(tmp_path / "t2i-unet_text_vae" / "vae"), _state(base / "vae"))
+    assert _same(_state(tmp_path / "t2i-unet_text_vae" / "vae"),
+                 _state(tmp_path / "t2i-chest-vae" / "vae"))
+    assert math.isfinite(res["vae_recon_mse_chest_adapted"])
     assert "U-Net + text encoder" in ad.table(res)
 
 

@@ -309,8 +309,10 @@ def _section(name: str, res: dict[str, Any], clean: dict[str, Any], module: Any,
             f"{cfg['images_per_prompt']} images, DDIM {cfg['sample_steps']}, guidance "
             f"{cfg['guidance']}; {cfg['size']}×{cfg['size']} px. Base: VAE {cfg['vae_steps']} + "
             f"U-Net/text {cfg['pretrain_steps']} steps on abdomen captions; adaptation "
-            f"{cfg['adapt_steps']} steps, lr {cfg['lr']}. Frozen VAE's reconstruction MSE on "
-            f"chest phantoms: {res['vae_recon_mse_chest']:.4f}.")
+            f"{cfg['adapt_steps']} steps, lr {cfg['lr']} (the VAE arm: VAE {cfg['vae_steps']} "
+            f"steps on chest first). VAE reconstruction MSE on chest phantoms: abdomen VAE "
+            f"{res['vae_recon_mse_chest']:.4f}, chest-tuned "
+            f"{res.get('vae_recon_mse_chest_adapted', float('nan')):.4f}.")
     else:
         acc = res["classifier_test_accuracy"]
         lines.append(f"## 3. Counterfactuals: robust + plain classifier guidance (fundus, "
