@@ -176,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
                 if want(name):
                     job = _train(client, "classifier", fundus_ds, name, {
                         "max_steps": steps(500), "batch_size": 64, "learning_rate": 1e-3,
-                        "adversarial": "pgd" if robust else "none", "eps": 0.5, "seed": 0})
+                        # ε = 0.5 (L2) at 32×32 can erase a lesion: that training ends at
+                        # chance (loss ln 2); 0.25 keeps 83 % clean accuracy.
+                        "adversarial": "pgd" if robust else "none", "eps": 0.25, "seed": 0})
                     _export(client, store, job, name, "fundus", ns.out)
             if want("chest"):
                 base = builders.build_text_to_image(tmp_path / "sd-base", size=SIZE,
