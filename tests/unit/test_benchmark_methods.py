@@ -184,6 +184,7 @@ def test_main_writes_tables_json_and_contact_sheets(tmp_path: pathlib.Path) -> N
     assert data["per_seed"][0]["results"]
     assert (out / "counterfactual.md").read_text().strip() in text  # per-study files merge
     assert (out / "counterfactual-contact-sheet.png").stat().st_size > 0
+    assert "rows top to bottom: " + ", ".join(sorted(cf.DIRECTIONS)) in text
 
     # Seeds run side by side (one process each) combine into one table with the spread.
     out1 = tmp_path / "out-seed1"
@@ -195,6 +196,7 @@ def test_main_writes_tables_json_and_contact_sheets(tmp_path: pathlib.Path) -> N
     assert merged["seeds"] == [0, 1]
     assert [s["seed"] for s in merged["per_seed"]] == [0, 1]
     assert "seeds [0, 1]" in (both / "counterfactual.md").read_text()
+    assert "rows top to bottom: " in (both / "counterfactual.md").read_text()
     with pytest.raises(SystemExit, match="share seeds"):
         methods.main(["--combine", str(out), str(out), "--out", str(tmp_path / "dup")])
 

@@ -185,12 +185,14 @@ def main(argv: list[str] | None = None) -> int:
             clean["verdict_filtered"] = fb.verdict(res, "reward_filtered")
         clean.update(command=command, machine=m, mode=mode)
         results["studies"][name] = clean
+        if sheets:
+            ordered = sorted(sheets.items())[:12]
+            contact_sheet([v if v.ndim == 4 else v[None] for _, v in ordered],
+                          out / f"{name}-contact-sheet.png")
+            clean["contact_sheet_rows"] = [k.rsplit("/", 1)[-1] for k, _ in ordered]
         sections.append(_section(name, res, clean, modules[name], seeds, mode))
         section = (sections[-1] + f"\n\n`{command}` on {machine_line(m)}.")
         print(section, flush=True)
-        if sheets:
-            rows = [v if v.ndim == 4 else v[None] for _, v in sorted(sheets.items())][:12]
-            contact_sheet(rows, out / f"{name}-contact-sheet.png")
         # One file pair per study, so runs of single studies (--studies) compose in one folder.
         (out / f"{name}.md").write_text(section + "\n")
         (out / f"{name}.json").write_text(json.dumps(clean, indent=2, default=str))
@@ -327,6 +329,9 @@ def _section(name: str, res: dict[str, Any], clean: dict[str, Any], module: Any,
             f"on fresh phantoms: robust {acc['robust']:.2f}, plain {acc['plain']:.2f}, held-out "
             f"{acc['heldout']:.2f}. Models: " + ", ".join(
                 f"{k} {v}" for k, v in res["sources"].items()) + ".")
+    if clean.get("contact_sheet_rows"):
+        lines.append(f"\nContact sheet `{name}-contact-sheet.png`, rows top to bottom: "
+                     + ", ".join(clean["contact_sheet_rows"]) + ".")
     lines.append(f"\nWall time {res['wall_seconds'] / 60:.1f} min.")
     return "\n".join(lines)
 
