@@ -48,6 +48,31 @@ def folder_digest(paths: Iterable[pathlib.Path]) -> str:
     return h.hexdigest()
 
 
+SHIPPED_LABEL = "shipped_digest"
+
+
+def shipped_updates(shipped_dir: pathlib.Path, catalog: Catalog) -> list[tuple[pathlib.Path, str]]:
+    """Shipped model folders to register now, each with its digest (for ``SHIPPED_LABEL``).
+
+    A folder is registered when the catalog does not know its name, or when the latest version
+    of that name was itself registered from a shipped folder whose content has since changed (a
+    newer release ships retrained demo models). A latest version without the label — the user's
+    own registration or promotion — is never superseded.
+    """
+    if not shipped_dir.is_dir():
+        return []
+    latest = {r.name: r for r in catalog.all()}  # sorted by (name, version): last wins
+    updates = []
+    for folder in sorted(p for p in shipped_dir.iterdir() if p.is_dir()):
+        if not (folder / "clinisynth.json").is_file():
+            continue
+        digest = folder_digest([folder])
+        record = latest.get(folder.name)
+        if record is None or record.labels.get(SHIPPED_LABEL, digest) != digest:
+            updates.append((folder, digest))
+    return updates
+
+
 def detect_kind(folder: pathlib.Path) -> str:
     index = _read_json(folder / "model_index.json")
     if (

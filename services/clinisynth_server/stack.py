@@ -208,9 +208,7 @@ class Stack:
         return info
 
     def _register_shipped(self) -> None:
-        """Register every shipped model folder whose name the catalog does not know yet."""
-        if not SHIPPED_MODELS.is_dir():
-            return
+        """Register shipped model folders that are new, or newer than their registration."""
         from clinisynth_server import registry
         from clinisynth_server.catalog import Catalog
         from clinisynth_server.store import open_store
@@ -218,13 +216,14 @@ class Stack:
 
         store = open_store(self.store_url)
         catalog = Catalog(store, ttl_s=0)
-        known = {r.name for r in catalog.all()}
+        updates = registry.shipped_updates(SHIPPED_MODELS, catalog)
+        if not updates:
+            return
         with TritonClient(self.triton.grpc_url, timeout_s=300) as triton:
-            for folder in sorted(p for p in SHIPPED_MODELS.iterdir() if p.is_dir()):
-                if folder.name not in known and (folder / "clinisynth.json").exists():
-                    registry.register_folder(folder, folder.name, catalog=catalog, store=store,
-                                             model_repository=self.model_repository,
-                                             triton=triton)
+            for folder, digest in updates:
+                registry.register_folder(folder, folder.name, catalog=catalog, store=store,
+                                         model_repository=self.model_repository,
+                                         triton=triton, labels={registry.SHIPPED_LABEL: digest})
 
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {
