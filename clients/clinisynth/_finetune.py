@@ -252,7 +252,7 @@ def check_local_dataset(root: str | os.PathLike[str], layout: str | None = None
                 except json.JSONDecodeError as exc:
                     problems.append(f"{index} line {n}: not JSON ({exc.msg})")
                     continue
-                # Same rule as the server's reader: "file" is the phantom writers' name.
+                # Same rule as the server's reader: "file" is what older sets wrote.
                 image = obj.get("image", obj.get("file")) if isinstance(obj, dict) else None
                 if not isinstance(image, str) or image not in rel:
                     problems.append(f"{index} line {n}: image {image!r} is missing")

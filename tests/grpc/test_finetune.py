@@ -31,17 +31,16 @@ def ft_home(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 def data(store, ft_home) -> dict[str, str]:  # type: ignore[no-untyped-def]
     """Phantom data sets in the store: cells ImageFolder, feedback export, chest manifest."""
     from clinisynth_server import builders
-    from clinisynth_server.finetune import datasets
-    from clinisynth_server.phantoms import cells
+    from clinisynth_server.phantoms import cells, datasets
 
     imgs, labels = cells.generate(48, seed=11, size=24)
-    datasets.write_image_folder(store, "ft/cells", imgs, labels, CLASSES)
+    datasets.write_image_folder_to_store(store, "ft/cells", imgs, labels, CLASSES)
     # Feedback: real phantoms shown with their class are plausible, with a wrong class not.
     fb_imgs, fb_labels = cells.generate(48, seed=12, size=24)
     wrong = (fb_labels + 1 + np.arange(48) % 3) % 4
     plausible = np.arange(48) % 2 == 0
     shown = np.where(plausible, fb_labels, wrong)
-    datasets.write_feedback(store, "ft/feedback", fb_imgs, [CLASSES[i] for i in shown],
+    datasets.write_feedback_to_store(store, "ft/feedback", fb_imgs, [CLASSES[i] for i in shown],
                             plausible.tolist(), generator="cells-tiny@1")
     # Chest-like image–text pairs: bright blob left / right.
     rng = np.random.default_rng(0)
@@ -52,7 +51,7 @@ def data(store, ft_home) -> dict[str, str]:  # type: ignore[no-untyped-def]
         img[8:24, 4 + 16 * side : 12 + 16 * side] = 200 + rng.integers(0, 40)
         chest.append(img)
         texts.append("left pleural effusion" if side == 0 else "right pleural effusion")
-    datasets.write_manifest(store, "ft/chest", np.stack(chest), texts)
+    datasets.write_manifest_to_store(store, "ft/chest", np.stack(chest), texts)
     sd = builders.build_text_to_image(ft_home / "sd-base", size=32, image_channels=1)
     store.upload_dir(sd, "ft/models/sd-base")
     return {"cells": "ft/cells", "feedback": "ft/feedback", "chest": "ft/chest",
@@ -187,7 +186,7 @@ def test_kinds_list_params_with_defaults(client):  # type: ignore[no-untyped-def
 def test_upload_checks_sha256_and_cli_data_upload(client, finetune_server, tmp_path,  # type: ignore[no-untyped-def]
                                                   monkeypatch, capsys):
     from clinisynth.cli import main
-    from clinisynth_server.finetune.datasets import png_bytes
+    from clinisynth_server.phantoms.datasets import encode_png
 
     stub = finetune_pb2_grpc.FinetuneServiceStub(client._t.channel("finetune"))
     import grpc
@@ -202,7 +201,7 @@ def test_upload_checks_sha256_and_cli_data_upload(client, finetune_server, tmp_p
     for cls in ("a", "b"):
         (folder / cls).mkdir(parents=True)
         for i in range(2):
-            (folder / cls / f"{i}.png").write_bytes(png_bytes(np.full((8, 8), 60 * i, np.uint8)))
+            (folder / cls / f"{i}.png").write_bytes(encode_png(np.full((8, 8), 60 * i, np.uint8)))
     monkeypatch.setenv("CLINISYNTH_FINETUNE_ADDRESS", finetune_server.address)
     assert main(["data", "upload", str(folder), "ft/uploaded", "--json", "-q"]) == 0
     out = capsys.readouterr().out

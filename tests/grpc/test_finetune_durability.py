@@ -31,13 +31,12 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 
 @pytest.fixture(scope="module")
 def store_dir(home: pathlib.Path) -> str:
-    from clinisynth_server.finetune import datasets
-    from clinisynth_server.phantoms import cells
+    from clinisynth_server.phantoms import cells, datasets
     from clinisynth_server.store import open_store
 
     url = str(home / "store")
     imgs, labels = cells.generate(32, seed=21, size=24)
-    datasets.write_image_folder(open_store(url), "data/cells", imgs, labels, CLASSES)
+    datasets.write_image_folder_to_store(open_store(url), "data/cells", imgs, labels, CLASSES)
     return url
 
 

@@ -251,7 +251,7 @@ def test_manifest_round_trip_rgb_and_text(tmp_path: Path) -> None:
     )
     lines = (root / "manifest.jsonl").read_text().splitlines()
     first = json.loads(lines[0])
-    assert first["file"] == "images/000001.png" and first["text"] == batch.reports[0]
+    assert first["image"] == "images/000001.png" and first["prompt"] == batch.reports[0]
     recs = datasets.read_manifest(root)
     assert [r.text for r in recs] == batch.reports
     assert [tuple(r.labels) for r in recs] == batch.findings
@@ -266,8 +266,11 @@ def test_manifest_round_trip_rgb_and_text(tmp_path: Path) -> None:
 def test_manifest_reader_rejects_bad_sets(tmp_path: Path) -> None:
     with pytest.raises(NotFound):
         datasets.read_manifest(tmp_path)
-    (tmp_path / "manifest.jsonl").write_text('{"file": "../etc/passwd", "text": "x"}\n')
+    (tmp_path / "manifest.jsonl").write_text('{"image": "../etc/passwd", "prompt": "x"}\n')
     with pytest.raises(InvalidArgument):
+        datasets.read_manifest(tmp_path)
+    (tmp_path / "manifest.jsonl").write_text('{"prompt": "no image"}\n')
+    with pytest.raises(InvalidArgument, match="image"):
         datasets.read_manifest(tmp_path)
     (tmp_path / "manifest.jsonl").write_text("{not json\n")
     with pytest.raises(InvalidArgument):

@@ -86,9 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from clinisynth_server.finetune import datasets
     from clinisynth_server.finetune.records import JobStore
     from clinisynth_server.phantoms import cells
+    from clinisynth_server.phantoms.datasets import write_image_folder_to_store
     from clinisynth_server.runtime.config import load_config
     from clinisynth_server.runtime.server import start_server
     from clinisynth_server.store import open_store
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     store_url = str(tmp / "store")
     store = open_store(store_url)
     imgs, labels = cells.generate(args.images, seed=0, size=args.size)
-    datasets.write_image_folder(store, "bench/cells", imgs, labels, CLASSES)
+    write_image_folder_to_store(store, "bench/cells", imgs, labels, CLASSES)
     x = torch.from_numpy(imgs).float()[:, None] / 127.5 - 1
     y = torch.from_numpy(labels)
     print(f"device: {'cuda' if torch.cuda.is_available() else 'cpu'}, torch threads "

@@ -37,9 +37,8 @@ from clinisynth_server.benchmarks.methods_common import (
     predict,
     say,
     shipped,
-    write_image_folder,
-    write_manifest,
 )
+from clinisynth_server.phantoms.datasets import write_image_folder, write_manifest
 
 FINDINGS = ("no_finding", "pleural_effusion_left", "pleural_effusion_right", "cardiomegaly",
             "pneumothorax")

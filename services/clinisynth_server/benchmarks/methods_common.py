@@ -136,51 +136,6 @@ def fit_size(images: torch.Tensor, size: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def _png(image: np.ndarray) -> bytes:
-    from clinisynth_server.finetune.datasets import png_bytes
-
-    return png_bytes(image)
-
-
-def write_image_folder(root: pathlib.Path, images: np.ndarray, labels: Iterable[int],
-                       classes: Sequence[str]) -> pathlib.Path:
-    """``<root>/<class>/<i>.png`` (the ``image_folder`` layout)."""
-    for i, (img, y) in enumerate(zip(images, labels, strict=True)):
-        path = root / classes[int(y)] / f"{i:06d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(_png(img))
-    return root
-
-
-def write_manifest(root: pathlib.Path, images: np.ndarray, texts: Sequence[str]) -> pathlib.Path:
-    """``manifest.jsonl`` (``image`` + ``prompt``) + ``images/``: ``image_text_manifest``."""
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i, (img, text) in enumerate(zip(images, texts, strict=True)):
-        rel = f"images/{i:06d}.png"
-        (root / rel).write_bytes(_png(img))
-        lines.append(json.dumps({"image": rel, "prompt": text}))
-    (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
-    return root
-
-
-def write_feedback(root: pathlib.Path, images: np.ndarray, class_names: Sequence[str],
-                   plausible: Sequence[bool], generator: str) -> pathlib.Path:
-    """A reward-service feedback export: ``labels.jsonl`` + ``images/`` (``feedback_export``)."""
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i, (img, cls, ok) in enumerate(zip(images, class_names, plausible, strict=True)):
-        rel = f"images/{i:06d}.png"
-        (root / rel).write_bytes(_png(img))
-        lines.append(json.dumps({
-            "image": rel, "condition": {"class_name": cls}, "plausible": bool(ok),
-            "rater_id": "oracle", "criteria": {}, "feedback_id": f"fb-{i:06d}",
-            "generator": generator,
-        }))
-    (root / "labels.jsonl").write_text("\n".join(lines) + "\n")
-    return root
-
-
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(B, C, H, W) in [0, 1] → uint8 (B, H, W) or (B, H, W, 3)."""
     arr = (images.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).numpy()

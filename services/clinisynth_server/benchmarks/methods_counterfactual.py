@@ -39,8 +39,8 @@ from clinisynth_server.benchmarks.methods_common import (
     say,
     shipped,
     shipped_size,
-    write_image_folder,
 )
+from clinisynth_server.phantoms.datasets import write_image_folder
 
 MODES = ("cone", "robust_only", "plain_only", "none")
 MODE_LABELS = {"cone": "cone (robust ∠ plain, α = 30°)", "robust_only": "robust only",

@@ -46,9 +46,8 @@ from clinisynth_server.benchmarks.methods_common import (
     shipped,
     shipped_size,
     to_uint8,
-    write_feedback,
-    write_image_folder,
 )
+from clinisynth_server.phantoms.datasets import write_feedback, write_image_folder
 
 ARMS = ("before", "real_only", "uniform", "reward", "reward_filtered", "oracle")
 ARM_LABELS = {

@@ -29,13 +29,19 @@ from typing import Any
 import numpy as np
 
 from clinisynth_server.errors import ClinisynthError, InvalidArgument
+from clinisynth_server.phantoms.datasets import (
+    IMAGE_FIELDS,
+    LABELS_NAME,
+    MANIFEST_NAME,
+    TEXT_FIELDS,
+    field_value,
+)
 from clinisynth_server.store.base import ArtifactStore, dir_prefix
 
 LAYOUTS = ("image_folder", "image_text_manifest", "feedback_export")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
-MANIFEST = "manifest.jsonl"
-LABELS = "labels.jsonl"
-TEXT_FIELDS = ("prompt", "text", "caption")
+MANIFEST = MANIFEST_NAME
+LABELS = LABELS_NAME
 MAX_PROBLEMS = 50
 
 
@@ -225,8 +231,7 @@ def _read_index(
         if not isinstance(obj, dict):
             report.problem(f"{where}: expected a JSON object")
             continue
-        # "file" is the phantom writers' name for the same field (phantoms/datasets.py).
-        image = obj.get("image", obj.get("file"))
+        image = field_value(obj, IMAGE_FIELDS)
         if not isinstance(image, str) or not image:
             report.problem(f"{where}: 'image' (a relative path) is missing")
             continue
@@ -313,64 +318,3 @@ def load_images(
         if progress is not None:
             progress(i)
     return np.clip(np.stack(out).astype(np.float32), 0.0, 1.0)
-
-
-# ---------------------------------------------------------------------------------------------
-# writers (tests, demos; phantoms → a layout in the store)
-# ---------------------------------------------------------------------------------------------
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """uint8 HxW or HxWx3 (or float in [0, 1]) → PNG bytes."""
-    import io
-
-    from PIL import Image
-
-    arr = np.asarray(image)
-    if arr.dtype != np.uint8:
-        arr = np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def write_image_folder(store: ArtifactStore, prefix: str, images: np.ndarray,
-                       labels: Iterable[int], classes: list[str]) -> int:
-    """``<prefix>/<class>/<i:05d>.png`` for each image; returns how many were written."""
-    base = dir_prefix(prefix)
-    n = 0
-    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
-        store.put_bytes(f"{base}{classes[int(label)]}/{i:05d}.png", png_bytes(image))
-        n += 1
-    return n
-
-
-def write_manifest(store: ArtifactStore, prefix: str, images: np.ndarray,
-                   texts: Iterable[str]) -> int:
-    """``<prefix>/images/<i>.png`` + ``<prefix>/manifest.jsonl`` with ``image`` / ``prompt``."""
-    base = dir_prefix(prefix)
-    lines = []
-    for i, (image, text) in enumerate(zip(images, texts, strict=True)):
-        rel = f"images/{i:05d}.png"
-        store.put_bytes(base + rel, png_bytes(image))
-        lines.append(json.dumps({"image": rel, "prompt": text}))
-    store.put_bytes(base + MANIFEST, ("\n".join(lines) + "\n").encode())
-    return len(lines)
-
-
-def write_feedback(store: ArtifactStore, prefix: str, images: np.ndarray,
-                   class_names: Iterable[str], plausible: Iterable[bool],
-                   *, generator: str = "unknown@0") -> int:
-    """A feedback export: ``images/`` + ``labels.jsonl`` (one judgement a line)."""
-    base = dir_prefix(prefix)
-    lines = []
-    for i, (image, cls, ok) in enumerate(zip(images, class_names, plausible, strict=True)):
-        rel = f"images/{i:05d}.png"
-        store.put_bytes(base + rel, png_bytes(image))
-        lines.append(json.dumps({
-            "image": rel, "condition": {"class_name": cls}, "plausible": bool(ok),
-            "rater_id": "oracle", "criteria": {}, "feedback_id": f"fb-{i:05d}",
-            "generator": generator,
-        }))
-    store.put_bytes(base + LABELS, ("\n".join(lines) + "\n").encode())
-    return len(lines)

@@ -1,4 +1,4 @@
-"""Writers and readers of the two data-set layouts the finetune service reads.
+"""Writers (and readers) of the data-set layouts the finetune service reads: the one writer of each.
 
 Why: training jobs take a data set by reference (a local folder or a prefix in the artifact
 store); fixing the on-disk layout here lets phantom sets, user uploads and tests share one
@@ -17,12 +17,19 @@ Layout 1 — **ImageFolder** (class-labelled images; torchvision's convention)::
 Layout 2 — **manifest** (image + text pairs, optional labels)::
 
     <root>/manifest.jsonl          one JSON object a line:
-        {"file": "images/000001.png", "text": "Small left pleural effusion.",
+        {"image": "images/000001.png", "prompt": "Small left pleural effusion.",
          "labels": ["pleural_effusion_left"]}
     <root>/images/000001.png
 
-  ``file`` is relative to ``<root>`` with forward slashes; ``text`` is the prompt / caption;
+  ``image`` is relative to ``<root>`` with forward slashes; ``prompt`` is the report / caption
+  (readers also accept ``text`` / ``caption``, and ``file`` for ``image`` as older sets wrote);
   ``labels`` is a list of strings (may be empty). Extra keys are allowed and kept by the reader.
+
+Layout 3 — **feedback export** (expert judgements, what the reward service exports)::
+
+    <root>/labels.jsonl            one judgement a line: {"image": "images/000001.png",
+        "condition": {"class_name": "neutrophil"}, "plausible": true, "rater_id": "oracle", ...}
+    <root>/images/000001.png
 
 Store variants take any object with ``put_bytes(key, data)`` and write the same relative keys
 under ``prefix`` (``<prefix>/manifest.jsonl``, ...), manifest / ``classes.json`` last so a reader
@@ -45,8 +52,11 @@ from PIL import Image
 from clinisynth_server.errors import InvalidArgument, NotFound
 
 MANIFEST_NAME = "manifest.jsonl"
+LABELS_NAME = "labels.jsonl"
 CLASSES_NAME = "classes.json"
 IMAGES_DIR = "images"
+IMAGE_FIELDS = ("image", "file")  # the first is written; "file" is read from older sets
+TEXT_FIELDS = ("prompt", "text", "caption")  # likewise
 
 
 class BytesSink(Protocol):
@@ -59,7 +69,7 @@ class BytesSink(Protocol):
 class ManifestRecord:
     """One line of ``manifest.jsonl`` with its image decoded."""
 
-    file: str
+    path: str
     text: str
     labels: list[str]
     image: np.ndarray
@@ -138,8 +148,8 @@ def manifest_entries(
         rec: dict[str, Any] = dict(extra[i]) if extra is not None else {}
         rec.update(
             {
-                "file": rel,
-                "text": str(texts[i]),
+                IMAGE_FIELDS[0]: rel,
+                TEXT_FIELDS[0]: str(texts[i]),
                 "labels": [str(x) for x in labels[i]] if labels is not None else [],
             }
         )
@@ -217,6 +227,56 @@ def write_manifest_to_store(
     return _write_store(sink, prefix, manifest_entries(images, texts, labels, extra=extra))
 
 
+def feedback_entries(
+    images: np.ndarray | Sequence[np.ndarray],
+    class_names: Sequence[str],
+    plausible: Sequence[bool],
+    *,
+    generator: str = "unknown@0",
+    rater_id: str = "oracle",
+) -> Iterator[tuple[str, bytes]]:
+    """(relative key, bytes) pairs of a feedback export; ``labels.jsonl`` comes last."""
+    if not len(images) == len(class_names) == len(plausible):
+        raise InvalidArgument.for_field("plausible", "needs one class and verdict per image")
+    lines = []
+    for i, (img, cls, ok) in enumerate(zip(images, class_names, plausible, strict=True)):
+        rel = f"{IMAGES_DIR}/{i + 1:06d}.png"
+        yield rel, encode_png(img)
+        lines.append(json.dumps({
+            "image": rel, "condition": {"class_name": str(cls)}, "plausible": bool(ok),
+            "rater_id": rater_id, "criteria": {}, "feedback_id": f"fb-{i + 1:06d}",
+            "generator": generator,
+        }, sort_keys=True))
+    yield LABELS_NAME, ("\n".join(lines) + ("\n" if lines else "")).encode()
+
+
+def write_feedback(
+    root: str | os.PathLike[str],
+    images: np.ndarray | Sequence[np.ndarray],
+    class_names: Sequence[str],
+    plausible: Sequence[bool],
+    *,
+    generator: str = "unknown@0",
+) -> Path:
+    """Write a feedback export (``labels.jsonl`` + ``images/``) under ``root``."""
+    return _write_local(root, feedback_entries(images, class_names, plausible,
+                                               generator=generator))
+
+
+def write_feedback_to_store(
+    sink: BytesSink,
+    prefix: str,
+    images: np.ndarray | Sequence[np.ndarray],
+    class_names: Sequence[str],
+    plausible: Sequence[bool],
+    *,
+    generator: str = "unknown@0",
+) -> list[str]:
+    """Write a feedback export to the artifact store under ``prefix``; returns the keys."""
+    return _write_store(sink, prefix, feedback_entries(images, class_names, plausible,
+                                                       generator=generator))
+
+
 def read_image_folder(
     root: str | os.PathLike[str],
     class_names: Sequence[str] | None = None,
@@ -264,25 +324,31 @@ def read_manifest(root: str | os.PathLike[str]) -> list[ManifestRecord]:
             rec = json.loads(line)
         except json.JSONDecodeError as exc:
             raise InvalidArgument.for_field(field_name, f"invalid JSON: {exc.msg}") from exc
-        if not isinstance(rec, dict) or not isinstance(rec.get("file"), str):
-            raise InvalidArgument.for_field(field_name, "needs a string 'file'")
-        rel = rec["file"]
+        rel = field_value(rec, IMAGE_FIELDS) if isinstance(rec, dict) else None
+        if not isinstance(rel, str):
+            raise InvalidArgument.for_field(field_name, "needs a string 'image'")
         if rel.startswith("/") or ".." in rel.split("/"):
-            raise InvalidArgument.for_field(field_name, f"'file' must stay inside the set: {rel!r}")
-        text = rec.get("text", "")
+            raise InvalidArgument.for_field(field_name, f"'image' must stay inside: {rel!r}")
+        text = field_value(rec, TEXT_FIELDS) or ""
         labels = rec.get("labels", [])
         if not isinstance(text, str) or not isinstance(labels, list):
-            raise InvalidArgument.for_field(field_name, "'text' must be a string, 'labels' a list")
+            raise InvalidArgument.for_field(field_name, "'prompt' must be text, 'labels' a list")
         path = base / rel
         if not path.is_file():
             raise NotFound(f"{field_name}: image {rel!r} is missing")
-        extra = {k: v for k, v in rec.items() if k not in ("file", "text", "labels")}
+        known = (*IMAGE_FIELDS, *TEXT_FIELDS, "labels")
+        extra = {k: v for k, v in rec.items() if k not in known}
         records.append(
             ManifestRecord(
                 rel, text, [str(x) for x in labels], decode_png(path.read_bytes()), extra
             )
         )
     return records
+
+
+def field_value(rec: Mapping[str, Any], names: Sequence[str]) -> Any:
+    """The value of the first of ``names`` present in ``rec`` (a field and its older aliases)."""
+    return next((rec[n] for n in names if n in rec), None)
 
 
 # --------------------------------------------------------------------------- phantom sets
