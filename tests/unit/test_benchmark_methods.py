@@ -147,12 +147,34 @@ def test_adaptation_trains_the_parts_it_names(tmp_path: pathlib.Path) -> None:
     for arm in ("unet", "unet_text"):
         assert not _same(_state(tmp_path / f"t2i-{arm}" / "unet"), _state(base / "unet"))
         assert _same(_state(tmp_path / f"t2i-{arm}" / "vae"), _state(base / "vae"))
-    # VAE arm: its VAE is the chest-tuned one, and the adaptation after it left that VAE alone.
-    assert not _same(_state(tmp_path / "t2i-unet_text_vae" / "vae"), _state(base / "vae"))
-    assert _same(_state(tmp_path / "t2i-unet_text_vae" / "vae"),
-                 _state(tmp_path / "t2i-chest-vae" / "vae"))
+    # VAE arms: their VAE is the chest-tuned one, and the adaptation after it left that VAE
+    # alone; the text encoder moved only where it was asked to.
+    for arm in ("unet_vae", "unet_text_vae"):
+        assert not _same(_state(tmp_path / f"t2i-{arm}" / "vae"), _state(base / "vae"))
+        assert _same(_state(tmp_path / f"t2i-{arm}" / "vae"),
+                     _state(tmp_path / "t2i-chest-vae" / "vae"))
+    assert _same(_state(tmp_path / "t2i-unet_vae" / "text_encoder"),
+                 _state(base / "text_encoder"))
+    assert not _same(_state(tmp_path / "t2i-unet_text_vae" / "text_encoder"),
+                     _state(base / "text_encoder"))
     assert math.isfinite(res["vae_recon_mse_chest_adapted"])
     assert "U-Net + text encoder" in ad.table(res)
+    v = ad.verdict(res)
+    assert set(v["pairs"]) == {"unet_text - unet", "unet_text_vae - unet_vae"}
+    for pair, (unet, text) in zip(v["pairs"].values(), ad.PAIRS, strict=True):
+        arms = seed["arms"]
+        want = 100 * (arms[text]["detected_mean"] - arms[unet]["detected_mean"])
+        assert pair["delta_detected_pts"] == [pytest.approx(want)]
+    assert v["best_arm"] not in ("real", "base") and 0 <= v["best_detected_pct"] <= 100
+
+
+def test_adaptation_trains_only_the_arms_asked_for(tmp_path: pathlib.Path) -> None:
+    from clinisynth_server.benchmarks.methods_common import override
+
+    cfg = override(ad.AdaptationConfig.tiny(), {"arms": "real,unet_vae"})
+    res = ad.run(cfg, [0], tmp_path, quick=False, cache=tmp_path / "cache")
+    assert set(res["per_seed"][0]["arms"]) == {"real", "base", "unet_vae"}
+    assert not (tmp_path / "t2i-unet").exists() and (tmp_path / "t2i-unet_vae").is_dir()
 
 
 def test_counterfactual_edits_every_direction_and_mode(tmp_path: pathlib.Path) -> None:

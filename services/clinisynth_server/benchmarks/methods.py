@@ -183,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         if name == "feedback":
             clean["verdict"] = fb.verdict(res)
             clean["verdict_filtered"] = fb.verdict(res, "reward_filtered")
+        elif name == "adaptation":
+            clean["verdict"] = ad.verdict(res)
         clean.update(command=command, machine=m, mode=mode)
         results["studies"][name] = clean
         if sheets:
@@ -233,6 +235,8 @@ def combine(runs: list[pathlib.Path], out: pathlib.Path) -> int:
         if name == "feedback":
             res["verdict"] = fb.verdict(res)
             res["verdict_filtered"] = fb.verdict(res, "reward_filtered")
+        elif name == "adaptation":
+            res["verdict"] = ad.verdict(res)
         commands = "; ".join(f"`{p['command']}`" for p in parts)
         section = (_section(name, res, res, modules[name], res["seeds"], res["mode"])[:-1]
                    + " (the longest of the runs combined, run side by side)."
@@ -315,6 +319,16 @@ def _section(name: str, res: dict[str, Any], clean: dict[str, Any], module: Any,
             f"steps on chest first). VAE reconstruction MSE on chest phantoms: abdomen VAE "
             f"{res['vae_recon_mse_chest']:.4f}, chest-tuned "
             f"{res.get('vae_recon_mse_chest_adapted', float('nan')):.4f}.")
+        v = module.verdict(res)
+        if v["pairs"]:
+            lines.append(
+                "\n**Claim — adapting the text encoder with the U-Net detects the prompted "
+                f"finding more often than the U-Net alone (≥ {module.MIN_GAIN_PTS:g} pts, every "
+                f"seed): {'HOLDS' if v['holds'] else 'DOES NOT HOLD'}.** " + "; ".join(
+                    f"{pair}: " + ", ".join(f"{d:+.1f}" for d in p["delta_detected_pts"])
+                    + " pts" for pair, p in v["pairs"].items())
+                + f". Best arm: {module.ARM_LABELS.get(v['best_arm'], v['best_arm'])} at "
+                f"{v['best_detected_pct']:.0f} % (the paper: 95 %).")
     else:
         acc = res["classifier_test_accuracy"]
         lines.append(f"## 3. Counterfactuals: robust + plain classifier guidance (fundus, "

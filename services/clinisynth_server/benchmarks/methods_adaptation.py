@@ -4,9 +4,10 @@ A tiny ``StableDiffusionPipeline`` folder (``builders.build_text_to_image``) is 
 OTHER phantom domain — abdominal CT slices with captions — by ``text_to_image_adaptation`` jobs
 (first the VAE alone, its latent scale then set to 1/std as Stable Diffusion did, then U-Net +
 text encoder), and adapted to chest radiographs with their reports by the same job kind:
-U-Net only vs U-Net + text encoder (the VAE stays frozen, as the adaptation paper found enough).
-``--quick`` uses the shipped ``deploy/models/chest`` as the *adapted* model when present (the
-base and the two ablation arms are still trained here).
+U-Net only vs U-Net + text encoder, each on the abdomen VAE (frozen, as the adaptation paper
+found enough for Stable Diffusion's) and on a VAE first tuned on chest (``arms`` picks which).
+``--quick`` also measures the shipped ``deploy/models/chest`` when present (trained longer by
+``scripts/train_demo_models.py``); the base and the ablation arms are trained here.
 
 Per finding (single-finding report prompts, several phrasings, 4 images each): the share of
 images in which a classifier trained on real chest phantoms detects the prompted finding (the
@@ -42,11 +43,15 @@ from clinisynth_server.phantoms.datasets import write_image_folder, write_manife
 
 FINDINGS = ("no_finding", "pleural_effusion_left", "pleural_effusion_right", "cardiomegaly",
             "pneumothorax")
-ARMS = ("real", "base", "unet", "unet_text", "unet_text_vae")
+ARMS = ("real", "base", "unet", "unet_text", "unet_vae", "unet_text_vae")
+# (arm, train the text encoder too, start from the chest-tuned VAE)
+ADAPTED = {"unet": (False, False), "unet_text": (True, False), "unet_vae": (False, True),
+           "unet_text_vae": (True, True)}
 ARM_LABELS = {"real": "real chest phantoms (ceiling)",
               "base": "abdomen-pretrained, not adapted",
               "unet": "adapted: U-Net only",
               "unet_text": "adapted: U-Net + text encoder",
+              "unet_vae": "adapted: VAE, then U-Net only",
               "unet_text_vae": "adapted: VAE, then U-Net + text encoder",
               "shipped": "shipped deploy/models/chest"}
 
@@ -71,6 +76,7 @@ class AdaptationConfig:
     images_per_prompt: int = 4
     sample_steps: int = 25
     guidance: float = 3.0
+    arms: tuple[str, ...] = ARMS  # "real" and "base" are always measured
 
     @classmethod
     def quick(cls) -> AdaptationConfig:
@@ -149,9 +155,9 @@ def prepare(cfg: AdaptationConfig, runner: JobRunner, work: pathlib.Path, *, qui
     base_ref = runner.publish(base_dir, "t2i-abdomen")
     arms: dict[str, pathlib.Path] = {"base": base_dir}
     times: dict[str, float] = {}
-    # The third arm first fine-tunes the VAE on chest radiographs (the abdomen-only VAE is no
-    # Stable Diffusion VAE: it reconstructs the other domain poorly), resets the latent scale,
-    # then adapts U-Net + text encoder on top of it.
+    # The VAE arms first fine-tune the VAE on chest radiographs (the abdomen-only VAE is no
+    # Stable Diffusion VAE: it reconstructs the other domain poorly), reset the latent scale,
+    # then adapt the U-Net (+ text encoder) on top of it.
     vae_job = runner.run("text_to_image_adaptation", {
         "max_steps": cfg.vae_steps, "batch_size": 32, "learning_rate": cfg.vae_lr,
         "lr_warmup_steps": min(20, cfg.vae_steps), "checkpoint_every": cfg.vae_steps,
@@ -160,17 +166,17 @@ def prepare(cfg: AdaptationConfig, runner: JobRunner, work: pathlib.Path, *, qui
     }, chest_dir, work / "t2i-chest-vae", data_shape=(cfg.size, 1))
     _set_latent_scale(vae_job.folder, ch.images)
     chest_vae_ref = runner.publish(vae_job.folder, "t2i-chest-vae")
-    for arm, text, start in (("unet", False, base_ref), ("unet_text", True, base_ref),
-                             ("unet_text_vae", True, chest_vae_ref)):
+    for arm, (text, vae) in ADAPTED.items():
+        if arm not in cfg.arms:
+            continue
         job = runner.run("text_to_image_adaptation", {
             "max_steps": cfg.adapt_steps, "batch_size": cfg.batch, "learning_rate": cfg.lr,
             "lr_warmup_steps": min(50, cfg.adapt_steps), "checkpoint_every": cfg.adapt_steps,
-            "base_model": start, "train_unet": True, "train_text_encoder": text,
-            "prompt_dropout": 0.1, "seed": 0,
+            "base_model": chest_vae_ref if vae else base_ref, "train_unet": True,
+            "train_text_encoder": text, "prompt_dropout": 0.1, "seed": 0,
         }, chest_dir, work / f"t2i-{arm}", data_shape=(cfg.size, 1))
         arms[arm] = job.folder
-        times[arm] = job.seconds
-    times["unet_text_vae"] += vae_job.seconds
+        times[arm] = job.seconds + (vae_job.seconds if vae else 0.0)
     ship = shipped("chest") if quick else None
     if ship is not None:
         arms["shipped"] = ship
@@ -344,6 +350,35 @@ def run(cfg: AdaptationConfig, seeds: list[int], work: pathlib.Path, *, quick: b
             "vae_recon_mse_chest": prep["vae_recon_mse_chest"],
             "vae_recon_mse_chest_adapted": prep["vae_recon_mse_chest_adapted"],
             "per_seed": per_seed}
+
+
+# (U-Net only, U-Net + text encoder) on the same VAE: the adaptation paper's comparison.
+PAIRS = (("unet", "unet_text"), ("unet_vae", "unet_text_vae"))
+MIN_GAIN_PTS = 5.0  # a "clear" gain in mean detection; the per-seed sign must agree too
+
+
+def verdict(result: dict[str, Any]) -> dict[str, Any]:
+    """Does training the text encoder too raise detection of the prompted finding?
+
+    Per pair on the same VAE: per-seed difference of mean detection in points. Seeds vary
+    prompts and noise, not training (the models are trained once), so the spread is the
+    measurement's, not the training's.
+    """
+    seeds = result["per_seed"]
+    out: dict[str, Any] = {"pairs": {}}
+    for unet, text in PAIRS:
+        if not all(unet in s["arms"] and text in s["arms"] for s in seeds):
+            continue
+        deltas = [100 * (s["arms"][text]["detected_mean"] - s["arms"][unet]["detected_mean"])
+                  for s in seeds]
+        out["pairs"][f"{text} - {unet}"] = {
+            "delta_detected_pts": deltas,
+            "holds": bool(all(d > 0 for d in deltas) and np.mean(deltas) >= MIN_GAIN_PTS)}
+    best = max((np.mean([s["arms"][a]["detected_mean"] for s in seeds]), a)
+               for a in seeds[0]["arms"] if a not in ("real", "base"))
+    out["best_arm"], out["best_detected_pct"] = best[1], float(100 * best[0])
+    out["holds"] = bool(out["pairs"]) and all(v["holds"] for v in out["pairs"].values())
+    return out
 
 
 def table(result: dict[str, Any]) -> str:
