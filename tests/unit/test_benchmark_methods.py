@@ -223,6 +223,27 @@ def test_main_writes_tables_json_and_contact_sheets(tmp_path: pathlib.Path) -> N
         methods.main(["--combine", str(out), str(out), "--out", str(tmp_path / "dup")])
 
 
+def test_the_command_prints_the_three_tables(tmp_path: pathlib.Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """``clinisynth benchmark methods`` with every study, as the README runs it (tiny sizes)."""
+    out = tmp_path / "out"
+    assert methods.main(["--tiny", "--seeds", "0", "--out", str(out), "--work",
+                         str(tmp_path / "work")]) == 0
+    printed = capsys.readouterr().out
+    headers = {"feedback": ("## 1. Feedback", "| arm |"),
+               "adaptation": ("## 2. Adaptation", "| model |"),
+               "counterfactual": ("## 3. Counterfactuals", "| direction |")}
+    text = (out / "methods.md").read_text()
+    for name, (title, table) in headers.items():
+        section = (out / f"{name}.md").read_text()
+        assert title in section and table in section
+        assert section.strip() in text and title in printed
+        assert (out / f"{name}-contact-sheet.png").stat().st_size > 0
+    studies = json.loads((out / "methods.json").read_text())["studies"]
+    assert set(studies) == set(headers)
+    assert studies["adaptation"]["verdict"]["holds"] in (True, False)
+
+
 def test_fidelity_kid_does_not_depend_on_the_feature_scale() -> None:
     from clinisynth_server.benchmarks.methods_common import fidelity
 

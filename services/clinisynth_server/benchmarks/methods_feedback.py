@@ -358,7 +358,7 @@ def run_seed(cfg: FeedbackConfig, seed: int, runner: JobRunner, assets: CellsAss
         fb_names += shown
         fb_ok += [not ok.all()] * k
         res["feedback_weak_added"] = k
-    fb_dir = write_feedback(sw / "feedback", fb_x, fb_names, fb_ok, "cells@bench")
+    fb_dir = write_feedback(sw / "feedback", fb_x, fb_names, fb_ok, generator="cells@bench")
 
     # 2. Reward model on that export, image branch from the real-phantom classifier.
     rm = runner.run("reward_model", {
