@@ -374,8 +374,8 @@ def verdict(result: dict[str, Any]) -> dict[str, Any]:
         out["pairs"][f"{text} - {unet}"] = {
             "delta_detected_pts": deltas,
             "holds": bool(all(d > 0 for d in deltas) and np.mean(deltas) >= MIN_GAIN_PTS)}
-    best = max((np.mean([s["arms"][a]["detected_mean"] for s in seeds]), a)
-               for a in seeds[0]["arms"] if a not in ("real", "base"))
+    best = max(((np.mean([s["arms"][a]["detected_mean"] for s in seeds]), a)
+                for a in seeds[0]["arms"] if a not in ("real", "base")), default=(np.nan, ""))
     out["best_arm"], out["best_detected_pct"] = best[1], float(100 * best[0])
     out["holds"] = bool(out["pairs"]) and all(v["holds"] for v in out["pairs"].values())
     return out
