@@ -4,6 +4,7 @@ still-running worker, and resumes the job when that worker dies too)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pathlib
@@ -173,18 +174,21 @@ def test_service_sigkill_adopts_running_worker_then_resumes(home, store_dir, ser
     poll(lambda: _checkpoints(store_dir, job.id))
     # Freeze the worker (however fast this machine) so it is still mid-job when it dies below.
     os.kill(worker_pid, signal.SIGSTOP)
-
-    second, address = service_proc()  # type: ignore[operator]
-    with clinisynth.Client(endpoints={"finetune": address}, timeout=60) as client:
-        poll(lambda: any("adopted" in m for m in messages_so_far(store_dir, job.id)))
-        assert client.finetune.get(job.id).state == "running"
-        assert int(record(store_dir, job.id).worker["pid"]) == worker_pid
-        # Now the adopted worker dies too: the new service resumes from the last checkpoint.
-        os.kill(worker_pid, signal.SIGKILL)
-        done = client.finetune.wait(job.id, timeout=300)
-        assert done.state == "succeeded", done.failure_reason
-        assert done.restarts == 1 and done.step == 120
-        messages = [e.message for e in client.finetune.watch(job.id)]
-        assert any(m.startswith("resumed from checkpoint") for m in messages)
+    try:
+        second, address = service_proc()  # type: ignore[operator]
+        with clinisynth.Client(endpoints={"finetune": address}, timeout=60) as client:
+            poll(lambda: any("adopted" in m for m in messages_so_far(store_dir, job.id)))
+            assert client.finetune.get(job.id).state == "running"
+            assert int(record(store_dir, job.id).worker["pid"]) == worker_pid
+            # Now the adopted worker dies too: the new service resumes from the last checkpoint.
+            os.kill(worker_pid, signal.SIGKILL)
+            done = client.finetune.wait(job.id, timeout=300)
+            assert done.state == "succeeded", done.failure_reason
+            assert done.restarts == 1 and done.step == 120
+            messages = [e.message for e in client.finetune.watch(job.id)]
+            assert any(m.startswith("resumed from checkpoint") for m in messages)
+    finally:  # never leave a stopped worker behind, even when an assertion fails
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker_pid, signal.SIGKILL)
     second.terminate()
     second.wait(30)
