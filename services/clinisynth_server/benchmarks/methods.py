@@ -319,7 +319,7 @@ def _section(name: str, res: dict[str, Any], clean: dict[str, Any], module: Any,
             f"steps on chest first). VAE reconstruction MSE on chest phantoms: abdomen VAE "
             f"{res['vae_recon_mse_chest']:.4f}, chest-tuned "
             f"{res.get('vae_recon_mse_chest_adapted', float('nan')):.4f}.")
-        v = module.verdict(res)
+        v = clean["verdict"]
         if v["pairs"]:
             lines.append(
                 "\n**Claim — adapting the text encoder with the U-Net detects the prompted "

@@ -31,17 +31,15 @@ import numpy as np
 from clinisynth_server.errors import ClinisynthError, InvalidArgument
 from clinisynth_server.phantoms.datasets import (
     IMAGE_FIELDS,
-    LABELS_NAME,
-    MANIFEST_NAME,
     TEXT_FIELDS,
     field_value,
 )
+from clinisynth_server.phantoms.datasets import LABELS_NAME as LABELS
+from clinisynth_server.phantoms.datasets import MANIFEST_NAME as MANIFEST
 from clinisynth_server.store.base import ArtifactStore, dir_prefix
 
 LAYOUTS = ("image_folder", "image_text_manifest", "feedback_export")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
-MANIFEST = MANIFEST_NAME
-LABELS = LABELS_NAME
 MAX_PROBLEMS = 50
 
 

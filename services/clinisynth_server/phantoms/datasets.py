@@ -1,4 +1,4 @@
-"""Writers (and readers) of the data-set layouts the finetune service reads: the one writer of each.
+"""Writers (and readers) of the data-set layouts the finetune service reads, from arrays.
 
 Why: training jobs take a data set by reference (a local folder or a prefix in the artifact
 store); fixing the on-disk layout here lets phantom sets, user uploads and tests share one
@@ -25,7 +25,8 @@ Layout 2 — **manifest** (image + text pairs, optional labels)::
   (readers also accept ``text`` / ``caption``, and ``file`` for ``image`` as older sets wrote);
   ``labels`` is a list of strings (may be empty). Extra keys are allowed and kept by the reader.
 
-Layout 3 — **feedback export** (expert judgements, what the reward service exports)::
+Layout 3 — **feedback export** (expert judgements; the reward service exports its stored
+feedback in this layout itself, this writer makes one from arrays for phantoms and tests)::
 
     <root>/labels.jsonl            one judgement a line: {"image": "images/000001.png",
         "condition": {"class_name": "neutrophil"}, "plausible": true, "rater_id": "oracle", ...}
