@@ -27,6 +27,11 @@ from clinisynth_server.methods.sampling import (
 from clinisynth_server.methods.schedulers import SAMPLERS, make_scheduler
 
 ATOL = 1e-5
+# A batch of 3 runs other conv / GEMM blockings than a batch of 1 (per CPU and BLAS build), so the
+# float32 sums round differently: ~1e-6 a step, amplified by guidance (x2) over the steps. 1e-4 is
+# still 40x below one 8-bit grey level (3.9e-3), so no batch-mate can change a delivered pixel
+# by more than a rounding step, and 10x below the seed-to-seed difference asserted beside it.
+BATCH_ATOL = 1e-4
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -179,7 +184,7 @@ def test_per_image_pixels_independent_of_batch(
     again = run([5], [1])
     crowd = run([9, 5, 2], [0, 1, 2])
     assert torch.equal(alone, again)  # same seed and settings → the same pixels
-    assert (crowd[1:2] - alone).abs().max() < ATOL  # batch-mates do not change an image
+    assert (crowd[1:2] - alone).abs().max() < BATCH_ATOL  # batch-mates do not change an image
     assert (crowd[0] - crowd[2]).abs().max() > 1e-3  # different seeds differ
 
 
