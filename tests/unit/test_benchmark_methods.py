@@ -92,8 +92,10 @@ def test_feedback_arms_train_on_one_pool_with_their_own_rewards(
     feedback: tuple[dict[str, Any], pathlib.Path],
 ) -> None:
     _, work = feedback
-    pools = [torch.load(p, map_location="cpu") for p in sorted(
-        (work / "runner-cells" / "jobs").glob("bench-reward_finetune-*/pool/round_0000.pt"))]
+    from clinisynth_server.finetune.kinds.reward_finetune import load_pool, pool_artifact
+
+    pools = [load_pool(p) for p in sorted(
+        (work / "runner-cells" / "jobs").glob(f"bench-reward_finetune-*/{pool_artifact(0)}"))]
     assert len(pools) == 5  # reward, reward_filtered, uniform, oracle, real_only
     for pool in pools[1:]:
         assert torch.equal(pool["x"], pools[0]["x"])  # the same synthetic images

@@ -47,6 +47,7 @@ from clinisynth_server.benchmarks.methods_common import (
     shipped_size,
     to_uint8,
 )
+from clinisynth_server.finetune.kinds.reward_finetune import load_pool, pool_artifact, save_pool
 from clinisynth_server.phantoms.datasets import write_feedback, write_image_folder
 
 ARMS = ("before", "real_only", "uniform", "reward", "reward_filtered", "oracle")
@@ -387,7 +388,7 @@ def run_seed(cfg: FeedbackConfig, seed: int, runner: JobRunner, assets: CellsAss
         say(f"seed {seed} {arm}: plausibility {ev['plausibility']:.3f}, FID {ev['fid']:.2f}, "
             f"downstream {ev['downstream_acc']:.3f}")
     if shared_pool:
-        pool = torch.load(shared_pool["pool/round_0000.pt"], map_location="cpu")
+        pool = load_pool(shared_pool[pool_artifact(0)])
         ok_pool, _ = judge((pool["x"] + 1) / 2, [_pool_class(assets, int(i)) for i in pool["y"]])
         r = pool["rewards"]
         res["pool"] = {"size": len(r), "oracle_plausible": float(ok_pool.mean()),
@@ -406,7 +407,7 @@ def _finetune_arm(cfg: FeedbackConfig, arm: str, seed: int, runner: JobRunner,
     min_reward = cfg.filter_threshold if arm == "reward_filtered" else cfg.min_reward
 
     def remember(name: str, path: pathlib.Path) -> None:
-        if name == "pool/round_0000.pt":
+        if name == pool_artifact(0):
             shared_pool.setdefault(name, path)
 
     def hook(trainer: Any) -> None:
@@ -419,12 +420,12 @@ def _finetune_arm(cfg: FeedbackConfig, arm: str, seed: int, runner: JobRunner,
     def preset(name: str, path: pathlib.Path) -> bool:
         if name not in shared_pool or "trainer" not in state:
             return False
-        pool = torch.load(shared_pool[name], map_location="cpu")
+        pool = load_pool(shared_pool[name])
         if arm == "uniform":
             r = torch.ones(len(pool["y"]))
         else:  # the trainer's own scoring, with this arm's scorer
             r = state["trainer"]._score((pool["x"] + 1) / 2, pool["y"]).detach().cpu().float()
-        torch.save({**pool, "rewards": r, "keep": r >= min_reward}, path)
+        save_pool({**pool, "rewards": r, "keep": r >= min_reward}, path)
         return True
 
     return runner.run("reward_finetune", {

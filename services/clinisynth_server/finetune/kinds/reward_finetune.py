@@ -21,6 +21,7 @@ import pathlib
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from clinisynth_server.errors import FieldViolation
 from clinisynth_server.finetune import models
@@ -171,6 +172,27 @@ def check(params: dict[str, Any], report: DatasetReport, ctx: CheckContext) -> l
     return out
 
 
+POOL_KEYS = ("x", "y", "rewards", "keep")
+
+
+def pool_artifact(round_: int) -> str:
+    """Artifact name of a round's synthetic pool (safetensors: reading it never runs code)."""
+    return f"pool/round_{round_:04d}.safetensors"
+
+
+def save_pool(pool: dict[str, torch.Tensor], path: pathlib.Path) -> None:
+    save_file({k: pool[k].detach().cpu().contiguous() for k in POOL_KEYS}, str(path))
+
+
+def load_pool(path: pathlib.Path) -> dict[str, torch.Tensor]:
+    """The pool tensors; a file missing one of ``POOL_KEYS`` is refused (``KeyError``)."""
+    tensors = load_file(str(path), device="cpu")
+    missing = [k for k in POOL_KEYS if k not in tensors]
+    if missing:
+        raise KeyError(f"pool file {path.name} lacks {', '.join(missing)}")
+    return {k: tensors[k] for k in POOL_KEYS}
+
+
 class RewardFinetuneTrainer:
     best_metric = ""
     best_mode = "max"
@@ -227,14 +249,14 @@ class RewardFinetuneTrainer:
     # -- the synthetic pool ---------------------------------------------------------------
     def _pool_for(self, round_: int) -> None:
         """Load this round's pool artifact, or generate, score and store it."""
-        name = f"pool/round_{round_:04d}.pt"
+        name = pool_artifact(round_)
         local = self.ctx.workdir / name
         local.parent.mkdir(parents=True, exist_ok=True)
         if self.ctx.load_artifact(name, local):
-            self.pool = torch.load(local, map_location="cpu")
+            self.pool = load_pool(local)
         else:
             self.pool = self._generate(round_)
-            torch.save(self.pool, local)
+            save_pool(self.pool, local)
             self.ctx.save_artifact(name, local)
             r = self.pool["rewards"]
             self.ctx.log(

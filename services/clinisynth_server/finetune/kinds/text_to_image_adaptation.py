@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from clinisynth_server.errors import FieldViolation, InvalidArgument
 from clinisynth_server.finetune import models
@@ -44,6 +45,7 @@ from clinisynth_server.methods.sampling import Cond, sample, unet_eps_fn
 from clinisynth_server.methods.schedulers import make_scheduler
 
 NAME = "text_to_image_adaptation"
+PRIOR_ARTIFACT = "prior_latents.safetensors"  # safetensors: reading it back never runs code
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
@@ -308,9 +310,9 @@ class TextToImageTrainer:
     @torch.no_grad()
     def _prior_latents(self) -> torch.Tensor:
         p, dev = self.p, self.ctx.device
-        local = self.ctx.workdir / "prior_latents.pt"
-        if self.ctx.load_artifact("prior_latents.pt", local):
-            return torch.load(local, map_location="cpu")
+        local = self.ctx.workdir / PRIOR_ARTIFACT
+        if self.ctx.load_artifact(PRIOR_ARTIFACT, local):
+            return load_file(str(local), device="cpu")["latents"]
         ids = self._ids([p["prior_prompt"], ""]).to(dev)
         states = self.text_encoder(ids)[0]
         vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -335,8 +337,8 @@ class TextToImageTrainer:
             )
             out.append(res.final.cpu())
         latents = torch.cat(out)
-        torch.save(latents, local)
-        self.ctx.save_artifact("prior_latents.pt", local)
+        save_file({"latents": latents.contiguous()}, str(local))
+        self.ctx.save_artifact(PRIOR_ARTIFACT, local)
         self.ctx.log(f"{len(latents)} prior images of {p['prior_prompt']!r} generated")
         return latents
 
