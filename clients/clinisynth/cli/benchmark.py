@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCHMARKS = ("generator", "reward", "finetune", "counterfactual", "methods")
+BENCHMARKS = ("generator", "reward", "finetune", "counterfactual", "methods", "memory")
 
 
 def cmd_benchmark(ns: argparse.Namespace) -> int:

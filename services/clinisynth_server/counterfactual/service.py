@@ -9,9 +9,11 @@ Knows nothing of gRPC and holds no weights. Every forward / backward pass runs i
 The loop itself — respaced chain, cone projection, guided posterior mean, noise — is
 :func:`clinisynth_server.methods.counterfactual.run_counterfactual`, the same function the
 benchmark runs in-process; progress, the probability trajectory and cancellation live between
-its steps. Input images may be patient images: pixels and identifying DICOM attributes are never
-logged (only :func:`imaging.deid.safe_log_repr`), outputs are new encodings that carry none of
-the input's attributes (a DICOM result is a synthetic Secondary Capture, see ``imaging.encode``).
+its steps. Input images may be patient images: an inline DICOM is de-identified on arrival
+(:func:`admit_input`, PS3.15 basic profile) before it is decoded or described in a log line
+(only :func:`imaging.deid.safe_log_repr`, never pixels); outputs are new encodings that carry
+none of the input's attributes (a DICOM result is a Secondary Capture, see ``imaging.encode``,
+marked PatientIdentityRemoved = YES because its pixels derive from a patient's image).
 
 Stages of one request:
   1. validate options and resolve the three models (before any model work);
@@ -37,6 +39,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import pydicom
 import torch
 
 from clinisynth_server import __version__
@@ -46,7 +49,7 @@ from clinisynth_server.counterfactual import guidance
 from clinisynth_server.counterfactual.options import CounterfactualOptions, Plan, validate
 from clinisynth_server.errors import FailedPrecondition, InvalidArgument, NotFound
 from clinisynth_server.imaging import decode as imdecode
-from clinisynth_server.imaging import encode
+from clinisynth_server.imaging import deid, encode
 from clinisynth_server.imaging.deid import safe_log_repr
 from clinisynth_server.imaging.provenance import Provenance
 from clinisynth_server.methods import counterfactual as cf
@@ -195,6 +198,20 @@ def prepare_input(
             arr, size, resample="area" if arr.shape[0] > size[0] else "bicubic"
         )
     return np.clip(arr, 0.0, 1.0).astype(np.float32), resized
+
+
+def admit_input(data: bytes, *, field: str) -> bytes:
+    """A client's inline image as this service may hold it: DICOM de-identified, else as is."""
+    return deid.deidentify_input(data, field=field)
+
+
+def derived_dicom(data: bytes) -> bytes:
+    """A result DICOM marked as de-identified derived data (PatientIdentityRemoved = YES)."""
+    ds = pydicom.dcmread(io.BytesIO(data))
+    deid.mark_deidentified(ds)
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
 
 
 def to_model_space(images: list[np.ndarray]) -> torch.Tensor:
@@ -507,7 +524,7 @@ class Counterfactuals:
         difference = (image - source).astype(np.float32)
         if fmt == "dicom":
             bits = 8 if plan.denoiser.channels == 3 else 16
-            data = encode.encode_dicom(image, provenance, bits=bits)
+            data = derived_dicom(encode.encode_dicom(image, provenance, bits=bits))
         elif fmt == "raw":
             data = b""
         else:

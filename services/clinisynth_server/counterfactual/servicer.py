@@ -78,9 +78,15 @@ class CounterfactualServicer(counterfactual_pb2_grpc.CounterfactualServiceServic
     # -- mapping ------------------------------------------------------------------------------
     def _input(self, req: counterfactual_pb2.CounterfactualRequest) -> tuple[np.ndarray, str]:
         kind = req.image.WhichOneof("data")
-        payload = req.image.encoded or req.image.dicom if kind in ("encoded", "dicom") else None
-        description = safe_log_repr(payload) if payload is not None else f"<{kind or 'none'}>"
-        pixels = protoconv.decode_input_image(req.image, field="image", store=self.store)
+        image = req.image
+        description = f"<{kind or 'none'}>"
+        if kind in ("encoded", "dicom"):
+            clean = svc.admit_input(getattr(req.image, kind), field=f"image.{kind}")
+            description = safe_log_repr(clean)
+            image = common_pb2.Image()
+            image.CopyFrom(req.image)
+            setattr(image, kind, clean)
+        pixels = protoconv.decode_input_image(image, field="image", store=self.store)
         return pixels, description
 
     def _response(

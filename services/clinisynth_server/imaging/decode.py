@@ -17,27 +17,57 @@ DICOM windowing, in order:
 
 Colour DICOM (RGB, YBR_* — converted to RGB by pydicom — and PALETTE COLOR) is scaled by
 ``2**BitsStored - 1`` with no windowing.
+
+Memory: a small upload can declare a huge image (a 16 KB PNG of 4096², a 500 KB deflated DICOM
+that inflates to 500 MB), so every decoder reads the *declared* size from the header first
+(:func:`inspect_image`: PNG chunks, JPEG SOF, DICOM header read before its pixels) and refuses it
+against ``max_pixels`` per image and, when given, a :class:`PixelBudget` per request — before a
+pixel is decoded. Deflated DICOM is inflated with a bound derived from the declared size; PNG
+metadata chunks (text, iCCP) never reach Pillow, so their inflation costs nothing.
 """
 
 from __future__ import annotations
 
 import io
 import math
+import struct
+import threading
 import warnings
+import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import pydicom
 from PIL import Image, UnidentifiedImageError
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
 from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from clinisynth_server.errors import InvalidArgument
 
 #: Default cap on height × width of any decoded input (4096²).
 DEFAULT_MAX_PIXELS = 4096 * 4096
+
+#: Default pixels one request may decode in all (4 × 4096² = 256 × 512²).
+DEFAULT_MAX_REQUEST_PIXELS = 4 * DEFAULT_MAX_PIXELS
+
+#: Declared pixel-data bytes (all frames, samples, bits) allowed per pixel of ``max_pixels``:
+#: 16-bit RGB of the largest image, or several frames of a smaller one.
+MAX_BYTES_PER_PIXEL = 6
+
+#: A deflated DICOM must reach its pixel data within this many inflated bytes.
+MAX_DICOM_HEADER_BYTES = 1 << 20
+
+#: Inflated bytes allowed past header + declared pixel data (trailing elements, padding).
+DICOM_INFLATE_SLACK = 1 << 20
+
+#: PNG chunks Pillow needs for the pixels; the rest (text, iCCP, ...) is dropped before decoding.
+_PNG_PIXEL_CHUNKS = frozenset({b"IHDR", b"PLTE", b"tRNS", b"IDAT", b"IEND"})
+_PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # IHDR colour type → samples per pixel
 
 #: dtypes a raw array payload may declare (little-endian); all decode to float32.
 RAW_DTYPES: dict[str, str] = {"float32": "<f4", "float16": "<f2", "float64": "<f8"}
@@ -70,6 +100,98 @@ def _check_pixels(field: str, height: int, width: int, max_pixels: int) -> None:
             f"image is {height}x{width} = {height * width} pixels, over the limit of "
             f"{max_pixels}; downscale it before sending",
         )
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image declares about its size, read without decoding a pixel."""
+
+    kind: str  # png | jpeg | dicom | raw
+    height: int
+    width: int
+    frames: int = 1
+    samples: int = 1
+    bytes_per_sample: int = 1
+
+    @property
+    def pixels(self) -> int:
+        """Pixels one decode produces (one frame)."""
+        return self.height * self.width
+
+    @property
+    def nbytes(self) -> int:
+        """Declared size of all pixel data as stored uncompressed."""
+        return self.pixels * self.frames * self.samples * self.bytes_per_sample
+
+    def describe(self) -> str:
+        frames = f" x {self.frames} frames" if self.frames > 1 else ""
+        return f"{self.height}x{self.width}{frames} = {self.pixels} pixels"
+
+
+class PixelBudget:
+    """Pixels one request may decode in all, charged per image before its pixels are decoded.
+
+    Why: the per-image limit alone lets 256 small uploads each declare 4096² (16 GB decoded).
+    Thread-safe, so one budget can be shared by the workers of one request.
+    """
+
+    def __init__(self, limit: int = DEFAULT_MAX_REQUEST_PIXELS) -> None:
+        if limit < 1:
+            raise ValueError(f"pixel budget must be positive, got {limit}")
+        self.limit = int(limit)
+        self.used = 0
+        self.exceeded = False  # set by the first refused charge: callers stop decoding
+        self._lock = threading.Lock()
+
+    def charge(self, field: str, header: ImageHeader) -> None:
+        """Add one image's declared pixels; INVALID_ARGUMENT on ``field`` past the budget."""
+        with self._lock:
+            total = self.used + header.pixels
+            if total > self.limit:
+                self.exceeded = True
+                raise InvalidArgument.for_field(
+                    field,
+                    f"image declares {header.describe()}, bringing this request to {total} "
+                    f"pixels, over the per-request pixel budget of {self.limit}; send fewer or "
+                    "smaller images per request",
+                )
+            self.used = total
+
+
+def _check_header(field: str, header: ImageHeader, max_pixels: int) -> None:
+    _check_pixels(field, header.height, header.width, max_pixels)
+    max_bytes = max_pixels * MAX_BYTES_PER_PIXEL
+    if header.nbytes > max_bytes:
+        raise InvalidArgument.for_field(
+            field,
+            f"image declares {header.describe()}, {header.nbytes} bytes of pixel data, over "
+            f"the limit of {max_bytes} bytes; send fewer frames or a smaller image",
+        )
+
+
+def inspect_image(data: bytes, *, field: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:
+    """The declared size of PNG / JPEG / DICOM bytes, checked against ``max_pixels``.
+
+    Reads headers only (PNG IHDR, JPEG SOF via Pillow's lazy open, the DICOM elements before
+    PixelData), so a decompression bomb costs what its file costs.
+    """
+    kind = sniff_format(bytes(data[:132]))
+    if kind == "png":
+        header = _png_header(data, field)
+    elif kind == "jpeg":
+        header = _jpeg_header(data, field)
+    elif kind == "dicom":
+        header = dicom_header(
+            read_dicom(data, field=field, stop_before_pixels=True, max_pixels=max_pixels),
+            field=field,
+        )
+    else:
+        raise InvalidArgument.for_field(
+            field,
+            f"not an image: {len(data)} bytes that are neither PNG, JPEG nor DICOM Part 10",
+        )
+    _check_header(field, header, max_pixels)
+    return header
 
 
 def _to_channels(arr: np.ndarray, channels: Channels, field: str) -> np.ndarray:
@@ -106,13 +228,21 @@ def decode_image(
     field: str,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     channels: Channels = None,
+    budget: PixelBudget | None = None,
 ) -> np.ndarray:
-    """PNG, JPEG or DICOM bytes (sniffed) → float32 image in [0, 1]."""
+    """PNG, JPEG or DICOM bytes (sniffed) → float32 image in [0, 1].
+
+    The declared size is checked against ``max_pixels`` and charged to ``budget`` first.
+    """
     kind = sniff_format(bytes(data[:132]))
     if kind == "dicom":
-        return decode_dicom(data, field=field, max_pixels=max_pixels, channels=channels)
+        return decode_dicom(
+            data, field=field, max_pixels=max_pixels, channels=channels, budget=budget
+        )
     if kind in ("png", "jpeg"):
-        return decode_png_jpeg(data, field=field, max_pixels=max_pixels, channels=channels)
+        return decode_png_jpeg(
+            data, field=field, max_pixels=max_pixels, channels=channels, budget=budget
+        )
     raise InvalidArgument.for_field(
         field,
         f"not an image: {len(data)} bytes that are neither PNG, JPEG nor DICOM Part 10 "
@@ -131,18 +261,28 @@ def decode_png_jpeg(
     field: str,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     channels: Channels = None,
+    budget: PixelBudget | None = None,
 ) -> np.ndarray:
     """PNG or JPEG bytes → float32 in [0, 1]: gray (8- or 16-bit) as HxW, colour as HxWx3.
 
-    Palette images become RGB; alpha is dropped (not composited). The size is checked from the
-    header before any pixel is decoded.
+    Palette images become RGB; alpha is dropped (not composited). The declared size is checked
+    (and charged to ``budget``) from the header before any pixel is decoded; a PNG reaches
+    Pillow with its pixel chunks only.
     """
     if not data:
         raise InvalidArgument.for_field(field, "image bytes are empty")
+    if bytes(data[:8]) == _PNG_MAGIC:
+        header = _png_header(data, field)
+        _check_header(field, header, max_pixels)
+        if budget is not None:
+            budget.charge(field, header)
+        data = _png_pixel_chunks(data)
+    elif budget is not None:
+        header = _jpeg_header(data, field)
+        _check_header(field, header, max_pixels)
+        budget.charge(field, header)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+        image = _open_pil(data)
     except Image.DecompressionBombError as exc:
         raise InvalidArgument.for_field(field, f"image is too large: {exc}") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
@@ -166,16 +306,79 @@ def decode_png_jpeg(
     return _to_channels(arr, channels, field)
 
 
+def _open_pil(data: bytes) -> Image.Image:
+    """Pillow's lazy open (header only); its own bomb check stays on, ours runs regardless."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(data))
+
+
+def _png_chunks(data: bytes, field: str) -> list[tuple[bytes, int, int]]:
+    """(type, start, end) of each chunk incl. length and CRC; a truncated tail runs to the end."""
+    chunks: list[tuple[bytes, int, int]] = []
+    pos, end = 8, len(data)
+    while pos + 8 <= end:
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind = bytes(data[pos + 4 : pos + 8])
+        stop = min(pos + 12 + length, end)
+        chunks.append((kind, pos, stop))
+        pos = stop
+        if kind == b"IEND":
+            break
+    if not chunks or chunks[0][0] != b"IHDR" or chunks[0][2] - chunks[0][1] < 21:
+        raise InvalidArgument.for_field(
+            field, f"not a readable PNG or JPEG ({len(data)} bytes): no IHDR chunk first"
+        )
+    return chunks
+
+
+def _png_header(data: bytes, field: str) -> ImageHeader:
+    """Size from the IHDR chunk (no decompression)."""
+    start = _png_chunks(data, field)[0][1]
+    width, height, depth, colour = struct.unpack(">IIBB", data[start + 8 : start + 18])
+    if colour not in _PNG_SAMPLES or depth not in (1, 2, 4, 8, 16):
+        raise InvalidArgument.for_field(
+            field, f"not a readable PNG or JPEG: bit depth {depth}, colour type {colour}"
+        )
+    return ImageHeader("png", height, width, 1, _PNG_SAMPLES[colour], 2 if depth == 16 else 1)
+
+
+def _png_pixel_chunks(data: bytes) -> bytes:
+    """The PNG with only the chunks its pixels need (drops text / iCCP bloat, CRCs kept)."""
+    chunks = _png_chunks(data, "image")
+    if all(kind in _PNG_PIXEL_CHUNKS for kind, _, _ in chunks):
+        return data
+    return _PNG_MAGIC + b"".join(
+        bytes(data[a:b]) for kind, a, b in chunks if kind in _PNG_PIXEL_CHUNKS
+    )
+
+
+def _jpeg_header(data: bytes, field: str) -> ImageHeader:
+    """Size from the JPEG frame header via Pillow's lazy open (no pixel decoded)."""
+    try:
+        with _open_pil(data) as image:
+            width, height = image.size
+            samples = len(image.getbands())
+    except Image.DecompressionBombError as exc:
+        raise InvalidArgument.for_field(field, f"image is too large: {exc}") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise InvalidArgument.for_field(
+            field, f"not a readable JPEG ({len(data)} bytes): {exc}"
+        ) from exc
+    return ImageHeader("jpeg", height, width, 1, samples, 1)
+
+
 def _pil_to_float(image: Image.Image) -> np.ndarray:
+    """Float32 in [0, 1], scaled in place so a big image costs one float copy, not three."""
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16-bit gray PNG; Pillow may report it as "I" (32-bit container) on some versions.
         return (np.asarray(image, dtype=np.float64) / 65535.0).clip(0.0, 1.0).astype(np.float32)
-    if mode in ("1", "L", "LA"):
-        gray = image.convert("L")
-        return (np.asarray(gray, dtype=np.float32) / 255.0).astype(np.float32)
-    rgb = image.convert("RGB")
-    return (np.asarray(rgb, dtype=np.float32) / 255.0).astype(np.float32)
+    converted = image.convert("L" if mode in ("1", "L", "LA") else "RGB")
+    arr = np.array(converted, dtype=np.float32)
+    converted.close()
+    np.divide(arr, np.float32(255.0), out=arr)
+    return arr
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,6 +394,7 @@ def decode_raw(
     field: str,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     channels: Channels = None,
+    budget: PixelBudget | None = None,
 ) -> np.ndarray:
     """A raw little-endian C-order payload → float32 array of ``shape`` (HxW or HxWxC, C 1/3).
 
@@ -215,6 +419,9 @@ def decode_raw(
         )
     _check_pixels(field, dims[0], dims[1], max_pixels)
     np_dtype = np.dtype(RAW_DTYPES[dtype])
+    if budget is not None:
+        samples = dims[2] if len(dims) == 3 else 1
+        budget.charge(field, ImageHeader("raw", dims[0], dims[1], 1, samples, np_dtype.itemsize))
     expected = math.prod(dims) * np_dtype.itemsize
     if len(data) != expected:
         raise InvalidArgument.for_field(
@@ -242,18 +449,99 @@ def decode_raw(
 # --------------------------------------------------------------------------------------------
 
 
-def read_dicom(data: bytes, *, field: str) -> Dataset:
-    """Parse DICOM Part 10 bytes (pixels included, not yet decoded); InvalidArgument if not."""
+def read_dicom(
+    data: bytes,
+    *,
+    field: str,
+    stop_before_pixels: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Dataset:
+    """Parse DICOM Part 10 bytes (pixels not yet decoded); InvalidArgument if not.
+
+    A Deflated Explicit VR Little Endian body is inflated with a bound (see
+    :func:`_inflate_bounded`) instead of pydicom's unbounded ``zlib.decompress``.
+    """
     if not data:
         raise InvalidArgument.for_field(field, "DICOM bytes are empty")
     try:
-        return pydicom.dcmread(io.BytesIO(data))
+        fp = io.BytesIO(data)
+        preamble = read_preamble(fp, False)
+        file_meta = _read_file_meta_info(fp)
+        if file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+            body = _inflate_bounded(
+                memoryview(data)[fp.tell() :], field, max_pixels, stop_before_pixels
+            )
+            dataset = read_dataset(
+                io.BytesIO(body), False, True, stop_when=_at_pixels if stop_before_pixels else None
+            )
+            return FileDataset("", dataset, preamble, file_meta, False, True)
+        return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=stop_before_pixels)
+    except InvalidArgument:
+        raise
     except InvalidDicomError as exc:
         raise InvalidArgument.for_field(
             field, "not a DICOM Part 10 file (no 128-byte preamble + 'DICM')"
         ) from exc
-    except (OSError, ValueError, EOFError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, EOFError, KeyError, TypeError, struct.error, zlib.error) as exc:
         raise InvalidArgument.for_field(field, f"malformed DICOM: {exc}") from exc
+
+
+def _at_pixels(tag: object, vr: object, length: int) -> bool:
+    """``read_dataset`` stop condition: the first pixel data element (or anything after it)."""
+    return int(tag) >= 0x7FE00008  # type: ignore[call-overload]
+
+
+def _inflate_bounded(body: memoryview, field: str, max_pixels: int, header_only: bool) -> bytes:
+    """Inflate a deflated DICOM body, never past what its own header declares.
+
+    First at most :data:`MAX_DICOM_HEADER_BYTES` are inflated and the header read from them;
+    the declared pixel data (checked against ``max_pixels``) then bounds the rest to header +
+    declared bytes + :data:`DICOM_INFLATE_SLACK`. A body that would inflate further is refused,
+    so a 500 KB bomb costs about what it declares, not the 500 MB it expands to.
+    """
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    out = bytearray(inflater.decompress(body, MAX_DICOM_HEADER_BYTES))
+    if inflater.eof or not inflater.unconsumed_tail:
+        return bytes(out)
+    header = read_dataset(io.BytesIO(bytes(out)), False, True, stop_when=_at_pixels)
+    if "Rows" not in header or "Columns" not in header:
+        raise InvalidArgument.for_field(
+            field,
+            f"deflated DICOM has no Rows / Columns in its first {MAX_DICOM_HEADER_BYTES} "
+            "inflated bytes; refused before inflating the rest",
+        )
+    declared = dicom_header(header, field=field)
+    _check_header(field, declared, max_pixels)
+    if header_only:
+        return bytes(out)
+    bound = MAX_DICOM_HEADER_BYTES + declared.nbytes + DICOM_INFLATE_SLACK
+    while inflater.unconsumed_tail and not inflater.eof:
+        out += inflater.decompress(inflater.unconsumed_tail, bound + 1 - len(out))
+        if len(out) > bound:
+            raise InvalidArgument.for_field(
+                field,
+                f"deflated DICOM inflates past {bound} bytes, more than its declared "
+                f"{declared.describe()} ({declared.nbytes} bytes of pixel data) needs; refused",
+            )
+    return bytes(out)
+
+
+def dicom_header(ds: Dataset, *, field: str) -> ImageHeader:
+    """The declared size of a DICOM image: Rows, Columns, frames, samples, BitsAllocated."""
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        bits = int(ds.get("BitsAllocated", 8) or 8)
+    except (AttributeError, ValueError, TypeError, KeyError, NotImplementedError) as exc:
+        raise InvalidArgument.for_field(
+            field, f"DICOM image pixel module is incomplete: {exc}"
+        ) from exc
+    if frames < 1 or samples < 1 or bits < 1:
+        raise InvalidArgument.for_field(
+            field, f"DICOM declares {frames} frames, {samples} samples, {bits} bits allocated"
+        )
+    return ImageHeader("dicom", rows, cols, frames, samples, max(1, (bits + 7) // 8))
 
 
 def _first_number(value: object) -> float | None:
@@ -304,15 +592,22 @@ def decode_dicom(
     channels: Channels = None,
     frame: int = 0,
     window: tuple[float, float] | None = None,
+    budget: PixelBudget | None = None,
 ) -> np.ndarray:
     """DICOM bytes → float32 image in [0, 1] with the windowing described in the module doc.
 
     ``frame`` picks one frame of a multi-frame file; ``window=(center, width)`` overrides the
     file's window.
     """
-    ds = read_dicom(data, field=field)
+    ds = read_dicom(data, field=field, max_pixels=max_pixels)
     return decode_dicom_dataset(
-        ds, field=field, max_pixels=max_pixels, channels=channels, frame=frame, window=window
+        ds,
+        field=field,
+        max_pixels=max_pixels,
+        channels=channels,
+        frame=frame,
+        window=window,
+        budget=budget,
     )
 
 
@@ -324,6 +619,7 @@ def decode_dicom_dataset(
     channels: Channels = None,
     frame: int = 0,
     window: tuple[float, float] | None = None,
+    budget: PixelBudget | None = None,
 ) -> np.ndarray:
     """As :func:`decode_dicom`, for an already parsed dataset."""
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
@@ -332,16 +628,17 @@ def decode_dicom_dataset(
         raise InvalidArgument.for_field(
             field, f"DICOM object{kind} has no PixelData: it is not an image"
         )
+    declared = dicom_header(ds, field=field)
     try:
-        rows, cols = int(ds.Rows), int(ds.Columns)
         photometric = str(ds.PhotometricInterpretation).strip().upper()
-        samples = int(ds.get("SamplesPerPixel", 1))
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-    except (AttributeError, ValueError, TypeError) as exc:
+    except (AttributeError, ValueError, TypeError, KeyError, NotImplementedError) as exc:
         raise InvalidArgument.for_field(
             field, f"DICOM image pixel module is incomplete: {exc}"
         ) from exc
-    _check_pixels(field, rows, cols, max_pixels)
+    samples, frames = declared.samples, declared.frames
+    _check_header(field, declared, max_pixels)
+    if budget is not None:
+        budget.charge(field, declared)
     if not 0 <= frame < frames:
         raise InvalidArgument.for_field(
             field, f"frame {frame} requested but the file has {frames} frame(s)"
@@ -392,7 +689,7 @@ def _window_gray(
         try:
             center_value = _first_number(ds.get("WindowCenter"))
             width_value = _first_number(ds.get("WindowWidth"))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, KeyError, NotImplementedError):
             center_value = width_value = None
         if center_value is None or width_value is None or width_value <= 0:
             return _min_max(values)

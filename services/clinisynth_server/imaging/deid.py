@@ -6,7 +6,9 @@ Profile (PS3.15 Annex E) with two options, recorded in DeidentificationMethodCod
 * patient / physician / institution / device identifiers and free-text descriptions are removed
   (type-2 attributes such as PatientName are kept but emptied, so the object stays valid);
 * every person name (PN) anywhere, including inside sequences, is emptied;
-* private tags, overlays (60xx) and curves (50xx) are removed;
+* private tags, overlays (60xx), curves (50xx), digital signatures (FFFA), trailing padding
+  (FFFC), application entity titles (AE) and attributes no DICOM dictionary knows (they cannot
+  be judged, so they are not kept) are removed, in the data set and in the file meta;
 * dates (DA / DT) are shifted by a whole number of days (Retain Longitudinal Temporal Information
   with Modified Dates), or emptied when no shift is given; times of day are kept only when dates
   are shifted;
@@ -15,7 +17,13 @@ Profile (PS3.15 Annex E) with two options, recorded in DeidentificationMethodCod
   objects of one study stay consistent when the same salt is used;
 * PatientIdentityRemoved = YES, DeidentificationMethod and its code sequence are set.
 
-Pixel data is not inspected: an object with BurnedInAnnotation YES is refused.
+Pixel data is not inspected: an object with BurnedInAnnotation YES is refused. Pixels and the
+attributes that say how to show them (WindowCenter / Width, RescaleSlope / Intercept,
+PhotometricInterpretation, BitsStored, ...) are kept unchanged.
+
+:func:`deidentify_input` is the one entry point the services call on every image a client
+sends: DICOM is de-identified (UIDs salted with the object's own digest, so the same upload
+gives the same bytes and content addressing still deduplicates), anything else passes as is.
 """
 
 from __future__ import annotations
@@ -29,13 +37,14 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
-import pydicom
+from pydicom.datadict import dictionary_has_tag
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID
 
 from clinisynth_server.errors import InvalidArgument
+from clinisynth_server.imaging.decode import read_dicom
 
 #: Attributes removed outright (basic profile "X" actions and identifying free text).
 REMOVED_ATTRIBUTES: tuple[str, ...] = (
@@ -122,6 +131,115 @@ REMOVED_ATTRIBUTES: tuple[str, ...] = (
     "ClinicalTrialSiteName",
     "ClinicalTrialSubjectID",
     "ClinicalTrialSubjectReadingID",
+    # PS3.15 Table E.1-1, further X / D / Z attributes: free text, locations, equipment and
+    # person identifiers, signatures, icons, original / modified attribute copies.
+    "AcquisitionContextSequence",
+    "AcquisitionDeviceProcessingDescription",
+    "AcquisitionProtocolDescription",
+    "ActualHumanPerformersSequence",
+    "AdmittingDiagnosesCodeSequence",
+    "AuthorObserverSequence",
+    "CommentsOnThePerformedProcedureStep",
+    "ConfidentialityConstraintOnPatientDataDescription",
+    "ContentCreatorIdentificationCodeSequence",
+    "ContentSequence",
+    "ContributionDescription",
+    "CustodialOrganizationSequence",
+    "DataSetTrailingPadding",
+    "DigitalSignaturesSequence",
+    "DischargeDiagnosisDescription",
+    "GeneratorID",
+    "GraphicAnnotationSequence",
+    "HumanPerformerOrganization",
+    "IconImageSequence",
+    "IdentifyingComments",
+    "ImagePresentationComments",
+    "ImagingServiceRequestComments",
+    "Impressions",
+    "InstitutionalDepartmentTypeCodeSequence",
+    "InsurancePlanIdentification",
+    "IntendedRecipientsOfResultsIdentificationSequence",
+    "IssuerOfServiceEpisodeID",
+    "MAC",
+    "ModifiedAttributesSequence",
+    "ModifiedImageDescription",
+    "OriginalAttributesSequence",
+    "OrderCallbackPhoneNumber",
+    "OrderCallbackTelecomInformation",
+    "OrderEntererLocation",
+    "ParticipantSequence",
+    "PatientPrimaryLanguageModifierCodeSequence",
+    "PatientSexNeutered",
+    "PatientTelecomInformation",
+    "PatientState",
+    "PatientTransportArrangements",
+    "PerformedLocation",
+    "PerformedStationAETitle",
+    "PerformedStationGeographicLocationCodeSequence",
+    "PerformedStationName",
+    "PerformedStationNameCodeSequence",
+    "PersonAddress",
+    "PersonIdentificationCodeSequence",
+    "PersonTelephoneNumbers",
+    "PersonTelecomInformation",
+    "PreMedication",
+    "PregnancyStatus",
+    "ReasonForTheImagingServiceRequest",
+    "ReasonForTheRequestedProcedure",
+    "ReferencedDigitalSignatureSequence",
+    "ReferencedPatientAliasSequence",
+    "ReferencedPatientPhotoSequence",
+    "ReferencedSOPInstanceMACSequence",
+    "RequestedProcedureComments",
+    "RequestedProcedureLocation",
+    "RequestingPhysicianIdentificationSequence",
+    "ResultsComments",
+    "ResultsDistributionListSequence",
+    "ResultsIDIssuer",
+    "ScheduledHumanPerformersSequence",
+    "ScheduledPatientInstitutionResidence",
+    "ScheduledPerformingPhysicianIdentificationSequence",
+    "ScheduledProcedureStepLocation",
+    "ScheduledStationAETitle",
+    "ScheduledStationGeographicLocationCodeSequence",
+    "ScheduledStationName",
+    "ScheduledStationNameCodeSequence",
+    "ScheduledStudyLocation",
+    "ScheduledStudyLocationAETitle",
+    "ServiceEpisodeDescription",
+    "ServiceEpisodeID",
+    "SpecialNeeds",
+    "StorageMediaFileSetID",
+    "StudyIDIssuer",
+    "TimezoneOffsetFromUTC",
+    "TopicAuthor",
+    "TopicKeywords",
+    "TopicSubject",
+    "TopicTitle",
+    "VerifyingObserverIdentificationCodeSequence",
+    "VerifyingObserverSequence",
+    "VerifyingOrganization",
+    "ConsultingPhysicianIdentificationSequence",
+    "StationAETitle",
+    "DeviceDescription",
+    "SourcePatientGroupIdentificationSequence",
+    "GroupOfPatientsIdentificationSequence",
+    "BreedRegistrationNumber",
+    "InterpretationDiagnosisDescription",
+    "InterpretationID",
+    "InterpretationIDIssuer",
+    "InterpretationApproverSequence",
+    "InterpretationTranscriber",
+    "InterpretationRecorder",
+    "InterpretationAuthor",
+    "DistributionAddress",
+    "DistributionName",
+    "RequestedContrastAgent",
+    "RetrieveAETitle",
+    "AcquisitionProtocolName",
+    "PatientBirthDateInAlternativeCalendar",
+    "PatientDeathDateInAlternativeCalendar",
+    "PatientAlternativeCalendar",
 )
 
 #: Type-2 attributes kept but emptied (basic profile "Z"), so the object still validates.
@@ -137,6 +255,18 @@ EMPTIED_ATTRIBUTES: tuple[str, ...] = (
 
 #: Every attribute :func:`deidentify` guarantees absent or empty afterwards (tests check this).
 IDENTIFYING_ATTRIBUTES: tuple[str, ...] = EMPTIED_ATTRIBUTES + REMOVED_ATTRIBUTES
+
+#: Groups removed whole: curves, overlays, digital signatures, data set trailing padding.
+_REMOVED_GROUPS = ((0x5000, 0x50FF), (0x6000, 0x60FF), (0xFFFA, 0xFFFA), (0xFFFC, 0xFFFC))
+
+#: File meta attributes that name a sender or carry free-form private information.
+_REMOVED_META = (
+    "SourceApplicationEntityTitle",
+    "SendingApplicationEntityTitle",
+    "ReceivingApplicationEntityTitle",
+    "PrivateInformationCreatorUID",
+    "PrivateInformation",
+)
 
 #: DeidentificationMethod is LO: at most 64 characters.
 _DEID_METHOD = "clinisynth deid 1: basic profile, private tags removed"
@@ -174,14 +304,19 @@ def _clean(
     ds: Dataset, *, salt: str, date_shift_days: int | None, remove_set: frozenset[str]
 ) -> None:
     """One recursive pass over a dataset: private, overlay, PN, dates, UIDs, listed keywords."""
-    for elem in list(ds):
-        tag = elem.tag
+    for tag in list(ds.keys()):  # decide on the tag first: removed elements are never parsed
         group = tag.group
-        if tag.is_private or 0x6000 <= group <= 0x60FF or 0x5000 <= group <= 0x50FF:
+        if (
+            tag.is_private
+            or any(low <= group <= high for low, high in _REMOVED_GROUPS)
+            or tag.element == 0  # group lengths: stale once anything is removed
+            or not dictionary_has_tag(tag)
+        ):
             del ds[tag]
             continue
+        elem = ds[tag]
         keyword = elem.keyword
-        if keyword in remove_set:
+        if keyword in remove_set or elem.VR == "AE":
             del ds[tag]
             continue
         if elem.VR == "SQ":
@@ -251,20 +386,34 @@ def deidentify(
         out.PatientName = pseudonym[:64]
         out.PatientID = pseudonym[:64]
     meta = getattr(out, "file_meta", None)
-    if meta is not None and "SOPInstanceUID" in out:
-        meta.MediaStorageSOPInstanceUID = out.SOPInstanceUID
-    out.PatientIdentityRemoved = "YES"
-    out.DeidentificationMethod = _DEID_METHOD
+    if meta is not None:
+        for keyword in _REMOVED_META:
+            if keyword in meta:
+                del meta[keyword]
+        if "SOPInstanceUID" in out:
+            meta.MediaStorageSOPInstanceUID = out.SOPInstanceUID
+    mark_deidentified(out, dates_shifted=date_shift_days is not None)
+    return out
+
+
+def mark_deidentified(ds: Dataset, *, dates_shifted: bool = False) -> Dataset:
+    """Set PatientIdentityRemoved = YES and the method attributes on ``ds`` (in place).
+
+    Also used on objects derived from a de-identified input (a counterfactual of a patient
+    image), which carry no identifying attribute but are still derived patient data.
+    """
+    ds.PatientIdentityRemoved = "YES"
+    ds.DeidentificationMethod = _DEID_METHOD
     codes = [_code("113100", "Basic Application Confidentiality Profile")]
-    if date_shift_days is not None:
+    if dates_shifted:
         codes.append(
             _code("113107", "Retain Longitudinal Temporal Information Modified Dates Option")
         )
-        out.LongitudinalTemporalInformationModified = "MODIFIED"
+        ds.LongitudinalTemporalInformationModified = "MODIFIED"
     else:
-        out.LongitudinalTemporalInformationModified = "REMOVED"
-    out.DeidentificationMethodCodeSequence = DicomSequence(codes)
-    return out
+        ds.LongitudinalTemporalInformationModified = "REMOVED"
+    ds.DeidentificationMethodCodeSequence = DicomSequence(codes)
+    return ds
 
 
 def _code(value: str, meaning: str) -> Dataset:
@@ -283,21 +432,55 @@ def deidentify_bytes(
     pseudonym: str | None = None,
     field: str = "dicom",
 ) -> bytes:
-    """:func:`deidentify` on DICOM Part 10 bytes, returning Part 10 bytes (same syntax)."""
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data))
-    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+    """:func:`deidentify` on DICOM Part 10 bytes, returning Part 10 bytes (same syntax).
+
+    Any failure to read, clean or re-encode the client's bytes (truncated file, unknown VR,
+    a value its VR cannot hold) is INVALID_ARGUMENT on ``field``, never an internal error.
+    """
+    try:  # bounded: a deflated body never inflates past what its header declares
+        ds = read_dicom(data, field=field)
+    except InvalidArgument:
+        raise
+    except InvalidDicomError as exc:
         raise InvalidArgument.for_field(field, f"not a DICOM Part 10 file: {exc}") from exc
-    clean = deidentify(
-        ds,
-        date_shift_days=date_shift_days,
-        uid_salt=uid_salt,
-        pseudonym=pseudonym,
-        field=field,
-    )
-    out = io.BytesIO()
-    clean.save_as(out, enforce_file_format=True)
+    except Exception as exc:  # pydicom raises many types on hostile bytes
+        raise InvalidArgument.for_field(field, f"malformed DICOM: {_reason(exc)}") from exc
+    try:
+        clean = deidentify(
+            ds,
+            date_shift_days=date_shift_days,
+            uid_salt=uid_salt,
+            pseudonym=pseudonym,
+            field=field,
+        )
+        out = io.BytesIO()
+        clean.save_as(out, enforce_file_format=True)
+    except InvalidArgument:
+        raise
+    except Exception as exc:  # elements are parsed lazily: bad ones surface here
+        raise InvalidArgument.for_field(
+            field, f"malformed DICOM, cannot be de-identified: {_reason(exc)}"
+        ) from exc
     return out.getvalue()
+
+
+def deidentify_input(data: bytes, *, field: str) -> bytes:
+    """Client image bytes as they may be kept: DICOM de-identified, PNG / JPEG unchanged.
+
+    The UID salt is the digest of the bytes sent, so a retried upload yields identical output
+    (content-addressed keys and review items stay stable) while the new UIDs cannot be linked
+    to the originals without the original object. Dates are emptied, not shifted.
+    """
+    if not (len(data) >= 132 and data[128:132] == b"DICM"):
+        return data
+    salt = hashlib.sha256(data).hexdigest()
+    return deidentify_bytes(data, uid_salt=salt, field=field)
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception as a short reason (type and first 200 characters, one line)."""
+    text = " ".join(str(exc).split())[:200]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def date_shift_for(key: str, *, secret: str, max_days: int = 3650) -> int:
@@ -332,17 +515,31 @@ def safe_log_repr(obj: Any) -> str:
     Accepts a pydicom Dataset, bytes (sniffed; DICOM headers are parsed without pixels), a numpy
     array (shape / dtype / finite range only) or anything else (type name only). The SOP class
     is shown by its registered name; no instance UIDs, names, dates or free text are shown.
+    Never raises: whatever goes wrong describing a hostile object, the line degrades to its
+    type and length, so logging can never fail a request.
     """
+    try:
+        return _safe_log_repr(obj)
+    except Exception:
+        try:
+            size = f", len={len(obj)}"
+        except Exception:
+            size = ""
+        return f"<{type(obj).__name__}{size}, undescribable>"
+
+
+def _safe_log_repr(obj: Any) -> str:
     if isinstance(obj, Dataset):
         return _dataset_repr(obj)
     if isinstance(obj, (bytes, bytearray, memoryview)):
         data = bytes(obj)
         if len(data) >= 132 and data[128:132] == b"DICM":
             try:
-                ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+                ds = read_dicom(data, field="log", stop_before_pixels=True)
+                described = _dataset_repr(ds)
             except Exception:
                 return f"bytes(len={len(data)}, kind=dicom, unreadable)"
-            return f"bytes(len={len(data)}, kind=dicom, {_dataset_repr(ds)})"
+            return f"bytes(len={len(data)}, kind=dicom, {described})"
         kind = (
             "png"
             if data.startswith(b"\x89PNG")
@@ -388,5 +585,7 @@ __all__ = [
     "date_shift_for",
     "deidentify",
     "deidentify_bytes",
+    "deidentify_input",
+    "mark_deidentified",
     "safe_log_repr",
 ]

@@ -3,17 +3,22 @@
 An input image is inline bytes (PNG / JPEG / DICOM), a raw array, or a key in the artifact store.
 Every failure is INVALID_ARGUMENT on the caller's field (``images[3].encoded``): unknown
 reference, oversized upload, non-image bytes, bad raw shape.
+
+Uploaded DICOM may be a patient's image: :func:`admit` de-identifies it (PS3.15 basic profile,
+``imaging.deid``) before anything else sees it, so what is decoded, hashed, stored and later
+exported is the de-identified object.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from clinisynth_server.errors import InvalidArgument
 from clinisynth_server.imaging import decode as imdecode
+from clinisynth_server.imaging import deid
 from clinisynth_server.imaging.encode import encode_png
 from clinisynth_server.store.base import ArtifactStore, validate_key
 
@@ -53,6 +58,28 @@ def check_size(image: ImageInput, field: str, max_bytes: int) -> None:
         )
 
 
+def admit(image: ImageInput, *, field: str, max_bytes: int) -> ImageInput:
+    """The upload as it may be kept: inline DICOM de-identified, everything else unchanged.
+
+    The size limit is checked first, so no oversized object is parsed.
+    """
+    if image.kind not in ("encoded", "dicom"):
+        return image
+    where = f"{field}.{image.kind}"
+    check_size(image, where, max_bytes)
+    clean = deid.deidentify_input(image.data, field=where)
+    return image if clean is image.data else replace(image, data=clean)
+
+
+def deidentified_copy(data: bytes, *, field: str) -> bytes:
+    """Stored image bytes on their way out (an export): DICOM de-identified again.
+
+    Images stored before uploads were de-identified, or placed in the store by other means
+    and referenced, must not leave with their identifiers.
+    """
+    return deid.deidentify_input(data, field=field)
+
+
 def decode(
     image: ImageInput,
     *,
@@ -60,23 +87,37 @@ def decode(
     store: ArtifactStore,
     max_bytes: int,
     channels: int | None = None,
+    budget: imdecode.PixelBudget | None = None,
 ) -> np.ndarray:
-    """Float32 [H, W] / [H, W, 3] in [0, 1]; INVALID_ARGUMENT on ``field`` otherwise."""
+    """Float32 [H, W] / [H, W, 3] in [0, 1]; INVALID_ARGUMENT on ``field`` otherwise.
+
+    ``budget``: the request's pixel budget, charged before the pixels are decoded.
+    """
     ch = channels if channels in (1, 3) else None
     if image.kind == "none":
         raise InvalidArgument.for_field(field, "no image data (set encoded, dicom, raw or ref)")
     if image.kind == "ref":
         data = read_ref(image.key, field=f"{field}.ref.key", store=store)
-        return imdecode.decode_image(data, field=f"{field}.ref", channels=ch)  # type: ignore[arg-type]
+        return imdecode.decode_image(data, field=f"{field}.ref", channels=ch, budget=budget)  # type: ignore[arg-type]
     check_size(image, f"{field}.{image.kind}", max_bytes)
     if image.kind == "raw":
         arr = imdecode.decode_raw(
-            image.data, image.shape, image.dtype or "float32", field=f"{field}.raw", channels=ch  # type: ignore[arg-type]
+            image.data,
+            image.shape,
+            image.dtype or "float32",
+            field=f"{field}.raw",
+            channels=ch,  # type: ignore[arg-type]
+            budget=budget,
         )
         if arr.min() < 0 or arr.max() > 1:
             raise InvalidArgument.for_field(f"{field}.raw", "raw values must lie in [0, 1]")
         return arr
-    return imdecode.decode_image(image.data, field=f"{field}.{image.kind}", channels=ch)  # type: ignore[arg-type]
+    return imdecode.decode_image(
+        image.data,
+        field=f"{field}.{image.kind}",
+        channels=ch,  # type: ignore[arg-type]
+        budget=budget,
+    )
 
 
 def read_ref(key: str, *, field: str, store: ArtifactStore) -> bytes:

@@ -10,6 +10,11 @@ benchmarks all score through here, so they agree on preprocessing:
    (:func:`clinisynth_server.reward.text.embed_text`);
 4. Triton calls in batches of the Triton model's ``max_batch_size``; ``p_aligned`` back.
 
+Caller images are decoded by :func:`decode_inputs`: every image's declared size is checked (per
+image and against the request's :class:`~clinisynth_server.imaging.decode.PixelBudget`) before
+any is decoded, then each is decoded and fitted to the model right away, so a request holds one
+full-size image at a time whatever its length.
+
 **Default reward model** (``model=""``): the newest-registered reward model that can judge the
 condition — for a class name, one whose ``classes`` include it; for a prompt, a text-conditioned
 one. Ties go to the most recently created record, so a reward model promoted by the finetune
@@ -28,9 +33,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from clinisynth_server.catalog import Catalog, ModelRecord
-from clinisynth_server.errors import InvalidArgument
-from clinisynth_server.imaging.decode import resize_to
+from clinisynth_server.errors import InvalidArgument, ValidationErrors
+from clinisynth_server.imaging import decode as imdecode
+from clinisynth_server.imaging.decode import ImageHeader, PixelBudget, resize_to
+from clinisynth_server.reward import images as imgs
 from clinisynth_server.reward.text import ENCODER, embed_text
+from clinisynth_server.store.base import ArtifactStore
 from clinisynth_server.triton.client import TritonClient
 
 if TYPE_CHECKING:
@@ -67,7 +75,7 @@ class Condition:
 
 
 def conditioning(record: ModelRecord) -> str:
-    """"class" or "text" for a reward record."""
+    """ "class" or "text" for a reward record."""
     return str(record.extra.get("conditioning", "class" if record.classes else "text"))
 
 
@@ -115,8 +123,7 @@ def check_condition(record: ModelRecord, condition: Condition, field: str) -> No
         if condition.class_name not in record.classes:
             raise InvalidArgument.for_field(
                 f"{field}.class_name",
-                f"unknown class {condition.class_name!r} for {record.ref}; "
-                f"one of {record.classes}",
+                f"unknown class {condition.class_name!r} for {record.ref}; one of {record.classes}",
             )
     elif not condition.prompt.strip():
         raise InvalidArgument.for_field(
@@ -124,38 +131,119 @@ def check_condition(record: ModelRecord, condition: Condition, field: str) -> No
         )
 
 
+def model_size(record: ModelRecord) -> tuple[int, int]:
+    """(height, width) the reward model scores."""
+    return (record.height or record.width, record.width)
+
+
+def fit_to_model(img: np.ndarray, record: ModelRecord, *, resize: bool, field: str) -> np.ndarray:
+    """One float image ``[H, W]`` / ``[H, W, C]`` → ``[C, H, W]`` at the model's channels, size."""
+    size = model_size(record)
+    arr = np.asarray(img, dtype=np.float32)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
+        raise InvalidArgument.for_field(
+            field, f"expected [H, W] or [H, W, 3], got shape {list(arr.shape)}"
+        )
+    if arr.ndim == 3:
+        arr = arr[:, :, :3]
+        if record.channels == 1:
+            arr = arr @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    if arr.shape[:2] != size:
+        if not resize and size[0] and size[1]:
+            raise InvalidArgument.for_field(
+                field,
+                f"image is {arr.shape[0]}x{arr.shape[1]}, {record.ref} scores "
+                f"{size[0]}x{size[1]}: resize it or pass resize=true",
+            )
+        if size[0] and size[1]:
+            arr = resize_to(arr, size)
+    if arr.ndim == 2:
+        arr = arr[None] if record.channels == 1 else np.repeat(arr[None], 3, axis=0)
+    else:
+        arr = np.transpose(arr, (2, 0, 1))
+    return np.clip(arr, 0.0, 1.0)
+
+
 def to_model_input(
     images: Sequence[np.ndarray], record: ModelRecord, *, resize: bool, field: str = "images"
 ) -> np.ndarray:
     """Per-image float arrays → ``[B, C, H, W]`` float32 at the model's channels and size."""
-    size = (record.height or record.width, record.width)
-    out = np.empty((len(images), record.channels, *size), dtype=np.float32)
+    out = np.empty((len(images), record.channels, *model_size(record)), dtype=np.float32)
     for i, img in enumerate(images):
-        arr = np.asarray(img, dtype=np.float32)
-        if arr.ndim == 3 and arr.shape[2] == 1:
-            arr = arr[:, :, 0]
-        if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
-            raise InvalidArgument.for_field(
-                f"{field}[{i}]", f"expected [H, W] or [H, W, 3], got shape {list(arr.shape)}"
+        out[i] = fit_to_model(img, record, resize=resize, field=f"{field}[{i}]")
+    return out
+
+
+def declared_size(
+    image: imgs.ImageInput, field: str, *, max_bytes: int, max_pixels: int
+) -> ImageHeader | None:
+    """An inline image's declared size from its header (None: a reference, read when decoded)."""
+    where = f"{field}.{image.kind}"
+    if image.kind in ("encoded", "dicom"):
+        imgs.check_size(image, where, max_bytes)
+        return imdecode.inspect_image(image.data, field=where, max_pixels=max_pixels)
+    if image.kind == "raw" and len(image.shape) in (2, 3) and all(d > 0 for d in image.shape):
+        samples = image.shape[2] if len(image.shape) == 3 else 1
+        return ImageHeader("raw", image.shape[0], image.shape[1], 1, samples, 4)
+    return None
+
+
+def decode_inputs(
+    images: Sequence[imgs.ImageInput],
+    record: ModelRecord,
+    *,
+    store: ArtifactStore,
+    max_bytes: int,
+    resize: bool,
+    errors: ValidationErrors,
+    budget: PixelBudget,
+    field: str = "images",
+    offset: int = 0,
+    max_pixels: int = imdecode.DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """Caller images → ``[B, C, H, W]`` model input, holding one full-size image at a time.
+
+    1. Every inline image's declared size is checked against ``max_pixels`` and the request's
+       ``budget`` from its header; any violation is added to ``errors`` and nothing is decoded.
+    2. Each image is decoded (charged to ``budget``: references are sized only once read) and
+       fitted to the model at once, its full-size array dropped before the next is decoded.
+
+    Violations go to ``errors`` (the caller raises them all at once); failed images stay zero.
+    """
+    out = np.zeros((len(images), record.channels, *model_size(record)), dtype=np.float32)
+    precheck = PixelBudget(budget.limit)
+    before = len(errors.violations)
+    for i, image in enumerate(images):
+        where = f"{field}[{offset + i}]"
+        try:
+            header = declared_size(image, where, max_bytes=max_bytes, max_pixels=max_pixels)
+            if header is not None:
+                precheck.charge(f"{where}.{image.kind}", header)
+        except InvalidArgument as exc:
+            errors.violations.extend(exc.violations)
+            if precheck.exceeded:
+                break
+    if len(errors.violations) > before:
+        return out
+    for i, image in enumerate(images):
+        where = f"{field}[{offset + i}]"
+        try:
+            arr = imgs.decode(
+                image,
+                field=where,
+                store=store,
+                max_bytes=max_bytes,
+                channels=record.channels,
+                budget=budget,
             )
-        if arr.ndim == 3:
-            arr = arr[:, :, :3]
-            if record.channels == 1:
-                arr = arr @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-        if arr.shape[:2] != size:
-            if not resize and size[0] and size[1]:
-                raise InvalidArgument.for_field(
-                    f"{field}[{i}]",
-                    f"image is {arr.shape[0]}x{arr.shape[1]}, {record.ref} scores "
-                    f"{size[0]}x{size[1]}: resize it or pass resize=true",
-                )
-            if size[0] and size[1]:
-                arr = resize_to(arr, size)
-        if arr.ndim == 2:
-            arr = arr[None] if record.channels == 1 else np.repeat(arr[None], 3, axis=0)
-        else:
-            arr = np.transpose(arr, (2, 0, 1))
-        out[i] = np.clip(arr, 0.0, 1.0)
+            out[i] = fit_to_model(arr, record, resize=resize, field=where)
+            del arr
+        except InvalidArgument as exc:
+            errors.violations.extend(exc.violations)
+            if budget.exceeded:
+                break
     return out
 
 
@@ -217,8 +305,9 @@ class Scorer:
         for start in range(0, len(pixels), step):
             sl = slice(start, start + step)
             inputs = {"image": pixels[sl], **{k: v[sl] for k, v in cond.items()}}
-            res = self.triton.infer(name, inputs, ["p_aligned"], version=version,
-                                    timeout_s=timeout_s)
+            res = self.triton.infer(
+                name, inputs, ["p_aligned"], version=version, timeout_s=timeout_s
+            )
             out[sl] = res["p_aligned"].reshape(-1)
         return out
 

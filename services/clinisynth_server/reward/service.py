@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import math
 import re
 import threading
@@ -32,6 +33,7 @@ import numpy as np
 from clinisynth_server.cancel import NEVER, CancelToken
 from clinisynth_server.catalog import Catalog, ModelRecord
 from clinisynth_server.errors import ClinisynthError, InvalidArgument, ValidationErrors
+from clinisynth_server.imaging.decode import DEFAULT_MAX_REQUEST_PIXELS, PixelBudget
 from clinisynth_server.reward import agreement as agr
 from clinisynth_server.reward import images as imgs
 from clinisynth_server.reward.checklists import Criterion, checklist_for, known_cell_classes
@@ -46,12 +48,15 @@ from clinisynth_server.reward.scoring import (
     Condition,
     Scorer,
     check_condition,
+    decode_inputs,
     resolve_model,
     to_model_input,
 )
 from clinisynth_server.runtime.metrics import RewardMetrics
 from clinisynth_server.store.base import ArtifactStore, dir_prefix, encode_json, validate_prefix
 from clinisynth_server.triton.client import TritonClient
+
+log = logging.getLogger(__name__)
 
 MAX_SCORE_IMAGES = 256
 DEFAULT_STREAM_BATCH = 64
@@ -202,6 +207,7 @@ class Reward:
         raters: Iterable[str] = (),
         classes: Iterable[str] = (),
         max_upload_bytes: int = 4 * 1024 * 1024,
+        max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.catalog = catalog
@@ -211,6 +217,7 @@ class Reward:
         self.raters = frozenset(r for r in raters if r)
         self.extra_classes = tuple(c for c in classes if c)
         self.max_upload_bytes = max_upload_bytes
+        self.max_request_pixels = max_request_pixels
         self.clock = clock
         self.scorer = Scorer(catalog, triton)
         self.feedback = FeedbackStore(store)
@@ -257,9 +264,7 @@ class Reward:
         if opts.conditions and len(opts.conditions) != n:
             errors.add("conditions", f"{len(opts.conditions)} conditions for {n} images")
         errors.raise_if_any()
-        conditions = [
-            (opts.conditions[i] if opts.conditions else opts.condition) for i in range(n)
-        ]
+        conditions = [(opts.conditions[i] if opts.conditions else opts.condition) for i in range(n)]
         record = self._resolve(opts.model, opts.version, conditions[0])
         for i, cond in enumerate(conditions):
             where = f"conditions[{i}]" if opts.conditions else "condition"
@@ -269,12 +274,13 @@ class Reward:
                 errors.violations.extend(exc.violations)
             if errors.violations and not opts.conditions:
                 break
-        arrays = self._decode_all(opts.images, record, errors, "images")
+        pixels = self._decode_all(opts.images, record, errors, "images", resize=opts.resize)
         errors.raise_if_any()
-        pixels = to_model_input(arrays, record, resize=opts.resize)
         cancel.check()
         p = self.scorer.score(
-            record, pixels, [c for c in conditions if c is not None],
+            record,
+            pixels,
+            [c for c in conditions if c is not None],
             timeout_s=cancel.remaining(),
         )
         self._observe(record, p, conditions, opts.generator)
@@ -298,23 +304,21 @@ class Reward:
         errors: ValidationErrors,
         field_name: str,
         offset: int = 0,
-    ) -> list[np.ndarray]:
-        arrays: list[np.ndarray] = []
-        for i, image in enumerate(images):
-            try:
-                arrays.append(
-                    imgs.decode(
-                        image,
-                        field=f"{field_name}[{offset + i}]",
-                        store=self.store,
-                        max_bytes=self.max_upload_bytes,
-                        channels=record.channels,
-                    )
-                )
-            except InvalidArgument as exc:
-                errors.violations.extend(exc.violations)
-                arrays.append(np.zeros((1, 1), dtype=np.float32))
-        return arrays
+        *,
+        resize: bool,
+    ) -> np.ndarray:
+        """Model input for one request (or stream batch) within its pixel budget."""
+        return decode_inputs(
+            images,
+            record,
+            store=self.store,
+            max_bytes=self.max_upload_bytes,
+            resize=resize,
+            errors=errors,
+            budget=PixelBudget(self.max_request_pixels),
+            field=field_name,
+            offset=offset,
+        )
 
     def _observe(
         self,
@@ -342,7 +346,7 @@ class Reward:
             if not info.key.lower().endswith(imgs.IMAGE_KEY_SUFFIXES):
                 continue
             cond = condition
-            rel = info.key[len(base):]
+            rel = info.key[len(base) :]
             if cond is None and "/" in rel:
                 cond = Condition(class_name=rel.split("/", 1)[0])
             out.append(StreamImage(info.key, imgs.ImageInput("ref", key=info.key), cond))
@@ -383,9 +387,10 @@ class Reward:
                     check_condition(record, cond or Condition(), f"images[{index + i}].condition")
                 except InvalidArgument as exc:
                     errors.violations.extend(exc.violations)
-            arrays = self._decode_all([b.image for b in batch], record, errors, "images", index)
+            pixels = self._decode_all(
+                [b.image for b in batch], record, errors, "images", index, resize=config.resize
+            )
             errors.raise_if_any()
-            pixels = to_model_input(arrays, record, resize=config.resize, field="images")
             p = self.scorer.score(record, pixels, conds, timeout_s=cancel.remaining())  # type: ignore[arg-type]
             self._observe(record, p, conds, config.generator)
             for i, item in enumerate(batch):
@@ -455,10 +460,16 @@ class Reward:
         if draft.time_spent_ms < 0:
             errors.add("feedback.time_spent_ms", "must be >= 0")
         pixels = None
+        image = draft.image
         if has_image and draft.image is not None:
-            try:
+            try:  # de-identified first: only the clean object is decoded, hashed and stored
+                image = imgs.admit(
+                    draft.image, field="feedback.image", max_bytes=self.max_upload_bytes
+                )
                 pixels = imgs.decode(
-                    draft.image, field="feedback.image", store=self.store,
+                    image,
+                    field="feedback.image",
+                    store=self.store,
                     max_bytes=self.max_upload_bytes,
                 )
             except InvalidArgument as exc:
@@ -469,11 +480,11 @@ class Reward:
         # Durable image first, then the judgement that points at it.
         if item is not None:
             stored_image = imgs.StoredImage(item.image_key, item.image_sha256, item.image_size)
-        elif draft.image is not None and draft.image.kind == "ref":
-            stored_image = imgs.stored_ref(self.store, draft.image.key, "feedback.image.ref.key")
+        elif image is not None and image.kind == "ref":
+            stored_image = imgs.stored_ref(self.store, image.key, "feedback.image.ref.key")
         else:
-            assert draft.image is not None and pixels is not None
-            data, suffix = imgs.encoded_bytes(draft.image, pixels)
+            assert image is not None and pixels is not None
+            data, suffix = imgs.encoded_bytes(image, pixels)
             stored_image = imgs.store_upload(self.store, data, suffix)
         record = FeedbackRecord(
             id=fid,
@@ -556,8 +567,10 @@ class Reward:
             except InvalidArgument as exc:
                 errors.violations.extend(exc.violations)
         errors.raise_if_any()
-        base = dir_prefix(prefix) if prefix else time.strftime(
-            "exports/feedback/%Y%m%dT%H%M%S/", time.gmtime(self.clock())
+        base = (
+            dir_prefix(prefix)
+            if prefix
+            else time.strftime("exports/feedback/%Y%m%dT%H%M%S/", time.gmtime(self.clock()))
         )
         self.feedback.refresh()
         records = [
@@ -570,19 +583,21 @@ class Reward:
             images[r.image_key] = rel
         if aggregate == "all":
             for r in records:
-                rows.append({
-                    "image": images[r.image_key],
-                    "condition": r.condition.to_json(),
-                    "plausible": r.plausible,
-                    "rater_id": r.rater_id,
-                    "criteria": r.criteria,
-                    "feedback_id": r.id,
-                    "generator": r.generator,
-                    "item_id": r.item_id,
-                    "comment": r.comment,
-                    "time_spent_ms": r.time_spent_ms,
-                    "created": r.created,
-                })
+                rows.append(
+                    {
+                        "image": images[r.image_key],
+                        "condition": r.condition.to_json(),
+                        "plausible": r.plausible,
+                        "rater_id": r.rater_id,
+                        "criteria": r.criteria,
+                        "feedback_id": r.id,
+                        "generator": r.generator,
+                        "item_id": r.item_id,
+                        "comment": r.comment,
+                        "time_spent_ms": r.time_spent_ms,
+                        "created": r.created,
+                    }
+                )
         else:
             groups: dict[str, list[FeedbackRecord]] = {}
             for r in records:
@@ -592,27 +607,36 @@ class Reward:
                 if yes * 2 == len(group):
                     continue  # a tie carries no label
                 first = group[0]
-                rows.append({
-                    "image": images[first.image_key],
-                    "condition": first.condition.to_json(),
-                    "plausible": yes * 2 > len(group),
-                    "rater_id": "majority",
-                    "raters": sorted({r.rater_id for r in group}),
-                    "votes": {"plausible": yes, "implausible": len(group) - yes},
-                    "criteria": _majority_criteria(group),
-                    "feedback_id": ",".join(r.id for r in group),
-                    "generator": first.generator,
-                    "item_id": first.item_id,
-                })
+                rows.append(
+                    {
+                        "image": images[first.image_key],
+                        "condition": first.condition.to_json(),
+                        "plausible": yes * 2 > len(group),
+                        "rater_id": "majority",
+                        "raters": sorted({r.rater_id for r in group}),
+                        "votes": {"plausible": yes, "implausible": len(group) - yes},
+                        "criteria": _majority_criteria(group),
+                        "feedback_id": ",".join(r.id for r in group),
+                        "generator": first.generator,
+                        "item_id": first.item_id,
+                    }
+                )
         used = {str(row["image"]) for row in rows}
         files = []
         for key, rel in sorted(images.items(), key=lambda kv: kv[1]):
             if rel in used and rel not in files:
-                self.store.put_bytes(base + rel, self.store.get_bytes(key))
+                try:  # exports leave de-identified, whatever the store holds
+                    data = imgs.deidentified_copy(self.store.get_bytes(key), field=key)
+                except InvalidArgument as exc:
+                    log.warning("export %s: image %s left out: %s", base, key, exc.message)
+                    continue
+                self.store.put_bytes(base + rel, data)
                 files.append(rel)
+        rows = [row for row in rows if str(row["image"]) in files]
         labels = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows).encode()
-        info = self.store.put_bytes(base + "labels.jsonl", labels,
-                                    content_type="application/x-ndjson")
+        info = self.store.put_bytes(
+            base + "labels.jsonl", labels, content_type="application/x-ndjson"
+        )
         manifest = {
             "kind": "clinisynth-feedback-export",
             "format_version": 1,
@@ -625,7 +649,12 @@ class Reward:
         }
         self.store.put_bytes(base + EXPORT_MANIFEST, encode_json(manifest))
         return ExportResult(
-            base, len(records), len(files), base + "labels.jsonl", info.sha256 or "", info.size,
+            base,
+            len(records),
+            len(files),
+            base + "labels.jsonl",
+            info.sha256 or "",
+            info.size,
             [*manifest["files"], EXPORT_MANIFEST],  # type: ignore[list-item]
         )
 
@@ -664,22 +693,38 @@ class Reward:
             if len(errors.violations) > before and not images[i].condition:
                 break
         arrays: list[np.ndarray] = []
+        admitted: list[imgs.ImageInput] = []
+        budget = PixelBudget(self.max_request_pixels)  # the arrays are held until scored
         for i, im in enumerate(images):
-            try:
-                arrays.append(imgs.decode(im.image, field=f"images[{i}].image", store=self.store,
-                                          max_bytes=self.max_upload_bytes))
+            clean = im.image
+            try:  # de-identified first: only the clean object is decoded, hashed and stored
+                clean = imgs.admit(
+                    im.image, field=f"images[{i}].image", max_bytes=self.max_upload_bytes
+                )
+                arrays.append(
+                    imgs.decode(
+                        clean,
+                        field=f"images[{i}].image",
+                        store=self.store,
+                        max_bytes=self.max_upload_bytes,
+                        budget=budget,
+                    )
+                )
             except InvalidArgument as exc:
                 errors.violations.extend(exc.violations)
                 arrays.append(np.zeros((1, 1), dtype=np.float32))
+            admitted.append(clean)
         errors.raise_if_any()
         now = self.clock()
         out = []
-        for i, (im, cond, arr) in enumerate(zip(images, conds, arrays, strict=True)):
+        for i, (im, clean, cond, arr) in enumerate(
+            zip(images, admitted, conds, arrays, strict=True)
+        ):
             assert cond is not None
-            if im.image.kind == "ref":
-                stored = imgs.stored_ref(self.store, im.image.key, f"images[{i}].image.ref.key")
+            if clean.kind == "ref":
+                stored = imgs.stored_ref(self.store, clean.key, f"images[{i}].image.ref.key")
             else:
-                data, suffix = imgs.encoded_bytes(im.image, arr)
+                data, suffix = imgs.encoded_bytes(clean, arr)
                 stored = imgs.store_upload(self.store, data, suffix)
             item = ReviewItem(
                 id=item_id(cond, stored.sha256),
@@ -736,8 +781,12 @@ class Reward:
                 arrays = [
                     (arrays_by_id or {}).get(it.id)
                     if (arrays_by_id or {}).get(it.id) is not None
-                    else imgs.decode(imgs.ImageInput("ref", key=it.image_key), field="item",
-                                     store=self.store, max_bytes=1 << 62)
+                    else imgs.decode(
+                        imgs.ImageInput("ref", key=it.image_key),
+                        field="item",
+                        store=self.store,
+                        max_bytes=1 << 62,
+                    )
                     for it in todo
                 ]
                 pixels = to_model_input(arrays, record, resize=True)  # type: ignore[arg-type]
