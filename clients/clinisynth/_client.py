@@ -40,6 +40,11 @@ def _settings(
         )
     if retries < 0:
         raise ValueError("retries must be >= 0")
+    if endpoints.tls:  # the stack serves TLS only: say so without flags
+        tls = True
+        if root_certificates is None and endpoints.ca_cert:
+            with open(endpoints.ca_cert, "rb") as f:
+                root_certificates = f.read()
     return _Settings(
         endpoints,
         token=token,

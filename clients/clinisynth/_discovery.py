@@ -29,6 +29,9 @@ class Endpoints:
     triton: str = ""
     review_url: str = ""
     metrics: dict[str, str] = field(default_factory=dict)
+    # The stack serves TLS (``clinisynth up`` with CLINISYNTH_TLS_CERT / _KEY); trust ca_cert.
+    tls: bool = False
+    ca_cert: str = ""
 
     def for_service(self, service: str) -> str:
         return getattr(self, service)
@@ -42,14 +45,16 @@ class Endpoints:
             "triton": self.triton,
             "metrics": dict(self.metrics),
             "review_url": self.review_url,
+            "tls": self.tls,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> Endpoints:
         metrics = data.get("metrics") or {}
         return cls(
-            **{k: str(data.get(k) or "") for k in (*SERVICES, "triton", "review_url")},
+            **{k: str(data.get(k) or "") for k in (*SERVICES, "triton", "review_url", "ca_cert")},
             metrics={str(k): str(v) for k, v in dict(metrics).items()},  # type: ignore[arg-type]
+            tls=data.get("tls") is True,
         )
 
     @classmethod

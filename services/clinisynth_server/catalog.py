@@ -10,17 +10,25 @@ cache), so a version promoted by the finetune service is picked up without a res
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import re
 import threading
 import time
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from clinisynth_server.errors import InvalidArgument, NotFound
+from clinisynth_server.errors import ClinisynthError, FailedPrecondition, InvalidArgument, NotFound
 from clinisynth_server.store.base import ArtifactStore
 
+if TYPE_CHECKING:
+    from clinisynth_server.runtime.metrics import ServiceMetrics
+
+log = logging.getLogger(__name__)
 PREFIX = "catalog/"
-_RECORD_KEY = re.compile(r"catalog/[^/]+/\d{6}\.json")
+_RECORD_KEY = re.compile(r"catalog/([^/]+)/(\d{6})\.json")
 KINDS = ("text_to_image", "class_conditional", "unconditional", "reward", "classifier")
 
 
@@ -64,6 +72,85 @@ class ModelRecord:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
+    @classmethod
+    def parse(cls, data: object) -> ModelRecord:
+        """A record from stored JSON, every field type-checked; ``ValueError`` says what is wrong.
+
+        Records are read on every request path, so a malformed one must be caught here, once,
+        and not as a ``TypeError`` deep inside a servicer.
+        """
+        check_fields(cls, data)
+        assert isinstance(data, dict)
+        if data["kind"] not in KINDS:
+            raise ValueError(f"unknown kind {data['kind']!r}")
+        return cls.from_json(data)
+
+
+def check_fields(cls: type, data: object) -> None:
+    """``ValueError`` unless ``data`` is a JSON object whose values fit dataclass ``cls``.
+
+    Shared by every stored record type (catalog, finetune jobs, events, checkpoints): a record
+    another process wrote may be truncated or tampered with, and must be refused as a whole.
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"a record is a JSON object, not {type(data).__name__}")
+    hints = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ValueError(f"missing field {f.name!r}")
+            continue
+        if not _type_ok(data[f.name], hints[f.name]):
+            raise ValueError(f"field {f.name!r} is not {hints[f.name]}")
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_ok(value: object, hint: Any) -> bool:
+    """Whether a JSON value fits a field's annotation (str, int, float, list, dict, X | None)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in args)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is list:
+        return isinstance(value, list) and all(_type_ok(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(
+            _type_ok(k, args[0]) and _type_ok(v, args[1]) for k, v in value.items()
+        )
+    return isinstance(value, hint)
+
+
+class CorruptRecords:
+    """Stored records that cannot be read: logged once by key (never content) and counted.
+
+    A listing skips them and serves the rest; one bad object must never take a listing down
+    for every caller.
+    """
+
+    def __init__(self, metrics: ServiceMetrics | None = None) -> None:
+        self.metrics = metrics
+        self._lock = threading.Lock()
+        self._seen: set[str] = set()
+
+    def report(self, namespace: str, key: str, why: str) -> None:
+        with self._lock:
+            if key in self._seen:
+                return
+            self._seen.add(key)
+        log.warning("skipping corrupt %s record %s: %s", namespace, key, why)
+        counter = getattr(self.metrics, "store_corrupt_records", None)
+        if counter is not None:
+            counter.labels(self.metrics.service, namespace).inc()  # type: ignore[union-attr]
+
 
 def record_key(name: str, version: int) -> str:
     return f"{PREFIX}{name}/{version:06d}.json"
@@ -72,11 +159,21 @@ def record_key(name: str, version: int) -> str:
 class Catalog:
     """Reads and writes model records; ``ttl_s`` bounds how stale a cached listing may be."""
 
-    def __init__(self, store: ArtifactStore, *, ttl_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        store: ArtifactStore,
+        *,
+        ttl_s: float = 2.0,
+        metrics: ServiceMetrics | None = None,
+        corrupt: CorruptRecords | None = None,
+    ) -> None:
         self.store = store
         self.ttl_s = ttl_s
+        self.corrupt = corrupt or CorruptRecords(metrics)
         self._lock = threading.Lock()
         self._cache: tuple[float, list[ModelRecord]] | None = None
+        # (name, version) of records skipped as corrupt in the last listing.
+        self._bad: set[tuple[str, int]] = set()
 
     def put(self, record: ModelRecord) -> ModelRecord:
         if record.kind not in KINDS:
@@ -98,30 +195,56 @@ class Catalog:
         with self._lock:
             if self._cache is not None and time.monotonic() - self._cache[0] < self.ttl_s:
                 return self._cache[1]
-        records = [
-            ModelRecord.from_json(self.store.get_json(info.key))
-            for info in self.store.list(PREFIX)
-            if _RECORD_KEY.fullmatch(info.key)
-        ]
+        records: list[ModelRecord] = []
+        bad: set[tuple[str, int]] = set()
+        for info in self.store.list(PREFIX):
+            match = _RECORD_KEY.fullmatch(info.key)
+            if not match:
+                continue
+            name, version = match.group(1), int(match.group(2))
+            try:
+                record = ModelRecord.parse(self.store.get_json(info.key))
+                if (record.name, record.version) != (name, version):
+                    raise ValueError(f"names {record.ref}, not {name}@{version}")
+            except NotFound:
+                continue  # deleted between the listing and the read
+            except (ClinisynthError, ValueError, TypeError) as exc:
+                self.corrupt.report("catalog", info.key, getattr(exc, "message", str(exc)))
+                bad.add((name, version))
+                continue
+            records.append(record)
         records.sort(key=lambda r: (r.name, r.version))
         with self._lock:
             self._cache = (time.monotonic(), records)
+            self._bad = bad
         return records
 
     def versions(self, name: str) -> list[ModelRecord]:
         return [r for r in self.all() if r.name == name]
 
+    def corrupt_versions(self, name: str) -> list[int]:
+        """Versions of ``name`` whose records are stored but unreadable (skipped by listings)."""
+        self.all()
+        with self._lock:
+            return sorted(v for n, v in self._bad if n == name)
+
     def next_version(self, name: str) -> int:
-        versions = [r.version for r in self.versions(name)]
+        versions = [r.version for r in self.versions(name)] + self.corrupt_versions(name)
         return max(versions, default=0) + 1
 
-    def get(
-        self, name: str, version: str | int = "", *, field_name: str = "model"
-    ) -> ModelRecord:
+    def get(self, name: str, version: str | int = "", *, field_name: str = "model") -> ModelRecord:
         """``name`` at ``version`` ("" = latest); bad refs are INVALID_ARGUMENT on the field."""
         if not name:
             raise InvalidArgument.for_field(f"{field_name}.name", "is required")
         versions = self.versions(name)
+        corrupt = self.corrupt_versions(name)
+        if not versions and corrupt:
+            raise FailedPrecondition(
+                f"model {name!r} cannot be served: its catalog record"
+                f"{'s' if len(corrupt) > 1 else ''} (version {', '.join(map(str, corrupt))}) "
+                "cannot be read; an operator must repair or remove it",
+                reason="CORRUPT_CATALOG_RECORD",
+            )
         if not versions:
             known = sorted({r.name for r in self.all()})
             raise InvalidArgument.for_field(
@@ -138,6 +261,12 @@ class Catalog:
         for record in versions:
             if record.version == wanted:
                 return record
+        if wanted in corrupt:
+            raise FailedPrecondition(
+                f"{name}@{wanted} cannot be served: its catalog record cannot be read; "
+                f"readable versions: {[r.version for r in versions]}",
+                reason="CORRUPT_CATALOG_RECORD",
+            )
         raise InvalidArgument.for_field(
             f"{field_name}.version",
             f"{name} has no version {wanted}; versions: {[r.version for r in versions]}",

@@ -7,6 +7,7 @@ import importlib
 import sys
 
 from clinisynth_server.runtime.config import SERVICES, load_config
+from clinisynth_server.runtime.dependencies import bind_health
 from clinisynth_server.runtime.logs import setup_logging
 from clinisynth_server.runtime.server import run_forever, start_server
 
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(ns.service, config.log_format, config.log_level)
     app = importlib.import_module(f"clinisynth_server.{ns.service}.app")
     running = start_server(config, app.create(config))
+    bind_health(config, running.set_serving)  # NOT_SERVING while Triton is down
     # One line the supervisor reads to learn the bound ports.
     print(f"READY {ns.service} grpc={running.port} metrics={running.metrics_port}", flush=True)
     run_forever(running)

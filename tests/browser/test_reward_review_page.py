@@ -6,54 +6,12 @@ Needs ``/usr/bin/chromium`` + ``/usr/bin/chromedriver`` (Debian: chromium chromi
 
 from __future__ import annotations
 
-import pathlib
-import shutil
-
 import numpy as np
 import pytest
 
 import clinisynth
 
 pytestmark = pytest.mark.stack
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run",
-         "--disable-dev-shm-usage")
-
-
-@pytest.fixture()
-def reward_app(tmp_path):
-    """A reward service on a fresh store (no Triton needed: no reward model → FIFO queue)."""
-    from clinisynth_server.reward import app
-    from clinisynth_server.runtime.config import load_config
-    from clinisynth_server.runtime.server import start_server
-
-    env = {"CLINISYNTH_TRITON_URL": "127.0.0.1:1", "CLINISYNTH_STORE_URL": str(tmp_path / "s"),
-           "CLINISYNTH_REWARD_HTTP_PORT": "0"}
-    config = load_config("reward", env=env, port=0, metrics_port=0)
-    register = app.create(config)
-    running = start_server(config, register)
-    yield running, register.app.web.url  # type: ignore[attr-defined]
-    running.stop(0)
-
-
-@pytest.fixture()
-def browser(tmp_path):
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
-
-    if not (pathlib.Path(CHROMIUM).exists() and pathlib.Path(DRIVER).exists()):
-        pytest.skip("Debian's chromium + chromium-driver are not installed")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in FLAGS:
-        options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
-    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
-    yield driver
-    driver.quit()
 
 
 def test_expert_judges_with_the_keyboard_and_judgements_reach_grpc(reward_app, browser):
@@ -65,8 +23,11 @@ def test_expert_judges_with_the_keyboard_and_judgements_reach_grpc(reward_app, b
     running, url = reward_app
     client = clinisynth.Client(endpoints={"reward": running.address}, timeout=60)
     rng = np.random.default_rng(0)
-    items = client.review.enqueue([rng.random((32, 32), dtype=np.float32) for _ in range(3)],
-                                  class_name="neutrophil", names=["a", "b", "c"])
+    items = client.review.enqueue(
+        [rng.random((32, 32), dtype=np.float32) for _ in range(3)],
+        class_name="neutrophil",
+        names=["a", "b", "c"],
+    )
     # A colleague already judged item "a" elsewhere → agreement on the page is non-trivial.
     wait = WebDriverWait(browser, 30)
     browser.get(f"{url}?rater=dr_web&class_name=neutrophil")
@@ -82,10 +43,15 @@ def test_expert_judges_with_the_keyboard_and_judgements_reach_grpc(reward_app, b
         return browser.find_element(By.ID, "submitted-count").text
 
     assert shown() == items[0].id  # no reward model yet: FIFO
-    wait.until(lambda d: d.execute_script(
-        "const i = document.getElementById('image'); return i.complete && i.naturalWidth > 0"))
-    criteria = [li.get_attribute("data-name")
-                for li in browser.find_elements(By.CSS_SELECTOR, "#criteria li")]
+    wait.until(
+        lambda d: d.execute_script(
+            "const i = document.getElementById('image'); return i.complete && i.naturalWidth > 0"
+        )
+    )
+    criteria = [
+        li.get_attribute("data-name")
+        for li in browser.find_elements(By.CSS_SELECTOR, "#criteria li")
+    ]
     assert "nucleus_count" in criteria
 
     keys(Keys.ENTER)  # no verdict yet: refused on the page, nothing sent

@@ -192,8 +192,8 @@ def test_upload_checks_sha256_and_cli_data_upload(client, finetune_server, tmp_p
     import grpc
 
     with pytest.raises(grpc.RpcError) as err:
-        stub.UploadDatasetFile(iter([finetune_pb2.UploadChunk(key="ft/up/a.bin", data=b"abc",
-                                                              sha256="00" * 32)]))
+        stub.UploadDatasetFile(iter([finetune_pb2.UploadChunk(
+            key="datasets/ft-up/a.bin", data=b"abc", sha256="00" * 32)]))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "mismatch" in err.value.details()
 
@@ -203,11 +203,11 @@ def test_upload_checks_sha256_and_cli_data_upload(client, finetune_server, tmp_p
         for i in range(2):
             (folder / cls / f"{i}.png").write_bytes(encode_png(np.full((8, 8), 60 * i, np.uint8)))
     monkeypatch.setenv("CLINISYNTH_FINETUNE_ADDRESS", finetune_server.address)
-    assert main(["data", "upload", str(folder), "ft/uploaded", "--json", "-q"]) == 0
+    assert main(["data", "upload", str(folder), "datasets/ft-uploaded", "--json", "-q"]) == 0
     out = capsys.readouterr().out
     assert '"images": 4' in out and '"problems": []' in out
     (folder / "stray.png").write_bytes(b"junk")
-    assert main(["data", "upload", str(folder), "ft/uploaded2", "-q"]) == 2
+    assert main(["data", "upload", str(folder), "datasets/ft-uploaded2", "-q"]) == 2
     assert "outside a class folder" in capsys.readouterr().err
 
 

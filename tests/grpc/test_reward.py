@@ -380,8 +380,9 @@ def test_review_page_is_served_and_reported(reward_server):
 
     from clinisynth_server.reward import app  # noqa: F401 - the page ships with the package
 
-    html = (importlib.resources.files("clinisynth_server.reward") / "review.html").read_text()
-    assert "keydown" in html and "/api/feedback" in html
+    files = importlib.resources.files("clinisynth_server.reward")
+    html, script = (files / "review.html").read_text(), (files / "review.js").read_text()
+    assert 'src="/review.js"' in html and "keydown" in script and "/api/feedback" in script
 
 
 def test_write_reward_folder_text_conditioned(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 import urllib.request
 
 import grpc
@@ -235,3 +236,76 @@ def test_config_from_env_and_file(tmp_path):
         load_config("reward", env={"CLINISYNTH_REWARD_PORT": "eighty"})
     assert info.value.violations[0].field == "CLINISYNTH_REWARD_PORT"
     assert load_config("generator", env={}).port == 50051
+
+
+def _sleeping_handler(seconds: float):
+    """``test.Echo/Sleep`` holds its thread for ``seconds`` (stands in for a long generation)."""
+
+    def behaviour(request: bytes, context: grpc.ServicerContext) -> bytes:
+        time.sleep(seconds)
+        return b"done"
+
+    handler = grpc.unary_unary_rpc_method_handler(
+        behaviour, request_deserializer=None, response_serializer=None
+    )
+    return grpc.method_handlers_generic_handler("test.Echo", {"Sleep": handler})
+
+
+def _health_latencies(stub: health_pb2_grpc.HealthStub, probes: int, gap_s: float) -> list[float]:
+    out = []
+    for _ in range(probes):
+        t0 = time.perf_counter()
+        resp = stub.Check(health_pb2.HealthCheckRequest(), timeout=30)
+        out.append(time.perf_counter() - t0)
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        time.sleep(gap_s)
+    return out
+
+
+def test_health_answers_at_once_while_every_worker_is_busy_and_calls_queue():
+    """2 worker threads, 6 calls of 2 s each (2 run, 4 wait their turn for up to 6 s): health
+    still answers in well under a second, the 6 all finish, and calls beyond the 6 the server
+    holds are refused at once with RESOURCE_EXHAUSTED + RetryInfo rather than lost."""
+    running = _start(
+        lambda server, metrics: (server.add_generic_rpc_handlers((_sleeping_handler(2.0),)), [])[1],
+        workers=2,
+        extra={"max_pending_rpcs": "6"},
+    )
+    try:
+        with grpc.insecure_channel(running.address) as channel:
+            health_stub = health_pb2_grpc.HealthStub(channel)
+            health_stub.Check(health_pb2.HealthCheckRequest(), timeout=10)  # connected, idle
+            call = channel.unary_unary("/test.Echo/Sleep")
+            started = time.perf_counter()
+            held = [call.future(b"x", timeout=60) for _ in range(6)]
+            time.sleep(0.3)  # all six reached the server: two running, four queued
+            with pytest.raises(grpc.RpcError) as info:
+                call(b"x", timeout=10)
+            refused_after = time.perf_counter() - started
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            status = rpc_status.from_call(info.value)
+            retry = error_details_pb2.RetryInfo()
+            assert any(d.Unpack(retry) for d in status.details)
+            assert retry.retry_delay.ToTimedelta().total_seconds() > 0
+            assert refused_after < 1.5  # refused at once, not after the queue drained
+            # Health while the queue holds 4 s of work: < 1 s (it was the queue's wait before).
+            latencies = _health_latencies(health_stub, probes=5, gap_s=0.2)
+            assert time.perf_counter() - started < 2.0, "probes ran after the busy period"
+            assert max(latencies) < 1.0, latencies
+            assert [f.result(timeout=60) for f in held] == [b"done"] * 6  # none lost
+            assert time.perf_counter() - started >= 5.5  # 3 rounds of 2 s on 2 threads
+        text = (
+            urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_port}/metrics", timeout=5)
+            .read()
+            .decode()
+        )
+        assert 'code="RESOURCE_EXHAUSTED",method="Sleep",service="finetune"' in text
+    finally:
+        running.stop(0)
+
+
+def test_max_pending_rpcs_must_be_a_positive_integer():
+    for bad in ("many", "0", "-3"):
+        with pytest.raises(errors.InvalidArgument) as info:
+            _start(lambda server, metrics: [], extra={"max_pending_rpcs": bad})
+        assert info.value.violations[0].field == "CLINISYNTH_FINETUNE_MAX_PENDING_RPCS"

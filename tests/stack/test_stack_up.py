@@ -101,7 +101,7 @@ def test_triton_ready_and_sample_model_answers(stack):
     from clinisynth_server.triton.client import TritonClient
 
     _, info, _ = stack
-    with TritonClient(info["triton"]) as triton:
+    with TritonClient(info["triton"], key_file=info["triton_key_file"]) as triton:
         assert triton.is_ready()
         assert triton.model_ready("sample_denoiser")
         x = np.random.default_rng(0).standard_normal((2, 1, 16, 16)).astype(np.float32)

@@ -187,7 +187,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         dest="data_command", metavar="SUBCOMMAND", required=True)
     p = data.add_parser("upload", help="validate a local folder and upload it to PREFIX")
     p.add_argument("dir")
-    p.add_argument("prefix")
+    p.add_argument("prefix", help="store prefix under datasets/, e.g. datasets/cells")
     p.add_argument("--layout", choices=LAYOUTS, help="default: guessed from the folder")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", "-q", action="store_true")

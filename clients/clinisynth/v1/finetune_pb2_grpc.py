@@ -100,7 +100,8 @@ class FinetuneServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetJob(self, request, context):
-        """One job by id. Errors: NOT_FOUND (unknown id), INVALID_ARGUMENT (empty id).
+        """One job by id. Errors: NOT_FOUND (unknown id), INVALID_ARGUMENT (empty or malformed id),
+        FAILED_PRECONDITION (the job's stored record cannot be read).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -150,7 +151,11 @@ class FinetuneServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UploadDatasetFile(self, request_iterator, context):
-        """Upload one file of a data set into the store (client stream of chunks of one file).
+        """Upload one file of a data set into the store (client stream of chunks of one file). Only
+        keys under "datasets/" are written; a DICOM file is stored de-identified (PS3.15 basic
+        profile; pixels and windowing kept), so the returned sha256 is that of the stored object.
+        Errors: INVALID_ARGUMENT (key outside "datasets/" or not a clean relative path, sha256
+        mismatch, a DICOM that cannot be de-identified: `data`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

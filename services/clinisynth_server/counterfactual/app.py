@@ -26,7 +26,7 @@ SERVICE_NAME = counterfactual_pb2.DESCRIPTOR.services_by_name["CounterfactualSer
 def create(config: ServiceConfig) -> Callable[[grpc.Server, ServiceMetrics], Sequence[str]]:
     def register(server: grpc.Server, metrics: ServiceMetrics) -> Sequence[str]:
         deps = Dependencies.open(config, metrics)
-        catalog = Catalog(deps.store)
+        catalog = Catalog(deps.store, metrics=metrics)
         counterfactuals = Counterfactuals(
             catalog,
             deps.triton,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from clinisynth_server.catalog import Catalog, ModelRecord
 from clinisynth_server.errors import InvalidArgument, ValidationErrors
 from clinisynth_server.methods.counterfactual import DISTANCES, MODES, CounterfactualConfig
-from clinisynth_server.store.base import validate_prefix
+from clinisynth_server.store.base import outside_service_namespaces
 
 FORMATS = ("png", "png16", "dicom", "raw")
 DEFAULT_STEPS = 200
@@ -281,7 +281,7 @@ def validate(options: CounterfactualOptions, catalog: Catalog) -> Plan:
         errors.add("format", f"must be one of {FORMATS}, got {options.format!r}")
     if options.output_prefix:
         try:
-            validate_prefix(options.output_prefix, "output_prefix")
+            outside_service_namespaces(options.output_prefix, "output_prefix")
         except InvalidArgument as exc:
             errors.violations.extend(exc.violations)
     errors.raise_if_any()

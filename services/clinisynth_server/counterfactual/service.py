@@ -54,7 +54,12 @@ from clinisynth_server.imaging.deid import safe_log_repr
 from clinisynth_server.imaging.provenance import Provenance
 from clinisynth_server.methods import counterfactual as cf
 from clinisynth_server.runtime.metrics import CounterfactualMetrics
-from clinisynth_server.store.base import ArtifactStore, ObjectInfo, dir_prefix, validate_prefix
+from clinisynth_server.store.base import (
+    ArtifactStore,
+    ObjectInfo,
+    dir_prefix,
+    outside_service_namespaces,
+)
 from clinisynth_server.triton.client import TritonClient
 
 log = logging.getLogger(__name__)
@@ -652,12 +657,18 @@ class Counterfactuals:
         """
         if not input_prefix:
             raise InvalidArgument.for_field("input_prefix", "required")
-        in_prefix = dir_prefix(validate_prefix(input_prefix, "input_prefix"), "input_prefix")
+        in_prefix = dir_prefix(
+            outside_service_namespaces(input_prefix, "input_prefix"), "input_prefix"
+        )
         if limit < 0:
             raise InvalidArgument.for_field("limit", f"must be >= 0, got {limit}")
         plan = validate(options, self.catalog)
         request_id = options.request_id or uuid.uuid4().hex
-        out_prefix = dir_prefix(output_prefix or f"counterfactuals/{request_id}/", "output_prefix")
+        out_prefix = dir_prefix(
+            outside_service_namespaces(output_prefix, "output_prefix")
+            or f"counterfactuals/{request_id}/",
+            "output_prefix",
+        )
         if out_prefix.startswith(in_prefix):
             raise InvalidArgument.for_field("output_prefix", "must lie outside input_prefix")
         keys = [

@@ -80,7 +80,8 @@ def create(config: ServiceConfig) -> Callable[[grpc.Server, ServiceMetrics], Seq
         deps = Dependencies.open(config, metrics)
         settings = settings_from(config)
         service = FinetuneService(
-            deps.store, Catalog(deps.store), deps.triton, make_launcher(config, settings),
+            deps.store, Catalog(deps.store, metrics=metrics), deps.triton,
+            make_launcher(config, settings),
             settings, metrics.finetune,
         )
         service.start()

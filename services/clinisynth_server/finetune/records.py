@@ -10,6 +10,9 @@ Layout (``finetune/jobs/<id>/``)::
     checkpoints/<step:09d>/  model/ (promotable folder), state/ (resume), checkpoint.json last
     artifacts/               kind-specific files that must survive a crash (synthetic pools)
 
+A stored object that cannot be read (truncated, tampered with) is skipped by every listing, logged
+by key and counted (:class:`~clinisynth_server.catalog.CorruptRecords`); the rest is served.
+
 Each object has one writer (job.json the service, progress / result the worker), so no
 read-modify-write races cross processes; events from both sides meet only in put_if_absent.
 A checkpoint exists once its ``checkpoint.json`` does: it is written after every file.
@@ -26,7 +29,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from clinisynth_server.errors import ClinisynthError, NotFound
+from clinisynth_server.catalog import CorruptRecords, check_fields
+from clinisynth_server.errors import ClinisynthError, FailedPrecondition, NotFound
 from clinisynth_server.store.base import ArtifactStore
 
 ROOT = "finetune/jobs/"
@@ -117,8 +121,9 @@ class CheckpointInfo:
 class JobStore:
     """Typed access to the job objects; safe to use from the service and the workers."""
 
-    def __init__(self, store: ArtifactStore) -> None:
+    def __init__(self, store: ArtifactStore, *, corrupt: CorruptRecords | None = None) -> None:
         self.store = store
+        self.corrupt = corrupt or CorruptRecords()
         self._seq_lock = threading.Lock()
         self._next_seq: dict[str, int] = {}
 
@@ -135,20 +140,38 @@ class JobStore:
         self.store.put_json(self.key(record.id, "job.json"), record.to_json())
 
     def get(self, job_id: str) -> JobRecord:
+        key = self.key(job_id, "job.json")
         try:
-            return JobRecord.from_json(self.store.get_json(self.key(job_id, "job.json")))
+            return self._read(key, JobRecord)
         except NotFound:
             raise NotFound(f"no job {job_id!r}") from None
+        except ValueError:
+            raise FailedPrecondition(
+                f"job {job_id!r} cannot be read: its record is corrupt", reason="CORRUPT_RECORD"
+            ) from None
 
     def all(self) -> list[JobRecord]:
         out = []
         for info in self.store.list(ROOT):
             if info.key.endswith("/job.json") and info.key.count("/") == 3:
                 try:
-                    out.append(JobRecord.from_json(self.store.get_json(info.key)))
-                except ClinisynthError:
+                    out.append(self._read(info.key, JobRecord))
+                except (ClinisynthError, ValueError):
                     continue
         return out
+
+    def _read(self, key: str, cls: type[Any]) -> Any:
+        """One stored record as ``cls``; ``ValueError`` (reported once) if it is corrupt."""
+        try:
+            data = self.store.get_json(key)
+            check_fields(cls, data)
+            return cls(**{k: v for k, v in data.items() if k in _field_names(cls)})
+        except NotFound:
+            raise
+        except (ClinisynthError, ValueError, TypeError) as exc:
+            why = getattr(exc, "message", None) or str(exc)
+            self.corrupt.report("finetune", key, why)
+            raise ValueError(why) from None
 
     def claim_request(self, request_id: str, job_id: str) -> str:
         """Bind ``request_id`` to ``job_id``; returns the job id that owns it (maybe older)."""
@@ -172,19 +195,27 @@ class JobStore:
         self.store.put_json(self.key(job_id, "progress.json"), progress)
 
     def progress(self, job_id: str) -> dict[str, Any]:
-        try:
-            return dict(self.store.get_json(self.key(job_id, "progress.json")))
-        except NotFound:
-            return {}
+        return self._object(self.key(job_id, "progress.json"))
 
     def put_result(self, job_id: str, result: dict[str, Any]) -> None:
         self.store.put_json(self.key(job_id, "result.json"), result)
 
     def result(self, job_id: str) -> dict[str, Any]:
+        return self._object(self.key(job_id, "result.json"))
+
+    def _object(self, key: str) -> dict[str, Any]:
+        """A worker-written JSON object; ``{}`` when missing or unreadable (reported)."""
         try:
-            return dict(self.store.get_json(self.key(job_id, "result.json")))
+            data = self.store.get_json(key)
         except NotFound:
             return {}
+        except ClinisynthError as exc:
+            self.corrupt.report("finetune", key, exc.message)
+            return {}
+        if not isinstance(data, dict):
+            self.corrupt.report("finetune", key, "not a JSON object")
+            return {}
+        return data
 
     # -- events ------------------------------------------------------------------------------
     def append_event(self, job_id: str, type: str, **fields: Any) -> Event:
@@ -215,9 +246,12 @@ class JobStore:
         start_after = self.key(job_id, f"events/{since:012d}.json") if since > 0 else None
         out = []
         for info in self.store.list(self.key(job_id, "events/"), start_after=start_after):
-            data = self.store.get_json(info.key)
-            data["checkpoint"] = data.get("checkpoint")
-            out.append(Event(**data))
+            try:
+                out.append(self._read(info.key, Event))
+            except NotFound:
+                continue
+            except ValueError:
+                continue  # reported; the stream goes on with the next event
         return out
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -236,11 +270,11 @@ class JobStore:
                 continue
             manifest = info.key + "checkpoint.json"
             try:
-                data = self.store.get_json(manifest)
+                out.append(self._read(manifest, CheckpointInfo))
             except NotFound:
                 continue  # a checkpoint cut short by a crash: never committed
-            names = {f.name for f in dataclasses.fields(CheckpointInfo)}
-            out.append(CheckpointInfo(**{k: v for k, v in data.items() if k in names}))
+            except ValueError:
+                continue  # reported; never offered for resume or promotion
         out.sort(key=lambda c: c.step)
         return out
 
@@ -252,6 +286,10 @@ class JobStore:
         # The manifest goes first so a half-deleted checkpoint is never listed.
         self.store.delete(prefix + "checkpoint.json")
         self.store.delete_prefix(prefix)
+
+
+def _field_names(cls: type[Any]) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
 
 
 def best_checkpoint(

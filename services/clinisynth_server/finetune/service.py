@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import logging
 import pathlib
 import re
+import secrets
 import shutil
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import IO, Any
 
 from clinisynth_server.catalog import Catalog, ModelRecord
 from clinisynth_server.errors import (
@@ -43,11 +45,23 @@ from clinisynth_server.finetune.records import (
     best_checkpoint,
     new_job_id,
 )
+from clinisynth_server.imaging import deid
 from clinisynth_server.runtime.metrics import FinetuneMetrics
-from clinisynth_server.store.base import ArtifactStore, ObjectInfo, validate_key, validate_prefix
+from clinisynth_server.store.base import (
+    DATASETS_NAMESPACE,
+    ArtifactStore,
+    ObjectInfo,
+    confine_key,
+    outside_service_namespaces,
+)
 
 log = logging.getLogger(__name__)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+# One clean key segment: a job id never reaches outside its own finetune/jobs/<id>/ folder.
+_JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+#: The de-identification secret (UID salt and date shift of uploaded DICOM derive from it).
+DEID_SECRET_KEY = "finetune/secrets/deid.txt"
+DICOM_SUFFIXES = (".dcm", ".dicom")
 MAX_PAGE = 1000
 
 
@@ -61,6 +75,8 @@ class Settings:
     nproc_per_node: int = 1
     model_repository: str = ""
     max_upload_bytes: int = 4 * 1024**3
+    # A DICOM upload is de-identified in memory: bound what one upload may cost.
+    max_dicom_bytes: int = 512 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -74,15 +90,23 @@ class JobView:
 
 
 class FinetuneService:
-    def __init__(self, store: ArtifactStore, catalog: Catalog, triton: Any, launcher: Any,
-                 settings: Settings, metrics: FinetuneMetrics | None = None) -> None:
+    def __init__(
+        self,
+        store: ArtifactStore,
+        catalog: Catalog,
+        triton: Any,
+        launcher: Any,
+        settings: Settings,
+        metrics: FinetuneMetrics | None = None,
+    ) -> None:
         self.store = store
         self.catalog = catalog
         self.triton = triton
         self.launcher = launcher
         self.settings = settings
         self.metrics = metrics
-        self.jobs = JobStore(store)
+        # Corrupt job records are reported (log line, metric) like corrupt catalog records.
+        self.jobs = JobStore(store, corrupt=getattr(catalog, "corrupt", None))
         self._lock = threading.RLock()
         self._records: dict[str, JobRecord] = {}
         self._seen_alive: set[str] = set()
@@ -92,6 +116,8 @@ class FinetuneService:
         self._promote_lock = threading.Lock()
         self._live_labels: set[tuple[str, str]] = set()
         self._kinds: dict[str, KindSpec] = {name: load(name) for name in NAMES}
+        self._deid_lock = threading.Lock()
+        self._deid_key: str | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -120,8 +146,15 @@ class FinetuneService:
             self._wake.clear()
 
     # -- create ---------------------------------------------------------------------------
-    def create(self, kind: str, dataset: str, params: dict[str, str], *, model_name: str = "",
-               request_id: str = "") -> JobRecord:
+    def create(
+        self,
+        kind: str,
+        dataset: str,
+        params: dict[str, str],
+        *,
+        model_name: str = "",
+        request_id: str = "",
+    ) -> JobRecord:
         """Validate everything up front (all problems at once), then queue the job."""
         if request_id:
             existing = self._by_request(request_id)
@@ -136,21 +169,25 @@ class FinetuneService:
             errors.add("dataset", "required: the store prefix of the data set")
         else:
             try:
-                validate_prefix(dataset, "dataset")
+                outside_service_namespaces(dataset, "dataset")
             except InvalidArgument as exc:
                 errors.violations.extend(exc.violations)
                 dataset = ""
         if model_name and not _NAME_RE.match(model_name):
-            errors.add("model_name", "letters, digits, '_', '-', '.' (at most 100), starting "
-                       f"with a letter or digit; got {model_name!r}")
+            errors.add(
+                "model_name",
+                "letters, digits, '_', '-', '.' (at most 100), starting "
+                f"with a letter or digit; got {model_name!r}",
+            )
         report = None
         parsed = None
         if spec is not None:
             parsed = parse_params(spec.params, params)
             errors.violations.extend(parsed.violations)
             if dataset:
-                report = datasets.validate(datasets.StoreSource(self.store, dataset), dataset,
-                                           spec.dataset_layout)
+                report = datasets.validate(
+                    datasets.StoreSource(self.store, dataset), dataset, spec.dataset_layout
+                )
                 errors.violations.extend(FieldViolation("dataset", p) for p in report.problems)
             if report is not None and not parsed.violations and not report.problems:
                 ctx = CheckContext(self.catalog, self.store, self.settings.model_repository)
@@ -161,21 +198,31 @@ class FinetuneService:
         assert spec is not None and parsed is not None and report is not None
 
         record = JobRecord(
-            id=new_job_id(), kind=kind, dataset=dataset, params=parsed.strings,
+            id=new_job_id(),
+            kind=kind,
+            dataset=dataset,
+            params=parsed.strings,
             model_name=model_name or self._default_model_name(spec, dataset, parsed.values),
-            request_id=request_id, state="queued", created=time.time(),
+            request_id=request_id,
+            state="queued",
+            created=time.time(),
             max_steps=int(parsed.values["max_steps"]),
-            data={"images": report.images, "classes": report.classes,
-                  "per_class": report.per_class, "size": report.size,
-                  "channels": report.channels},
+            data={
+                "images": report.images,
+                "classes": report.classes,
+                "per_class": report.per_class,
+                "size": report.size,
+                "channels": report.channels,
+            },
         )
         if request_id:
             owner = self.jobs.claim_request(request_id, record.id)
             if owner != record.id:
                 return self.jobs.get(owner)
         self.jobs.put(record)
-        self.jobs.append_event(record.id, "state", state="queued",
-                               message=f"queued {kind} on {dataset}")
+        self.jobs.append_event(
+            record.id, "state", state="queued", message=f"queued {kind} on {dataset}"
+        )
         with self._lock:
             self._records[record.id] = record
         self._wake.set()
@@ -190,19 +237,28 @@ class FinetuneService:
 
     def _default_model_name(self, spec: KindSpec, dataset: str, values: dict[str, Any]) -> str:
         base = str(values.get("base_model", "") or "")
-        if base and "/" not in base and spec.name in ("text_to_image_adaptation",
-                                                      "reward_finetune"):
+        if (
+            base
+            and "/" not in base
+            and spec.name in ("text_to_image_adaptation", "reward_finetune")
+        ):
             return base.partition("@")[0]  # a new version of the model it fine-tunes
         stem = re.sub(r"[^A-Za-z0-9_.-]", "-", dataset.rstrip("/").rsplit("/", 1)[-1]).strip("-.")
-        suffix = {"diffusion_pretrain": "diffusion", "text_to_image_adaptation": "t2i",
-                  "reward_model": "reward", "reward_finetune": "aligned",
-                  "classifier": "classifier"}[spec.name]
+        suffix = {
+            "diffusion_pretrain": "diffusion",
+            "text_to_image_adaptation": "t2i",
+            "reward_model": "reward",
+            "reward_finetune": "aligned",
+            "classifier": "classifier",
+        }[spec.name]
         return f"{stem or 'data'}-{suffix}"[:100]
 
     # -- read -----------------------------------------------------------------------------
     def _record(self, job_id: str) -> JobRecord:
         if not job_id:
             raise InvalidArgument.for_field("id", "required")
+        if not _JOB_ID_RE.match(job_id):
+            raise InvalidArgument.for_field("id", f"not a job id: {job_id!r}")
         with self._lock:
             record = self._records.get(job_id)
         if record is None:
@@ -219,16 +275,19 @@ class FinetuneService:
         position = 0
         if record.state == "queued":
             with self._lock:
-                queued = sorted((r for r in self._records.values() if r.state == "queued"),
-                                key=lambda r: (r.created, r.id))
+                queued = sorted(
+                    (r for r in self._records.values() if r.state == "queued"),
+                    key=lambda r: (r.created, r.id),
+                )
             position = 1 + next((i for i, r in enumerate(queued) if r.id == record.id), 0)
         return JobView(record, step, metrics, position)
 
     def get(self, job_id: str) -> JobView:
         return self.view(self._record(job_id))
 
-    def list(self, *, state: str = "", kind: str = "", page_size: int = 0,
-             page_token: str = "") -> tuple[list[JobView], str]:
+    def list(
+        self, *, state: str = "", kind: str = "", page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[JobView], str]:
         errors = ValidationErrors()
         if state and state not in STATES:
             errors.add("state", f"one of {', '.join(STATES)}")
@@ -244,8 +303,11 @@ class FinetuneService:
                 errors.add("page_token", "not a token from this API")
         errors.raise_if_any()
         with self._lock:
-            records = [r for r in self._records.values()
-                       if (not state or r.state == state) and (not kind or r.kind == kind)]
+            records = [
+                r
+                for r in self._records.values()
+                if (not state or r.state == state) and (not kind or r.kind == kind)
+            ]
         records.sort(key=lambda r: (r.created, r.id), reverse=True)  # newest first
         size = min(page_size or 100, MAX_PAGE)
         page = records[start : start + size]
@@ -258,8 +320,9 @@ class FinetuneService:
             record = self._record(job_id)
             if record.terminal:
                 if strict:
-                    raise FailedPrecondition(f"job {job_id} already {record.state}",
-                                             reason="JOB_FINISHED")
+                    raise FailedPrecondition(
+                        f"job {job_id} already {record.state}", reason="JOB_FINISHED"
+                    )
                 return self.view(record)
             was_running = record.state == "running"
             if was_running:
@@ -271,8 +334,14 @@ class FinetuneService:
         return self.view(self._record(job_id))
 
     # -- watch ----------------------------------------------------------------------------
-    def watch(self, job_id: str, since: int, sink: Callable[[Event], None],
-              check: Callable[[], None], poll_s: float = 0.2) -> None:
+    def watch(
+        self,
+        job_id: str,
+        since: int,
+        sink: Callable[[Event], None],
+        check: Callable[[], None],
+        poll_s: float = 0.2,
+    ) -> None:
         """Send events after ``since`` until the job has ended and its last event went out."""
         if since < 0:
             raise InvalidArgument.for_field("since_sequence", "must be >= 0")
@@ -295,19 +364,23 @@ class FinetuneService:
         best = best_checkpoint(checkpoints)
         return [replace(c, best=best is not None and c.id == best.id) for c in checkpoints]
 
-    def promote(self, job_id: str, checkpoint_id: str = "",
-                model_name: str = "") -> tuple[ModelRecord, str]:
+    def promote(
+        self, job_id: str, checkpoint_id: str = "", model_name: str = ""
+    ) -> tuple[ModelRecord, str]:
         record = self._record(job_id)
         checkpoints = self.checkpoints(job_id)
         if not checkpoints:
-            raise FailedPrecondition(f"job {job_id} ({record.state}) has no checkpoint yet",
-                                     reason="NO_CHECKPOINT")
+            raise FailedPrecondition(
+                f"job {job_id} ({record.state}) has no checkpoint yet", reason="NO_CHECKPOINT"
+            )
         if checkpoint_id:
             chosen = next((c for c in checkpoints if c.id == checkpoint_id), None)
             if chosen is None:
                 raise InvalidArgument.for_field(
-                    "checkpoint_id", f"job {job_id} has no checkpoint {checkpoint_id!r}; "
-                    f"checkpoints: {', '.join(c.id for c in checkpoints)}")
+                    "checkpoint_id",
+                    f"job {job_id} has no checkpoint {checkpoint_id!r}; "
+                    f"checkpoints: {', '.join(c.id for c in checkpoints)}",
+                )
         else:
             chosen = next(c for c in checkpoints if c.best)
         name = model_name or record.model_name
@@ -317,7 +390,8 @@ class FinetuneService:
         if not repo or not pathlib.Path(repo).is_dir():
             raise FailedPrecondition(
                 f"model repository {repo!r} is not a folder: set CLINISYNTH_MODEL_REPOSITORY "
-                "(or the finetune service's model_repository) to Triton's repository")
+                "(or the finetune service's model_repository) to Triton's repository"
+            )
         from clinisynth_server import registry
 
         with self._promote_lock, tempfile.TemporaryDirectory(prefix="promote-") as tmp:
@@ -328,18 +402,30 @@ class FinetuneService:
             self.catalog.invalidate()
             try:
                 model = registry.register_folder(
-                    folder, name, catalog=self.catalog, store=self.store, model_repository=repo,
+                    folder,
+                    name,
+                    catalog=self.catalog,
+                    store=self.store,
+                    model_repository=repo,
                     triton=self.triton,
-                    labels={"finetune_job": job_id, "checkpoint": chosen.id,
-                            "finetune_kind": record.kind},
+                    labels={
+                        "finetune_job": job_id,
+                        "checkpoint": chosen.id,
+                        "finetune_kind": record.kind,
+                    },
                 )
             except NotFound as exc:
                 raise FailedPrecondition(
                     f"cannot serve this checkpoint: {exc.message} (the Triton role for "
                     f"{record.kind} checkpoints is not available in this build)",
-                    reason="TRITON_ROLE_MISSING") from exc
-        self.jobs.append_event(job_id, "log", step=chosen.step,
-                               message=f"checkpoint {chosen.id} promoted as {model.ref}")
+                    reason="TRITON_ROLE_MISSING",
+                ) from exc
+        self.jobs.append_event(
+            job_id,
+            "log",
+            step=chosen.step,
+            message=f"checkpoint {chosen.id} promoted as {model.ref}",
+        )
         return model, previous
 
     # -- kinds, uploads, data-set checks ---------------------------------------------------------
@@ -347,7 +433,12 @@ class FinetuneService:
         return list(self._kinds.values())
 
     def upload(self, chunks: Iterable[tuple[str, bytes, str]]) -> ObjectInfo:
-        """(key, data, sha256) chunks of one file → the stored object; digest checked."""
+        """(key, data, sha256) chunks of one file → the stored object; digest checked.
+
+        Only data sets are written here: the key must lie under ``datasets/`` (the rest of the
+        store belongs to the services that write it). A DICOM file is de-identified before it
+        is stored, so the stored digest differs from the one sent.
+        """
         key = ""
         expected = ""
         digest = hashlib.sha256()
@@ -355,7 +446,7 @@ class FinetuneService:
         with tempfile.TemporaryFile() as spool:
             for chunk_key, data, sha in chunks:
                 if chunk_key and not key:
-                    key = validate_key(chunk_key, "key")
+                    key = confine_key(chunk_key, DATASETS_NAMESPACE, "key")
                 elif chunk_key and chunk_key != key:
                     raise InvalidArgument.for_field("key", "one upload carries one file")
                 if not key:
@@ -363,7 +454,8 @@ class FinetuneService:
                 size += len(data)
                 if size > self.settings.max_upload_bytes:
                     raise InvalidArgument.for_field(
-                        "data", f"larger than {self.settings.max_upload_bytes} bytes")
+                        "data", f"larger than {self.settings.max_upload_bytes} bytes"
+                    )
                 digest.update(data)
                 spool.write(data)
                 if sha:
@@ -372,23 +464,74 @@ class FinetuneService:
                 raise InvalidArgument.for_field("key", "empty upload: no chunk named a key")
             if expected and expected != digest.hexdigest():
                 raise InvalidArgument.for_field(
-                    "sha256", f"mismatch: sent {expected}, received bytes hash to "
-                    f"{digest.hexdigest()} ({size} bytes); nothing was stored")
+                    "sha256",
+                    f"mismatch: sent {expected}, received bytes hash to "
+                    f"{digest.hexdigest()} ({size} bytes); nothing was stored",
+                )
+            spool.seek(0)
+            if _is_dicom(key, spool):
+                return self.store.put_bytes(
+                    key, self._deidentify(key, spool, size), content_type="application/dicom"
+                )
             spool.seek(0)
             return self.store.put_stream(key, spool)
+
+    def _deidentify(self, key: str, spool: IO[bytes], size: int) -> bytes:
+        """PS3.15 basic profile on an uploaded DICOM, consistent across one data set.
+
+        The UID salt and the date shift derive from a service secret and the data set (the
+        first folder under ``datasets/``), so every file of one data set keeps its
+        cross-references and intervals while neither can be recomputed without the secret.
+        """
+        if size > self.settings.max_dicom_bytes:
+            raise InvalidArgument.for_field(
+                "data",
+                f"DICOM of {size} bytes: at most {self.settings.max_dicom_bytes} bytes "
+                "can be de-identified in one upload",
+            )
+        spool.seek(0)
+        data = spool.read()
+        scope = key[len(DATASETS_NAMESPACE) :].split("/", 1)[0]
+        secret = self._deid_secret()
+        salt = hmac.new(secret.encode(), f"uid\x00{scope}".encode(), "sha256").hexdigest()
+        shift = deid.date_shift_for(scope, secret=secret)
+        try:
+            return deid.deidentify_bytes(data, date_shift_days=shift, uid_salt=salt, field="data")
+        except ClinisynthError:
+            raise
+        except Exception as exc:  # a malformed file is the caller's, never INTERNAL
+            # The message is not echoed: pydicom quotes element values, which may identify.
+            raise InvalidArgument.for_field(
+                "data",
+                f"this DICOM cannot be de-identified ({type(exc).__name__}); nothing was stored",
+            ) from None
+
+    def _deid_secret(self) -> str:
+        """The de-identification secret, created once in the finetune namespace."""
+        with self._deid_lock:
+            if self._deid_key is None:
+                fresh = secrets.token_hex(32)
+                self.store.put_if_absent(DEID_SECRET_KEY, fresh.encode())
+                self._deid_key = self.store.get_bytes(DEID_SECRET_KEY).decode("ascii").strip()
+            return self._deid_key
 
     def validate_dataset(self, prefix: str, layout: str = "") -> datasets.DatasetReport:
         prefix = prefix.strip().strip("/")
         if not prefix:
             raise InvalidArgument.for_field("prefix", "required")
-        validate_prefix(prefix, "prefix")
+        outside_service_namespaces(prefix, "prefix")
         if layout and layout not in datasets.LAYOUTS:
             raise InvalidArgument.for_field("layout", f"one of {', '.join(datasets.LAYOUTS)}")
         source = datasets.StoreSource(self.store, prefix)
         if not layout:
             names = set(source.names())
-            layout = ("image_text_manifest" if datasets.MANIFEST in names else
-                      "feedback_export" if datasets.LABELS in names else "image_folder")
+            layout = (
+                "image_text_manifest"
+                if datasets.MANIFEST in names
+                else "feedback_export"
+                if datasets.LABELS in names
+                else "image_folder"
+            )
         return datasets.validate(source, prefix, layout)
 
     # -- the scheduler ------------------------------------------------------------------------
@@ -400,8 +543,10 @@ class FinetuneService:
             self._check_running(record, now)
         with self._lock:
             active = sum(1 for r in self._records.values() if r.state == "running")
-            queued = sorted((r for r in self._records.values() if r.state == "queued"),
-                            key=lambda r: (r.created, r.id))
+            queued = sorted(
+                (r for r in self._records.values() if r.state == "queued"),
+                key=lambda r: (r.created, r.id),
+            )
         for record in queued[: max(0, self.settings.max_concurrent_jobs - active)]:
             self._launch(record)
         self._export_metrics()
@@ -424,8 +569,12 @@ class FinetuneService:
             if record.id not in self._seen_alive:
                 self._seen_alive.add(record.id)
                 if not self._launched_here(record):
-                    self.jobs.append_event(record.id, "log", step=int(progress.get("step", 0)),
-                                           message="worker adopted by a restarted service")
+                    self.jobs.append_event(
+                        record.id,
+                        "log",
+                        step=int(progress.get("step", 0)),
+                        message="worker adopted by a restarted service",
+                    )
             return
         if alive is None and not stale:
             return  # cannot tell and the heartbeat is fresh: still running
@@ -436,9 +585,13 @@ class FinetuneService:
         if alive:
             self.launcher.stop(record, 0.0)
         code = self.launcher.exit_code(record)
-        why = (f"worker heartbeat stale for {now - last_sign:.0f} s" if alive else
-               f"worker exited without a result (exit code {code})" if code is not None else
-               "worker process is gone")
+        why = (
+            f"worker heartbeat stale for {now - last_sign:.0f} s"
+            if alive
+            else f"worker exited without a result (exit code {code})"
+            if code is not None
+            else "worker process is gone"
+        )
         self._restart(record, why)
 
     def _launched_here(self, record: JobRecord) -> bool:
@@ -448,14 +601,16 @@ class FinetuneService:
         with self._lock:
             self._seen_alive.discard(record.id)
             if record.restarts >= self.settings.max_restarts:
-                self._finish(record, "failed",
-                             f"{why}; gave up after {record.restarts} restarts")
+                self._finish(record, "failed", f"{why}; gave up after {record.restarts} restarts")
                 return
             record.restarts += 1
             checkpoints = self.jobs.checkpoints(record.id)
             resume = f"checkpoint {checkpoints[-1].id}" if checkpoints else "the start"
-            self.jobs.append_event(record.id, "error", message=f"{why}; resuming from {resume} "
-                                   f"(restart {record.restarts})")
+            self.jobs.append_event(
+                record.id,
+                "error",
+                message=f"{why}; resuming from {resume} (restart {record.restarts})",
+            )
             record.state = "queued"
             record.worker = {}
             self.jobs.put(record)
@@ -481,15 +636,17 @@ class FinetuneService:
             record.worker = handle
             self._seen_alive.add(record.id)
             self.jobs.put(record)
-        self.jobs.append_event(record.id, "state", state="running",
-                               message=f"worker attempt {record.attempt} launched")
+        self.jobs.append_event(
+            record.id, "state", state="running", message=f"worker attempt {record.attempt} launched"
+        )
 
     def _finish(self, record: JobRecord, state: str, reason: str) -> None:
         """Terminal transition (caller holds the lock): event first, then the record."""
         if state not in ("succeeded", "failed", "cancelled"):
             state, reason = "failed", f"unknown worker outcome {state!r}"
-        self.jobs.append_event(record.id, "state", state=state, step=record.step,
-                               message=reason or state)
+        self.jobs.append_event(
+            record.id, "state", state=state, step=record.step, message=reason or state
+        )
         record.state = state
         record.failure_reason = reason if state == "failed" else ""
         record.finished = time.time()
@@ -521,15 +678,26 @@ class FinetuneService:
                 self.metrics.job_step.labels(r.id, r.kind).set(int(progress.get("step", 0)))
                 if progress.get("checkpoint_time"):
                     self.metrics.checkpoint_time.labels(r.id, r.kind).set(
-                        progress["checkpoint_time"])
+                        progress["checkpoint_time"]
+                    )
         for (state, kind), n in counts.items():
             self.metrics.jobs.labels(state, kind).set(n)
         for labels in self._live_labels - live:
-            for gauge in (self.metrics.job_loss, self.metrics.job_step,
-                          self.metrics.checkpoint_time):
+            for gauge in (
+                self.metrics.job_loss,
+                self.metrics.job_step,
+                self.metrics.checkpoint_time,
+            ):
                 with contextlib.suppress(KeyError):
                     gauge.remove(*labels)
         self._live_labels = live
+
+
+def _is_dicom(key: str, spool: IO[bytes]) -> bool:
+    """A DICOM by name or by its Part 10 magic (a DICOM under any other name is one too)."""
+    spool.seek(0)
+    head = spool.read(132)
+    return key.lower().endswith(DICOM_SUFFIXES) or head[128:132] == b"DICM"
 
 
 def iter_upload(chunks: Iterator[Any]) -> Iterator[tuple[str, bytes, str]]:

@@ -21,7 +21,7 @@ SERVICE_NAME = generator_pb2.DESCRIPTOR.services_by_name["GeneratorService"].ful
 def create(config: ServiceConfig) -> Callable[[grpc.Server, ServiceMetrics], Sequence[str]]:
     def register(server: grpc.Server, metrics: ServiceMetrics) -> Sequence[str]:
         deps = Dependencies.open(config, metrics)
-        catalog = Catalog(deps.store)
+        catalog = Catalog(deps.store, metrics=metrics)
         cache = pathlib.Path(config.get("cache_dir") or default_home() / "cache")
         generator = Generator(
             catalog,

@@ -9,7 +9,7 @@ from clinisynth_server.catalog import Catalog, ModelRecord
 from clinisynth_server.errors import InvalidArgument, ValidationErrors
 from clinisynth_server.imaging.encode import DICOM_MODALITIES
 from clinisynth_server.methods.schedulers import SAMPLERS
-from clinisynth_server.store.base import validate_prefix
+from clinisynth_server.store.base import outside_service_namespaces
 
 GENERATIVE_KINDS = ("text_to_image", "class_conditional", "unconditional")
 FORMATS = ("png", "png16", "dicom", "raw")
@@ -130,7 +130,7 @@ def validate(options: GenerateOptions, catalog: Catalog) -> tuple[ModelRecord, G
         errors.add("seed", f"must be >= 0, got {options.seed}")
     if options.output_prefix:
         try:
-            validate_prefix(options.output_prefix, "output_prefix")
+            outside_service_namespaces(options.output_prefix, "output_prefix")
         except InvalidArgument as exc:
             errors.violations.extend(exc.violations)
     rf = options.reward

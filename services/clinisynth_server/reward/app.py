@@ -59,7 +59,7 @@ def create(config: ServiceConfig) -> Callable[[grpc.Server, ServiceMetrics], Seq
         from clinisynth.v1 import reward_pb2_grpc
 
         deps = Dependencies.open(config, metrics)
-        catalog = Catalog(deps.store)
+        catalog = Catalog(deps.store, metrics=metrics)
         reward = Reward(
             catalog,
             deps.triton,
@@ -68,6 +68,7 @@ def create(config: ServiceConfig) -> Callable[[grpc.Server, ServiceMetrics], Seq
             raters=_list(config, "raters"),
             classes=_list(config, "classes"),
             max_upload_bytes=_int(config, "max_upload_bytes", 4 * 1024 * 1024),
+            max_request_pixels=config.max_request_pixels,
         )
         reward_pb2_grpc.add_RewardServiceServicer_to_server(
             RewardServicer(reward, catalog, deps.store), server

@@ -53,7 +53,13 @@ from clinisynth_server.reward.scoring import (
     to_model_input,
 )
 from clinisynth_server.runtime.metrics import RewardMetrics
-from clinisynth_server.store.base import ArtifactStore, dir_prefix, encode_json, validate_prefix
+from clinisynth_server.store.base import (
+    ArtifactStore,
+    dir_prefix,
+    encode_json,
+    outside_service_namespaces,
+    validate_prefix,
+)
 from clinisynth_server.triton.client import TritonClient
 
 log = logging.getLogger(__name__)
@@ -340,7 +346,9 @@ class Reward:
 
     def stream_images_under(self, prefix: str, condition: Condition | None) -> list[StreamImage]:
         """Every image under a store prefix; sub-folder = class when no condition is set."""
-        base = dir_prefix(validate_prefix(prefix, "config.store_prefix"), "config.store_prefix")
+        base = dir_prefix(
+            outside_service_namespaces(prefix, "config.store_prefix"), "config.store_prefix"
+        )
         out = []
         for info in self.store.list(base):
             if not info.key.lower().endswith(imgs.IMAGE_KEY_SUFFIXES):
@@ -563,7 +571,7 @@ class Reward:
             errors.add("aggregate", f"one of {_AGGREGATES}, got {aggregate!r}")
         if prefix:
             try:
-                validate_prefix(prefix, "prefix")
+                outside_service_namespaces(prefix, "prefix")
             except InvalidArgument as exc:
                 errors.violations.extend(exc.violations)
         errors.raise_if_any()

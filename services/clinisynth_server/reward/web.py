@@ -4,6 +4,7 @@ Served with the standard library (``ThreadingHTTPServer``) on ``http_port`` besi
 Routes:
 
 - ``GET  /review``                  the page (keyboard: y / n verdict, 1-9 criteria, Enter submit)
+- ``GET  /review.js``, ``/review.css``  its script and style (no inline code: the CSP forbids it)
 - ``GET  /api/conditions``          conditions with pending counts
 - ``GET  /api/next?rater=&class_name=|prompt=&limit=``  next items (least certain first)
 - ``GET  /api/image/<item_id>``     the item's image as PNG
@@ -12,8 +13,18 @@ Routes:
 - ``GET  /api/agreement?class_name=|prompt=``
 
 Errors come back as ``{"error": {"code", "message", "violations": [{field, description}]}}``
-with HTTP 400 / 404 / 503. With bearer tokens configured, the API wants
-``Authorization: Bearer <t>`` (the page forwards a ``?token=`` query parameter).
+with HTTP 400 / 401 / 403 / 404 / 411 / 415 / 503 — never a 500 for anything a caller sent.
+
+Why it is built this way (every value on the page is someone else's input):
+
+- Every response carries a Content-Security-Policy of ``default-src 'self'`` (images also from
+  ``blob:``, which is how the page shows images it fetched with its bearer header), no framing,
+  ``nosniff`` and ``Referrer-Policy: no-referrer``; the page renders data with ``textContent``.
+- With bearer tokens configured the API wants ``Authorization: Bearer <t>``; the page asks for
+  the token in a form and keeps it in ``sessionStorage``. A ``token`` query parameter is refused
+  (400): a URL with a secret ends up in access logs, history and ``Referer`` headers.
+- POSTs must be ``Content-Type: application/json`` (else 415) and, when the browser says where
+  they come from, from this origin (else 403): an HTML form on another site can send neither.
 """
 
 from __future__ import annotations
@@ -30,35 +41,101 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from clinisynth_server.errors import ClinisynthError, InvalidArgument
+from clinisynth_server.errors import ClinisynthError, InvalidArgument, ValidationErrors
 from clinisynth_server.reward import service as svc
 from clinisynth_server.reward.images import ImageInput
 from clinisynth_server.reward.scoring import Condition
 
 log = logging.getLogger(__name__)
 MAX_BODY = 64 * 1024
+MAX_LIMIT = 100
+MAX_TIME_SPENT_MS = 2**31 - 1  # ~24 days; anything larger is a client bug, not a judgement
 _STATUS = {
     "INVALID_ARGUMENT": HTTPStatus.BAD_REQUEST,
+    "FAILED_PRECONDITION": HTTPStatus.CONFLICT,
+    "ALREADY_EXISTS": HTTPStatus.CONFLICT,
     "NOT_FOUND": HTTPStatus.NOT_FOUND,
     "UNAVAILABLE": HTTPStatus.SERVICE_UNAVAILABLE,
+    "RESOURCE_EXHAUSTED": HTTPStatus.TOO_MANY_REQUESTS,
+    "DEADLINE_EXCEEDED": HTTPStatus.GATEWAY_TIMEOUT,
     "UNAUTHENTICATED": HTTPStatus.UNAUTHORIZED,
+    "PERMISSION_DENIED": HTTPStatus.FORBIDDEN,
+}
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; img-src 'self' blob:; object-src 'none'; base-uri 'none'; "
+    "form-action 'self'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS = (
+    ("Content-Security-Policy", CONTENT_SECURITY_POLICY),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+    ("X-Frame-Options", "DENY"),
+    ("Cross-Origin-Resource-Policy", "same-origin"),
+    ("Cache-Control", "no-store"),
+)
+_STATIC = {
+    "/": ("review.html", "text/html; charset=utf-8"),
+    "/review": ("review.html", "text/html; charset=utf-8"),
+    "/review.js": ("review.js", "text/javascript; charset=utf-8"),
+    "/review.css": ("review.css", "text/css; charset=utf-8"),
 }
 
 
-def _page() -> bytes:
-    return (importlib.resources.files("clinisynth_server.reward") / "review.html").read_bytes()
+class HttpError(Exception):
+    """A refusal that is about HTTP itself (status other than the domain mapping's)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
 
 
-def _condition(query: dict[str, list[str]]) -> Condition | None:
-    if query.get("class_name", [""])[0]:
-        return Condition(class_name=query["class_name"][0])
-    if query.get("prompt", [""])[0]:
-        return Condition(prompt=query["prompt"][0])
-    return None
+def _asset(name: str) -> bytes:
+    return (importlib.resources.files("clinisynth_server.reward") / name).read_bytes()
 
 
-def _num(x: float) -> float | None:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
+def _param(query: dict[str, list[str]], name: str) -> str:
+    return query.get(name, [""])[0]
+
+
+def _int_param(query: dict[str, list[str]], name: str, default: int, lo: int, hi: int) -> int:
+    """A bounded integer query parameter; anything else is INVALID_ARGUMENT naming it."""
+    raw = _param(query, name).strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw, 10)
+    except ValueError:
+        raise InvalidArgument.for_field(name, f"an integer {lo}..{hi}, got {raw[:40]!r}") from None
+    if not lo <= value <= hi:
+        raise InvalidArgument.for_field(name, f"must be {lo}..{hi}, got {value}")
+    return value
+
+
+def _condition(reward: svc.Reward, query: dict[str, list[str]]) -> Condition | None:
+    """The ``class_name`` or ``prompt`` of a query (at most one), validated like gRPC's."""
+    class_name, prompt = _param(query, "class_name"), _param(query, "prompt")
+    if not (class_name or prompt):
+        return None
+    if class_name and prompt:
+        raise InvalidArgument.for_field("prompt", "send class_name or prompt, not both")
+    condition = Condition(class_name=class_name) if class_name else Condition(prompt=prompt)
+    errors = ValidationErrors()
+    reward.check_condition_value(condition, errors, "condition")
+    errors.raise_if_any()
+    return condition
+
+
+def _finite(obj: Any) -> Any:
+    """JSON-safe: NaN / ±inf become null (``JSON.parse`` rejects them)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def item_json(q: svc.QueuedItem) -> dict[str, Any]:
@@ -82,9 +159,9 @@ def agreement_json(report: svc.AgreementReport) -> dict[str, Any]:
                 "condition": c.condition.to_json(),
                 "shared_items": c.agreement.shared_items,
                 "raters": c.agreement.raters,
-                "kappa": _num(c.agreement.kappa),
+                "kappa": c.agreement.kappa,
                 "statistic": c.agreement.statistic,
-                "percent_agreement": _num(c.agreement.percent_agreement),
+                "percent_agreement": c.agreement.percent_agreement,
             }
             for c in report.conditions
         ],
@@ -93,12 +170,52 @@ def agreement_json(report: svc.AgreementReport) -> dict[str, Any]:
                 "rater_id": r.rater_id,
                 "judgements": r.judgements,
                 "plausible_rate": r.plausible_rate,
-                "agreement_with_majority": _num(r.agreement_with_majority),
+                "agreement_with_majority": r.agreement_with_majority,
                 "median_time_spent_ms": r.median_time_spent_ms,
             }
             for r in report.raters
         ],
     }
+
+
+def _string(body: dict[str, Any], name: str) -> str:
+    value = body.get(name, "")
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InvalidArgument.for_field(name, "a string")
+    return value
+
+
+def feedback_draft(body: dict[str, Any]) -> svc.FeedbackDraft:
+    """The page's JSON judgement → the domain draft; wrong JSON types are INVALID_ARGUMENT."""
+    criteria = body.get("criteria") or {}
+    if not isinstance(criteria, dict):
+        raise InvalidArgument.for_field("criteria", "an object {name: bool}")
+    for name, ok in criteria.items():
+        if not isinstance(ok, bool):
+            raise InvalidArgument.for_field(f"criteria.{name}"[:200], "true or false")
+    if not isinstance(body.get("plausible"), bool):
+        raise InvalidArgument.for_field("plausible", "required: true or false")
+    spent = body.get("time_spent_ms", 0) or 0
+    if (
+        isinstance(spent, bool)
+        or not isinstance(spent, int | float)
+        or not math.isfinite(spent)
+        or not 0 <= spent <= MAX_TIME_SPENT_MS
+    ):
+        raise InvalidArgument.for_field("time_spent_ms", f"a number 0..{MAX_TIME_SPENT_MS}")
+    item_id = _string(body, "item_id")
+    return svc.FeedbackDraft(
+        client_request_id=_string(body, "client_request_id"),
+        rater_id=_string(body, "rater_id"),
+        plausible=body["plausible"],
+        item_id=item_id,
+        image=ImageInput("none") if not item_id else None,
+        criteria=list(criteria.items()),
+        comment=_string(body, "comment"),
+        time_spent_ms=int(spent),
+    )
 
 
 class ReviewWeb:
@@ -120,6 +237,7 @@ class ReviewWeb:
 
     @property
     def url(self) -> str:
+        """The page's address: never carries a token (the page asks for it)."""
         return f"http://{self.host}:{self.port}/review"
 
     def start(self) -> ReviewWeb:
@@ -133,13 +251,17 @@ class ReviewWeb:
     def authorised(self, header: str) -> bool:
         if not self.tokens:
             return True
-        given = header.removeprefix("Bearer ").strip()
-        return any(hmac.compare_digest(given, t) for t in self.tokens)
+        scheme, _, given = header.strip().partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        given = given.strip()
+        return any(hmac.compare_digest(given.encode(), t.encode()) for t in self.tokens)
 
 
 class _Handler(BaseHTTPRequestHandler):
     web: ReviewWeb
     server_version = "clinisynth-review"
+    sys_version = ""
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("review http: " + format, *args)
@@ -149,105 +271,138 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
+        for name, value in SECURITY_HEADERS:
+            self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def _json(self, obj: Any, status: int = 200) -> None:
-        self._send(status, json.dumps(obj).encode(), "application/json")
+        self._send(status, json.dumps(_finite(obj)).encode(), "application/json")
 
-    def _error(self, err: ClinisynthError) -> None:
-        status = _STATUS.get(err.code, HTTPStatus.INTERNAL_SERVER_ERROR)
+    def _fail(self, status: int, code: str, message: str, violations: Sequence[Any] = ()) -> None:
         self._json(
             {
                 "error": {
-                    "code": err.code,
-                    "message": err.message,
+                    "code": code,
+                    "message": message,
                     "violations": [
-                        {"field": v.field, "description": v.description} for v in err.violations
+                        {"field": v.field, "description": v.description} for v in violations
                     ],
                 }
             },
             status,
         )
 
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (bad request line, unknown method) as JSON, with headers."""
+        try:
+            short = HTTPStatus(code).phrase
+        except ValueError:
+            short = "error"
+        self.close_connection = True
+        self._fail(code, short.upper().replace(" ", "_"), message or short)
+
     def _route(self, method: str) -> None:
         url = urllib.parse.urlsplit(self.path)
-        query = urllib.parse.parse_qs(url.query)
+        try:
+            query = urllib.parse.parse_qs(url.query, max_num_fields=32)
+        except ValueError:
+            self._fail(400, "INVALID_ARGUMENT", "query: too many parameters")
+            return
         path = url.path.rstrip("/") or "/"
         try:
-            if path in ("/", "/review") and method == "GET":
-                self._send(200, _page(), "text/html; charset=utf-8")
+            if "token" in query or "access_token" in query:
+                name = "token" if "token" in query else "access_token"
+                raise InvalidArgument.for_field(
+                    name, "never put a token in a URL: send Authorization: Bearer <token>"
+                )
+            if path in _STATIC and method in ("GET", "HEAD"):
+                name, ctype = _STATIC[path]
+                self._send(200, _asset(name), ctype)
                 return
             if not path.startswith("/api/"):
-                self._json({"error": {"code": "NOT_FOUND", "message": path}}, 404)
-                return
-            given = self.headers.get("Authorization", "") or query.get("token", [""])[0]
-            if not self.web.authorised(given):
-                self._json({"error": {"code": "UNAUTHENTICATED", "message": "bearer token"}}, 401)
-                return
+                raise HttpError(404, "NOT_FOUND", path[:200])
+            if not self.web.authorised(self.headers.get("Authorization", "")):
+                raise HttpError(401, "UNAUTHENTICATED", "send Authorization: Bearer <token>")
             self._api(method, path, query)
         except ClinisynthError as err:
-            self._error(err)
+            status = _STATUS.get(err.code, HTTPStatus.INTERNAL_SERVER_ERROR)
+            self._fail(status, err.code, err.message, err.violations)
+        except HttpError as err:
+            self._fail(err.status, err.code, err.message)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the browser left; nobody to answer
         except Exception:  # never leak a traceback to the page
             log.exception("review page request failed")
-            self._json({"error": {"code": "INTERNAL", "message": "internal error"}}, 500)
+            self._fail(500, "INTERNAL", "internal error")
 
     def _api(self, method: str, path: str, query: dict[str, list[str]]) -> None:
         reward = self.web.reward
         if method == "GET" and path == "/api/conditions":
             pending = reward.pending_by_condition()
-            self._json({
-                "conditions": [
-                    {"condition": c.to_json(), "pending": n}
-                    for c, n in sorted(pending.items(), key=lambda kv: kv[0].key)
-                ],
-                "raters": sorted(reward.raters),
-            })
+            self._json(
+                {
+                    "conditions": [
+                        {"condition": c.to_json(), "pending": n}
+                        for c, n in sorted(pending.items(), key=lambda kv: kv[0].key)
+                    ],
+                    "raters": sorted(reward.raters),
+                }
+            )
         elif method == "GET" and path == "/api/next":
-            limit = int(query.get("limit", ["10"])[0] or 10)
+            limit = _int_param(query, "limit", 10, 1, MAX_LIMIT)
+            condition = _condition(reward, query)
             items, pending = reward.next_items(
-                query.get("rater", [""])[0], condition=_condition(query), limit=limit
+                _param(query, "rater"), condition=condition, limit=limit
             )
             self._json({"items": [item_json(q) for q in items], "pending": pending})
         elif method == "GET" and path.startswith("/api/image/"):
             self._send(200, reward.item_png(path.rsplit("/", 1)[1]), "image/png")
         elif method == "GET" and path == "/api/checklist":
-            crits = reward.checklist(_condition(query))
-            self._json({"criteria": [{"name": c.name, "description": c.description}
-                                     for c in crits]})
-        elif method == "GET" and path == "/api/agreement":
-            self._json(agreement_json(reward.agreement(_condition(query))))
-        elif method == "POST" and path == "/api/feedback":
-            body = self._body()
-            criteria = body.get("criteria") or {}
-            if not isinstance(criteria, dict):
-                raise InvalidArgument.for_field("criteria", "an object {name: bool}")
-            if not isinstance(body.get("plausible"), bool):
-                raise InvalidArgument.for_field("plausible", "required: true or false")
-            draft = svc.FeedbackDraft(
-                client_request_id=str(body.get("client_request_id", "")),
-                rater_id=str(body.get("rater_id", "")),
-                plausible=body["plausible"],
-                item_id=str(body.get("item_id", "")),
-                image=ImageInput("none") if not body.get("item_id") else None,
-                criteria=[(str(k), bool(v)) for k, v in criteria.items()],
-                comment=str(body.get("comment", "")),
-                time_spent_ms=int(body.get("time_spent_ms", 0) or 0),
+            crits = reward.checklist(_condition(reward, query))
+            self._json(
+                {"criteria": [{"name": c.name, "description": c.description} for c in crits]}
             )
-            record, duplicate = reward.submit(draft)
+        elif method == "GET" and path == "/api/agreement":
+            self._json(agreement_json(reward.agreement(_condition(reward, query))))
+        elif method == "POST" and path == "/api/feedback":
+            record, duplicate = reward.submit(feedback_draft(self._body()))
             self._json({"feedback": {**record.to_json()}, "duplicate": duplicate})
+        elif path in (
+            "/api/conditions",
+            "/api/next",
+            "/api/checklist",
+            "/api/agreement",
+            "/api/feedback",
+        ) or path.startswith("/api/image/"):
+            raise HttpError(405, "METHOD_NOT_ALLOWED", f"{method} {path}")
         else:
-            self._json({"error": {"code": "NOT_FOUND", "message": f"{method} {path}"}}, 404)
+            raise HttpError(404, "NOT_FOUND", f"{method} {path[:200]}")
 
     def _body(self) -> dict[str, Any]:
-        length = int(self.headers.get("Content-Length", "0") or 0)
-        if length > MAX_BODY:
-            raise InvalidArgument.for_field("body", f"at most {MAX_BODY} bytes")
+        """The JSON object of a POST: only ``application/json`` (CSRF), same origin, bounded."""
+        ctype = self.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+        if ctype != "application/json":
+            raise HttpError(415, "UNSUPPORTED_MEDIA_TYPE", "Content-Type: application/json only")
+        origin = self.headers.get("Origin")
+        if origin is not None and urllib.parse.urlsplit(origin).netloc != self.headers.get(
+            "Host", ""
+        ):
+            raise HttpError(403, "PERMISSION_DENIED", "cross-origin POST refused")
+        raw = self.headers.get("Content-Length")
+        if raw is None:
+            raise HttpError(411, "LENGTH_REQUIRED", "Content-Length required")
+        try:
+            length = int(raw)
+        except ValueError:
+            raise InvalidArgument.for_field("Content-Length", "an integer") from None
+        if not 0 <= length <= MAX_BODY:
+            raise InvalidArgument.for_field("body", f"0..{MAX_BODY} bytes")
         try:
             data = json.loads(self.rfile.read(length) or b"{}")
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InvalidArgument.for_field("body", f"not JSON: {exc}") from exc
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise InvalidArgument.for_field("body", f"not JSON: {str(exc)[:100]}") from exc
         if not isinstance(data, dict):
             raise InvalidArgument.for_field("body", "a JSON object")
         return data
@@ -255,5 +410,14 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._route("GET")
 
+    def do_HEAD(self) -> None:
+        self._route("HEAD")
+
     def do_POST(self) -> None:
         self._route("POST")
+
+    def do_PUT(self) -> None:
+        self._route("PUT")
+
+    def do_DELETE(self) -> None:
+        self._route("DELETE")

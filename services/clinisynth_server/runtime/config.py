@@ -42,6 +42,8 @@ class ServiceConfig:
     metrics_port: int = 0
     # Triton gRPC endpoint (host:port).
     triton_url: str = "127.0.0.1:8001"
+    # File holding Triton's restricted-protocol key (0600); the key itself is never in env.
+    triton_key_file: str = ""
     # Artifact store URL: a folder path / file:// URL, or s3://bucket[/prefix].
     store_url: str = ""
     # Static bearer tokens; empty = authentication off.
@@ -52,6 +54,9 @@ class ServiceConfig:
     log_level: str = "INFO"
     # Largest request / response message, bytes.
     max_message_bytes: int = 16 * 1024 * 1024
+    # Pixels one request may decode from caller images in all (declared sizes, checked before
+    # decoding; 4 x 4096²): small uploads can declare huge images.
+    max_request_pixels: int = 4 * 4096 * 4096
     # Threads serving RPCs.
     workers: int = 16
     # Seconds to let in-flight calls finish on shutdown.
@@ -66,6 +71,7 @@ class ServiceConfig:
 _SHARED = {
     "host",
     "triton_url",
+    "triton_key_file",
     "store_url",
     "auth_tokens",
     "tls_cert",
@@ -73,6 +79,7 @@ _SHARED = {
     "log_format",
     "log_level",
     "max_message_bytes",
+    "max_request_pixels",
     "workers",
     "grace_s",
 }

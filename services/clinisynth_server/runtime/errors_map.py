@@ -41,6 +41,12 @@ def to_status(err: ClinisynthError) -> grpc.Status:
     packed = any_pb2.Any()
     packed.Pack(info)
     details.append(packed)
+    if err.metadata.get("retry_after_s"):  # a refusal that says when to come back
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromNanoseconds(int(float(err.metadata["retry_after_s"]) * 1e9))
+        packed = any_pb2.Any()
+        packed.Pack(retry)
+        details.append(packed)
     status = status_pb2.Status(
         code=getattr(code_pb2, err.code, code_pb2.INTERNAL), message=err.message, details=details
     )

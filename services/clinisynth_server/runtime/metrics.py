@@ -72,6 +72,7 @@ class ServiceMetrics:
     reward: RewardMetrics | None = None
     counterfactual: CounterfactualMetrics | None = None
     finetune: FinetuneMetrics | None = None
+    store_corrupt_records: Counter | None = None
 
 
 def create_metrics(service: str) -> ServiceMetrics:
@@ -112,6 +113,12 @@ def create_metrics(service: str) -> ServiceMetrics:
         ),
     )
     m = ServiceMetrics(service=service, registry=reg, grpc=grpc_m)
+    m.store_corrupt_records = Counter(
+        "clinisynth_store_corrupt_records_total",
+        "Stored records skipped by a listing because they cannot be read.",
+        ["service", "namespace"],
+        registry=reg,
+    )
     if service == "generator":
         m.generator = GeneratorMetrics(
             images=Counter(

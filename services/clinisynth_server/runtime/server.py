@@ -3,6 +3,10 @@
 ``start_server`` builds a server with the interceptor chain, grpc.health.v1, reflection, optional
 TLS and message-size limits, starts the Prometheus endpoint, and returns a handle; ``run_forever``
 adds graceful shutdown on SIGTERM / SIGINT.
+
+Health answers within milliseconds whatever the load (:class:`Admission`): gRPC Python runs every
+call of a server on one thread pool, so a pool busy with long generations used to queue health
+checks behind them (seconds), and a probe that times out restarts a healthy service.
 """
 
 from __future__ import annotations
@@ -20,12 +24,160 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from clinisynth_server.errors import InvalidArgument, ResourceExhausted
 from clinisynth_server.runtime.auth import authenticator_for
 from clinisynth_server.runtime.config import ServiceConfig
 from clinisynth_server.runtime.interceptors import ServiceInterceptor
 from clinisynth_server.runtime.metrics import ServiceMetrics, create_metrics
 
 log = logging.getLogger(__name__)
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+# Threads of the control lane: health checks and refusals, each a few microseconds of work.
+CONTROL_THREADS = 4
+# Calls the control lane may hold at once before gRPC itself refuses (a flood of probes).
+CONTROL_HEADROOM = 64
+RETRY_AFTER_S = 1.0
+
+
+class _CountingPool(futures.ThreadPoolExecutor):
+    """A thread pool that knows how many calls it holds (running + waiting for a thread)."""
+
+    def __init__(self, max_workers: int, thread_name_prefix: str) -> None:
+        super().__init__(max_workers=max_workers, thread_name_prefix=thread_name_prefix)
+        self._count_lock = threading.Lock()
+        self.load = 0
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> futures.Future:
+        with self._count_lock:
+            self.load += 1
+        try:
+            future = super().submit(fn, *args, **kwargs)
+        except BaseException:
+            self._done(None)
+            raise
+        future.add_done_callback(self._done)  # always runs, whatever became of the call
+        return future
+
+    def _done(self, _future: futures.Future | None) -> None:
+        with self._count_lock:
+            self.load -= 1
+
+
+def _on_pool(handler: grpc.RpcMethodHandler, pool: futures.ThreadPoolExecutor) -> Any:
+    """The same handler, run on ``pool`` (gRPC's per-behaviour ``experimental_thread_pool``)."""
+    kind = next(
+        k
+        for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+        if getattr(handler, k) is not None
+    )
+    behavior = getattr(handler, kind)
+
+    def run(request: Any, context: grpc.ServicerContext) -> Any:
+        return behavior(request, context)
+
+    run.experimental_thread_pool = pool  # type: ignore[attr-defined]
+    return handler._replace(**{kind: run})  # type: ignore[attr-defined]
+
+
+def _refusing(handler: grpc.RpcMethodHandler, error: Exception) -> Any:
+    """The same handler whose behaviour raises ``error`` without reading the request."""
+
+    def refuse(request: Any, context: grpc.ServicerContext) -> Any:
+        raise error
+
+    kind = next(
+        k
+        for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+        if getattr(handler, k) is not None
+    )
+    return handler._replace(**{kind: refuse})  # type: ignore[attr-defined]
+
+
+class Admission:
+    """Two lanes on one port, so health never waits behind model work.
+
+    Why this design: gRPC Python serves every call of a server on one executor and allows one
+    server per port, so a second server for health is not possible and a ``grpc.aio`` health path
+    would need the whole server to be asyncio. gRPC does honour a per-behaviour thread pool
+    (``experimental_thread_pool``, the same hook grpc_health uses for Watch), so:
+
+    - ``Health/Check`` runs on a small *control* pool that model work never reaches;
+    - every other call runs on the *work* pool (``workers`` threads, as before) and queues there
+      in arrival order when all threads are busy, up to ``capacity`` calls held in all (running
+      + waiting); beyond that it is refused at once with RESOURCE_EXHAUSTED carrying RetryInfo
+      (the SDK retries idempotent calls), the refusal itself also on the control pool;
+    - the count is exact: it is taken where gRPC submits a call and released by the future's
+      done-callback, so a call cancelled before it ran cannot leak a slot;
+    - gRPC's own ``maximum_concurrent_rpcs`` is ``capacity + CONTROL_HEADROOM``, so it refuses a
+      health check only under a flood of probes, never because model work filled the server.
+
+    A refusal of a unary call still reads its request on the control pool (gRPC delivers the
+    message before the behaviour runs); at loopback speed that is milliseconds even at the
+    message-size limit.
+
+    Two interceptors share one decision: :meth:`outer` (first in the chain) picks the lane and
+    decides admission; :meth:`inner` (last, inside the metrics / error-mapping interceptor)
+    raises the refusal, so refusals are counted and mapped like every other error. Both run in
+    gRPC's single polling thread, synchronously one inside the other, which is what makes the
+    hand-over through a thread-local safe.
+    """
+
+    def __init__(self, service: str, workers: int, capacity: int) -> None:
+        self.capacity = max(capacity, workers)
+        self.work = _CountingPool(workers, thread_name_prefix=service)
+        self.control = futures.ThreadPoolExecutor(
+            max_workers=CONTROL_THREADS, thread_name_prefix=f"{service}-health"
+        )
+        self._decision = threading.local()
+
+    @property
+    def maximum_concurrent_rpcs(self) -> int:
+        return self.capacity + CONTROL_HEADROOM
+
+    def outer(self) -> grpc.ServerInterceptor:
+        admission = self
+
+        class _Lanes(grpc.ServerInterceptor):
+            def intercept_service(self, continuation: Any, details: Any) -> Any:
+                control = details.method == HEALTH_CHECK
+                refuse = not control and admission.work.load >= admission.capacity
+                admission._decision.refuse = refuse
+                try:
+                    handler = continuation(details)
+                finally:
+                    admission._decision.refuse = False
+                if handler is None:
+                    return None
+                return _on_pool(handler, admission.control) if control or refuse else handler
+
+        return _Lanes()
+
+    def inner(self) -> grpc.ServerInterceptor:
+        admission = self
+
+        class _Gate(grpc.ServerInterceptor):
+            def intercept_service(self, continuation: Any, details: Any) -> Any:
+                handler = continuation(details)
+                if handler is None or not getattr(admission._decision, "refuse", False):
+                    return handler
+                return _refusing(
+                    handler,
+                    ResourceExhausted(
+                        f"server busy: {admission.capacity} calls running or queued; retry in "
+                        f"{RETRY_AFTER_S:g} s",
+                        reason="SERVER_BUSY",
+                        metadata={
+                            "retry_after_s": f"{RETRY_AFTER_S:g}",
+                            "capacity": str(admission.capacity),
+                        },
+                    ),
+                )
+
+        return _Gate()
+
+    def shutdown(self) -> None:
+        self.work.shutdown(wait=False, cancel_futures=True)
+        self.control.shutdown(wait=False, cancel_futures=True)
 
 
 @dataclass
@@ -38,6 +190,7 @@ class RunningServer:
     service_names: Sequence[str]
     metrics_port: int = 0
     _metrics_http: Any = None
+    admission: Admission | None = None
     _on_stop: list[Callable[[], None]] = field(default_factory=list)
     _stopped: threading.Event = field(default_factory=threading.Event)
 
@@ -64,6 +217,8 @@ class RunningServer:
         self._stopped.set()
         self.set_serving(False)
         self.server.stop(self.config.grace_s if grace is None else grace).wait()
+        if self.admission is not None:
+            self.admission.shutdown()
         for fn in reversed(self._on_stop):
             try:
                 fn()
@@ -84,6 +239,22 @@ def _credentials(config: ServiceConfig) -> grpc.ServerCredentials | None:
         return grpc.ssl_server_credentials([(f_key.read(), f_cert.read())])
 
 
+def _capacity(config: ServiceConfig) -> int:
+    """Calls held at once beyond health (``CLINISYNTH_<SERVICE>_MAX_PENDING_RPCS``; 4 × workers,
+    the old ``maximum_concurrent_rpcs``): the rest wait in order, then RESOURCE_EXHAUSTED."""
+    raw = config.get("max_pending_rpcs", str(config.workers * 4))
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise InvalidArgument.for_field(
+            f"CLINISYNTH_{config.service.upper()}_MAX_PENDING_RPCS",
+            f"a positive integer, got {raw!r}",
+        )
+    return value
+
+
 def start_server(
     config: ServiceConfig,
     register: Callable[[grpc.Server, ServiceMetrics], Sequence[str]],
@@ -99,11 +270,12 @@ def start_server(
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
+    admission = Admission(config.service, config.workers, _capacity(config))
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix=config.service),
-        interceptors=[interceptor],
+        admission.work,
+        interceptors=[admission.outer(), interceptor, admission.inner()],
         options=options,
-        maximum_concurrent_rpcs=config.workers * 4,
+        maximum_concurrent_rpcs=admission.maximum_concurrent_rpcs,
     )
     names = list(register(server, metrics))
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
@@ -129,6 +301,7 @@ def start_server(
         metrics=metrics,
         health=health_servicer,
         service_names=names,
+        admission=admission,
     )
     if serve_metrics:
         http_server, _thread = start_http_server(

@@ -101,6 +101,53 @@ def validate_prefix(prefix: object, field_name: str = "prefix") -> str:
     return prefix
 
 
+#: The data-set namespace: the only part of the store a caller's upload may write.
+DATASETS_NAMESPACE = "datasets/"
+#: Namespaces written only by the service that owns them (model records, expert feedback and
+#: review items, job records / events / checkpoints, guidance records, a model repository kept in
+#: the store). No caller-chosen key or prefix, read or written, may point into one.
+SERVICE_NAMESPACES: tuple[str, ...] = (
+    "catalog/",
+    "feedback/",
+    "review/",
+    "finetune/",
+    "counterfactual/",
+    "jobs/",
+    "checkpoints/",
+    "triton-models/",
+    "model-repository/",
+)
+
+
+def confine_key(key: object, namespace: str, field_name: str = "key") -> str:
+    """Return ``key`` if it is a clean key strictly under ``namespace``, else ``InvalidArgument``.
+
+    The caller's key is taken as is (never re-rooted), so what a client names is what lands
+    in the store and what it later passes as a data-set prefix.
+    """
+    clean = validate_key(key, field_name)
+    if not clean.startswith(namespace) or clean == namespace:
+        raise InvalidArgument.for_field(
+            field_name,
+            f"{clean!r}: must lie under {namespace!r} (e.g. {namespace}<name>/<file>); "
+            "other parts of the store are written only by the services that own them",
+        )
+    return clean
+
+
+def outside_service_namespaces(prefix: object, field_name: str = "prefix") -> str:
+    """Return a caller-chosen prefix (or key) if it is clean and outside every service namespace."""
+    clean = validate_prefix(prefix, field_name)
+    head = clean.split("/", 1)[0] + "/"
+    if head in SERVICE_NAMESPACES:
+        raise InvalidArgument.for_field(
+            field_name,
+            f"{clean!r}: {head!r} is owned by a service; use a prefix outside "
+            f"{', '.join(SERVICE_NAMESPACES)}",
+        )
+    return clean
+
+
 def dir_prefix(prefix: str, field_name: str = "prefix") -> str:
     """Turn a "directory" prefix (``"a/b"`` or ``"a/b/"``) into ``"a/b/"``; ``""`` stays."""
     validate_prefix(prefix, field_name)
@@ -406,7 +453,7 @@ class ArtifactStore(ABC):
         dest_root = Path(local_dir)
         written: list[Path] = []
         for info in self.list(base):
-            rel = info.key[len(base):]
+            rel = info.key[len(base) :]
             dest = dest_root.joinpath(*rel.split("/"))
             self.get_file(info.key, dest)
             written.append(dest)

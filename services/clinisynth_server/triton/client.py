@@ -5,16 +5,20 @@
   idempotent (model forwards are pure);
 - tritonclient errors become clinisynth errors in one place (:func:`translate_error`);
 - thread-safe: one gRPC channel shared by all threads (tritonclient's non-streaming calls
-  are thread-safe; the streaming API is not used here).
+  are thread-safe; the streaming API is not used here);
+- every call carries Triton's restricted-protocol key (:data:`KEY_HEADER`): Triton refuses
+  load / unload, config, logging and inference without it (see ``launcher.py``).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -43,6 +47,53 @@ _UNKNOWN_MODEL = re.compile(
     re.IGNORECASE,
 )
 _INPUT_NAME = re.compile(r"input '([^']+)'")
+# A dead Triton is restarted by the stack within seconds: reconnect soon after it is back
+# (gRPC's default backoff grows to 120 s and would keep a healthy server unused that long).
+_RECONNECT = [
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+
+# The header Triton's restricted protocols check: as named on its command line and over HTTP;
+# over gRPC Triton expects it with the ``triton-grpc-protocol-`` prefix.
+KEY_HEADER = "clinisynth-triton-key"
+GRPC_KEY_HEADER = f"triton-grpc-protocol-{KEY_HEADER}"
+# File holding the key, for services started by the stack (the path, never the key, is in env).
+KEY_FILE_ENV = "CLINISYNTH_TRITON_KEY_FILE"
+_PROCESS_KEYS: dict[str, str] = {}
+_PROCESS_KEYS_LOCK = threading.Lock()
+
+
+def remember_key(url: str, key: str) -> None:
+    """Called by the launcher: a Triton started by this process is usable by its clients here
+    (tests, benchmarks, the stack's own registration) without handing the key around."""
+    with _PROCESS_KEYS_LOCK:
+        _PROCESS_KEYS[url] = key
+
+
+def resolve_key(url: str, key: str | None = None, key_file: Path | str | None = None) -> str:
+    """The key for Triton at ``url``: given, else read from ``key_file``, else remembered from
+    a launch in this process, else read from ``$CLINISYNTH_TRITON_KEY_FILE``; "" for none."""
+    if key:
+        return key
+    if key_file:
+        return _read_key(Path(key_file))
+    with _PROCESS_KEYS_LOCK:
+        known = _PROCESS_KEYS.get(url)
+    if known:
+        return known
+    env_file = os.environ.get(KEY_FILE_ENV)
+    return _read_key(Path(env_file)) if env_file else ""
+
+
+def _read_key(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError as exc:
+        raise FailedPrecondition(
+            f"cannot read the Triton key file {path}: {exc.strerror}", reason="TRITON_KEY_FILE"
+        ) from exc
 
 
 @dataclass(frozen=True)
@@ -109,6 +160,7 @@ class TritonClient:
 
     ``timeout_s`` bounds every call (per-call override on :meth:`infer`); ``retries`` is how
     many extra attempts an UNAVAILABLE call gets (backoff 0.1 s doubling, capped at 2 s).
+    ``key`` / ``key_file``: Triton's restricted-protocol key (see :func:`resolve_key`).
     """
 
     def __init__(
@@ -118,8 +170,12 @@ class TritonClient:
         timeout_s: float = 30.0,
         retries: int = 2,
         backoff_s: float = 0.1,
+        key: str | None = None,
+        key_file: Path | str | None = None,
     ) -> None:
         self.url = url
+        secret = resolve_key(url, key, key_file)
+        self._headers: dict[str, str] | None = {GRPC_KEY_HEADER: secret} if secret else None
         self.timeout_s = timeout_s
         self.retries = retries
         self.backoff_s = backoff_s
@@ -131,6 +187,7 @@ class TritonClient:
             channel_args=[
                 ("grpc.max_send_message_length", _MAX_MESSAGE),
                 ("grpc.max_receive_message_length", _MAX_MESSAGE),
+                *_RECONNECT,
             ],
         )
 
@@ -148,9 +205,11 @@ class TritonClient:
         if not outputs:
             raise InvalidArgument.for_field("outputs", "name at least one output")
         infer_inputs = []
-        scalar_inputs = self._scalar_inputs(model) if any(
-            np.ndim(v) == 1 for v in inputs.values()
-        ) else frozenset()
+        scalar_inputs = (
+            self._scalar_inputs(model)
+            if any(np.ndim(v) == 1 for v in inputs.values())
+            else frozenset()
+        )
         for name, value in inputs.items():
             arr = np.ascontiguousarray(value)
             if name in scalar_inputs and arr.ndim == 1:
@@ -174,6 +233,7 @@ class TritonClient:
                 model_version=str(version),
                 outputs=requested,
                 client_timeout=timeout,
+                headers=self._headers,
             )
 
         result = self._call(call, model=model)
@@ -215,17 +275,20 @@ class TritonClient:
             self._scalar_cache.pop(model, None)
 
     # -- health -------------------------------------------------------------------------------
-    def is_ready(self) -> bool:
+    def is_ready(self, *, timeout_s: float | None = None) -> bool:
         """Server ready; False (not an error) when it cannot be reached."""
+        timeout = self.timeout_s if timeout_s is None else timeout_s
         try:
-            return bool(self._client.is_server_ready(client_timeout=self.timeout_s))
+            return bool(self._client.is_server_ready(headers=self._headers, client_timeout=timeout))
         except InferenceServerException:
             return False
 
     def model_ready(self, name: str, version: str = "") -> bool:
         try:
             return bool(
-                self._client.is_model_ready(name, str(version), client_timeout=self.timeout_s)
+                self._client.is_model_ready(
+                    name, str(version), headers=self._headers, client_timeout=self.timeout_s
+                )
             )
         except InferenceServerException as exc:
             err = translate_error(exc, model=name)
@@ -243,8 +306,12 @@ class TritonClient:
         """
         self._forget(name)
         try:
-            self._call(lambda: self._client.load_model(name, client_timeout=timeout_s),
-                       model=name)
+            self._call(
+                lambda: self._client.load_model(
+                    name, headers=self._headers, client_timeout=timeout_s
+                ),
+                model=name,
+            )
         except (Internal, InvalidArgument, NotFound) as exc:
             if name not in {entry.name for entry in self.repository_index()}:
                 raise NotFound(f"triton model repository has no model {name!r}") from exc
@@ -259,13 +326,17 @@ class TritonClient:
         New requests for the model get :class:`NotFound` at once; in-flight ones finish.
         """
         self._forget(name)
-        self._call(lambda: self._client.unload_model(name, client_timeout=self.timeout_s),
-                   model=name)
+        self._call(
+            lambda: self._client.unload_model(
+                name, headers=self._headers, client_timeout=self.timeout_s
+            ),
+            model=name,
+        )
 
     def repository_index(self) -> list[ModelEntry]:
         index = self._call(
             lambda: self._client.get_model_repository_index(
-                as_json=True, client_timeout=self.timeout_s
+                headers=self._headers, as_json=True, client_timeout=self.timeout_s
             )
         )
         return [
@@ -282,7 +353,11 @@ class TritonClient:
         """The model's effective config (Triton's JSON form of ``config.pbtxt``)."""
         response = self._call(
             lambda: self._client.get_model_config(
-                name, str(version), as_json=True, client_timeout=self.timeout_s
+                name,
+                str(version),
+                headers=self._headers,
+                as_json=True,
+                client_timeout=self.timeout_s,
             ),
             model=name,
         )
@@ -293,7 +368,11 @@ class TritonClient:
         """Per-version counters (inferences, executions, batch sizes, queue/compute time)."""
         response = self._call(
             lambda: self._client.get_inference_statistics(
-                name, str(version), as_json=True, client_timeout=self.timeout_s
+                name,
+                str(version),
+                headers=self._headers,
+                as_json=True,
+                client_timeout=self.timeout_s,
             ),
             model=name,
         )

@@ -15,6 +15,27 @@ Why each environment detail matters (checked on this machine):
 Models load with ``--model-control-mode=explicit --load-model=*``: everything in the
 repository is up after :meth:`TritonServer.start`, and ``load_model``/``unload_model``
 through the client add, replace or retire models and versions later.
+
+Locked down, because Triton's ports are reachable by every local process and a model loaded
+with an inline ``model.py`` runs code as this user:
+
+- every protocol group but ``health`` (load / unload, repository index, model config, logging,
+  trace, shared memory, statistics, metadata and inference) needs the header
+  :data:`~clinisynth_server.triton.client.KEY_HEADER` carrying a key made per start
+  (``--grpc-restricted-protocol`` / ``--http-restricted-api``). The key is written to a 0600
+  file (:attr:`TritonServer.key_file`) whose *path* the services get; the key itself is in no
+  environment. Triton 2.51 reads it only from its command line, so it is in
+  ``/proc/<pid>/cmdline`` of the server (readable by local users unless ``/proc`` is mounted
+  ``hidepid=2``, as a hardened host should be).
+- Triton's environment is built by allow-list (:func:`server_environment`): no token, password,
+  cloud credential or TLS key path reaches a stub.
+- its python backend's shared-memory tensors live on a private ``/dev/shm``: where this user may
+  make a mount namespace (root, as the stack runs here and in containers), Triton starts in one
+  with its own tmpfs at ``/dev/shm`` (mode 0700), so no other process sees a tensor, and the
+  regions vanish with the server (no leftovers after kill -9). The backend sets its regions'
+  mode itself (0644), so a umask alone cannot protect them; :func:`private_shm_prefix` falls
+  back to the shared ``/dev/shm`` only where no namespace can be made, and says so in the log.
+  Files Triton itself creates follow umask 077.
 """
 
 from __future__ import annotations
@@ -22,6 +43,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
+import secrets
 import shutil
 import signal
 import socket
@@ -33,14 +56,67 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 from clinisynth_server.errors import FailedPrecondition, Unavailable
+from clinisynth_server.triton.client import KEY_HEADER, remember_key
 
 SERVICES_DIR = Path(__file__).resolve().parents[2]  # .../services (holds clinisynth_server)
+
+# Protocol groups (Triton 2.51's names) that need the key. ``health`` stays open for probes.
+RESTRICTED_GROUPS = (
+    "metadata",
+    "inference",
+    "shared-memory",
+    "model-config",
+    "model-repository",
+    "statistics",
+    "trace",
+    "logging",
+)
+# What Triton and its python stubs may inherit: names ...
+_ENV_ALLOWED = frozenset(
+    {
+        "PATH",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "SHELL",
+        "LANG",
+        "LANGUAGE",
+        "TZ",
+        "TERM",
+        "TMPDIR",
+        "TMP",
+        "TEMP",
+        "LD_LIBRARY_PATH",
+        "PYTHONPATH",
+        "PYTHONHASHSEED",
+        "PYTHONDONTWRITEBYTECODE",
+        "PYTHONUNBUFFERED",
+        "XDG_CACHE_HOME",
+        "TOKENIZERS_PARALLELISM",
+    }
+)
+# ... and prefixes (threading, accelerator and offline-hub knobs) ...
+_ENV_ALLOWED_PREFIXES = (
+    "LC_",
+    "OMP_",
+    "MKL_",
+    "OPENBLAS_",
+    "KMP_",
+    "TORCH_",
+    "CUDA_",
+    "NVIDIA_",
+    "HF_",
+    "TRANSFORMERS_",
+    "DIFFUSERS_",
+)
+# ... unless the name says it is a secret (HF_TOKEN, CUDA_..._KEY, ...).
+_ENV_SECRET = re.compile(r"TOKEN|SECRET|PASSW|KEY|CREDENTIAL|AUTH|CERT", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -110,9 +186,61 @@ def backend_directory(cache_dir: Path | None = None) -> Path:
     return target
 
 
-def server_environment(extra_pythonpath: Sequence[Path | str] = ()) -> dict[str, str]:
-    """The environment ``tritonserver`` (and so the stub) needs; see the module docstring."""
-    env = dict(os.environ)
+_SHM_WRAPPER: list[str] | None = None
+
+
+def private_shm_prefix() -> list[str]:
+    """A command prefix that runs the server in its own mount namespace with a private
+    ``/dev/shm`` (tmpfs, 0700), or ``[]`` where that is not possible (probed once).
+
+    ``unshare`` execs the shell, which execs the server: the server keeps the pid of the
+    process started, so its process group, log lines and health probes are unchanged."""
+    global _SHM_WRAPPER
+    if _SHM_WRAPPER is None:
+        unshare = shutil.which("unshare")
+        script = 'mount -t tmpfs -o mode=0700,nosuid,nodev tmpfs /dev/shm && exec "$@"'
+        wrapper = [
+            unshare or "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "/bin/sh",
+            "-c",
+            script,
+            "tritonserver",
+        ]
+        ok = False
+        if unshare and os.path.isdir("/dev/shm"):
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                probe = subprocess.run([*wrapper, "true"], capture_output=True, timeout=10)
+                ok = probe.returncode == 0
+        _SHM_WRAPPER = wrapper if ok else []
+    return list(_SHM_WRAPPER)
+
+
+def server_environment(
+    extra_pythonpath: Sequence[Path | str] = (), base: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The environment ``tritonserver`` (and so every stub) gets; see the module docstring.
+
+    Built by allow-list, not by deleting known secrets: a stub runs whatever ``model.py`` the
+    repository holds, so it must not inherit the services' bearer tokens, S3 keys, TLS key
+    paths or any credential a deployment adds under a name nobody predicted. Only the path,
+    locale, temp, library, threading, accelerator and offline-hub variables pass, and even
+    those not when the name looks like a secret (``HF_TOKEN``).
+
+    The Triton key itself is never put in an environment (``/proc/<pid>/environ`` of a
+    stub would hand it to the model code it protects against); it goes on Triton's command
+    line, the only channel Triton 2.51 reads it from.
+    """
+    source = dict(os.environ if base is None else base)
+    env = {
+        name: value
+        for name, value in source.items()
+        if (name in _ENV_ALLOWED or name.startswith(_ENV_ALLOWED_PREFIXES))
+        and not _ENV_SECRET.search(name)
+    }
     libdir = sysconfig.get_config_var("LIBDIR") or ""
     libs = Path(pytriton_dir()).parent.parent / "nvidia_pytriton.libs"
     ld = [libdir, str(libs), env.get("LD_LIBRARY_PATH", "")]
@@ -133,6 +261,11 @@ class TritonServer:
     Ports are picked free unless given. ``start()`` returns once the server reports ready
     (every model in the repository loaded) or raises :class:`Unavailable` with its log tail.
     ``stop()`` sends SIGTERM, then SIGKILLs the whole process group: no stub survives.
+
+    ``restricted`` (the default) protects every protocol but health with ``key`` (made here
+    unless given), which is written to ``key_file`` (0600; a private temp folder unless
+    given) for other processes and remembered for :class:`TritonClient` s of this process.
+    A restart (``stop()`` then ``start()``) keeps ports and key.
     """
 
     def __init__(
@@ -151,6 +284,9 @@ class TritonServer:
         extra_pythonpath: Sequence[Path | str] = (),
         extra_args: Sequence[str] = (),
         cache_dir: Path | None = None,
+        key: str | None = None,
+        key_file: Path | str | None = None,
+        restricted: bool = True,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
         chosen = iter(free_ports(3))
@@ -173,6 +309,11 @@ class TritonServer:
         self.extra_args = tuple(extra_args)
         self.cache_dir = cache_dir
         self.shm_prefix = f"clinisynth{os.getpid()}_{uuid.uuid4().hex[:8]}_"
+        self.restricted = restricted
+        self.key = (key or secrets.token_urlsafe(32)) if restricted else ""
+        if restricted and key_file is None:  # a dead server's key is worthless: left there
+            key_file = Path(tempfile.mkdtemp(prefix="clinisynth-triton-key-")) / "triton.key"
+        self.key_file: Path | None = Path(key_file) if key_file is not None else None
         self._proc: subprocess.Popen[bytes] | None = None
 
     # -- addresses ------------------------------------------------------------------------
@@ -192,6 +333,27 @@ class TritonServer:
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
+
+    def _restriction_args(self) -> list[str]:
+        if not self.key:
+            return []
+        groups = ",".join(RESTRICTED_GROUPS)
+        return [
+            f"--grpc-restricted-protocol={groups}:{KEY_HEADER}={self.key}",
+            f"--http-restricted-api={groups}:{KEY_HEADER}={self.key}",
+        ]
+
+    def _write_key_file(self) -> None:
+        """The key, readable by this user only, for the services (they get only its path)."""
+        if not (self.key and self.key_file):
+            return
+        self.key_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # an older file keeps its mode otherwise
+            os.write(fd, self.key.encode())
+        finally:
+            os.close(fd)
 
     def command(self) -> list[str]:
         """The full ``tritonserver`` command line."""
@@ -215,26 +377,42 @@ class TritonServer:
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             "--backend-config=python,shm-default-byte-size=4194304",
             "--backend-config=python,shm-growth-byte-size=1048576",
+            *self._restriction_args(),
             *self.extra_args,
         ]
 
     # -- lifecycle ------------------------------------------------------------------------
-    def start(self) -> TritonServer:
-        """Launch and wait until ready; :class:`Unavailable` (with log tail) if it is not."""
+    def start(self, on_spawn: Callable[[int], None] | None = None) -> TritonServer:
+        """Launch and wait until ready; :class:`Unavailable` (with log tail) if it is not.
+
+        ``on_spawn(pid)`` runs as soon as the process exists (a supervisor records its group
+        before the long wait for the models)."""
         if self._proc is not None and self._proc.poll() is None:
             return self
         if not self.model_repository.is_dir():
             raise FailedPrecondition(f"model repository {self.model_repository} does not exist")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._write_key_file()
+        if self.key:
+            remember_key(self.grpc_url, self.key)
+        prefix = private_shm_prefix()
         with open(self.log_path, "ab") as log:
+            if not prefix:
+                log.write(
+                    b"clinisynth: no private /dev/shm (cannot make a mount namespace); "
+                    b"python-backend tensors are in the shared /dev/shm\n"
+                )
             self._proc = subprocess.Popen(
-                self.command(),
+                [*prefix, *self.command()],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=server_environment(self.extra_pythonpath),
                 start_new_session=True,  # own process group: stop() reaches every stub
+                umask=0o077,  # /dev/shm tensors and files it creates: 0600, not 0644
             )
+        if on_spawn is not None:
+            on_spawn(self._proc.pid)
         deadline = time.monotonic() + self.startup_timeout_s
         delay = 0.05
         while time.monotonic() < deadline:
@@ -268,8 +446,9 @@ class TritonServer:
         except OSError:
             return False
         lines = [ln for ln in text.splitlines() if pid in ln]
-        return (any("Started GRPCInferenceService" in ln for ln in lines)
-                and any("Started HTTPService" in ln for ln in lines))
+        return any("Started GRPCInferenceService" in ln for ln in lines) and any(
+            "Started HTTPService" in ln for ln in lines
+        )
 
     def is_ready(self) -> bool:
         """HTTP ``/v2/health/ready`` answers 200 (strict: every model in the repo is ready)."""
@@ -373,9 +552,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--log-path", type=Path, default=None)
     parser.add_argument("--log-verbose", type=int, default=0)
     parser.add_argument("--startup-timeout-s", type=float, default=300.0)
-    parser.add_argument("--lenient", action="store_true",
-                        help="keep serving when a model fails to load")
+    parser.add_argument(
+        "--lenient", action="store_true", help="keep serving when a model fails to load"
+    )
+    parser.add_argument(
+        "--key-file",
+        type=Path,
+        default=None,
+        help="the restricted-protocol key: read from this file when it exists, "
+        "else made and written there (0600)",
+    )
     args = parser.parse_args(argv)
+    key = None
+    if args.key_file is not None and args.key_file.is_file():
+        key = args.key_file.read_text().strip() or None
     server = TritonServer(
         args.model_repository,
         grpc_port=args.grpc_port,
@@ -386,6 +576,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_verbose=args.log_verbose,
         startup_timeout_s=args.startup_timeout_s,
         strict=not args.lenient,
+        key=key,
+        key_file=args.key_file,
     )
     stop = {"now": False}
 
@@ -395,8 +587,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     with server:
-        print(f"tritonserver ready: grpc {server.grpc_url}  http {server.http_url}  "
-              f"metrics {server.metrics_url}  log {server.log_path}", flush=True)
+        print(
+            f"tritonserver ready: grpc {server.grpc_url}  http {server.http_url}  "
+            f"metrics {server.metrics_url}  log {server.log_path}  "
+            f"key file {server.key_file}",
+            flush=True,
+        )
         while not stop["now"] and server.is_running():
             time.sleep(0.5)
         code = 0 if stop["now"] else 1
