@@ -39,15 +39,15 @@ system-deps:
 protos: $(PY)
 	$(PY) scripts/gen_protos.py
 
-lint: $(PY)
+lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check clients/clinisynth/_*.py clients/clinisynth/cli services tests scripts || true
+	$(VENV)/bin/ruff format --check .
 
 format: $(PY)
 	$(VENV)/bin/ruff check --fix .
-	$(VENV)/bin/ruff format clients/clinisynth/_*.py clients/clinisynth/cli services tests scripts
+	$(VENV)/bin/ruff format .
 
-test: system-deps install
+test: system-deps install lint
 	$(PY) -m pytest -q
 
 test-fast: $(PY)

@@ -40,8 +40,7 @@ def model_repository(session_dir: pathlib.Path) -> pathlib.Path:
 def triton_server(model_repository: pathlib.Path, session_dir: pathlib.Path) -> Iterator[object]:
     from clinisynth_server.triton.launcher import TritonServer
 
-    server = TritonServer(model_repository, log_path=session_dir / "tritonserver.log",
-                          strict=False)
+    server = TritonServer(model_repository, log_path=session_dir / "tritonserver.log", strict=False)
     server.start()
     yield server
     server.stop()
@@ -77,25 +76,35 @@ def catalog(store: object) -> object:
 
 @pytest.fixture(scope="session")
 def registered_models(
-    session_dir: pathlib.Path, catalog: object, store: object, model_repository: pathlib.Path,
+    session_dir: pathlib.Path,
+    catalog: object,
+    store: object,
+    model_repository: pathlib.Path,
     triton_client: object,
 ) -> dict[str, object]:
     """Tiny class-conditional, unconditional and text-to-image models, registered in Triton."""
     from clinisynth_server import builders, registry
 
     folders = {
-        "cells-tiny": builders.build_pixel_unet(session_dir / "m" / "cells", classes=CELL_CLASSES,
-                                                size=16, labels={"domain": "cells"}),
-        "fundus-tiny": builders.build_pixel_unet(session_dir / "m" / "fundus", size=16,
-                                                 channels=3, labels={"domain": "fundus"}),
-        "chest-tiny": builders.build_text_to_image(session_dir / "m" / "chest", size=32,
-                                                   image_channels=1,
-                                                   labels={"domain": "chest"}),
+        "cells-tiny": builders.build_pixel_unet(
+            session_dir / "m" / "cells", classes=CELL_CLASSES, size=16, labels={"domain": "cells"}
+        ),
+        "fundus-tiny": builders.build_pixel_unet(
+            session_dir / "m" / "fundus", size=16, channels=3, labels={"domain": "fundus"}
+        ),
+        "chest-tiny": builders.build_text_to_image(
+            session_dir / "m" / "chest", size=32, image_channels=1, labels={"domain": "chest"}
+        ),
     }
     return {
-        name: registry.register_folder(folder, name, catalog=catalog, store=store,  # type: ignore[arg-type]
-                                       model_repository=model_repository,
-                                       triton=triton_client)  # type: ignore[arg-type]
+        name: registry.register_folder(
+            folder,
+            name,
+            catalog=catalog,
+            store=store,  # type: ignore[arg-type]
+            model_repository=model_repository,
+            triton=triton_client,
+        )  # type: ignore[arg-type]
         for name, folder in folders.items()
     }
 
@@ -107,8 +116,11 @@ def start_service(name: str, triton_url: str, store_url: str, home: pathlib.Path
     from clinisynth_server.runtime.config import load_config
     from clinisynth_server.runtime.server import start_server
 
-    env = {"CLINISYNTH_TRITON_URL": triton_url, "CLINISYNTH_STORE_URL": store_url,
-           f"CLINISYNTH_{name.upper()}_CACHE_DIR": str(home / "cache")}
+    env = {
+        "CLINISYNTH_TRITON_URL": triton_url,
+        "CLINISYNTH_STORE_URL": store_url,
+        f"CLINISYNTH_{name.upper()}_CACHE_DIR": str(home / "cache"),
+    }
     env.update({f"CLINISYNTH_{name.upper()}_{k.upper()}": v for k, v in extra.items()})
     config = load_config(name, env=env, port=0, metrics_port=0)
     app = importlib.import_module(f"clinisynth_server.{name}.app")

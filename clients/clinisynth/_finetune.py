@@ -1,10 +1,10 @@
 """SDK calls of the finetune service (mixed into Client / AsyncClient as ``client.finetune``).
 
-    with clinisynth.Client() as client:
-        job = client.finetune.create("diffusion_pretrain", "datasets/cells",
-                                     params={"max_steps": 2000, "ema": True})
-        job = client.finetune.wait(job.id, progress=True)
-        model = client.finetune.promote(job.id).model
+with clinisynth.Client() as client:
+    job = client.finetune.create("diffusion_pretrain", "datasets/cells",
+                                 params={"max_steps": 2000, "ema": True})
+    job = client.finetune.wait(job.id, progress=True)
+    model = client.finetune.promote(job.id).model
 """
 
 from __future__ import annotations
@@ -72,11 +72,22 @@ class FinetuneJob:
     @classmethod
     def from_proto(cls, m: finetune_pb2.Job) -> FinetuneJob:
         return cls(
-            id=m.id, kind=m.kind, state=STATES.get(m.state, "unspecified"), dataset=m.dataset,
-            params=dict(m.params), model_name=m.model_name, step=m.step, max_steps=m.max_steps,
-            metrics=dict(m.metrics), failure_reason=m.failure_reason, request_id=m.request_id,
-            restarts=m.restarts, queue_position=m.queue_position, created=_time(m, "created"),
-            started=_time(m, "started"), finished=_time(m, "finished"),
+            id=m.id,
+            kind=m.kind,
+            state=STATES.get(m.state, "unspecified"),
+            dataset=m.dataset,
+            params=dict(m.params),
+            model_name=m.model_name,
+            step=m.step,
+            max_steps=m.max_steps,
+            metrics=dict(m.metrics),
+            failure_reason=m.failure_reason,
+            request_id=m.request_id,
+            restarts=m.restarts,
+            queue_position=m.queue_position,
+            created=_time(m, "created"),
+            started=_time(m, "started"),
+            finished=_time(m, "finished"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -95,8 +106,15 @@ class Checkpoint:
 
     @classmethod
     def from_proto(cls, m: finetune_pb2.Checkpoint) -> Checkpoint:
-        return cls(id=m.id, step=m.step, metrics=dict(m.metrics), key=m.ref.key, uri=m.ref.uri,
-                   best=m.best, created=_time(m, "created"))
+        return cls(
+            id=m.id,
+            step=m.step,
+            metrics=dict(m.metrics),
+            key=m.ref.key,
+            uri=m.ref.uri,
+            best=m.best,
+            created=_time(m, "created"),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -117,8 +135,13 @@ class JobEvent:
     @classmethod
     def from_proto(cls, m: finetune_pb2.JobEvent) -> JobEvent:
         return cls(
-            sequence=m.sequence, type=m.type, job_id=m.job_id, state=STATES.get(m.state, ""),
-            step=m.step, metrics=dict(m.metrics), message=m.message,
+            sequence=m.sequence,
+            type=m.type,
+            job_id=m.job_id,
+            state=STATES.get(m.state, ""),
+            step=m.step,
+            metrics=dict(m.metrics),
+            message=m.message,
             checkpoint=Checkpoint.from_proto(m.checkpoint) if m.HasField("checkpoint") else None,
             time=_time(m, "time"),
         )
@@ -142,9 +165,12 @@ class JobKind:
 
     @classmethod
     def from_proto(cls, m: finetune_pb2.JobKind) -> JobKind:
-        return cls(m.name, m.description, m.dataset_layout, [
-            JobParam(p.name, p.type, p.default, p.description, list(p.choices)) for p in m.params
-        ])
+        return cls(
+            m.name,
+            m.description,
+            m.dataset_layout,
+            [JobParam(p.name, p.type, p.default, p.description, list(p.choices)) for p in m.params],
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -165,8 +191,9 @@ class DatasetReport:
 
     @classmethod
     def from_proto(cls, m: finetune_pb2.DatasetReport) -> DatasetReport:
-        return cls(m.prefix, m.layout, m.images, list(m.classes), dict(m.per_class),
-                   list(m.problems))
+        return cls(
+            m.prefix, m.layout, m.images, list(m.classes), dict(m.per_class), list(m.problems)
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -191,12 +218,19 @@ def _param_str(value: Any) -> str:
     return str(value)
 
 
-def create_request(kind: str, dataset: str, params: Mapping[str, Any] | None,
-                   model_name: str | None, request_id: str | None) -> finetune_pb2.CreateJobRequest:
+def create_request(
+    kind: str,
+    dataset: str,
+    params: Mapping[str, Any] | None,
+    model_name: str | None,
+    request_id: str | None,
+) -> finetune_pb2.CreateJobRequest:
     return finetune_pb2.CreateJobRequest(
-        kind=kind, dataset=dataset,
+        kind=kind,
+        dataset=dataset,
         params={k: _param_str(v) for k, v in (params or {}).items()},
-        model_name=model_name or "", request_id=request_id or uuid.uuid4().hex,
+        model_name=model_name or "",
+        request_id=request_id or uuid.uuid4().hex,
     )
 
 
@@ -205,7 +239,10 @@ def list_request(state: str | None, kind: str | None, token: str) -> finetune_pb
         raise ValueError(f"state must be one of {sorted(STATE_VALUES)}, not {state!r}")
     return finetune_pb2.ListJobsRequest(
         state=STATE_VALUES.get(state or "", finetune_pb2.JOB_STATE_UNSPECIFIED),
-        kind=kind or "", page_size=1000, page_token=token)
+        kind=kind or "",
+        page_size=1000,
+        page_token=token,
+    )
 
 
 def guess_layout(root: pathlib.Path) -> str:
@@ -216,8 +253,9 @@ def guess_layout(root: pathlib.Path) -> str:
     return "image_folder"
 
 
-def check_local_dataset(root: str | os.PathLike[str], layout: str | None = None
-                        ) -> tuple[str, list[pathlib.Path], list[str]]:
+def check_local_dataset(
+    root: str | os.PathLike[str], layout: str | None = None
+) -> tuple[str, list[pathlib.Path], list[str]]:
     """Check a local folder against a layout (without uploading): (layout, files, problems)."""
     from PIL import Image, UnidentifiedImageError
 
@@ -228,8 +266,11 @@ def check_local_dataset(root: str | os.PathLike[str], layout: str | None = None
     layout = layout or guess_layout(base)
     if layout not in LAYOUTS:
         return layout, [], [f"unknown layout {layout!r}; one of {', '.join(LAYOUTS)}"]
-    files = sorted(p for p in base.rglob("*") if p.is_file() and not any(
-        part.startswith(".") for part in p.relative_to(base).parts))
+    files = sorted(
+        p
+        for p in base.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(base).parts)
+    )
     rel = {p.relative_to(base).as_posix() for p in files}
     images: list[str] = []
     if layout == "image_folder":
@@ -304,24 +345,33 @@ class Finetune:
     def __init__(self, transport: Transport) -> None:
         self._t = transport
 
-    def _call(self, method: str, request: Any, *, idempotent: bool = True,
-              timeout: float | None = None) -> Any:
-        return self._t.unary(SERVICE, STUB, method, request, idempotent=idempotent,
-                             timeout=timeout)
+    def _call(
+        self, method: str, request: Any, *, idempotent: bool = True, timeout: float | None = None
+    ) -> Any:
+        return self._t.unary(SERVICE, STUB, method, request, idempotent=idempotent, timeout=timeout)
 
-    def create(self, kind: str, dataset: str, *, params: Mapping[str, Any] | None = None,
-               model_name: str | None = None, request_id: str | None = None,
-               timeout: float | None = None) -> FinetuneJob:
+    def create(
+        self,
+        kind: str,
+        dataset: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        model_name: str | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> FinetuneJob:
         """Validate and queue a job (retries are safe: idempotent on ``request_id``)."""
         req = create_request(kind, dataset, params, model_name, request_id)
         return FinetuneJob.from_proto(self._call("CreateJob", req, timeout=timeout))
 
     def get(self, job_id: str, *, timeout: float | None = None) -> FinetuneJob:
         return FinetuneJob.from_proto(
-            self._call("GetJob", finetune_pb2.GetJobRequest(id=job_id), timeout=timeout))
+            self._call("GetJob", finetune_pb2.GetJobRequest(id=job_id), timeout=timeout)
+        )
 
-    def list(self, *, state: str | None = None, kind: str | None = None,
-             timeout: float | None = None) -> list[FinetuneJob]:
+    def list(
+        self, *, state: str | None = None, kind: str | None = None, timeout: float | None = None
+    ) -> list[FinetuneJob]:
         """Every job (newest first), optionally of one state / kind."""
         out, token = [], ""
         while True:
@@ -331,20 +381,27 @@ class Finetune:
             if not token:
                 return out
 
-    def cancel(self, job_id: str, *, strict: bool = False,
-               timeout: float | None = None) -> FinetuneJob:
+    def cancel(
+        self, job_id: str, *, strict: bool = False, timeout: float | None = None
+    ) -> FinetuneJob:
         req = finetune_pb2.CancelJobRequest(id=job_id, strict=strict)
         return FinetuneJob.from_proto(self._call("CancelJob", req, timeout=timeout))
 
-    def watch(self, job_id: str, *, since: int = 0,
-              timeout: float | None = None) -> Iterator[JobEvent]:
+    def watch(
+        self, job_id: str, *, since: int = 0, timeout: float | None = None
+    ) -> Iterator[JobEvent]:
         """Events from ``since`` until the job ends (closing the iterator cancels the call)."""
         req = finetune_pb2.WatchJobRequest(id=job_id, since_sequence=since)
         for msg in self._t.stream(SERVICE, STUB, "WatchJob", req, timeout=timeout):
             yield JobEvent.from_proto(msg)
 
-    def wait(self, job_id: str, *, progress: bool | Callable[[JobEvent], None] = False,
-             timeout: float | None = None) -> FinetuneJob:
+    def wait(
+        self,
+        job_id: str,
+        *,
+        progress: bool | Callable[[JobEvent], None] = False,
+        timeout: float | None = None,
+    ) -> FinetuneJob:
         """Follow the job's events until it ends; returns the final job."""
         callback, bar = _bar(progress, 0, "step", job_id)
         try:
@@ -359,15 +416,23 @@ class Finetune:
         return self.get(job_id)
 
     def checkpoints(self, job_id: str, *, timeout: float | None = None) -> list[Checkpoint]:
-        resp = self._call("ListCheckpoints", finetune_pb2.ListCheckpointsRequest(job_id=job_id),
-                          timeout=timeout)
+        resp = self._call(
+            "ListCheckpoints", finetune_pb2.ListCheckpointsRequest(job_id=job_id), timeout=timeout
+        )
         return [Checkpoint.from_proto(c) for c in resp.checkpoints]
 
-    def promote(self, job_id: str, checkpoint: str | None = None, *,
-                model_name: str | None = None, timeout: float | None = None) -> PromoteResult:
+    def promote(
+        self,
+        job_id: str,
+        checkpoint: str | None = None,
+        *,
+        model_name: str | None = None,
+        timeout: float | None = None,
+    ) -> PromoteResult:
         """Checkpoint (default: the best, else the last) → a new Triton model version."""
-        req = finetune_pb2.PromoteCheckpointRequest(job_id=job_id, checkpoint_id=checkpoint or "",
-                                                    model_name=model_name or "")
+        req = finetune_pb2.PromoteCheckpointRequest(
+            job_id=job_id, checkpoint_id=checkpoint or "", model_name=model_name or ""
+        )
         resp = self._call("PromoteCheckpoint", req, idempotent=False, timeout=timeout)
         return PromoteResult(ModelInfo.from_proto(resp.model), resp.previous_version)
 
@@ -375,32 +440,46 @@ class Finetune:
         resp = self._call("ListJobKinds", finetune_pb2.ListJobKindsRequest(), timeout=timeout)
         return [JobKind.from_proto(k) for k in resp.kinds]
 
-    def upload_file(self, path: str | os.PathLike[str], key: str, *,
-                    timeout: float | None = None) -> dict[str, Any]:
+    def upload_file(
+        self, path: str | os.PathLike[str], key: str, *, timeout: float | None = None
+    ) -> dict[str, Any]:
         """One file into the store at ``key`` (sha256 checked by the server)."""
-        ref = self._t.unary(SERVICE, STUB, "UploadDatasetFile",
-                            upload_chunks(pathlib.Path(path), key), idempotent=False,
-                            timeout=timeout)
+        ref = self._t.unary(
+            SERVICE,
+            STUB,
+            "UploadDatasetFile",
+            upload_chunks(pathlib.Path(path), key),
+            idempotent=False,
+            timeout=timeout,
+        )
         return {"key": ref.key, "uri": ref.uri, "sha256": ref.sha256, "size_bytes": ref.size_bytes}
 
-    def upload_dataset(self, local_dir: str | os.PathLike[str], prefix: str, *,
-                       layout: str | None = None, progress: bool = False,
-                       timeout: float | None = None) -> DatasetReport:
+    def upload_dataset(
+        self,
+        local_dir: str | os.PathLike[str],
+        prefix: str,
+        *,
+        layout: str | None = None,
+        progress: bool = False,
+        timeout: float | None = None,
+    ) -> DatasetReport:
         """Check a local folder against its layout, upload it under ``prefix``, validate there.
 
         Raises ``ValueError`` listing every local problem before anything is uploaded.
         """
         layout, files, problems = check_local_dataset(local_dir, layout)
         if problems:
-            raise ValueError(f"{local_dir} is not a valid {layout} data set:\n  "
-                             + "\n  ".join(problems))
+            raise ValueError(
+                f"{local_dir} is not a valid {layout} data set:\n  " + "\n  ".join(problems)
+            )
         base = pathlib.Path(local_dir)
         prefix = prefix.strip("/")
         _, bar = _bar(progress, len(files), "file", f"uploading to {prefix}")
         try:
             for path in files:
-                self.upload_file(path, f"{prefix}/{path.relative_to(base).as_posix()}",
-                                 timeout=timeout)
+                self.upload_file(
+                    path, f"{prefix}/{path.relative_to(base).as_posix()}", timeout=timeout
+                )
                 if bar is not None:
                     bar.update(1)
         finally:
@@ -408,8 +487,9 @@ class Finetune:
                 bar.close()
         return self.validate_dataset(prefix, layout=layout, timeout=timeout)
 
-    def validate_dataset(self, prefix: str, *, layout: str | None = None,
-                         timeout: float | None = None) -> DatasetReport:
+    def validate_dataset(
+        self, prefix: str, *, layout: str | None = None, timeout: float | None = None
+    ) -> DatasetReport:
         req = finetune_pb2.ValidateDatasetRequest(prefix=prefix, layout=layout or "")
         return DatasetReport.from_proto(self._call("ValidateDataset", req, timeout=timeout))
 
@@ -434,23 +514,34 @@ class AsyncFinetune:
     def __init__(self, transport: AsyncTransport) -> None:
         self._t = transport
 
-    async def _call(self, method: str, request: Any, *, idempotent: bool = True,
-                    timeout: float | None = None) -> Any:
-        return await self._t.unary(SERVICE, STUB, method, request, idempotent=idempotent,
-                                   timeout=timeout)
+    async def _call(
+        self, method: str, request: Any, *, idempotent: bool = True, timeout: float | None = None
+    ) -> Any:
+        return await self._t.unary(
+            SERVICE, STUB, method, request, idempotent=idempotent, timeout=timeout
+        )
 
-    async def create(self, kind: str, dataset: str, *, params: Mapping[str, Any] | None = None,
-                     model_name: str | None = None, request_id: str | None = None,
-                     timeout: float | None = None) -> FinetuneJob:
+    async def create(
+        self,
+        kind: str,
+        dataset: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        model_name: str | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> FinetuneJob:
         req = create_request(kind, dataset, params, model_name, request_id)
         return FinetuneJob.from_proto(await self._call("CreateJob", req, timeout=timeout))
 
     async def get(self, job_id: str, *, timeout: float | None = None) -> FinetuneJob:
-        return FinetuneJob.from_proto(await self._call(
-            "GetJob", finetune_pb2.GetJobRequest(id=job_id), timeout=timeout))
+        return FinetuneJob.from_proto(
+            await self._call("GetJob", finetune_pb2.GetJobRequest(id=job_id), timeout=timeout)
+        )
 
-    async def list(self, *, state: str | None = None, kind: str | None = None,
-                   timeout: float | None = None) -> list[FinetuneJob]:
+    async def list(
+        self, *, state: str | None = None, kind: str | None = None, timeout: float | None = None
+    ) -> list[FinetuneJob]:
         out, token = [], ""
         while True:
             resp = await self._call("ListJobs", list_request(state, kind, token), timeout=timeout)
@@ -459,66 +550,92 @@ class AsyncFinetune:
             if not token:
                 return out
 
-    async def cancel(self, job_id: str, *, strict: bool = False,
-                     timeout: float | None = None) -> FinetuneJob:
+    async def cancel(
+        self, job_id: str, *, strict: bool = False, timeout: float | None = None
+    ) -> FinetuneJob:
         req = finetune_pb2.CancelJobRequest(id=job_id, strict=strict)
         return FinetuneJob.from_proto(await self._call("CancelJob", req, timeout=timeout))
 
-    async def watch(self, job_id: str, *, since: int = 0,
-                    timeout: float | None = None) -> AsyncIterator[JobEvent]:
+    async def watch(
+        self, job_id: str, *, since: int = 0, timeout: float | None = None
+    ) -> AsyncIterator[JobEvent]:
         req = finetune_pb2.WatchJobRequest(id=job_id, since_sequence=since)
         async for msg in self._t.stream(SERVICE, STUB, "WatchJob", req, timeout=timeout):
             yield JobEvent.from_proto(msg)
 
-    async def wait(self, job_id: str, *, progress: Callable[[JobEvent], None] | None = None,
-                   timeout: float | None = None) -> FinetuneJob:
+    async def wait(
+        self,
+        job_id: str,
+        *,
+        progress: Callable[[JobEvent], None] | None = None,
+        timeout: float | None = None,
+    ) -> FinetuneJob:
         async for event in self.watch(job_id, timeout=timeout):
             if progress is not None:
                 progress(event)
         return await self.get(job_id)
 
     async def checkpoints(self, job_id: str, *, timeout: float | None = None) -> list[Checkpoint]:
-        resp = await self._call("ListCheckpoints",
-                                finetune_pb2.ListCheckpointsRequest(job_id=job_id),
-                                timeout=timeout)
+        resp = await self._call(
+            "ListCheckpoints", finetune_pb2.ListCheckpointsRequest(job_id=job_id), timeout=timeout
+        )
         return [Checkpoint.from_proto(c) for c in resp.checkpoints]
 
-    async def promote(self, job_id: str, checkpoint: str | None = None, *,
-                      model_name: str | None = None,
-                      timeout: float | None = None) -> PromoteResult:
-        req = finetune_pb2.PromoteCheckpointRequest(job_id=job_id, checkpoint_id=checkpoint or "",
-                                                    model_name=model_name or "")
+    async def promote(
+        self,
+        job_id: str,
+        checkpoint: str | None = None,
+        *,
+        model_name: str | None = None,
+        timeout: float | None = None,
+    ) -> PromoteResult:
+        req = finetune_pb2.PromoteCheckpointRequest(
+            job_id=job_id, checkpoint_id=checkpoint or "", model_name=model_name or ""
+        )
         resp = await self._call("PromoteCheckpoint", req, idempotent=False, timeout=timeout)
         return PromoteResult(ModelInfo.from_proto(resp.model), resp.previous_version)
 
     async def kinds(self, *, timeout: float | None = None) -> list[JobKind]:
-        resp = await self._call("ListJobKinds", finetune_pb2.ListJobKindsRequest(),
-                                timeout=timeout)
+        resp = await self._call("ListJobKinds", finetune_pb2.ListJobKindsRequest(), timeout=timeout)
         return [JobKind.from_proto(k) for k in resp.kinds]
 
-    async def upload_file(self, path: str | os.PathLike[str], key: str, *,
-                          timeout: float | None = None) -> dict[str, Any]:
-        ref = await self._t.unary(SERVICE, STUB, "UploadDatasetFile",
-                                  upload_chunks(pathlib.Path(path), key), idempotent=False,
-                                  timeout=timeout)
+    async def upload_file(
+        self, path: str | os.PathLike[str], key: str, *, timeout: float | None = None
+    ) -> dict[str, Any]:
+        ref = await self._t.unary(
+            SERVICE,
+            STUB,
+            "UploadDatasetFile",
+            upload_chunks(pathlib.Path(path), key),
+            idempotent=False,
+            timeout=timeout,
+        )
         return {"key": ref.key, "uri": ref.uri, "sha256": ref.sha256, "size_bytes": ref.size_bytes}
 
-    async def upload_dataset(self, local_dir: str | os.PathLike[str], prefix: str, *,
-                             layout: str | None = None,
-                             timeout: float | None = None) -> DatasetReport:
+    async def upload_dataset(
+        self,
+        local_dir: str | os.PathLike[str],
+        prefix: str,
+        *,
+        layout: str | None = None,
+        timeout: float | None = None,
+    ) -> DatasetReport:
         layout, files, problems = check_local_dataset(local_dir, layout)
         if problems:
-            raise ValueError(f"{local_dir} is not a valid {layout} data set:\n  "
-                             + "\n  ".join(problems))
+            raise ValueError(
+                f"{local_dir} is not a valid {layout} data set:\n  " + "\n  ".join(problems)
+            )
         base = pathlib.Path(local_dir)
         prefix = prefix.strip("/")
         for path in files:
-            await self.upload_file(path, f"{prefix}/{path.relative_to(base).as_posix()}",
-                                   timeout=timeout)
+            await self.upload_file(
+                path, f"{prefix}/{path.relative_to(base).as_posix()}", timeout=timeout
+            )
         return await self.validate_dataset(prefix, layout=layout, timeout=timeout)
 
-    async def validate_dataset(self, prefix: str, *, layout: str | None = None,
-                               timeout: float | None = None) -> DatasetReport:
+    async def validate_dataset(
+        self, prefix: str, *, layout: str | None = None, timeout: float | None = None
+    ) -> DatasetReport:
         req = finetune_pb2.ValidateDatasetRequest(prefix=prefix, layout=layout or "")
         return DatasetReport.from_proto(await self._call("ValidateDataset", req, timeout=timeout))
 

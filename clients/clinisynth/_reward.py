@@ -298,8 +298,13 @@ def _with_names(resp: reward_pb2.ScoreResponse, items: list[Any], start: int) ->
     for s in resp.scores:
         score = image_score(s, start)
         if not score.name:
-            score = ImageScore(score.index, score.reward, score.p_aligned, score.model_version,
-                               _name_of(items[score.index]))
+            score = ImageScore(
+                score.index,
+                score.reward,
+                score.p_aligned,
+                score.model_version,
+                _name_of(items[score.index]),
+            )
         scores.append(score)
     return scores
 
@@ -315,7 +320,9 @@ def stream_requests(
     generator: str | None,
 ) -> Iterator[reward_pb2.ScoreStreamRequest]:
     config = reward_pb2.ScoreStreamConfig(
-        model=_model_ref(model), store_prefix=store_prefix or "", resize=resize,
+        model=_model_ref(model),
+        store_prefix=store_prefix or "",
+        resize=resize,
         batch_size=batch_size,
     )
     if condition is not None:
@@ -383,8 +390,9 @@ class StreamFolder:
 class ScoreStream:
     """Iterate for per-image scores; ``summary`` is set once the stream ended."""
 
-    def __init__(self, events: Iterator[reward_pb2.ScoreStreamEvent],
-                 on_progress: ProgressCallback | None) -> None:
+    def __init__(
+        self, events: Iterator[reward_pb2.ScoreStreamEvent], on_progress: ProgressCallback | None
+    ) -> None:
         self._events = events
         self._folder = StreamFolder(on_progress)
 
@@ -459,8 +467,12 @@ def submit_request(
 
 
 def list_request(
-    condition: Any, class_name: str | None, prompt: str | None, rater_id: str | None,
-    page_size: int, token: str,
+    condition: Any,
+    class_name: str | None,
+    prompt: str | None,
+    rater_id: str | None,
+    page_size: int,
+    token: str,
 ) -> reward_pb2.ListFeedbackRequest:
     req = reward_pb2.ListFeedbackRequest(
         rater_id=rater_id or "", page_size=page_size, page_token=token
@@ -472,7 +484,10 @@ def list_request(
 
 
 def export_request(
-    prefix: str | None, condition: Any, class_name: str | None, prompt: str | None,
+    prefix: str | None,
+    condition: Any,
+    class_name: str | None,
+    prompt: str | None,
     aggregate: str,
 ) -> reward_pb2.ExportFeedbackRequest:
     req = reward_pb2.ExportFeedbackRequest(prefix=prefix or "", aggregate=aggregate)
@@ -513,8 +528,9 @@ class ExportWriter:
             self.files.append(dest)
 
 
-def _export_result(resp: reward_pb2.ExportFeedbackResponse, writer: ExportWriter | None
-                   ) -> FeedbackExport:
+def _export_result(
+    resp: reward_pb2.ExportFeedbackResponse, writer: ExportWriter | None
+) -> FeedbackExport:
     return FeedbackExport(
         prefix=resp.prefix,
         judgements=resp.judgements,
@@ -526,8 +542,13 @@ def _export_result(resp: reward_pb2.ExportFeedbackResponse, writer: ExportWriter
 
 
 def enqueue_request(
-    images: Any, condition: Any, class_name: str | None, prompt: str | None,
-    raters_per_item: int, generator: str | None, names: Sequence[str] | None,
+    images: Any,
+    condition: Any,
+    class_name: str | None,
+    prompt: str | None,
+    raters_per_item: int,
+    generator: str | None,
+    names: Sequence[str] | None,
 ) -> reward_pb2.EnqueueReviewRequest:
     items = image_list(images)
     names = list(names or [_name_of(i) for i in items])
@@ -546,8 +567,9 @@ def enqueue_request(
     return req
 
 
-def next_request(rater_id: str, condition: Any, class_name: str | None, prompt: str | None,
-                 limit: int) -> reward_pb2.NextReviewItemsRequest:
+def next_request(
+    rater_id: str, condition: Any, class_name: str | None, prompt: str | None, limit: int
+) -> reward_pb2.NextReviewItemsRequest:
     req = reward_pb2.NextReviewItemsRequest(rater_id=rater_id, limit=limit)
     cond = condition_msg(condition, class_name=class_name, prompt=prompt)
     if cond is not None:
@@ -555,8 +577,9 @@ def next_request(rater_id: str, condition: Any, class_name: str | None, prompt: 
     return req
 
 
-def _agreement_request(condition: Any, class_name: str | None, prompt: str | None
-                       ) -> reward_pb2.GetAgreementRequest:
+def _agreement_request(
+    condition: Any, class_name: str | None, prompt: str | None
+) -> reward_pb2.GetAgreementRequest:
     req = reward_pb2.GetAgreementRequest()
     cond = condition_msg(condition, class_name=class_name, prompt=prompt)
     if cond is not None:
@@ -598,13 +621,22 @@ class FeedbackCalls:
         on UNAVAILABLE; a retry that reached the store returns ``duplicate=True``.
         """
         req = submit_request(
-            image, rater_id=rater_id, plausible=plausible, condition=condition,
-            class_name=class_name, prompt=prompt, item_id=item_id, criteria=criteria,
-            comment=comment, time_spent_ms=time_spent_ms, generator=generator,
+            image,
+            rater_id=rater_id,
+            plausible=plausible,
+            condition=condition,
+            class_name=class_name,
+            prompt=prompt,
+            item_id=item_id,
+            criteria=criteria,
+            comment=comment,
+            time_spent_ms=time_spent_ms,
+            generator=generator,
             client_request_id=client_request_id,
         )
-        resp = self._t.unary("reward", STUB, "SubmitFeedback", req, idempotent=True,
-                             timeout=timeout)
+        resp = self._t.unary(
+            "reward", STUB, "SubmitFeedback", req, idempotent=True, timeout=timeout
+        )
         return feedback_from(resp.feedback, resp.duplicate)
 
     def list(
@@ -621,8 +653,9 @@ class FeedbackCalls:
         out, token = [], ""
         while True:
             req = list_request(condition, class_name, prompt, rater_id, page_size, token)
-            resp = self._t.unary("reward", STUB, "ListFeedback", req, idempotent=True,
-                                 timeout=timeout)
+            resp = self._t.unary(
+                "reward", STUB, "ListFeedback", req, idempotent=True, timeout=timeout
+            )
             out += [feedback_from(f) for f in resp.feedback]
             token = resp.next_page_token
             if not token:
@@ -641,8 +674,9 @@ class FeedbackCalls:
     ) -> FeedbackExport:
         """Write the labelled data set in the store; with ``out``, also download it there."""
         req = export_request(prefix, condition, class_name, prompt, aggregate)
-        resp = self._t.unary("reward", STUB, "ExportFeedback", req, idempotent=True,
-                             timeout=timeout)
+        resp = self._t.unary(
+            "reward", STUB, "ExportFeedback", req, idempotent=True, timeout=timeout
+        )
         writer = None
         if out is not None:
             writer = ExportWriter(out)
@@ -670,10 +704,10 @@ class ReviewCalls:
         names: Sequence[str] | None = None,
         timeout: float | None = None,
     ) -> list[ReviewItem]:
-        req = enqueue_request(images, condition, class_name, prompt, raters_per_item, generator,
-                              names)
-        resp = self._t.unary("reward", STUB, "EnqueueReview", req, idempotent=True,
-                             timeout=timeout)
+        req = enqueue_request(
+            images, condition, class_name, prompt, raters_per_item, generator, names
+        )
+        resp = self._t.unary("reward", STUB, "EnqueueReview", req, idempotent=True, timeout=timeout)
         return [review_item(m) for m in resp.items]
 
     def next(
@@ -688,8 +722,9 @@ class ReviewCalls:
     ) -> ReviewBatch:
         """Items for ``rater_id``, least certain (by the current reward model) first."""
         req = next_request(rater_id, condition, class_name, prompt, limit)
-        resp = self._t.unary("reward", STUB, "NextReviewItems", req, idempotent=True,
-                             timeout=timeout)
+        resp = self._t.unary(
+            "reward", STUB, "NextReviewItems", req, idempotent=True, timeout=timeout
+        )
         return ReviewBatch([review_item(m) for m in resp.items], resp.pending)
 
 
@@ -730,12 +765,10 @@ class RewardCalls:
         out: list[ImageScore] = []
         try:
             for start, req in reqs:
-                resp = self._t.unary("reward", STUB, "Score", req, idempotent=True,
-                                     timeout=timeout)
+                resp = self._t.unary("reward", STUB, "Score", req, idempotent=True, timeout=timeout)
                 out += _with_names(resp, items, start)
                 if callback is not None:
-                    callback(ProgressEvent("score", len(out), len(items),
-                                           len(out) / len(items)))
+                    callback(ProgressEvent("score", len(out), len(items), len(out) / len(items)))
         finally:
             if bar is not None:
                 bar.close()
@@ -761,7 +794,10 @@ class RewardCalls:
         reqs = stream_requests(
             images if not store_prefix else (),
             condition=condition_msg(condition, class_name=class_name, prompt=prompt),
-            model=model, resize=resize, store_prefix=store_prefix, batch_size=batch_size,
+            model=model,
+            resize=resize,
+            store_prefix=store_prefix,
+            batch_size=batch_size,
             generator=generator,
         )
         events = self._t.stream("reward", STUB, "ScoreStream", reqs, timeout=timeout)
@@ -788,8 +824,13 @@ class RewardCalls:
         try:
             stream = self.score_stream(
                 ((rel, path, cond) if cond else (rel, path) for rel, path, cond in files),
-                class_name=class_name, prompt=prompt, model=model, resize=resize,
-                batch_size=batch_size, progress=callback, timeout=timeout,
+                class_name=class_name,
+                prompt=prompt,
+                model=model,
+                resize=resize,
+                batch_size=batch_size,
+                progress=callback,
+                timeout=timeout,
             )
             return list(stream)
         finally:
@@ -808,8 +849,7 @@ class RewardCalls:
         cond = condition_msg(condition, class_name=class_name, prompt=prompt)
         if cond is not None:
             req.condition.CopyFrom(cond)
-        resp = self._t.unary("reward", STUB, "GetChecklist", req, idempotent=True,
-                             timeout=timeout)
+        resp = self._t.unary("reward", STUB, "GetChecklist", req, idempotent=True, timeout=timeout)
         return [Criterion(c.name, c.description) for c in resp.criteria]
 
     def agreement(
@@ -822,8 +862,7 @@ class RewardCalls:
     ) -> Agreement:
         """Inter-rater agreement per condition (Cohen / Fleiss kappa) and rater statistics."""
         req = _agreement_request(condition, class_name, prompt)
-        resp = self._t.unary("reward", STUB, "GetAgreement", req, idempotent=True,
-                             timeout=timeout)
+        resp = self._t.unary("reward", STUB, "GetAgreement", req, idempotent=True, timeout=timeout)
         return agreement_from(resp)
 
 
@@ -836,50 +875,85 @@ class AsyncFeedbackCalls:
     def __init__(self, transport: AsyncTransport) -> None:
         self._t = transport
 
-    async def submit(self, image: Any = None, *, rater_id: str, plausible: bool,
-                     condition: str | dict[str, str] | None = None,
-                     class_name: str | None = None, prompt: str | None = None,
-                     item_id: str | None = None, criteria: dict[str, bool] | None = None,
-                     comment: str = "", time_spent_ms: int = 0, generator: str | None = None,
-                     client_request_id: str | None = None,
-                     timeout: float | None = None) -> Feedback:
+    async def submit(
+        self,
+        image: Any = None,
+        *,
+        rater_id: str,
+        plausible: bool,
+        condition: str | dict[str, str] | None = None,
+        class_name: str | None = None,
+        prompt: str | None = None,
+        item_id: str | None = None,
+        criteria: dict[str, bool] | None = None,
+        comment: str = "",
+        time_spent_ms: int = 0,
+        generator: str | None = None,
+        client_request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Feedback:
         req = submit_request(
-            image, rater_id=rater_id, plausible=plausible, condition=condition,
-            class_name=class_name, prompt=prompt, item_id=item_id, criteria=criteria,
-            comment=comment, time_spent_ms=time_spent_ms, generator=generator,
+            image,
+            rater_id=rater_id,
+            plausible=plausible,
+            condition=condition,
+            class_name=class_name,
+            prompt=prompt,
+            item_id=item_id,
+            criteria=criteria,
+            comment=comment,
+            time_spent_ms=time_spent_ms,
+            generator=generator,
             client_request_id=client_request_id,
         )
-        resp = await self._t.unary("reward", STUB, "SubmitFeedback", req, idempotent=True,
-                                   timeout=timeout)
+        resp = await self._t.unary(
+            "reward", STUB, "SubmitFeedback", req, idempotent=True, timeout=timeout
+        )
         return feedback_from(resp.feedback, resp.duplicate)
 
-    async def list(self, *, condition: str | dict[str, str] | None = None,
-                   class_name: str | None = None, prompt: str | None = None,
-                   rater_id: str | None = None, page_size: int = 500,
-                   timeout: float | None = None) -> list[Feedback]:
+    async def list(
+        self,
+        *,
+        condition: str | dict[str, str] | None = None,
+        class_name: str | None = None,
+        prompt: str | None = None,
+        rater_id: str | None = None,
+        page_size: int = 500,
+        timeout: float | None = None,
+    ) -> list[Feedback]:
         out, token = [], ""
         while True:
             req = list_request(condition, class_name, prompt, rater_id, page_size, token)
-            resp = await self._t.unary("reward", STUB, "ListFeedback", req, idempotent=True,
-                                       timeout=timeout)
+            resp = await self._t.unary(
+                "reward", STUB, "ListFeedback", req, idempotent=True, timeout=timeout
+            )
             out += [feedback_from(f) for f in resp.feedback]
             token = resp.next_page_token
             if not token:
                 return out
 
-    async def export(self, *, out: str | os.PathLike[str] | None = None,
-                     prefix: str | None = None, condition: str | dict[str, str] | None = None,
-                     class_name: str | None = None, prompt: str | None = None,
-                     aggregate: str = "all", timeout: float | None = None) -> FeedbackExport:
+    async def export(
+        self,
+        *,
+        out: str | os.PathLike[str] | None = None,
+        prefix: str | None = None,
+        condition: str | dict[str, str] | None = None,
+        class_name: str | None = None,
+        prompt: str | None = None,
+        aggregate: str = "all",
+        timeout: float | None = None,
+    ) -> FeedbackExport:
         req = export_request(prefix, condition, class_name, prompt, aggregate)
-        resp = await self._t.unary("reward", STUB, "ExportFeedback", req, idempotent=True,
-                                   timeout=timeout)
+        resp = await self._t.unary(
+            "reward", STUB, "ExportFeedback", req, idempotent=True, timeout=timeout
+        )
         writer = None
         if out is not None:
             writer = ExportWriter(out)
             dl = reward_pb2.DownloadExportRequest(prefix=resp.prefix)
-            async for chunk in self._t.stream("reward", STUB, "DownloadExport", dl,
-                                              timeout=timeout):
+            async for chunk in self._t.stream(
+                "reward", STUB, "DownloadExport", dl, timeout=timeout
+            ):
                 writer.feed(chunk)
         return _export_result(resp, writer)
 
@@ -888,23 +962,40 @@ class AsyncReviewCalls:
     def __init__(self, transport: AsyncTransport) -> None:
         self._t = transport
 
-    async def enqueue(self, images: Any, *, condition: str | dict[str, str] | None = None,
-                      class_name: str | None = None, prompt: str | None = None,
-                      raters_per_item: int = 1, generator: str | None = None,
-                      names: Sequence[str] | None = None,
-                      timeout: float | None = None) -> list[ReviewItem]:
-        req = enqueue_request(images, condition, class_name, prompt, raters_per_item, generator,
-                              names)
-        resp = await self._t.unary("reward", STUB, "EnqueueReview", req, idempotent=True,
-                                   timeout=timeout)
+    async def enqueue(
+        self,
+        images: Any,
+        *,
+        condition: str | dict[str, str] | None = None,
+        class_name: str | None = None,
+        prompt: str | None = None,
+        raters_per_item: int = 1,
+        generator: str | None = None,
+        names: Sequence[str] | None = None,
+        timeout: float | None = None,
+    ) -> list[ReviewItem]:
+        req = enqueue_request(
+            images, condition, class_name, prompt, raters_per_item, generator, names
+        )
+        resp = await self._t.unary(
+            "reward", STUB, "EnqueueReview", req, idempotent=True, timeout=timeout
+        )
         return [review_item(m) for m in resp.items]
 
-    async def next(self, rater_id: str, *, condition: str | dict[str, str] | None = None,
-                   class_name: str | None = None, prompt: str | None = None, limit: int = 10,
-                   timeout: float | None = None) -> ReviewBatch:
+    async def next(
+        self,
+        rater_id: str,
+        *,
+        condition: str | dict[str, str] | None = None,
+        class_name: str | None = None,
+        prompt: str | None = None,
+        limit: int = 10,
+        timeout: float | None = None,
+    ) -> ReviewBatch:
         req = next_request(rater_id, condition, class_name, prompt, limit)
-        resp = await self._t.unary("reward", STUB, "NextReviewItems", req, idempotent=True,
-                                   timeout=timeout)
+        resp = await self._t.unary(
+            "reward", STUB, "NextReviewItems", req, idempotent=True, timeout=timeout
+        )
         return ReviewBatch([review_item(m) for m in resp.items], resp.pending)
 
 
@@ -921,32 +1012,51 @@ class AsyncRewardCalls:
     def review(self) -> AsyncReviewCalls:
         return AsyncReviewCalls(self._t)
 
-    async def score(self, images: Any, condition: str | dict[str, str] | None = None, *,
-                    class_name: str | None = None, prompt: str | None = None,
-                    model: str | None = None, resize: bool = False,
-                    generator: str | None = None,
-                    timeout: float | None = None) -> list[ImageScore]:
+    async def score(
+        self,
+        images: Any,
+        condition: str | dict[str, str] | None = None,
+        *,
+        class_name: str | None = None,
+        prompt: str | None = None,
+        model: str | None = None,
+        resize: bool = False,
+        generator: str | None = None,
+        timeout: float | None = None,
+    ) -> list[ImageScore]:
         items = image_list(images)
         out: list[ImageScore] = []
-        for start, req in score_requests(items, condition, class_name, prompt, model, resize,
-                                         generator):
-            resp = await self._t.unary("reward", STUB, "Score", req, idempotent=True,
-                                       timeout=timeout)
+        for start, req in score_requests(
+            items, condition, class_name, prompt, model, resize, generator
+        ):
+            resp = await self._t.unary(
+                "reward", STUB, "Score", req, idempotent=True, timeout=timeout
+            )
             out += _with_names(resp, items, start)
         return out
 
-    async def score_stream(self, images: Iterable[Any] = (),
-                           condition: str | dict[str, str] | None = None, *,
-                           class_name: str | None = None, prompt: str | None = None,
-                           model: str | None = None, resize: bool = False,
-                           store_prefix: str | None = None, batch_size: int = 0,
-                           generator: str | None = None,
-                           progress: ProgressCallback | None = None,
-                           timeout: float | None = None) -> AsyncIterator[ImageScore]:
+    async def score_stream(
+        self,
+        images: Iterable[Any] = (),
+        condition: str | dict[str, str] | None = None,
+        *,
+        class_name: str | None = None,
+        prompt: str | None = None,
+        model: str | None = None,
+        resize: bool = False,
+        store_prefix: str | None = None,
+        batch_size: int = 0,
+        generator: str | None = None,
+        progress: ProgressCallback | None = None,
+        timeout: float | None = None,
+    ) -> AsyncIterator[ImageScore]:
         reqs = stream_requests(
             images if not store_prefix else (),
             condition=condition_msg(condition, class_name=class_name, prompt=prompt),
-            model=model, resize=resize, store_prefix=store_prefix, batch_size=batch_size,
+            model=model,
+            resize=resize,
+            store_prefix=store_prefix,
+            batch_size=batch_size,
             generator=generator,
         )
         folder = StreamFolder(progress)
@@ -955,23 +1065,35 @@ class AsyncRewardCalls:
             if score is not None:
                 yield score
 
-    async def checklist(self, condition: str | dict[str, str] | None = None, *,
-                        class_name: str | None = None, prompt: str | None = None,
-                        timeout: float | None = None) -> list[Criterion]:
+    async def checklist(
+        self,
+        condition: str | dict[str, str] | None = None,
+        *,
+        class_name: str | None = None,
+        prompt: str | None = None,
+        timeout: float | None = None,
+    ) -> list[Criterion]:
         req = reward_pb2.GetChecklistRequest()
         cond = condition_msg(condition, class_name=class_name, prompt=prompt)
         if cond is not None:
             req.condition.CopyFrom(cond)
-        resp = await self._t.unary("reward", STUB, "GetChecklist", req, idempotent=True,
-                                   timeout=timeout)
+        resp = await self._t.unary(
+            "reward", STUB, "GetChecklist", req, idempotent=True, timeout=timeout
+        )
         return [Criterion(c.name, c.description) for c in resp.criteria]
 
-    async def agreement(self, condition: str | dict[str, str] | None = None, *,
-                        class_name: str | None = None, prompt: str | None = None,
-                        timeout: float | None = None) -> Agreement:
+    async def agreement(
+        self,
+        condition: str | dict[str, str] | None = None,
+        *,
+        class_name: str | None = None,
+        prompt: str | None = None,
+        timeout: float | None = None,
+    ) -> Agreement:
         req = _agreement_request(condition, class_name, prompt)
-        resp = await self._t.unary("reward", STUB, "GetAgreement", req, idempotent=True,
-                                   timeout=timeout)
+        resp = await self._t.unary(
+            "reward", STUB, "GetAgreement", req, idempotent=True, timeout=timeout
+        )
         return agreement_from(resp)
 
 

@@ -141,8 +141,16 @@ def register_folder(
     kind = meta.get("kind") or detect_kind(folder)
     # Free in the catalog and in the repository: an interrupted registration can leave
     # component versions behind without a catalog record.
-    taken = [v for model in repository.list_models(repo_dir) if model.startswith(f"{name}.")
-             for v in repository.list_versions(repo_dir, model)] if repo_dir.is_dir() else []
+    taken = (
+        [
+            v
+            for model in repository.list_models(repo_dir)
+            if model.startswith(f"{name}.")
+            for v in repository.list_versions(repo_dir, model)
+        ]
+        if repo_dir.is_dir()
+        else []
+    )
     version = max(catalog.next_version(name), max(taken, default=0) + 1)
     extra: dict[str, Any] = dict(meta.get("extra", {}))
     components: dict[str, str] = {}

@@ -53,11 +53,18 @@ def cf_models(session_dir, catalog, store, model_repository, triton_client):
             pool.submit(triton_client.load_model, records[k].components["classifier"])
             for k in ("robust", "plain")
         ]
-        jobs.append(pool.submit(
-            guidance.ensure_guidance_model, records["denoiser"], records["robust"],
-            records["plain"], model_repository=model_repository, triton=triton_client,
-            store=store, parameters={"torch_threads": "1"},  # 2 shared cores: no contention
-        ))
+        jobs.append(
+            pool.submit(
+                guidance.ensure_guidance_model,
+                records["denoiser"],
+                records["robust"],
+                records["plain"],
+                model_repository=model_repository,
+                triton=triton_client,
+                store=store,
+                parameters={"torch_threads": "1"},  # 2 shared cores: no contention
+            )
+        )
         records["guidance"] = [j.result() for j in jobs][-1]
     return records
 
@@ -66,8 +73,13 @@ def cf_models(session_dir, catalog, store, model_repository, triton_client):
 def cf_server(triton_server, store_url, session_dir, model_repository, cf_models):
     from tests.conftest import start_service
 
-    running = start_service("counterfactual", triton_server.grpc_url, store_url, session_dir,
-                            model_repository=str(model_repository))
+    running = start_service(
+        "counterfactual",
+        triton_server.grpc_url,
+        store_url,
+        session_dir,
+        model_repository=str(model_repository),
+    )
     yield running
     running.stop(0)
 
@@ -91,8 +103,11 @@ def _png(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-MODELS = {"diffusion_model": "blob-denoiser", "robust_classifier": "blob-robust",
-          "plain_classifier": "blob-plain"}
+MODELS = {
+    "diffusion_model": "blob-denoiser",
+    "robust_classifier": "blob-robust",
+    "plain_classifier": "blob-plain",
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,10 +117,10 @@ MODELS = {"diffusion_model": "blob-denoiser", "robust_classifier": "blob-robust"
 
 def test_guidance_raises_robust_probability_with_bounded_distance(client):
     image = _healthy()
-    guided = client.counterfactual(image, target=TARGET, seed=0, format="raw", **MODELS,
-                                   **STRONG)
-    free = client.counterfactual(image, target=TARGET, seed=0, format="raw", **MODELS,
-                                 **{**STRONG, "lambda_c": 0.0})
+    guided = client.counterfactual(image, target=TARGET, seed=0, format="raw", **MODELS, **STRONG)
+    free = client.counterfactual(
+        image, target=TARGET, seed=0, format="raw", **MODELS, **{**STRONG, "lambda_c": 0.0}
+    )
     assert guided.p_target_before < 0.1  # a healthy image
     assert guided.p_target_after > guided.p_target_before + 0.25, guided.summary()
     assert guided.p_target_after > free.p_target_after + 0.25
@@ -144,31 +159,50 @@ def test_provenance_names_models_versions_seed_and_knobs(client, cf_models):
 
 
 @pytest.mark.parametrize(("mode", "distance"), [("cone", "l2"), ("plain_only", "l1")])
-def test_service_equals_the_algorithm_run_in_process(client, cf_models, model_repository,
-                                                     mode, distance):
+def test_service_equals_the_algorithm_run_in_process(
+    client, cf_models, model_repository, mode, distance
+):
     """Same models, steps and seed in-process: the cone projection and update in the service
     are exactly methods.counterfactual's."""
     from clinisynth_server.methods import counterfactual as cf
     from clinisynth_server.triton.backends.cf_guidance import Backend
 
     image = _healthy(2)
-    res = client.counterfactual(image, target=TARGET, seed=3, format="raw", mode=mode,
-                                distance=distance, lambda_c=0.3, **MODELS, **QUICK)
+    res = client.counterfactual(
+        image,
+        target=TARGET,
+        seed=3,
+        format="raw",
+        mode=mode,
+        distance=distance,
+        lambda_c=0.3,
+        **MODELS,
+        **QUICK,
+    )
     backend = Backend(model_repository / cf_models["guidance"] / "1" / "weights", {})
-    guide = cf.make_guide_fn(backend.eps_fn, backend.robust, backend.plain,
-                             distance_kind=distance, mode=mode)
+    guide = cf.make_guide_fn(
+        backend.eps_fn, backend.robust, backend.plain, distance_kind=distance, mode=mode
+    )
     from diffusers import DDPMScheduler
 
     ab = DDPMScheduler.from_config(cf_models["denoiser"].scheduler).alphas_cumprod
     lambda_d = 0.5 if distance == "l2" else 0.15
-    config = cf.CounterfactualConfig(steps=20, depth=0.5, lambda_c=0.3, mode=mode,
-                                     distance=distance, lambda_d=lambda_d)
-    ref = cf.run_counterfactual(guide, torch.from_numpy(image)[None, None] * 2 - 1,
-                                torch.tensor([1]), ab, config=config, seeds=[3])
+    config = cf.CounterfactualConfig(
+        steps=20, depth=0.5, lambda_c=0.3, mode=mode, distance=distance, lambda_d=lambda_d
+    )
+    ref = cf.run_counterfactual(
+        guide,
+        torch.from_numpy(image)[None, None] * 2 - 1,
+        torch.tensor([1]),
+        ab,
+        config=config,
+        seeds=[3],
+    )
     expected = ((ref.image[0, 0] + 1) / 2).numpy()
     np.testing.assert_allclose(res.to_numpy(), expected, atol=2e-3)
-    np.testing.assert_allclose([p.p_robust for p in res.trajectory],
-                               ref.prob_robust[:, 0].numpy(), atol=2e-3)
+    np.testing.assert_allclose(
+        [p.p_robust for p in res.trajectory], ref.prob_robust[:, 0].numpy(), atol=2e-3
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,14 +229,16 @@ def test_stream_sends_points_as_it_goes_and_cancel_stops_triton_calls(
 
     name = cf_models["guidance"]
     points = []
-    res = client.counterfactual(_healthy(), target=TARGET, seed=1, on_step=points.append,
-                                **MODELS, **QUICK)
+    res = client.counterfactual(
+        _healthy(), target=TARGET, seed=1, on_step=points.append, **MODELS, **QUICK
+    )
     assert [p.step for p in points] == list(range(1, 11))
     assert [p.p_robust for p in points] == [p.p_robust for p in res.trajectory]
 
     before = _guidance_count(triton_client, name)
-    stream = client.counterfactual_stream(_healthy(), target=TARGET, seed=2, steps=1000,
-                                          start_depth=0.5, **MODELS)  # 500 guided steps
+    stream = client.counterfactual_stream(
+        _healthy(), target=TARGET, seed=2, steps=1000, start_depth=0.5, **MODELS
+    )  # 500 guided steps
     seen = 0
     for event in stream:
         seen += event.WhichOneof("event") == "point"
@@ -251,15 +287,17 @@ def _dicom(pixels: np.ndarray | None, *, name: str = "Doe^Jane") -> bytes:
 def test_dicom_input_is_windowed_and_never_logged(client, caplog):
     caplog.set_level(logging.DEBUG)
     image = _healthy(3)
-    res = client.counterfactual(_dicom(image), target=TARGET, seed=0, format="raw", **MODELS,
-                                **QUICK)
+    res = client.counterfactual(
+        _dicom(image), target=TARGET, seed=0, format="raw", **MODELS, **QUICK
+    )
     # window 500/1001 over values ×1000 maps back to the image (within quantisation)
     np.testing.assert_allclose(res.input_array(), image, atol=2e-3)
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "Doe" not in logged and "MRN-0042" not in logged
     assert "DICOM(" in logged  # described by safe_log_repr
-    dicom = client.counterfactual(_dicom(image), target=TARGET, seed=0, format="dicom",
-                                  **MODELS, **QUICK)
+    dicom = client.counterfactual(
+        _dicom(image), target=TARGET, seed=0, format="dicom", **MODELS, **QUICK
+    )
     import pydicom
 
     ds = pydicom.dcmread(io.BytesIO(dicom.data))
@@ -315,8 +353,9 @@ def test_bad_input_is_invalid_argument_naming_the_field(client, image, knobs, fi
 
 def test_several_bad_fields_reported_at_once(client):
     with pytest.raises(clinisynth.InvalidArgumentError) as info:
-        client.counterfactual(_healthy(), target="tumour", lambda_c=-1, cone_angle_deg=0.0,
-                              **MODELS)
+        client.counterfactual(
+            _healthy(), target="tumour", lambda_c=-1, cone_angle_deg=0.0, **MODELS
+        )
     assert {"target_class", "lambda_c", "cone_angle_deg"} <= set(info.value.fields)
 
 
@@ -326,13 +365,16 @@ def test_several_bad_fields_reported_at_once(client):
 
 
 def test_models_default_to_the_denoisers_domain(client, cf_models):
-    res = client.counterfactual(_healthy(), target=TARGET, seed=0,
-                                diffusion_model="blob-denoiser", **QUICK)
+    res = client.counterfactual(
+        _healthy(), target=TARGET, seed=0, diffusion_model="blob-denoiser", **QUICK
+    )
     assert res.provenance["extra"]["robust_classifier"] == cf_models["robust"].ref
     assert res.provenance["extra"]["plain_classifier"] == cf_models["plain"].ref
     listed = {m.name: m for m in client.counterfactual_models()}
     assert listed["blob-robust"].kind == "classifier" and listed["blob-robust"].classes == [
-        "healthy", "lesion"]
+        "healthy",
+        "lesion",
+    ]
     assert listed["blob-denoiser"].kind == "unconditional"
     assert all(m.kind in ("unconditional", "classifier") for m in listed.values())
 
@@ -347,13 +389,19 @@ def test_batch_over_a_store_prefix(client, store):
     store.put_bytes("cf-batch/in/colour.png", _png(np.stack([healthy[0]] * 3, axis=2)))
     items = []
     result = client.counterfactual_batch(
-        "cf-batch/in/", target=TARGET, output_prefix="cf-batch/out/", seed=0, on_item=items.append,
-        **MODELS, **STRONG,
+        "cf-batch/in/",
+        target=TARGET,
+        output_prefix="cf-batch/out/",
+        seed=0,
+        on_item=items.append,
+        **MODELS,
+        **STRONG,
     )
     assert (result.images, result.failed) == (3, 1)
     errors = {i.input_key: i.error for i in items if i.error}
-    assert list(errors) == ["cf-batch/in/colour.png"] and "channel" in errors[
-        "cf-batch/in/colour.png"]
+    assert (
+        list(errors) == ["cf-batch/in/colour.png"] and "channel" in errors["cf-batch/in/colour.png"]
+    )
     good = [i for i in items if not i.error]
     assert result.flip_rate == pytest.approx(sum(i.p_target_after > 0.5 for i in good) / 3)
     assert result.flip_rate > 0  # the strong knobs flip the robust classifier on most images
@@ -372,7 +420,11 @@ def test_result_saves_image_difference_and_figure(client, tmp_path):
     res = client.counterfactual(_healthy(), target=TARGET, seed=0, **MODELS, **QUICK)
     paths = res.save(tmp_path, stem="eye")
     assert sorted(p.name for p in paths.values()) == [
-        "eye.counterfactual.png", "eye.diff.png", "eye.json", "eye.side_by_side.png"]
+        "eye.counterfactual.png",
+        "eye.diff.png",
+        "eye.json",
+        "eye.side_by_side.png",
+    ]
     fig = Image.open(paths["side_by_side"])
     assert fig.width > 3 * fig.height // 2
     assert res.save_difference(tmp_path / "raw.npy").suffix == ".npy"
@@ -383,11 +435,13 @@ def test_result_saves_image_difference_and_figure(client, tmp_path):
 
 def test_async_client(cf_server):
     async def run() -> tuple[object, object]:
-        async with clinisynth.AsyncClient(endpoints={"counterfactual": cf_server.address},
-                                          timeout=300) as c:
+        async with clinisynth.AsyncClient(
+            endpoints={"counterfactual": cf_server.address}, timeout=300
+        ) as c:
             points: list = []
-            streamed = await c.counterfactual(_healthy(), target=TARGET, seed=4,
-                                              on_step=points.append, **MODELS, **QUICK)
+            streamed = await c.counterfactual(
+                _healthy(), target=TARGET, seed=4, on_step=points.append, **MODELS, **QUICK
+            )
             unary = await c.counterfactual(_healthy(), target=TARGET, seed=4, **MODELS, **QUICK)
             return streamed, unary, points
 
@@ -405,18 +459,48 @@ def test_cli_writes_four_files_per_input(cf_server, tmp_path, monkeypatch):
     (inputs / "b.png").write_bytes(_png(np.kron(_healthy(1), np.ones((2, 2)))))  # 32x32
     monkeypatch.setenv("CLINISYNTH_COUNTERFACTUAL_ADDRESS", cf_server.address)
     out = tmp_path / "out"
-    code = main(["counterfactual", str(inputs), "--target", TARGET, "--out", str(out),
-                 "--resize", "--steps", "20", "--seed", "1", "--quiet",
-                 "--diffusion-model", "blob-denoiser", "--robust-classifier", "blob-robust",
-                 "--plain-classifier", "blob-plain"])
+    code = main(
+        [
+            "counterfactual",
+            str(inputs),
+            "--target",
+            TARGET,
+            "--out",
+            str(out),
+            "--resize",
+            "--steps",
+            "20",
+            "--seed",
+            "1",
+            "--quiet",
+            "--diffusion-model",
+            "blob-denoiser",
+            "--robust-classifier",
+            "blob-robust",
+            "--plain-classifier",
+            "blob-plain",
+        ]
+    )
     assert code == 0
     for stem in ("a", "b"):
         for suffix in (".counterfactual.png", ".diff.png", ".side_by_side.png", ".json"):
             assert (out / f"{stem}{suffix}").is_file()
         data = json.loads((out / f"{stem}.json").read_text())
         assert {"p_target_before", "p_target_after", "distance", "provenance"} <= set(data)
-    assert main(["counterfactual", str(inputs / "a.png"), "--target", "nope", "--out",
-                 str(out), "--quiet"]) == 2
+    assert (
+        main(
+            [
+                "counterfactual",
+                str(inputs / "a.png"),
+                "--target",
+                "nope",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
 
 
 def test_metrics_count_flips_and_distances(cf_server, client):
@@ -427,12 +511,12 @@ def test_metrics_count_flips_and_distances(cf_server, client):
 
     flips = value("clinisynth_counterfactual_flips_total", {"target": TARGET})
     runs = value("clinisynth_counterfactual_duration_seconds_count")
-    res = client.counterfactual(_healthy(), target=TARGET, seed=0, lambda_c=0.7, **MODELS,
-                                **QUICK)
+    res = client.counterfactual(_healthy(), target=TARGET, seed=0, lambda_c=0.7, **MODELS, **QUICK)
     assert value("clinisynth_counterfactual_duration_seconds_count") == runs + 1
     assert value("clinisynth_counterfactual_distance_count") >= runs + 1
     assert value("clinisynth_counterfactual_flips_total", {"target": TARGET}) == flips + (
-        1 if res.flipped else 0)
+        1 if res.flipped else 0
+    )
 
 
 def test_raw_stub_from_protos_alone(cf_server):
@@ -443,16 +527,26 @@ def test_raw_stub_from_protos_alone(cf_server):
     with grpc.insecure_channel(cf_server.address) as channel:
         stub = counterfactual_pb2_grpc.CounterfactualServiceStub(channel)
         req = counterfactual_pb2.CounterfactualRequest(
-            image=common_pb2.Image(encoded=_png(_healthy())), target_class=TARGET, steps=20,
-            seed=0, diffusion_model=common_pb2.ModelRef(name="blob-denoiser"),
+            image=common_pb2.Image(encoded=_png(_healthy())),
+            target_class=TARGET,
+            steps=20,
+            seed=0,
+            diffusion_model=common_pb2.ModelRef(name="blob-denoiser"),
         )
         resp = stub.CreateCounterfactual(req, timeout=300)
         assert resp.difference.raw.dtype == "float32" and list(resp.difference.raw.shape) == [
-            16, 16]
+            16,
+            16,
+        ]
         assert len(resp.trajectory) == 10
         with pytest.raises(grpc.RpcError) as info:
-            stub.CreateCounterfactual(counterfactual_pb2.CounterfactualRequest(
-                image=req.image, target_class=TARGET, diffusion_model=req.diffusion_model,
-                mode=7), timeout=30)
+            stub.CreateCounterfactual(
+                counterfactual_pb2.CounterfactualRequest(
+                    image=req.image,
+                    target_class=TARGET,
+                    diffusion_model=req.diffusion_model,
+                    mode=7,
+                ),
+                timeout=30,
+            )
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-

@@ -40,8 +40,14 @@ def data(store, ft_home) -> dict[str, str]:  # type: ignore[no-untyped-def]
     wrong = (fb_labels + 1 + np.arange(48) % 3) % 4
     plausible = np.arange(48) % 2 == 0
     shown = np.where(plausible, fb_labels, wrong)
-    datasets.write_feedback_to_store(store, "ft/feedback", fb_imgs, [CLASSES[i] for i in shown],
-                            plausible.tolist(), generator="cells-tiny@1")
+    datasets.write_feedback_to_store(
+        store,
+        "ft/feedback",
+        fb_imgs,
+        [CLASSES[i] for i in shown],
+        plausible.tolist(),
+        generator="cells-tiny@1",
+    )
     # Chest-like image–text pairs: bright blob left / right.
     rng = np.random.default_rng(0)
     chest, texts = [], []
@@ -54,8 +60,12 @@ def data(store, ft_home) -> dict[str, str]:  # type: ignore[no-untyped-def]
     datasets.write_manifest_to_store(store, "ft/chest", np.stack(chest), texts)
     sd = builders.build_text_to_image(ft_home / "sd-base", size=32, image_channels=1)
     store.upload_dir(sd, "ft/models/sd-base")
-    return {"cells": "ft/cells", "feedback": "ft/feedback", "chest": "ft/chest",
-            "sd": "ft/models/sd-base"}
+    return {
+        "cells": "ft/cells",
+        "feedback": "ft/feedback",
+        "chest": "ft/chest",
+        "sd": "ft/models/sd-base",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +73,17 @@ def finetune_server(triton_server, store_url, ft_home, model_repository):  # typ
     from conftest import start_service
 
     running = start_service(
-        "finetune", triton_server.grpc_url, store_url, ft_home, max_concurrent_jobs="3",
-        workdir=str(ft_home / "work"), heartbeat_s="0.5", poll_s="0.2",
-        heartbeat_timeout_s="60", model_repository=str(model_repository), torch_threads="1",
+        "finetune",
+        triton_server.grpc_url,
+        store_url,
+        ft_home,
+        max_concurrent_jobs="3",
+        workdir=str(ft_home / "work"),
+        heartbeat_s="0.5",
+        poll_s="0.2",
+        heartbeat_timeout_s="60",
+        model_repository=str(model_repository),
+        torch_threads="1",
     )
     yield running
     client = clinisynth.Client(endpoints={"finetune": running.address}, timeout=30)
@@ -86,22 +104,67 @@ def client(finetune_server):  # type: ignore[no-untyped-def]
 def jobs(client, data) -> dict[str, str]:  # type: ignore[no-untyped-def]
     """The first jobs of every kind, queued together (reward_finetune needs two of them)."""
     return {
-        "diffusion": client.finetune.create("diffusion_pretrain", data["cells"], params={
-            **FAST, "max_steps": 30, "checkpoint_every": 15, "block_out_channels": "16,32",
-            "ema": True, "ema_decay": 0.9, "prediction_type": "v_prediction"},
-            model_name="cells-ft").id,
-        "reward": client.finetune.create("reward_model", data["feedback"], params={
-            **FAST, "max_steps": 30, "checkpoint_every": 10, "backbone_width": 8,
-            "classes": ",".join(CLASSES), "batch_size": 16}).id,
-        "classifier": client.finetune.create("classifier", data["cells"], params={
-            **FAST, "max_steps": 30, "checkpoint_every": 15, "backbone_width": 8,
-            "adversarial": "pgd", "eps": 0.3, "attack_steps": 2, "val_fraction": 0.25}).id,
-        "t2i": client.finetune.create("text_to_image_adaptation", data["chest"], params={
-            **FAST, "batch_size": 4, "max_steps": 12, "checkpoint_every": 6, "log_every": 4,
-            "base_model": data["sd"], "method": "lora", "lora_rank": 4,
-            "train_text_encoder": True, "prior_preservation": True,
-            "prior_prompt": "a chest x-ray", "num_prior_images": 2, "prior_steps": 2,
-            "textual_inversion_token": "<effusion>", "initializer_token": "effusion"}).id,
+        "diffusion": client.finetune.create(
+            "diffusion_pretrain",
+            data["cells"],
+            params={
+                **FAST,
+                "max_steps": 30,
+                "checkpoint_every": 15,
+                "block_out_channels": "16,32",
+                "ema": True,
+                "ema_decay": 0.9,
+                "prediction_type": "v_prediction",
+            },
+            model_name="cells-ft",
+        ).id,
+        "reward": client.finetune.create(
+            "reward_model",
+            data["feedback"],
+            params={
+                **FAST,
+                "max_steps": 30,
+                "checkpoint_every": 10,
+                "backbone_width": 8,
+                "classes": ",".join(CLASSES),
+                "batch_size": 16,
+            },
+        ).id,
+        "classifier": client.finetune.create(
+            "classifier",
+            data["cells"],
+            params={
+                **FAST,
+                "max_steps": 30,
+                "checkpoint_every": 15,
+                "backbone_width": 8,
+                "adversarial": "pgd",
+                "eps": 0.3,
+                "attack_steps": 2,
+                "val_fraction": 0.25,
+            },
+        ).id,
+        "t2i": client.finetune.create(
+            "text_to_image_adaptation",
+            data["chest"],
+            params={
+                **FAST,
+                "batch_size": 4,
+                "max_steps": 12,
+                "checkpoint_every": 6,
+                "log_every": 4,
+                "base_model": data["sd"],
+                "method": "lora",
+                "lora_rank": 4,
+                "train_text_encoder": True,
+                "prior_preservation": True,
+                "prior_prompt": "a chest x-ray",
+                "num_prior_images": 2,
+                "prior_steps": 2,
+                "textual_inversion_token": "<effusion>",
+                "initializer_token": "effusion",
+            },
+        ).id,
     }
 
 
@@ -117,8 +180,11 @@ def wait_done(client, job_id: str, timeout_s: float = 240):  # type: ignore[no-u
 
 
 def losses(client, job_id: str) -> list[float]:  # type: ignore[no-untyped-def]
-    return [e.metrics["loss"] for e in client.finetune.watch(job_id)
-            if e.type == "progress" and "loss" in e.metrics]
+    return [
+        e.metrics["loss"]
+        for e in client.finetune.watch(job_id)
+        if e.type == "progress" and "loss" in e.metrics
+    ]
 
 
 def assert_trained(client, job_id: str):  # type: ignore[no-untyped-def]
@@ -137,9 +203,11 @@ def assert_trained(client, job_id: str):  # type: ignore[no-untyped-def]
 
 def test_create_reports_every_problem_at_once(client, data, jobs):  # type: ignore[no-untyped-def]
     with pytest.raises(clinisynth.InvalidArgumentError) as err:
-        client.finetune.create("diffusion_pretrain", "ft/nothing-here",
-                               params={"max_steps": "many", "learning_rat": 1e-3,
-                                       "ema": "perhaps"})
+        client.finetune.create(
+            "diffusion_pretrain",
+            "ft/nothing-here",
+            params={"max_steps": "many", "learning_rat": 1e-3, "ema": "perhaps"},
+        )
     fields = {v.field for v in err.value.field_violations}
     assert {"params[max_steps]", "params[learning_rat]", "params[ema]", "dataset"} <= fields
     text = " ".join(v.description for v in err.value.field_violations)
@@ -152,8 +220,9 @@ def test_create_reports_every_problem_at_once(client, data, jobs):  # type: igno
 
 def test_bad_data_fails_validation_before_training(client, store, data):  # type: ignore[no-untyped-def]
     store.put_bytes("ft/broken/lymphocyte/0.png", b"not a png at all")
-    store.put_bytes("ft/broken/stray.png", store.get_bytes(
-        next(iter(store.list("ft/cells/monocyte/"))).key))
+    store.put_bytes(
+        "ft/broken/stray.png", store.get_bytes(next(iter(store.list("ft/cells/monocyte/"))).key)
+    )
     with pytest.raises(clinisynth.InvalidArgumentError) as err:
         client.finetune.create("classifier", "ft/broken")
     text = "\n".join(v.description for v in err.value.field_violations)
@@ -161,8 +230,11 @@ def test_bad_data_fails_validation_before_training(client, store, data):  # type
     assert "stray.png: image outside a class folder" in text
     # Unknown class against the base model of a fine-tuning job.
     with pytest.raises(clinisynth.InvalidArgumentError) as err:
-        client.finetune.create("reward_finetune", data["cells"], params={
-            "base_model": data["sd"], "reward_model": "no-such-model"})
+        client.finetune.create(
+            "reward_finetune",
+            data["cells"],
+            params={"base_model": data["sd"], "reward_model": "no-such-model"},
+        )
     by_field = {v.field: v.description for v in err.value.field_violations}
     assert "not a pixel" in by_field["params[base_model]"] or "pixel" in str(by_field)
     assert "params[reward_model]" in by_field
@@ -172,8 +244,13 @@ def test_bad_data_fails_validation_before_training(client, store, data):  # type
 
 def test_kinds_list_params_with_defaults(client):  # type: ignore[no-untyped-def]
     kinds = {k.name: k for k in client.finetune.kinds()}
-    assert set(kinds) == {"diffusion_pretrain", "text_to_image_adaptation", "reward_model",
-                          "reward_finetune", "classifier"}
+    assert set(kinds) == {
+        "diffusion_pretrain",
+        "text_to_image_adaptation",
+        "reward_model",
+        "reward_finetune",
+        "classifier",
+    }
     for kind in kinds.values():
         names = {p.name for p in kind.params}
         assert {"max_steps", "batch_size", "learning_rate", "seed", "checkpoint_every"} <= names
@@ -183,8 +260,13 @@ def test_kinds_list_params_with_defaults(client):  # type: ignore[no-untyped-def
     assert adv.choices == ["none", "pgd", "trades"]
 
 
-def test_upload_checks_sha256_and_cli_data_upload(client, finetune_server, tmp_path,  # type: ignore[no-untyped-def]
-                                                  monkeypatch, capsys):
+def test_upload_checks_sha256_and_cli_data_upload(
+    client,
+    finetune_server,
+    tmp_path,  # type: ignore[no-untyped-def]
+    monkeypatch,
+    capsys,
+):
     from clinisynth.cli import main
     from clinisynth_server.phantoms.datasets import encode_png
 
@@ -192,8 +274,15 @@ def test_upload_checks_sha256_and_cli_data_upload(client, finetune_server, tmp_p
     import grpc
 
     with pytest.raises(grpc.RpcError) as err:
-        stub.UploadDatasetFile(iter([finetune_pb2.UploadChunk(
-            key="datasets/ft-up/a.bin", data=b"abc", sha256="00" * 32)]))
+        stub.UploadDatasetFile(
+            iter(
+                [
+                    finetune_pb2.UploadChunk(
+                        key="datasets/ft-up/a.bin", data=b"abc", sha256="00" * 32
+                    )
+                ]
+            )
+        )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "mismatch" in err.value.details()
 
@@ -214,10 +303,12 @@ def test_upload_checks_sha256_and_cli_data_upload(client, finetune_server, tmp_p
 def test_idempotent_create_queue_positions_and_cancel(client, data, jobs):  # type: ignore[no-untyped-def]
     # Three workers are busy with the module's jobs: these two wait in order.
     params = {**FAST, "max_steps": 5, "block_out_channels": "16,32"}
-    a = client.finetune.create("diffusion_pretrain", data["cells"], params=params,
-                               request_id="same-request")
-    again = client.finetune.create("diffusion_pretrain", data["cells"], params=params,
-                                   request_id="same-request")
+    a = client.finetune.create(
+        "diffusion_pretrain", data["cells"], params=params, request_id="same-request"
+    )
+    again = client.finetune.create(
+        "diffusion_pretrain", data["cells"], params=params, request_id="same-request"
+    )
     b = client.finetune.create("diffusion_pretrain", data["cells"], params=params)
     assert again.id == a.id
     a, b = client.finetune.get(a.id), client.finetune.get(b.id)
@@ -282,9 +373,14 @@ def test_classifier_robust_runs_to_completion(client, jobs, store):  # type: ign
 def test_text_to_image_lora_prior_textual_inversion(client, jobs, store):  # type: ignore[no-untyped-def]
     job = assert_trained(client, jobs["t2i"])
     ckpt = client.finetune.checkpoints(job.id)[-1]
-    keys = {i.key[len(ckpt.key):] for i in store.list(ckpt.key)}
-    assert {"unet/config.json", "text_encoder/config.json", "vae/config.json",
-            "tokenizer/tokenizer_config.json", "model_index.json"} <= keys
+    keys = {i.key[len(ckpt.key) :] for i in store.list(ckpt.key)}
+    assert {
+        "unet/config.json",
+        "text_encoder/config.json",
+        "vae/config.json",
+        "tokenizer/tokenizer_config.json",
+        "model_index.json",
+    } <= keys
     assert not any("lora" in k for k in keys)  # adapters merged: a plain pipeline folder
     events = list(client.finetune.watch(job.id))
     assert any("prior images" in e.message for e in events)
@@ -298,10 +394,23 @@ def test_reward_finetune_with_store_prefix_models(client, jobs, data):  # type: 
     assert base.state == reward.state == "succeeded"
     base_ckpt = client.finetune.checkpoints(base.id)[0].key  # step 15: still much to learn
     reward_ckpt = next(c for c in client.finetune.checkpoints(reward.id) if c.best).key
-    job = client.finetune.create("reward_finetune", data["cells"], params={
-        **FAST, "batch_size": 16, "max_steps": 30, "checkpoint_every": 15, "log_every": 10,
-        "base_model": base_ckpt, "reward_model": reward_ckpt, "pool_size": 8, "pool_steps": 2,
-        "rounds": 2, "beta": 1.0})
+    job = client.finetune.create(
+        "reward_finetune",
+        data["cells"],
+        params={
+            **FAST,
+            "batch_size": 16,
+            "max_steps": 30,
+            "checkpoint_every": 15,
+            "log_every": 10,
+            "base_model": base_ckpt,
+            "reward_model": reward_ckpt,
+            "pool_size": 8,
+            "pool_steps": 2,
+            "rounds": 2,
+            "beta": 1.0,
+        },
+    )
     done = assert_trained(client, job.id)
     events = list(client.finetune.watch(done.id))
     pools = [e.message for e in events if e.message.startswith("round ")]
@@ -316,8 +425,14 @@ def test_reward_finetune_with_store_prefix_models(client, jobs, data):  # type: 
 # ---------------------------------------------------------------------------------------------
 
 
-def test_promote_serves_new_version_and_keeps_previous(client, jobs, triton_server, store_url,  # type: ignore[no-untyped-def]
-                                                        ft_home, triton_client):
+def test_promote_serves_new_version_and_keeps_previous(
+    client,
+    jobs,
+    triton_server,
+    store_url,  # type: ignore[no-untyped-def]
+    ft_home,
+    triton_client,
+):
     from conftest import start_service
 
     job = wait_done(client, jobs["diffusion"])
@@ -360,8 +475,13 @@ def test_promote_scorer_needs_its_triton_role(client, jobs):  # type: ignore[no-
     assert result.model.kind == "reward"
 
 
-def test_cli_create_list_get_checkpoints_kinds(finetune_server, jobs, data, monkeypatch,  # type: ignore[no-untyped-def]
-                                               capsys):
+def test_cli_create_list_get_checkpoints_kinds(
+    finetune_server,
+    jobs,
+    data,
+    monkeypatch,  # type: ignore[no-untyped-def]
+    capsys,
+):
     import json
 
     from clinisynth.cli import main
@@ -373,14 +493,30 @@ def test_cli_create_list_get_checkpoints_kinds(finetune_server, jobs, data, monk
     assert json.loads(capsys.readouterr().out)["kind"] == "classifier"
     assert main(["finetune", "list", "--json"]) == 0
     assert jobs["reward"] in {j["id"] for j in json.loads(capsys.readouterr().out)}
-    assert main(["finetune", "create", "--kind", "classifier", "--data", data["cells"],
-                 "--set", "max_steps=2", "--set", "backbone_width=4"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "create",
+                "--kind",
+                "classifier",
+                "--data",
+                data["cells"],
+                "--set",
+                "max_steps=2",
+                "--set",
+                "backbone_width=4",
+            ]
+        )
+        == 0
+    )
     new_id = capsys.readouterr().out.strip()
     assert new_id.startswith("ft-")
     assert main(["finetune", "cancel", new_id]) == 0
     assert "cancelled" in capsys.readouterr().out
-    wait_done(clinisynth.Client(endpoints={"finetune": finetune_server.address}),
-              jobs["classifier"])
+    wait_done(
+        clinisynth.Client(endpoints={"finetune": finetune_server.address}), jobs["classifier"]
+    )
     assert main(["finetune", "checkpoints", jobs["classifier"], "--json"]) == 0
     assert any(c["best"] for c in json.loads(capsys.readouterr().out))
     assert main(["finetune", "watch", jobs["classifier"]]) == 0  # replays, then ends
@@ -393,8 +529,11 @@ def test_metrics_families(finetune_server, jobs, client):  # type: ignore[no-unt
     import urllib.request
 
     wait_done(client, jobs["diffusion"])
-    text = urllib.request.urlopen(
-        f"http://127.0.0.1:{finetune_server.metrics_port}/metrics").read().decode()
+    text = (
+        urllib.request.urlopen(f"http://127.0.0.1:{finetune_server.metrics_port}/metrics")
+        .read()
+        .decode()
+    )
     assert 'clinisynth_finetune_jobs{kind="diffusion_pretrain",state="succeeded"}' in text
     # A finished job's live series are gone.
     assert f'job="{jobs["diffusion"]}"' not in text
@@ -404,8 +543,9 @@ def test_async_client_twins(finetune_server, jobs):  # type: ignore[no-untyped-d
     import asyncio
 
     async def run() -> tuple[list[str], str, int]:
-        async with clinisynth.AsyncClient(endpoints={"finetune": finetune_server.address},
-                                          timeout=60) as client:
+        async with clinisynth.AsyncClient(
+            endpoints={"finetune": finetune_server.address}, timeout=60
+        ) as client:
             kinds = [k.name for k in await client.finetune.kinds()]
             job = await client.finetune.wait(jobs["classifier"])
             checkpoints = await client.finetune.checkpoints(job.id)

@@ -57,19 +57,25 @@ def test_png_embeds_provenance(sdk_client):
 
 @pytest.mark.parametrize("sampler", ["ddim", "dpmsolver++", "euler", "ddpm"])
 def test_text_to_image_with_every_sampler(sdk_client, sampler):
-    res = sdk_client.generate("chest-tiny", prompt="small left pleural effusion", seed=1,
-                              steps=3, sampler=sampler, guidance_scale=3.0)
+    res = sdk_client.generate(
+        "chest-tiny",
+        prompt="small left pleural effusion",
+        seed=1,
+        steps=3,
+        sampler=sampler,
+        guidance_scale=3.0,
+    )
     img = res.images[0].to_numpy()
     assert img.shape == (32, 32)
     assert np.isfinite(img).all() and img.std() > 0
 
 
 def test_png16_and_raw_formats(sdk_client):
-    res16 = sdk_client.generate("cells-tiny", class_name="eosinophil", seed=2, steps=2,
-                                format="png16")
+    res16 = sdk_client.generate(
+        "cells-tiny", class_name="eosinophil", seed=2, steps=2, format="png16"
+    )
     assert np.asarray(Image.open(io.BytesIO(res16.images[0].data))).dtype == np.uint16
-    raw = sdk_client.generate("cells-tiny", class_name="eosinophil", seed=2, steps=2,
-                              format="raw")
+    raw = sdk_client.generate("cells-tiny", class_name="eosinophil", seed=2, steps=2, format="raw")
     arr = raw.images[0].to_numpy()
     assert arr.dtype == np.float32 and arr.shape == (16, 16)
     np.testing.assert_allclose(arr, res16.images[0].to_numpy(), atol=1 / 65535 + 1e-6)
@@ -97,8 +103,14 @@ def test_bad_requests_are_invalid_argument_naming_the_field(sdk_client, options,
 
 def test_streaming_reports_each_step_and_previews(sdk_client):
     events = []
-    res = sdk_client.generate("cells-tiny", class_name="lymphocyte", seed=5, steps=4,
-                              preview_every=2, progress=events.append)
+    res = sdk_client.generate(
+        "cells-tiny",
+        class_name="lymphocyte",
+        seed=5,
+        steps=4,
+        preview_every=2,
+        progress=events.append,
+    )
     steps = [e.step for e in events if e.stage == "denoise"]
     assert steps == [1, 2, 3, 4]
     previews = [e for e in events if e.stage == "preview"]
@@ -110,12 +122,19 @@ def test_client_written_from_protos_alone(generator_server):
     """No SDK: a raw stub built from the generated code only."""
     with grpc.insecure_channel(generator_server.address) as channel:
         stub = generator_pb2_grpc.GeneratorServiceStub(channel)
-        resp = stub.Generate(generator_pb2.GenerateRequest(
-            model=common_pb2.ModelRef(name="fundus-tiny"), seed=1, steps=2,
-            format=common_pb2.IMAGE_FORMAT_PNG), timeout=120)
+        resp = stub.Generate(
+            generator_pb2.GenerateRequest(
+                model=common_pb2.ModelRef(name="fundus-tiny"),
+                seed=1,
+                steps=2,
+                format=common_pb2.IMAGE_FORMAT_PNG,
+            ),
+            timeout=120,
+        )
         img = Image.open(io.BytesIO(resp.images[0].image.encoded))
         assert img.mode == "RGB" and img.size == (16, 16)
         with pytest.raises(grpc.RpcError) as info:
-            stub.Generate(generator_pb2.GenerateRequest(model=common_pb2.ModelRef(name="")),
-                          timeout=30)
+            stub.Generate(
+                generator_pb2.GenerateRequest(model=common_pb2.ModelRef(name="")), timeout=30
+            )
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -28,8 +28,15 @@ def _denoiser_count(triton_client, name: str) -> int:
 def test_dicom_output_is_valid_and_marked_synthetic(sdk_client, tmp_path):
     if shutil.which("dciodvfy") is None:
         pytest.skip("dciodvfy missing: install Debian's dicom3tools (make system-deps)")
-    res = sdk_client.generate("chest-tiny", prompt="left pleural effusion", n=2, seed=11,
-                              steps=2, format="dicom", modality="DX")
+    res = sdk_client.generate(
+        "chest-tiny",
+        prompt="left pleural effusion",
+        n=2,
+        seed=11,
+        steps=2,
+        format="dicom",
+        modality="DX",
+    )
     for i, image in enumerate(res.images):
         path = tmp_path / f"img{i}.dcm"
         path.write_bytes(image.data)
@@ -46,8 +53,9 @@ def test_dicom_output_is_valid_and_marked_synthetic(sdk_client, tmp_path):
 
 
 def test_store_outputs_returns_references_with_digests(sdk_client, store):
-    res = sdk_client.generate("cells-tiny", class_name="lymphocyte", n=2, seed=4, steps=2,
-                              store=True)
+    res = sdk_client.generate(
+        "cells-tiny", class_name="lymphocyte", n=2, seed=4, steps=2, store=True
+    )
     assert res.provenance_ref is not None
     for image in res.images:
         assert image.ref is not None and image.ref["key"].endswith(".png")
@@ -57,14 +65,21 @@ def test_store_outputs_returns_references_with_digests(sdk_client, store):
     assert [r["seed"] for r in records] == [4, 5]
 
 
-def test_cancelling_the_stream_stops_denoiser_calls(generator_server, triton_client,
-                                                    registered_models):
+def test_cancelling_the_stream_stops_denoiser_calls(
+    generator_server, triton_client, registered_models
+):
     name = registered_models["chest-tiny"].components["denoiser"]
     with grpc.insecure_channel(generator_server.address) as channel:
         stub = generator_pb2_grpc.GeneratorServiceStub(channel)
-        call = stub.GenerateStream(generator_pb2.GenerateRequest(
-            model=common_pb2.ModelRef(name="chest-tiny"), prompt="cardiomegaly", steps=200,
-            seed=1), timeout=300)
+        call = stub.GenerateStream(
+            generator_pb2.GenerateRequest(
+                model=common_pb2.ModelRef(name="chest-tiny"),
+                prompt="cardiomegaly",
+                steps=200,
+                seed=1,
+            ),
+            timeout=300,
+        )
         seen = 0
         for event in call:
             if event.WhichOneof("event") == "progress":
@@ -92,8 +107,7 @@ def test_deadline_exceeded_stops_work(sdk_client, triton_client, registered_mode
     assert settled - start < 2 * 400
 
 
-def test_concurrent_requests_share_denoiser_batches(sdk_client, triton_client,
-                                                    registered_models):
+def test_concurrent_requests_share_denoiser_batches(sdk_client, triton_client, registered_models):
     name = registered_models["cells-tiny"].components["denoiser"]
     stats = triton_client.statistics(name)
     inf0 = sum(s.inference_count for s in stats)
@@ -120,17 +134,26 @@ def test_concurrent_requests_share_denoiser_batches(sdk_client, triton_client,
     assert executions < inferences, "Triton never merged requests into one batch"
 
 
-def test_new_version_is_picked_up_without_restart(sdk_client, session_dir, catalog, store,
-                                                  model_repository, triton_client):
+def test_new_version_is_picked_up_without_restart(
+    sdk_client, session_dir, catalog, store, model_repository, triton_client
+):
     from clinisynth_server import builders, registry
 
     for seed in (1, 2):
-        folder = builders.build_pixel_unet(session_dir / f"versioned{seed}", size=16,
-                                           classes=["a", "b"], seed=seed)
-        registry.register_folder(folder, "cells-versioned", catalog=catalog, store=store,
-                                 model_repository=model_repository, triton=triton_client)
-    versions = {m.version: m for m in sdk_client.list_models(name="cells-versioned",
-                                                             all_versions=True)}
+        folder = builders.build_pixel_unet(
+            session_dir / f"versioned{seed}", size=16, classes=["a", "b"], seed=seed
+        )
+        registry.register_folder(
+            folder,
+            "cells-versioned",
+            catalog=catalog,
+            store=store,
+            model_repository=model_repository,
+            triton=triton_client,
+        )
+    versions = {
+        m.version: m for m in sdk_client.list_models(name="cells-versioned", all_versions=True)
+    }
     assert set(versions) == {"1", "2"} and versions["2"].latest and not versions["1"].latest
     latest = sdk_client.generate("cells-versioned", class_name="a", seed=3, steps=3)
     v1 = sdk_client.generate("cells-versioned@1", class_name="a", seed=3, steps=3)
@@ -150,8 +173,10 @@ def test_metrics_endpoint_exports_generator_families(sdk_client, generator_serve
     url = f"http://127.0.0.1:{generator_server.metrics_port}/metrics"
     text = urllib.request.urlopen(url, timeout=10).read().decode()
     assert 'clinisynth_generator_images_total{model="cells-tiny",version="1"}' in text
-    assert ('clinisynth_grpc_requests_total{code="INVALID_ARGUMENT",method="Generate",'
-            'service="generator"}') in text
+    assert (
+        'clinisynth_grpc_requests_total{code="INVALID_ARGUMENT",method="Generate",'
+        'service="generator"}'
+    ) in text
     assert "clinisynth_generator_step_duration_seconds_bucket" in text
     assert 'clinisynth_generator_batch_size_count{model="cells-tiny"}' in text
     assert 'clinisynth_dependency_up{dependency="triton",service="generator"} 1.0' in text
@@ -162,8 +187,12 @@ def test_triton_down_is_unavailable(store_url, session_dir):
 
     running = start_service("generator", "127.0.0.1:1", store_url, session_dir)
     try:
-        with clinisynth.Client(endpoints={"generator": running.address}, retries=0,
-                               timeout=60) as client, pytest.raises(clinisynth.UnavailableError):
+        with (
+            clinisynth.Client(
+                endpoints={"generator": running.address}, retries=0, timeout=60
+            ) as client,
+            pytest.raises(clinisynth.UnavailableError),
+        ):
             client.generate("cells-tiny", class_name="monocyte", seed=1, steps=2)
     finally:
         running.stop(0)
@@ -172,26 +201,34 @@ def test_triton_down_is_unavailable(store_url, session_dir):
 def test_store_down_is_unavailable(session_dir):
     from tests.conftest import start_service
 
-    running = start_service("generator", "127.0.0.1:1", "s3://clinisynth", session_dir,
-                            store_endpoint="127.0.0.1:9")
+    running = start_service(
+        "generator", "127.0.0.1:1", "s3://clinisynth", session_dir, store_endpoint="127.0.0.1:9"
+    )
     try:
-        with clinisynth.Client(endpoints={"generator": running.address}, retries=0,
-                               timeout=60) as client, pytest.raises(clinisynth.UnavailableError):
+        with (
+            clinisynth.Client(
+                endpoints={"generator": running.address}, retries=0, timeout=60
+            ) as client,
+            pytest.raises(clinisynth.UnavailableError),
+        ):
             client.list_models()
     finally:
         running.stop(0)
 
 
-def test_registration_skips_versions_left_by_an_interrupted_one(session_dir, catalog, store,
-                                                                 model_repository):
+def test_registration_skips_versions_left_by_an_interrupted_one(
+    session_dir, catalog, store, model_repository
+):
     from clinisynth_server import builders, registry
     from clinisynth_server.triton import repository
 
     folder = builders.build_pixel_unet(session_dir / "leftover", size=16, classes=["a", "b"])
     # An earlier registration wrote the Triton component, then died before the catalog record.
-    repository.write_model(model_repository, "leftover.denoiser", "denoiser", folder / "unet",
-                           version=1)
-    record = registry.register_folder(folder, "leftover", catalog=catalog, store=store,
-                                      model_repository=model_repository)
+    repository.write_model(
+        model_repository, "leftover.denoiser", "denoiser", folder / "unet", version=1
+    )
+    record = registry.register_folder(
+        folder, "leftover", catalog=catalog, store=store, model_repository=model_repository
+    )
     assert record.version == 2 and record.component_versions == {"denoiser": 2}
     assert repository.list_versions(model_repository, "leftover.denoiser") == [1, 2]

@@ -60,14 +60,32 @@ def reward_model(session_dir, catalog, store, model_repository, triton_client):
     torch.manual_seed(0)
     x, y, a = phantom_set(240, seed=1)
     model = RewardModel(RewardModelConfig(num_classes=4, in_channels=1, backbone_width=8))
-    train_reward_model(model, torch.from_numpy(x)[:, None], torch.from_numpy(y),
-                       torch.from_numpy(a), epochs=10, lr=1e-2, batch_size=32,
-                       weight_decay=0.0)
-    folder = write_reward_folder(model, session_dir / "m" / "cells-reward", classes=CLASSES,
-                                 width=32, labels={"domain": "cells"})
-    record = registry.register_folder(folder, "cells-reward", catalog=catalog, store=store,
-                                      model_repository=model_repository, triton=triton_client,
-                                      max_batch_size=64)
+    train_reward_model(
+        model,
+        torch.from_numpy(x)[:, None],
+        torch.from_numpy(y),
+        torch.from_numpy(a),
+        epochs=10,
+        lr=1e-2,
+        batch_size=32,
+        weight_decay=0.0,
+    )
+    folder = write_reward_folder(
+        model,
+        session_dir / "m" / "cells-reward",
+        classes=CLASSES,
+        width=32,
+        labels={"domain": "cells"},
+    )
+    record = registry.register_folder(
+        folder,
+        "cells-reward",
+        catalog=catalog,
+        store=store,
+        model_repository=model_repository,
+        triton=triton_client,
+        max_batch_size=64,
+    )
     return model, record
 
 
@@ -75,8 +93,7 @@ def reward_model(session_dir, catalog, store, model_repository, triton_client):
 def reward_server(triton_server, store_url, session_dir, reward_model):
     from tests.conftest import start_service
 
-    running = start_service("reward", triton_server.grpc_url, store_url, session_dir,
-                            http_port="0")
+    running = start_service("reward", triton_server.grpc_url, store_url, session_dir, http_port="0")
     yield running
     running.stop(0)
 
@@ -104,10 +121,14 @@ def test_trained_reward_model_scores_held_out_images_better_than_chance(client, 
     import torch
 
     with torch.no_grad():
-        local = reward_model[0].reward(torch.from_numpy(x[:8])[:, None],
-                                       torch.from_numpy(y[:8])).numpy()
-    served = [client.score(x[i], CLASSES[int(y[i])], model="cells-reward")[0].p_aligned
-              for i in range(8)]
+        local = (
+            reward_model[0]
+            .reward(torch.from_numpy(x[:8])[:, None], torch.from_numpy(y[:8]))
+            .numpy()
+        )
+    served = [
+        client.score(x[i], CLASSES[int(y[i])], model="cells-reward")[0].p_aligned for i in range(8)
+    ]
     np.testing.assert_allclose(served, local, atol=1e-5)
 
 
@@ -116,7 +137,9 @@ def test_score_stream_from_client_images_and_store_prefix(client, store):
     progress = []
     stream = client.score_stream(
         ((f"img{i}", x[i], CLASSES[int(y[i])]) for i in range(20)),
-        model="cells-reward", batch_size=8, progress=progress.append,
+        model="cells-reward",
+        batch_size=8,
+        progress=progress.append,
     )
     results = list(stream)
     assert [r.name for r in results] == [f"img{i}" for i in range(20)]
@@ -144,41 +167,76 @@ def test_cli_score_writes_csv_with_progress(client, reward_server, tmp_path, mon
     monkeypatch.setenv("CLINISYNTH_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("CLINISYNTH_REWARD_ADDRESS", reward_server.address)
     out = tmp_path / "scores.csv"
-    assert cli_main(["score", str(tmp_path / "imgs"), "--model", "cells-reward",
-                     "--out", str(out)]) == 0
+    assert (
+        cli_main(["score", str(tmp_path / "imgs"), "--model", "cells-reward", "--out", str(out)])
+        == 0
+    )
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 10 and set(rows[0]) == {"path", "reward", "p_aligned", "model_version"}
     assert all(r["model_version"].startswith("cells-reward@") for r in rows)
     assert "10/10" in capsys.readouterr().err  # the tqdm bar
     # --class overrides the sub-folders.
-    assert cli_main(["score", str(tmp_path / "imgs" / CLASSES[int(y[0])]), "--model",
-                     "cells-reward", "--class", CLASSES[int(y[0])], "--out", str(out),
-                     "-q"]) == 0
+    assert (
+        cli_main(
+            [
+                "score",
+                str(tmp_path / "imgs" / CLASSES[int(y[0])]),
+                "--model",
+                "cells-reward",
+                "--class",
+                CLASSES[int(y[0])],
+                "--out",
+                str(out),
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert len(list(csv.DictReader(out.open()))) >= 1
 
 
-def test_score_arrays_is_what_reward_filtered_generation_calls(reward_server, catalog,
-                                                               triton_client, reward_model):
+def test_score_arrays_is_what_reward_filtered_generation_calls(
+    reward_server, catalog, triton_client, reward_model
+):
     from clinisynth_server.reward.scoring import score_arrays
 
     x, _y, _ = phantom_set(4, seed=11)
     small = x[:, ::2, ::2]  # 16x16, as the tiny generator makes: resized to the model
     p = score_arrays(catalog, triton_client, small, CLASSES[0])  # default model for the class
     assert p.shape == (4,) and np.all((p > 0) & (p < 1))
-    p2 = score_arrays(catalog, triton_client, small, CLASSES[0], model="cells-reward",
-                      version=str(reward_model[1].version))
+    p2 = score_arrays(
+        catalog,
+        triton_client,
+        small,
+        CLASSES[0],
+        model="cells-reward",
+        version=str(reward_model[1].version),
+    )
     np.testing.assert_allclose(p, p2, atol=1e-6)
 
 
-def test_feedback_is_idempotent_durable_listable_and_exportable(client, store, tmp_path,
-                                                                reward_server, monkeypatch):
+def test_feedback_is_idempotent_durable_listable_and_exportable(
+    client, store, tmp_path, reward_server, monkeypatch
+):
     x, _y, _ = phantom_set(4, seed=13)
-    first = client.feedback.submit(png(x[0]), rater_id="dr_idem", plausible=True,
-                                   class_name="neutrophil", client_request_id="req-1",
-                                   criteria={"nucleus_count": True, "membrane_smooth": False},
-                                   comment="fine", time_spent_ms=1200, generator="cells-tiny@1")
-    again = client.feedback.submit(png(x[0]), rater_id="dr_idem", plausible=False,
-                                   class_name="neutrophil", client_request_id="req-1")
+    first = client.feedback.submit(
+        png(x[0]),
+        rater_id="dr_idem",
+        plausible=True,
+        class_name="neutrophil",
+        client_request_id="req-1",
+        criteria={"nucleus_count": True, "membrane_smooth": False},
+        comment="fine",
+        time_spent_ms=1200,
+        generator="cells-tiny@1",
+    )
+    again = client.feedback.submit(
+        png(x[0]),
+        rater_id="dr_idem",
+        plausible=False,
+        class_name="neutrophil",
+        client_request_id="req-1",
+    )
     assert not first.duplicate and again.duplicate and again.id == first.id
     assert again.plausible is True  # the stored record, not the retry's body
     # Durable before the reply: the record and the image are in the store.
@@ -186,19 +244,28 @@ def test_feedback_is_idempotent_durable_listable_and_exportable(client, store, t
     assert stored["criteria"] == {"nucleus_count": True, "membrane_smooth": False}
     assert store.exists(first.image_key) and first.image_key.endswith(first.image_sha256 + ".png")
     for i in range(1, 4):
-        client.feedback.submit(x[i], rater_id="dr_idem", plausible=bool(i % 2),
-                               class_name="monocyte")
+        client.feedback.submit(
+            x[i], rater_id="dr_idem", plausible=bool(i % 2), class_name="monocyte"
+        )
     mine = client.feedback.list(rater_id="dr_idem", page_size=2)  # several pages
     assert next(f.client_request_id for f in mine) == "req-1" and len(mine) == 4
     assert [f.id for f in client.feedback.list(rater_id="dr_idem", class_name="monocyte")] == [
-        f.id for f in mine[1:]]
+        f.id for f in mine[1:]
+    ]
     res = client.feedback.export(out=tmp_path / "export", class_name="monocyte")
     assert res.judgements >= 3 and res.prefix.startswith("exports/feedback/")
     rows = [json.loads(line) for line in (tmp_path / "export" / "labels.jsonl").open()]
     ours = [r for r in rows if r["rater_id"] == "dr_idem"]
     assert len(ours) == 3
-    assert set(ours[0]) >= {"image", "condition", "plausible", "rater_id", "criteria",
-                            "feedback_id", "generator"}
+    assert set(ours[0]) >= {
+        "image",
+        "condition",
+        "plausible",
+        "rater_id",
+        "criteria",
+        "feedback_id",
+        "generator",
+    }
     assert all((tmp_path / "export" / r["image"]).is_file() for r in rows)
     assert ours[0]["condition"] == {"class_name": "monocyte"}
     # CLI: list --json and export --out.
@@ -214,8 +281,9 @@ def test_feedback_is_idempotent_durable_listable_and_exportable(client, store, t
 
 def test_review_queue_active_selection_and_several_raters(client):
     x, _y, _a = phantom_set(12, seed=17)
-    items = client.review.enqueue(x[:12], class_name="eosinophil", raters_per_item=2,
-                                  generator="cells-tiny@1")
+    items = client.review.enqueue(
+        x[:12], class_name="eosinophil", raters_per_item=2, generator="cells-tiny@1"
+    )
     assert len(items) == 12 and all(it.p_aligned is not None for it in items)
     again = client.review.enqueue(x[:1], class_name="eosinophil", raters_per_item=2)
     assert again[0].id == items[0].id  # same image, same condition → same item
@@ -262,7 +330,8 @@ def test_checklist_for_cells_and_default(client):
     cl = client.checklist(class_name="monocyte")
     assert "nucleus_shape" in [c.name for c in cl] and "kidney" in cl[-2].description
     assert next(c.name for c in client.checklist(prompt="small left pleural effusion")) == (
-        "anatomy_plausible")
+        "anatomy_plausible"
+    )
 
 
 @pytest.mark.parametrize(
@@ -285,22 +354,30 @@ def test_bad_input_is_invalid_argument_naming_the_field(client, call, field):
     x, _, _ = phantom_set(2, seed=3)
     calls = {
         "unknown_ref": lambda: client.score(
-            [common_pb2.Image(ref=common_pb2.ArtifactRef(key="no/such.png"))], "neutrophil",
-            model="cells-reward"),
+            [common_pb2.Image(ref=common_pb2.ArtifactRef(key="no/such.png"))],
+            "neutrophil",
+            model="cells-reward",
+        ),
         "unknown_class": lambda: client.score(x[0], "megakaryocyte", model="cells-reward"),
         "non_image": lambda: client.score([b"hello, not an image"], "neutrophil"),
-        "oversized": lambda: client.score([b"\x89PNG\r\n\x1a\n" + bytes(5 * 2**20)],
-                                          "neutrophil"),
+        "oversized": lambda: client.score([b"\x89PNG\r\n\x1a\n" + bytes(5 * 2**20)], "neutrophil"),
         "wrong_size": lambda: client.score(x[0][:24, :24], "neutrophil"),
         "feedback_unknown_item": lambda: client.feedback.submit(
-            rater_id="dr_x", item_id="ri-nope", plausible=True),
+            rater_id="dr_x", item_id="ri-nope", plausible=True
+        ),
         "feedback_unknown_class": lambda: client.feedback.submit(
-            x[0], rater_id="dr_x", class_name="megakaryocyte", plausible=True),
+            x[0], rater_id="dr_x", class_name="megakaryocyte", plausible=True
+        ),
         "feedback_bad_criterion": lambda: client.feedback.submit(
-            x[0], rater_id="dr_x", class_name="neutrophil", plausible=True,
-            criteria={"looks_cool": True}),
+            x[0],
+            rater_id="dr_x",
+            class_name="neutrophil",
+            plausible=True,
+            criteria={"looks_cool": True},
+        ),
         "feedback_no_rater": lambda: client.feedback.submit(
-            x[0], rater_id="", class_name="neutrophil", plausible=True),
+            x[0], rater_id="", class_name="neutrophil", plausible=True
+        ),
     }
     with pytest.raises(clinisynth.InvalidArgumentError) as info:
         calls[call]()
@@ -312,27 +389,39 @@ def test_label_out_of_range_is_invalid_argument_in_triton(triton_client, reward_
 
     record = reward_model[1]
     with pytest.raises(InvalidArgument) as info:
-        triton_client.infer(record.components["scorer"],
-                            {"image": np.zeros((1, 1, 32, 32), np.float32),
-                             "class_label": np.array([7], np.int64)},
-                            ["p_aligned"], version=str(record.version))
+        triton_client.infer(
+            record.components["scorer"],
+            {"image": np.zeros((1, 1, 32, 32), np.float32), "class_label": np.array([7], np.int64)},
+            ["p_aligned"],
+            version=str(record.version),
+        )
     assert "class_label" in str(info.value)
 
 
-def test_unknown_rater_when_raters_are_registered(triton_server, store_url, session_dir,
-                                                  reward_model):
+def test_unknown_rater_when_raters_are_registered(
+    triton_server, store_url, session_dir, reward_model
+):
     from tests.conftest import start_service
 
-    running = start_service("reward", triton_server.grpc_url, store_url, session_dir,
-                            http_port="0", raters="dr_a,dr_b")
+    running = start_service(
+        "reward", triton_server.grpc_url, store_url, session_dir, http_port="0", raters="dr_a,dr_b"
+    )
     try:
         with clinisynth.Client(endpoints={"reward": running.address}) as c:
-            ok = c.feedback.submit(np.zeros((8, 8), np.float32), rater_id="dr_a",
-                                   class_name="neutrophil", plausible=False)
+            ok = c.feedback.submit(
+                np.zeros((8, 8), np.float32),
+                rater_id="dr_a",
+                class_name="neutrophil",
+                plausible=False,
+            )
             assert ok.rater_id == "dr_a"
             with pytest.raises(clinisynth.InvalidArgumentError) as info:
-                c.feedback.submit(np.zeros((8, 8), np.float32), rater_id="mallory",
-                                  class_name="neutrophil", plausible=False)
+                c.feedback.submit(
+                    np.zeros((8, 8), np.float32),
+                    rater_id="mallory",
+                    class_name="neutrophil",
+                    plausible=False,
+                )
             assert info.value.fields == ["feedback.rater_id"]
     finally:
         running.stop(0)
@@ -344,8 +433,10 @@ def test_quality_metrics_are_exported(client, reward_server):
     client.agreement()
     url = f"http://127.0.0.1:{reward_server.metrics_port}/metrics"
     text = urllib.request.urlopen(url, timeout=10).read().decode()
-    assert 'clinisynth_reward_score_bucket{condition="neutrophil",generator_model="cells-tiny",' \
-           'generator_version="3"' in text
+    assert (
+        'clinisynth_reward_score_bucket{condition="neutrophil",generator_model="cells-tiny",'
+        'generator_version="3"' in text
+    )
     assert "clinisynth_reward_images_scored_total{" in text
     assert 'clinisynth_reward_feedback_total{condition="neutrophil",label="plausible"}' in text
     assert "clinisynth_reward_feedback_pending{" in text
@@ -363,8 +454,9 @@ def test_async_client_twins(reward_server):
             assert len(scores) == 3
             streamed = [s async for s in c.score_stream(x, "neutrophil", model="cells-reward")]
             assert [s.reward for s in streamed] == pytest.approx([s.reward for s in scores])
-            fb = await c.feedback.submit(x[0], rater_id="dr_async", class_name="neutrophil",
-                                         plausible=True)
+            fb = await c.feedback.submit(
+                x[0], rater_id="dr_async", class_name="neutrophil", plausible=True
+            )
             assert [f.id for f in await c.feedback.list(rater_id="dr_async")] == [fb.id]
             items = await c.review.enqueue(x[1:], class_name="neutrophil")
             batch = await c.review.next("dr_async", class_name="neutrophil", limit=100)
@@ -389,8 +481,9 @@ def test_write_reward_folder_text_conditioned(tmp_path):
     from clinisynth_server.methods.reward_model import RewardModel, RewardModelConfig
     from clinisynth_server.reward.scoring import write_reward_folder
 
-    model = RewardModel(RewardModelConfig(conditioning="text", text_dim=64, in_channels=1,
-                                          backbone_width=4))
+    model = RewardModel(
+        RewardModelConfig(conditioning="text", text_dim=64, in_channels=1, backbone_width=4)
+    )
     folder = write_reward_folder(model, tmp_path / "r", width=32)
     meta = json.loads((folder / "clinisynth.json").read_text())
     assert meta["kind"] == "reward" and meta["triton_role"] == "reward_scorer"

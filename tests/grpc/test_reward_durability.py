@@ -20,9 +20,20 @@ pytestmark = pytest.mark.stack
 
 def start(env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "clinisynth_server.serve", "reward", "--port", "0",
-         "--metrics-port", "0"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        [
+            sys.executable,
+            "-m",
+            "clinisynth_server.serve",
+            "reward",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     assert proc.stdout is not None
     review = ""
@@ -56,8 +67,13 @@ def test_sigkill_mid_burst_loses_no_acknowledged_judgement(triton_server, tmp_pa
     def submit(i: int) -> None:
         crid = f"burst-{i}"
         try:
-            fb = client.feedback.submit(image, rater_id=f"dr_{i % 7}", plausible=i % 3 == 0,
-                                        class_name="neutrophil", client_request_id=crid)
+            fb = client.feedback.submit(
+                image,
+                rater_id=f"dr_{i % 7}",
+                plausible=i % 3 == 0,
+                class_name="neutrophil",
+                client_request_id=crid,
+            )
         except clinisynth.ClinisynthError:
             with lock:
                 failed.append(crid)
@@ -90,8 +106,13 @@ def test_sigkill_mid_burst_loses_no_acknowledged_judgement(triton_server, tmp_pa
             i_of = {f"burst-{i}": i for i in range(400)}
             for crid in failed:
                 i = i_of[crid]
-                c.feedback.submit(image, rater_id=f"dr_{i % 7}", plausible=i % 3 == 0,
-                                  class_name="neutrophil", client_request_id=crid)
+                c.feedback.submit(
+                    image,
+                    rater_id=f"dr_{i % 7}",
+                    plausible=i % 3 == 0,
+                    class_name="neutrophil",
+                    client_request_id=crid,
+                )
             final = c.feedback.list(class_name="neutrophil")
             assert len(final) == 400 == len({f.client_request_id for f in final})
     finally:

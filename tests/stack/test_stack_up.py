@@ -24,8 +24,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _cli(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "clinisynth.cli", *args], env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "clinisynth.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _alive(pid: int) -> bool:
@@ -78,8 +83,9 @@ def _logs(home) -> str:
     logs = home / "logs"
     if not logs.exists():
         return ""
-    return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2000:]}"
-                     for p in sorted(logs.iterdir()))
+    return "\n".join(
+        f"--- {p.name}\n{p.read_text(errors='replace')[-2000:]}" for p in sorted(logs.iterdir())
+    )
 
 
 def test_status_json_maps_every_service_and_metrics(stack):
@@ -94,7 +100,8 @@ def test_status_json_maps_every_service_and_metrics(stack):
     review = urllib.request.urlopen(data["review_url"], timeout=10)
     assert review.status == 200 and b"<html" in review.read().lower()
     assert data["health"] == dict.fromkeys(
-        ("generator", "reward", "counterfactual", "finetune"), "SERVING")
+        ("generator", "reward", "counterfactual", "finetune"), "SERVING"
+    )
 
 
 def test_triton_ready_and_sample_model_answers(stack):
@@ -105,9 +112,15 @@ def test_triton_ready_and_sample_model_answers(stack):
         assert triton.is_ready()
         assert triton.model_ready("sample_denoiser")
         x = np.random.default_rng(0).standard_normal((2, 1, 16, 16)).astype(np.float32)
-        out = triton.infer("sample_denoiser", {
-            "sample": x, "timestep": np.array([10.0, 500.0], np.float32),
-            "class_labels": np.array([0, 1], np.int64)}, ["noise_pred"])
+        out = triton.infer(
+            "sample_denoiser",
+            {
+                "sample": x,
+                "timestep": np.array([10.0, 500.0], np.float32),
+                "class_labels": np.array([0, 1], np.int64),
+            },
+            ["noise_pred"],
+        )
     assert out["noise_pred"].shape == (2, 1, 16, 16)
     assert np.isfinite(out["noise_pred"]).all()
 
@@ -115,8 +128,9 @@ def test_triton_ready_and_sample_model_answers(stack):
 def test_sdk_finds_the_stack_without_flags(stack):
     env, _, _ = stack
     code = "import clinisynth; c = clinisynth.Client(); print(c.health()); c.close()"
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("SERVING") == 4
 
@@ -137,15 +151,25 @@ def test_real_prometheus_scrapes_the_stack_and_the_catalogue_is_live(stack, tmp_
     _, info, _ = stack
     targets = {svc: urllib.parse.urlsplit(url).netloc for svc, url in info["metrics"].items()}
     targets["triton"] = urllib.parse.urlsplit(info["triton_metrics"]).netloc
-    config = {"global": {"scrape_interval": "1s"}, "scrape_configs": [
-        {"job_name": name, "static_configs": [{"targets": [addr]}]}
-        for name, addr in targets.items()]}
+    config = {
+        "global": {"scrape_interval": "1s"},
+        "scrape_configs": [
+            {"job_name": name, "static_configs": [{"targets": [addr]}]}
+            for name, addr in targets.items()
+        ],
+    }
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = _free_port()
     proc = subprocess.Popen(
-        ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
-         f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            "prometheus",
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         api = f"http://127.0.0.1:{port}/api/v1/query?query="
         deadline = time.monotonic() + 90
@@ -180,9 +204,13 @@ def test_real_prometheus_scrapes_the_stack_and_the_catalogue_is_live(stack, tmp_
         source, name = metric["source"], metric["name"]
         if source == "prometheus":
             continue
-        where = (set().union(*(exported[s] for s in ("generator", "reward", "counterfactual",
-                                                      "finetune")))
-                 if source == "all-services" else exported.get(source, everything))
+        where = (
+            set().union(
+                *(exported[s] for s in ("generator", "reward", "counterfactual", "finetune"))
+            )
+            if source == "all-services"
+            else exported.get(source, everything)
+        )
         base = name.removesuffix("_total")
         if name not in where and base not in where:
             missing.append(f"{name} ({source})")
@@ -200,8 +228,11 @@ def test_demo_runs_through_the_stack_with_the_shipped_models(stack, tmp_path):
     assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert "skipped" not in summary, summary.get("skipped")
-    shipped = sorted(p.name for p in (pathlib.Path(ROOT) / "deploy" / "models").iterdir()
-                     if (p / "clinisynth.json").is_file())
+    shipped = sorted(
+        p.name
+        for p in (pathlib.Path(ROOT) / "deploy" / "models").iterdir()
+        if (p / "clinisynth.json").is_file()
+    )
     assert {m.split("@")[0] for m in summary["models"]} >= set(shipped)
     # Cells: four images per class, each scored by the reward model, scores that differ.
     classes = sorted(p.name for p in (out / "cells").iterdir() if p.is_dir())

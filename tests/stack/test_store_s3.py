@@ -103,8 +103,7 @@ class Proxy:
             with self._lock:
                 self._conns.append(upstream)
             threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, False),
-                             daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket, counted: bool) -> None:
         with contextlib.suppress(OSError):
@@ -144,8 +143,15 @@ def moto() -> Iterator[Moto]:
 
 def _open(endpoint: str, bucket: str | None = None, **options: object) -> S3Store:
     bucket = bucket or f"t-{uuid.uuid4().hex[:16]}"
-    store = open_store(f"s3://{bucket}/base", env={}, endpoint=endpoint, part_size=PART,
-                       create_bucket=True, **CREDS, **options)
+    store = open_store(
+        f"s3://{bucket}/base",
+        env={},
+        endpoint=endpoint,
+        part_size=PART,
+        create_bucket=True,
+        **CREDS,
+        **options,
+    )
     assert isinstance(store, S3Store)
     return store
 
@@ -171,8 +177,9 @@ def _raw(endpoint: str) -> Minio:
     return Minio(endpoint.removeprefix("http://"), secure=False, region="us-east-1", **CREDS)
 
 
-def test_digest_is_object_metadata_and_multipart_is_used(store: S3Store, tmp_path: Path,
-                                                         moto: Moto) -> None:
+def test_digest_is_object_metadata_and_multipart_is_used(
+    store: S3Store, tmp_path: Path, moto: Moto
+) -> None:
     data = payload(9, 2 * PART + 17)
     src = tmp_path / "f.bin"
     src.write_bytes(data)
@@ -182,15 +189,17 @@ def test_digest_is_object_metadata_and_multipart_is_used(store: S3Store, tmp_pat
     assert "-3" in (head.etag or "")  # a multipart ETag names its part count
 
 
-def test_objects_from_other_tools_and_corruption(store: S3Store, moto: Moto,
-                                                 tmp_path: Path) -> None:
+def test_objects_from_other_tools_and_corruption(
+    store: S3Store, moto: Moto, tmp_path: Path
+) -> None:
     import io
 
     raw = _raw(moto.endpoint)
     raw.put_object(store.bucket, "base/foreign", io.BytesIO(b"no digest"), 9)
     assert store.stat("foreign").sha256 == sha(b"no digest")  # hashed by streaming
-    raw.put_object(store.bucket, "base/bad", io.BytesIO(b"tampered"), 8,
-                   metadata={"sha256": sha(b"original")})
+    raw.put_object(
+        store.bucket, "base/bad", io.BytesIO(b"tampered"), 8, metadata={"sha256": sha(b"original")}
+    )
     with pytest.raises(Internal, match="sha256"):
         store.get_bytes("bad")
     with pytest.raises(Internal):
@@ -206,8 +215,7 @@ def test_put_if_absent_fallback_without_conditional_writes(moto: Moto) -> None:
 
 
 def test_missing_bucket(moto: Moto) -> None:
-    s = open_store(f"s3://absent-{uuid.uuid4().hex[:8]}", env={}, endpoint=moto.endpoint,
-                   **CREDS)
+    s = open_store(f"s3://absent-{uuid.uuid4().hex[:8]}", env={}, endpoint=moto.endpoint, **CREDS)
     with pytest.raises(FailedPrecondition, match="does not exist"):
         s.ping()
     with pytest.raises(FailedPrecondition):
@@ -222,9 +230,14 @@ def test_server_down_is_unavailable_then_recovers(tmp_path: Path) -> None:
         s = _open(server.endpoint)
         s.put_bytes("kept", b"before outage")
         server.stop()
-        for call in (lambda: s.ping(), lambda: s.get_bytes("kept"), lambda: s.stat("kept"),
-                     lambda: s.put_bytes("new", b"x"), lambda: list(s.list()),
-                     lambda: s.put_file("new", _write(tmp_path / "f", payload(1, 100)))):
+        for call in (
+            lambda: s.ping(),
+            lambda: s.get_bytes("kept"),
+            lambda: s.stat("kept"),
+            lambda: s.put_bytes("new", b"x"),
+            lambda: list(s.list()),
+            lambda: s.put_file("new", _write(tmp_path / "f", payload(1, 100))),
+        ):
             with pytest.raises(Unavailable) as err:
                 call()
             assert server.endpoint in str(err.value)
@@ -245,9 +258,7 @@ def _write(path: Path, data: bytes) -> Path:
 
 
 @pytest.mark.timeout(60)
-def test_connection_cut_mid_multipart_upload_leaves_old_object(
-    moto: Moto, tmp_path: Path
-) -> None:
+def test_connection_cut_mid_multipart_upload_leaves_old_object(moto: Moto, tmp_path: Path) -> None:
     proxy = Proxy(moto.port)
     s = _open(proxy.endpoint, parallel_uploads=1)
     old = payload(1, 1000)
@@ -275,8 +286,14 @@ def test_hanging_server_times_out_as_unavailable(moto: Moto) -> None:
     proxy.hang = True
     try:
         s = _open(moto.endpoint)  # bucket made directly, then talk through the wedged proxy
-        wedged = open_store(f"s3://{s.bucket}", env={}, endpoint=proxy.endpoint, retries=0,
-                            read_timeout_s=0.5, **CREDS)
+        wedged = open_store(
+            f"s3://{s.bucket}",
+            env={},
+            endpoint=proxy.endpoint,
+            retries=0,
+            read_timeout_s=0.5,
+            **CREDS,
+        )
         with pytest.raises(Unavailable, match="timed out"):
             wedged.get_bytes("anything")
         with pytest.raises(Unavailable):

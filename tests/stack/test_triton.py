@@ -60,18 +60,30 @@ def _sample_unet(seed: int) -> torch.nn.Module:
 def _unet_cond() -> torch.nn.Module:
     torch.manual_seed(1)
     return diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
-        layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=4,
-        cross_attention_dim=16, attention_head_dim=4,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        norm_num_groups=4,
+        cross_attention_dim=16,
+        attention_head_dim=4,
     ).eval()
 
 
 def _text_encoder() -> torch.nn.Module:
     torch.manual_seed(2)
     config = transformers.CLIPTextConfig(
-        vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, max_position_embeddings=12, bos_token_id=0, eos_token_id=1,
+        vocab_size=100,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=12,
+        bos_token_id=0,
+        eos_token_id=1,
         pad_token_id=1,
     )
     return transformers.CLIPTextModel(config).eval()
@@ -80,9 +92,15 @@ def _text_encoder() -> torch.nn.Module:
 def _vae() -> torch.nn.Module:
     torch.manual_seed(3)
     return diffusers.AutoencoderKL(
-        in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(8, 16),
-        layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, scaling_factor=0.5,
+        in_channels=1,
+        out_channels=1,
+        latent_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=4,
+        scaling_factor=0.5,
     ).eval()
 
 
@@ -177,11 +195,13 @@ def test_class_conditional_unet_matches_in_process(client: TritonClient, models:
         x = rng.standard_normal((2, 1, size, size)).astype(np.float32)
         t = np.array([3.0, 900.0], np.float32)
         labels = np.array([0, 1], np.int64)
-        got = client.infer(SAMPLE, {"sample": x, "timestep": t, "class_labels": labels},
-                           ["noise_pred"])["noise_pred"]
+        got = client.infer(
+            SAMPLE, {"sample": x, "timestep": t, "class_labels": labels}, ["noise_pred"]
+        )["noise_pred"]
         with torch.no_grad():
-            want = unet(torch.from_numpy(x), torch.from_numpy(t),
-                        class_labels=torch.from_numpy(labels)).sample
+            want = unet(
+                torch.from_numpy(x), torch.from_numpy(t), class_labels=torch.from_numpy(labels)
+            ).sample
         _close(got, want)
 
 
@@ -203,8 +223,11 @@ def test_text_conditioned_pipeline_pieces_match(client: TritonClient, models: di
         ["noise_pred"],
     )["noise_pred"]
     with torch.no_grad():
-        want_eps = unet(torch.from_numpy(latents), torch.from_numpy(t),
-                        encoder_hidden_states=want.last_hidden_state).sample
+        want_eps = unet(
+            torch.from_numpy(latents),
+            torch.from_numpy(t),
+            encoder_hidden_states=want.last_hidden_state,
+        ).sample
     _close(eps, want_eps)
 
     image = client.infer("vae_dec", {"latents": latents}, ["image"])["image"]
@@ -241,8 +264,15 @@ def test_concurrent_requests_are_dynamically_batched(client: TritonClient) -> No
     def worker(i: int) -> None:
         try:
             barrier.wait()
-            client.infer(SAMPLE, {"sample": x + i, "timestep": np.array([float(i)], np.float32),
-                                      "class_labels": np.array([i % 2])}, ["noise_pred"])
+            client.infer(
+                SAMPLE,
+                {
+                    "sample": x + i,
+                    "timestep": np.array([float(i)], np.float32),
+                    "class_labels": np.array([i % 2]),
+                },
+                ["noise_pred"],
+            )
         except BaseException as exc:
             errors.append(exc)
 
@@ -272,11 +302,9 @@ def test_errors_map_to_the_clinisynth_tree(client: TritonClient) -> None:
         client.infer(SAMPLE, {**ok, "sample": x.astype(np.float64)}, ["noise_pred"])
     assert bad_dtype.value.violations[0].field == "inputs.sample"
     with pytest.raises(InvalidArgument):
-        client.infer(SAMPLE, {**ok, "sample": np.zeros((1, 3, 8, 8), np.float32)},
-                     ["noise_pred"])
+        client.infer(SAMPLE, {**ok, "sample": np.zeros((1, 3, 8, 8), np.float32)}, ["noise_pred"])
     with pytest.raises(Internal):  # the UNet cannot upsample back to 7×7: a model error
-        client.infer(SAMPLE, {**ok, "sample": np.zeros((1, 1, 7, 7), np.float32)},
-                     ["noise_pred"])
+        client.infer(SAMPLE, {**ok, "sample": np.zeros((1, 1, 7, 7), np.float32)}, ["noise_pred"])
     assert not client.model_ready("no_such_model")
     assert client.infer(SAMPLE, ok, ["noise_pred"])["noise_pred"].shape == (1, 1, 8, 8)
 
@@ -357,10 +385,25 @@ def test_module_entry_runs_in_foreground_and_stops_on_sigterm(tmp_path: Path) ->
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT / "services"), env.get("PYTHONPATH", "")])
     proc = subprocess.Popen(
-        [sys.executable, "-m", "clinisynth_server.triton.launcher",
-         "--model-repository", str(tmp_path / "empty"), "--host", "127.0.0.1",
-         "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+        [
+            sys.executable,
+            "-m",
+            "clinisynth_server.triton.launcher",
+            "--model-repository",
+            str(tmp_path / "empty"),
+            "--host",
+            "127.0.0.1",
+            "--grpc-port",
+            "0",
+            "--http-port",
+            "0",
+            "--metrics-port",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        text=True,
     )
     try:
         assert proc.stdout is not None
@@ -410,5 +453,4 @@ def test_zz_stop_leaves_no_process_and_clients_get_unavailable(server: TritonSer
     with TritonClient(server.grpc_url, timeout_s=5.0, retries=1, backoff_s=0.01) as c:
         assert not c.is_ready()
         with pytest.raises(Unavailable):
-            c.infer(SAMPLE, {"sample": np.zeros((1, 1, 8, 8), np.float32)},
-                    ["noise_pred"])
+            c.infer(SAMPLE, {"sample": np.zeros((1, 1, 8, 8), np.float32)}, ["noise_pred"])

@@ -14,9 +14,13 @@ def test_start_refuses_when_another_server_owns_the_ports(tmp_path):
     (tmp_path / "repo").mkdir()
     first = TritonServer(tmp_path / "repo", log_path=tmp_path / "a.log", strict=False).start()
     try:
-        second = TritonServer(tmp_path / "repo", grpc_port=first.ports.grpc,
-                              http_port=first.ports.http, log_path=tmp_path / "b.log",
-                              strict=False)
+        second = TritonServer(
+            tmp_path / "repo",
+            grpc_port=first.ports.grpc,
+            http_port=first.ports.http,
+            log_path=tmp_path / "b.log",
+            strict=False,
+        )
         with pytest.raises(Unavailable):
             second.start()
         assert not second.is_running()

@@ -66,10 +66,16 @@ def test_feedback_loop_runs_every_arm_through_the_jobs(
     assert 0.0 <= seed["reward_model"]["val_accuracy"] <= 1.0
     assert seed["pool"]["size"] == fb.FeedbackConfig.tiny().pool_size
     # Every fine-tuned arm moved away from the pretrained generator, and the arms differ.
-    base = _state(work / "cache" / next(p.name for p in (work / "cache").iterdir()
-                                        if p.name.startswith("cells-generator")) / "unet")
-    arms = {a: _state(work / "seed0" / f"arm-{a}" / "unet")
-            for a in ("real_only", "uniform", "reward", "oracle")}
+    base = _state(
+        work
+        / "cache"
+        / next(p.name for p in (work / "cache").iterdir() if p.name.startswith("cells-generator"))
+        / "unet"
+    )
+    arms = {
+        a: _state(work / "seed0" / f"arm-{a}" / "unet")
+        for a in ("real_only", "uniform", "reward", "oracle")
+    }
     assert not any(_same(base, s) for s in arms.values())
     assert not _same(arms["reward"], arms["real_only"])
 
@@ -94,8 +100,12 @@ def test_feedback_arms_train_on_one_pool_with_their_own_rewards(
     _, work = feedback
     from clinisynth_server.finetune.kinds.reward_finetune import load_pool, pool_artifact
 
-    pools = [load_pool(p) for p in sorted(
-        (work / "runner-cells" / "jobs").glob(f"bench-reward_finetune-*/{pool_artifact(0)}"))]
+    pools = [
+        load_pool(p)
+        for p in sorted(
+            (work / "runner-cells" / "jobs").glob(f"bench-reward_finetune-*/{pool_artifact(0)}")
+        )
+    ]
     assert len(pools) == 5  # reward, reward_filtered, uniform, oracle, real_only
     for pool in pools[1:]:
         assert torch.equal(pool["x"], pools[0]["x"])  # the same synthetic images
@@ -121,17 +131,17 @@ def test_feedback_table_and_verdict_are_reported(
 
 
 def test_feedback_overrides_are_typed() -> None:
-    cfg = fb.with_overrides(fb.FeedbackConfig.tiny(),
-                            {"beta": "0.3", "ema": "false", "rounds": "2",
-                             "arms": "before,reward"})
+    cfg = fb.with_overrides(
+        fb.FeedbackConfig.tiny(),
+        {"beta": "0.3", "ema": "false", "rounds": "2", "arms": "before,reward"},
+    )
     assert (cfg.beta, cfg.ema, cfg.rounds, cfg.arms) == (0.3, False, 2, ("before", "reward"))
     with pytest.raises(SystemExit):
         fb.with_overrides(cfg, {"no_such_knob": "1"})
 
 
 def test_adaptation_trains_the_parts_it_names(tmp_path: pathlib.Path) -> None:
-    res = ad.run(ad.AdaptationConfig.tiny(), [0], tmp_path, quick=False,
-                 cache=tmp_path / "cache")
+    res = ad.run(ad.AdaptationConfig.tiny(), [0], tmp_path, quick=False, cache=tmp_path / "cache")
     (seed,) = res["per_seed"]
     assert set(seed["arms"]) == set(ad.ARMS)
     for arm in seed["arms"].values():
@@ -144,8 +154,9 @@ def test_adaptation_trains_the_parts_it_names(tmp_path: pathlib.Path) -> None:
     base = next(p for p in (tmp_path / "cache").iterdir() if p.name.startswith("t2i-abdomen"))
     # U-Net only: the text encoder is the base's; U-Net + text: both moved.
     assert _same(_state(tmp_path / "t2i-unet" / "text_encoder"), _state(base / "text_encoder"))
-    assert not _same(_state(tmp_path / "t2i-unet_text" / "text_encoder"),
-                     _state(base / "text_encoder"))
+    assert not _same(
+        _state(tmp_path / "t2i-unet_text" / "text_encoder"), _state(base / "text_encoder")
+    )
     for arm in ("unet", "unet_text"):
         assert not _same(_state(tmp_path / f"t2i-{arm}" / "unet"), _state(base / "unet"))
         assert _same(_state(tmp_path / f"t2i-{arm}" / "vae"), _state(base / "vae"))
@@ -153,12 +164,13 @@ def test_adaptation_trains_the_parts_it_names(tmp_path: pathlib.Path) -> None:
     # alone; the text encoder moved only where it was asked to.
     for arm in ("unet_vae", "unet_text_vae"):
         assert not _same(_state(tmp_path / f"t2i-{arm}" / "vae"), _state(base / "vae"))
-        assert _same(_state(tmp_path / f"t2i-{arm}" / "vae"),
-                     _state(tmp_path / "t2i-chest-vae" / "vae"))
-    assert _same(_state(tmp_path / "t2i-unet_vae" / "text_encoder"),
-                 _state(base / "text_encoder"))
-    assert not _same(_state(tmp_path / "t2i-unet_text_vae" / "text_encoder"),
-                     _state(base / "text_encoder"))
+        assert _same(
+            _state(tmp_path / f"t2i-{arm}" / "vae"), _state(tmp_path / "t2i-chest-vae" / "vae")
+        )
+    assert _same(_state(tmp_path / "t2i-unet_vae" / "text_encoder"), _state(base / "text_encoder"))
+    assert not _same(
+        _state(tmp_path / "t2i-unet_text_vae" / "text_encoder"), _state(base / "text_encoder")
+    )
     assert math.isfinite(res["vae_recon_mse_chest_adapted"])
     assert "U-Net + text encoder" in ad.table(res)
     v = ad.verdict(res)
@@ -183,8 +195,9 @@ def test_counterfactual_edits_every_direction_and_mode(tmp_path: pathlib.Path) -
     cfg = cf.CounterfactualStudyConfig.tiny()
     res = cf.run(cfg, [0], tmp_path, quick=False, cache=tmp_path / "cache")
     (seed,) = res["per_seed"]
-    assert set(seed["results"]) == {cf.arm_key(d, m, lam) for d in cf.DIRECTIONS
-                                    for m, lam in cf.arms(cfg)}
+    assert set(seed["results"]) == {
+        cf.arm_key(d, m, lam) for d in cf.DIRECTIONS for m, lam in cf.arms(cfg)
+    }
     assert len(seed["results"]) == len(cf.DIRECTIONS) * (1 + 3 * len(cfg.lambda_c))
     for key, r in seed["results"].items():
         for name in ("flip_robust", "flip_plain", "flip_heldout", "share_in_mask", "mask_area"):
@@ -198,8 +211,19 @@ def test_counterfactual_edits_every_direction_and_mode(tmp_path: pathlib.Path) -
 
 def test_main_writes_tables_json_and_contact_sheets(tmp_path: pathlib.Path) -> None:
     out = tmp_path / "out"
-    rc = methods.main(["--tiny", "--seeds", "0", "--studies", "counterfactual", "--out",
-                       str(out), "--work", str(tmp_path / "work")])
+    rc = methods.main(
+        [
+            "--tiny",
+            "--seeds",
+            "0",
+            "--studies",
+            "counterfactual",
+            "--out",
+            str(out),
+            "--work",
+            str(tmp_path / "work"),
+        ]
+    )
     assert rc == 0
     text = (out / "methods.md").read_text()
     assert "Counterfactuals" in text and "| direction |" in text
@@ -212,8 +236,22 @@ def test_main_writes_tables_json_and_contact_sheets(tmp_path: pathlib.Path) -> N
 
     # Seeds run side by side (one process each) combine into one table with the spread.
     out1 = tmp_path / "out-seed1"
-    assert methods.main(["--tiny", "--seeds", "1", "--studies", "counterfactual", "--out",
-                         str(out1), "--work", str(tmp_path / "work")]) == 0
+    assert (
+        methods.main(
+            [
+                "--tiny",
+                "--seeds",
+                "1",
+                "--studies",
+                "counterfactual",
+                "--out",
+                str(out1),
+                "--work",
+                str(tmp_path / "work"),
+            ]
+        )
+        == 0
+    )
     both = tmp_path / "both"
     assert methods.main(["--combine", str(out), str(out1), "--out", str(both)]) == 0
     merged = json.loads((both / "methods.json").read_text())["studies"]["counterfactual"]
@@ -225,16 +263,23 @@ def test_main_writes_tables_json_and_contact_sheets(tmp_path: pathlib.Path) -> N
         methods.main(["--combine", str(out), str(out), "--out", str(tmp_path / "dup")])
 
 
-def test_the_command_prints_the_three_tables(tmp_path: pathlib.Path,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_command_prints_the_three_tables(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """``clinisynth benchmark methods`` with every study, as the README runs it (tiny sizes)."""
     out = tmp_path / "out"
-    assert methods.main(["--tiny", "--seeds", "0", "--out", str(out), "--work",
-                         str(tmp_path / "work")]) == 0
+    assert (
+        methods.main(
+            ["--tiny", "--seeds", "0", "--out", str(out), "--work", str(tmp_path / "work")]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
-    headers = {"feedback": ("## 1. Feedback", "| arm |"),
-               "adaptation": ("## 2. Adaptation", "| model |"),
-               "counterfactual": ("## 3. Counterfactuals", "| direction |")}
+    headers = {
+        "feedback": ("## 1. Feedback", "| arm |"),
+        "adaptation": ("## 2. Adaptation", "| model |"),
+        "counterfactual": ("## 3. Counterfactuals", "| direction |"),
+    }
     text = (out / "methods.md").read_text()
     for name, (title, table) in headers.items():
         section = (out / f"{name}.md").read_text()

@@ -36,17 +36,32 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def _record(name: str, kind: str, *, robust: bool | None = None, domain: str = "eye",
-            classes: list[str] | None = None, channels: int = 1, size: int = 16) -> ModelRecord:
+def _record(
+    name: str,
+    kind: str,
+    *,
+    robust: bool | None = None,
+    domain: str = "eye",
+    classes: list[str] | None = None,
+    channels: int = 1,
+    size: int = 16,
+) -> ModelRecord:
     labels = {"domain": domain}
     if robust is not None:
         labels["robust"] = "true" if robust else "false"
     role = "classifier" if kind == "classifier" else "denoiser"
     return ModelRecord(
-        name=name, version=1, kind=kind, components={role: f"{name}.{role}"},
-        component_versions={role: 1}, classes=classes or ([] if role == "denoiser" else
-                                                          ["healthy", "lesion"]),
-        width=size, height=size, channels=channels, digest="d" * 64, labels=labels,
+        name=name,
+        version=1,
+        kind=kind,
+        components={role: f"{name}.{role}"},
+        component_versions={role: 1},
+        classes=classes or ([] if role == "denoiser" else ["healthy", "lesion"]),
+        width=size,
+        height=size,
+        channels=channels,
+        digest="d" * 64,
+        labels=labels,
         scheduler={"num_train_timesteps": 1000} if role == "denoiser" else {},
     )
 
@@ -59,10 +74,12 @@ def catalog(tmp_path: pathlib.Path) -> Catalog:
         _record("eye-robust", "classifier", robust=True),
         _record("eye-plain", "classifier", robust=False),
         _record("xr-den", "unconditional", domain="chest"),
-        _record("xr-robust", "classifier", robust=True, domain="chest",
-                classes=["normal", "effusion"]),
-        _record("xr-plain", "classifier", robust=False, domain="chest",
-                classes=["normal", "effusion"]),
+        _record(
+            "xr-robust", "classifier", robust=True, domain="chest", classes=["normal", "effusion"]
+        ),
+        _record(
+            "xr-plain", "classifier", robust=False, domain="chest", classes=["normal", "effusion"]
+        ),
         _record("rgb-plain", "classifier", robust=False, domain="eye", channels=3),
     ):
         cat.put(rec)
@@ -75,24 +92,43 @@ def catalog(tmp_path: pathlib.Path) -> Catalog:
 
 
 def test_published_defaults_and_start_depth_semantics(catalog: Catalog) -> None:
-    plan = validate(CounterfactualOptions(target_class="lesion", diffusion_model="eye-den",
-                                          plain_classifier="eye-plain"), catalog)
+    plan = validate(
+        CounterfactualOptions(
+            target_class="lesion", diffusion_model="eye-den", plain_classifier="eye-plain"
+        ),
+        catalog,
+    )
     c = plan.config
     assert (c.steps, c.lambda_c, c.alpha_deg, c.distance, c.lambda_d, c.mode) == (
-        200, 0.1, 30.0, "l2", 0.5, "cone")
+        200,
+        0.1,
+        30.0,
+        "l2",
+        0.5,
+        "cone",
+    )
     assert plan.start_depth == 0.5 and c.reverse_steps == 100
     assert plan.target_index == 1 and plan.robust.name == "eye-robust"
-    l1 = validate(CounterfactualOptions(target_class="lesion", diffusion_model="eye-den",
-                                        plain_classifier="eye-plain", distance="l1",
-                                        start_depth=0.8, steps=50), catalog)
+    l1 = validate(
+        CounterfactualOptions(
+            target_class="lesion",
+            diffusion_model="eye-den",
+            plain_classifier="eye-plain",
+            distance="l1",
+            start_depth=0.8,
+            steps=50,
+        ),
+        catalog,
+    )
     assert l1.config.lambda_d == 0.15
     assert l1.config.reverse_steps == 10  # 80 % of the chain skipped
     assert l1.knobs["reverse_steps"] == "10" and l1.knobs["start_depth"] == "0.8"
 
 
 def test_models_resolve_by_domain_and_target(catalog: Catalog) -> None:
-    plan = validate(CounterfactualOptions(target_class="effusion", plain_classifier="xr-plain"),
-                    catalog)
+    plan = validate(
+        CounterfactualOptions(target_class="effusion", plain_classifier="xr-plain"), catalog
+    )
     assert (plan.denoiser.name, plan.robust.name) == ("xr-den", "xr-robust")
     by_target = validate(CounterfactualOptions(target_class="effusion"), catalog)
     assert by_target.denoiser.name == "xr-den"
@@ -124,8 +160,7 @@ def test_models_resolve_by_domain_and_target(catalog: Catalog) -> None:
     ],
 )
 def test_every_bad_field_is_named(catalog: Catalog, knobs: dict, fields: set[str]) -> None:
-    base = {"target_class": "lesion", "diffusion_model": "eye-den",
-            "plain_classifier": "eye-plain"}
+    base = {"target_class": "lesion", "diffusion_model": "eye-den", "plain_classifier": "eye-plain"}
     with pytest.raises(InvalidArgument) as err:
         validate(CounterfactualOptions(**{**base, **knobs}), catalog)
     assert {v.field for v in err.value.violations} == fields
@@ -212,14 +247,25 @@ def test_guidance_folder_and_role_wrap_guidance_gradients(toy_folders, tmp_path)
     from clinisynth_server.triton.backends._base import BackendInputError
 
     folder = guidance.write_guidance_folder(
-        tmp_path / "w", toy_folders.denoiser / "unet", toy_folders.robust, toy_folders.plain,
-        channels=1, classes=["healthy", "lesion"], sources={"diffusion_model": "d@1"},
+        tmp_path / "w",
+        toy_folders.denoiser / "unet",
+        toy_folders.robust,
+        toy_folders.plain,
+        channels=1,
+        classes=["healthy", "lesion"],
+        sources={"diffusion_model": "d@1"},
     )
     meta = json.loads((folder / "config.json").read_text())
     assert meta["kind"] == "cf_guidance" and meta["learned_variance"] is False
     spec = role.model_spec(folder, {})
-    assert [t.name for t in spec.inputs] == ["x_t", "timestep", "alpha_bar", "x0", "target",
-                                             "distance"]
+    assert [t.name for t in spec.inputs] == [
+        "x_t",
+        "timestep",
+        "alpha_bar",
+        "x0",
+        "target",
+        "distance",
+    ]
     backend = role.Backend(folder, {})
     rng = np.random.default_rng(1)
     x_t = rng.standard_normal((3, 1, 16, 16)).astype(np.float32)
@@ -228,26 +274,44 @@ def test_guidance_folder_and_role_wrap_guidance_gradients(toy_folders, tmp_path)
     ab = np.array([0.3, 0.3, 0.8], np.float32)
     target = np.array([1, 0, 1])
     codes = np.array([0, 1, 0])  # mixed L2 / L1 rows in one batch
-    out = backend({"x_t": x_t, "timestep": t, "alpha_bar": ab, "x0": x0, "target": target,
-                   "distance": codes})
+    out = backend(
+        {"x_t": x_t, "timestep": t, "alpha_bar": ab, "x0": x0, "target": target, "distance": codes}
+    )
     for row, kind in ((0, "l2"), (1, "l1"), (2, "l2")):
         ref = cf.guidance_gradients(
-            unet_eps_fn(backend.unet), backend.robust, backend.plain,
-            torch.from_numpy(x_t[row : row + 1]), torch.from_numpy(t[row : row + 1]),
-            torch.from_numpy(x0[row : row + 1]), torch.from_numpy(target[row : row + 1]),
-            alpha_bar_t=torch.from_numpy(ab[row : row + 1]), distance_kind=kind,
+            unet_eps_fn(backend.unet),
+            backend.robust,
+            backend.plain,
+            torch.from_numpy(x_t[row : row + 1]),
+            torch.from_numpy(t[row : row + 1]),
+            torch.from_numpy(x0[row : row + 1]),
+            torch.from_numpy(target[row : row + 1]),
+            alpha_bar_t=torch.from_numpy(ab[row : row + 1]),
+            distance_kind=kind,
         )
         for name in ("eps", "x0_hat", "g_r", "g_p", "g_d", "logits_robust", "logits_plain"):
-            np.testing.assert_allclose(out[name][row], getattr(ref, name)[0].numpy(),
-                                       rtol=1e-4, atol=1e-5, err_msg=name)
+            np.testing.assert_allclose(
+                out[name][row], getattr(ref, name)[0].numpy(), rtol=1e-4, atol=1e-5, err_msg=name
+            )
     with pytest.raises(BackendInputError, match="target"):
-        backend({"x_t": x_t, "timestep": t, "alpha_bar": ab, "x0": x0,
-                 "target": np.array([0, 1, 2]), "distance": codes})
+        backend(
+            {
+                "x_t": x_t,
+                "timestep": t,
+                "alpha_bar": ab,
+                "x0": x0,
+                "target": np.array([0, 1, 2]),
+                "distance": codes,
+            }
+        )
 
 
 def test_guidance_model_name_is_stable_and_version_sensitive() -> None:
-    den, rob, pla = (_record("d", "unconditional"), _record("r", "classifier", robust=True),
-                     _record("p", "classifier", robust=False))
+    den, rob, pla = (
+        _record("d", "unconditional"),
+        _record("r", "classifier", robust=True),
+        _record("p", "classifier", robust=False),
+    )
     name = guidance.guidance_model_name(den, rob, pla)
     assert name == guidance.guidance_model_name(den, rob, pla) and name.startswith("d.cf_guidance.")
     newer = ModelRecord(**{**den.to_json(), "version": 2})
@@ -262,17 +326,24 @@ def test_service_update_is_the_methods_cone_projection() -> None:
     eps = torch.randn(1, 1, 4, 4)
 
     def guide(x_t, t, ab, x0_in, target):  # type: ignore[no-untyped-def]
-        return cf.GuidanceGradients(eps, torch.zeros_like(x_t), torch.zeros(1, 2),
-                                    torch.zeros(1, 2), g_r, g_p, g_d)
+        return cf.GuidanceGradients(
+            eps, torch.zeros_like(x_t), torch.zeros(1, 2), torch.zeros(1, 2), g_r, g_p, g_d
+        )
 
     ab = torch.linspace(0.9999, 0.01, 1000)
     config = cf.CounterfactualConfig(steps=2, depth=0.5, lambda_c=0.1, alpha_deg=30.0)
     res = cf.run_counterfactual(guide, x0, torch.tensor([1]), ab, config=config, seeds=[0])
     sched = cf.respace(ab, 2)
-    mu = (1 - float(sched.alpha_bar_prev[0])) * math.sqrt(1 - float(sched.beta[0])) / (
-        1 - float(sched.alpha_bar[0])) * (math.sqrt(float(sched.alpha_bar[0])) * x0 + math.sqrt(
-            1 - float(sched.alpha_bar[0])) * torch.randn(x0.shape,
-                                                         generator=torch.Generator().manual_seed(0)))
+    mu = (
+        (1 - float(sched.alpha_bar_prev[0]))
+        * math.sqrt(1 - float(sched.beta[0]))
+        / (1 - float(sched.alpha_bar[0]))
+        * (
+            math.sqrt(float(sched.alpha_bar[0])) * x0
+            + math.sqrt(1 - float(sched.alpha_bar[0]))
+            * torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+        )
+    )
     g_c = cf.cone_project(g_r, g_p, 30.0)
     assert float(cf.angle_deg(g_c, g_p)) <= 30.0 + 1e-4
     want = cf.guided_mean(mu, torch.tensor(float(sched.posterior_variance[0])), g_c, g_d, 0.1, 0.5)

@@ -20,7 +20,7 @@ def store(tmp_path: pathlib.Path):  # type: ignore[no-untyped-def]
 
 
 def images(n: int, size: int = 8) -> np.ndarray:
-    return (np.arange(n * size * size, dtype=np.uint8).reshape(n, size, size) * 7)
+    return np.arange(n * size * size, dtype=np.uint8).reshape(n, size, size) * 7
 
 
 def test_image_folder_classes_counts_and_sizes(store) -> None:  # type: ignore[no-untyped-def]
@@ -29,8 +29,9 @@ def test_image_folder_classes_counts_and_sizes(store) -> None:  # type: ignore[n
     assert report.ok and report.images == 5
     assert report.classes == ["a", "b"] and report.per_class == {"a": 2, "b": 3}
     assert (report.size, report.channels) == (8, 1)
-    arr = datasets.load_images(StoreSource(store, "d"), [e.path for e in report.entries],
-                               size=4, channels=3)
+    arr = datasets.load_images(
+        StoreSource(store, "d"), [e.path for e in report.entries], size=4, channels=3
+    )
     assert arr.shape == (5, 3, 4, 4) and arr.dtype == np.float32
     assert 0 <= arr.min() <= arr.max() <= 1
 
@@ -51,22 +52,30 @@ def test_manifest_problems_listed_per_line(tmp_path: pathlib.Path) -> None:
     root = tmp_path / "m"
     (root / "images").mkdir(parents=True)
     (root / "images" / "0.png").write_bytes(layouts.encode_png(images(1)[0]))
-    lines = [json.dumps({"image": "images/0.png", "prompt": "left effusion"}), "{not json",
-             json.dumps({"image": "images/9.png", "prompt": "x"}),
-             json.dumps({"image": "images/0.png"})]
+    lines = [
+        json.dumps({"image": "images/0.png", "prompt": "left effusion"}),
+        "{not json",
+        json.dumps({"image": "images/9.png", "prompt": "x"}),
+        json.dumps({"image": "images/0.png"}),
+    ]
     (root / "manifest.jsonl").write_text("\n".join(lines))
     report = validate(FolderSource(root), "m", "image_text_manifest")
     assert report.images == 1 and report.entries[0].text == "left effusion"
     assert [p.split(":")[0] for p in report.problems] == [
-        "manifest.jsonl line 2", "manifest.jsonl line 3", "manifest.jsonl line 4"]
+        "manifest.jsonl line 2",
+        "manifest.jsonl line 3",
+        "manifest.jsonl line 4",
+    ]
     missing = validate(FolderSource(root / "images"), "m", "image_text_manifest")
-    assert missing.problems == ["manifest.jsonl is missing (the image_text_manifest layout "
-                                "needs it)"]
+    assert missing.problems == [
+        "manifest.jsonl is missing (the image_text_manifest layout needs it)"
+    ]
 
 
 def test_feedback_export(store) -> None:  # type: ignore[no-untyped-def]
-    layouts.write_feedback_to_store(store, "fb", images(4), ["a", "b", "a", "b"],
-                            [True, False, True, False])
+    layouts.write_feedback_to_store(
+        store, "fb", images(4), ["a", "b", "a", "b"], [True, False, True, False]
+    )
     report = validate(StoreSource(store, "fb"), "fb", "feedback_export")
     assert report.ok and [e.plausible for e in report.entries] == [True, False, True, False]
     assert report.per_class == {"a": 2, "b": 2}
@@ -102,8 +111,10 @@ def test_the_writers_layouts_are_what_the_jobs_read(tmp_path: pathlib.Path) -> N
 def test_manifests_of_older_sets_still_read(tmp_path: pathlib.Path) -> None:
     """Sets written before the keys were unified used ``file`` + ``text``."""
     root = layouts.write_manifest(tmp_path / "m", images(2), ["x", "y"])
-    old = [json.dumps({"file": json.loads(line)["image"], "text": json.loads(line)["prompt"]})
-           for line in (root / "manifest.jsonl").read_text().splitlines()]
+    old = [
+        json.dumps({"file": json.loads(line)["image"], "text": json.loads(line)["prompt"]})
+        for line in (root / "manifest.jsonl").read_text().splitlines()
+    ]
     (root / "manifest.jsonl").write_text("\n".join(old) + "\n")
     report = validate(FolderSource(root), "m", "image_text_manifest")
     assert report.ok and [e.text for e in report.entries] == ["x", "y"]

@@ -27,8 +27,7 @@ def test_catalog_text_to_image_round_trips(env, tmp_path: pathlib.Path) -> None:
 
     store, catalog, repo = env
     folder = builders.build_text_to_image(tmp_path / "sd", size=32, image_channels=1)
-    registry.register_folder(folder, "sd-tiny", catalog=catalog, store=store,
-                             model_repository=repo)
+    registry.register_folder(folder, "sd-tiny", catalog=catalog, store=store, model_repository=repo)
     base = models.resolve("sd-tiny", catalog, store, field_name="params[base_model]")
     assert base.kind == "text_to_image" and base.record is not None
     out = models.materialize(base, tmp_path / "out", store=store, model_repository=str(repo))

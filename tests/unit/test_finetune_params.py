@@ -20,11 +20,24 @@ def test_defaults_and_typed_values() -> None:
 
 def test_every_problem_is_reported_with_its_field() -> None:
     spec = load("classifier")
-    parsed = parse_params(spec.params, {"max_steps": "0", "batch_size": "x", "adversarial": "fgsm",
-                                        "learning_rat": "1", "eps": "nan"})
+    parsed = parse_params(
+        spec.params,
+        {
+            "max_steps": "0",
+            "batch_size": "x",
+            "adversarial": "fgsm",
+            "learning_rat": "1",
+            "eps": "nan",
+        },
+    )
     by_field = {v.field: v.description for v in parsed.violations}
-    assert set(by_field) == {"params[max_steps]", "params[batch_size]", "params[adversarial]",
-                             "params[learning_rat]", "params[eps]"}
+    assert set(by_field) == {
+        "params[max_steps]",
+        "params[batch_size]",
+        "params[adversarial]",
+        "params[learning_rat]",
+        "params[eps]",
+    }
     assert "must be >= 1" in by_field["params[max_steps]"]
     assert "did you mean learning_rate" in by_field["params[learning_rat]"]
     assert "none, pgd, trades" in by_field["params[adversarial]"]

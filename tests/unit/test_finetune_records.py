@@ -42,8 +42,14 @@ def test_events_from_two_writers_never_collide(tmp_path: pathlib.Path) -> None:
 
 def test_record_roundtrip_and_request_claims(tmp_path: pathlib.Path) -> None:
     js = JobStore(open_store(str(tmp_path / "s")))
-    rec = JobRecord(id=new_job_id(), kind="classifier", dataset="d", params={"seed": "1"},
-                    model_name="m", created=1.0)
+    rec = JobRecord(
+        id=new_job_id(),
+        kind="classifier",
+        dataset="d",
+        params={"seed": "1"},
+        model_name="m",
+        created=1.0,
+    )
     js.put(rec)
     assert js.get(rec.id) == rec and [r.id for r in js.all()] == [rec.id]
     assert js.claim_request("req", rec.id) == rec.id
@@ -56,9 +62,19 @@ def test_uncommitted_checkpoints_are_invisible_and_best_is_chosen(tmp_path: path
     for step, acc in ((10, 0.5), (20, 0.9), (30, 0.7)):
         prefix = js.checkpoint_prefix("j", js.checkpoint_id(step))
         store.put_bytes(prefix + "model/config.json", b"{}")
-        js.commit_checkpoint("j", CheckpointInfo(js.checkpoint_id(step), step,
-                                                 {"val_accuracy": acc}, 0.0, False, prefix,
-                                                 best_metric="val_accuracy", best_mode="max"))
+        js.commit_checkpoint(
+            "j",
+            CheckpointInfo(
+                js.checkpoint_id(step),
+                step,
+                {"val_accuracy": acc},
+                0.0,
+                False,
+                prefix,
+                best_metric="val_accuracy",
+                best_mode="max",
+            ),
+        )
     store.put_bytes(js.checkpoint_prefix("j", js.checkpoint_id(40)) + "model/x", b"half")
     checkpoints = js.checkpoints("j")
     assert [c.step for c in checkpoints] == [10, 20, 30]
@@ -76,10 +92,12 @@ def test_pid_identity() -> None:
 
 
 def test_kubernetes_template_renders() -> None:
-    rec = JobRecord(id="ft-abc-123456", kind="reward_model", dataset="d", params={},
-                    model_name="m", attempt=2)
-    docs = render_template(TEMPLATE.read_text(), rec, image="clinisynth/services:1",
-                           nproc_per_node=4)
+    rec = JobRecord(
+        id="ft-abc-123456", kind="reward_model", dataset="d", params={}, model_name="m", attempt=2
+    )
+    docs = render_template(
+        TEMPLATE.read_text(), rec, image="clinisynth/services:1", nproc_per_node=4
+    )
     kinds = {d["kind"]: d for d in docs}
     job = kinds["Job"]
     assert job["metadata"]["name"] == k8s_name(rec.id, 2) == "cs-ft-abc-123456-a2"

@@ -19,16 +19,23 @@ def _ship(root: pathlib.Path, name: str, release: int) -> pathlib.Path:
     weights = next((folder / "unet").glob("*.safetensors"))
     state = load_file(weights)
     save_file({k: v + 0.01 * release for k, v in state.items()}, weights)
-    (folder / "clinisynth.json").write_text(json.dumps({"classes": ["a", "b"],
-                                                        "description": f"release {release}"}))
+    (folder / "clinisynth.json").write_text(
+        json.dumps({"classes": ["a", "b"], "description": f"release {release}"})
+    )
     return folder
 
 
 def _register_updates(shipped: pathlib.Path, catalog: Catalog, store, repo) -> list[str]:  # type: ignore[no-untyped-def]
     done = []
     for folder, digest in registry.shipped_updates(shipped, catalog):
-        registry.register_folder(folder, folder.name, catalog=catalog, store=store,
-                                 model_repository=repo, labels={registry.SHIPPED_LABEL: digest})
+        registry.register_folder(
+            folder,
+            folder.name,
+            catalog=catalog,
+            store=store,
+            model_repository=repo,
+            labels={registry.SHIPPED_LABEL: digest},
+        )
         done.append(folder.name)
     return done
 
@@ -56,6 +63,8 @@ def test_shipped_models_register_once_and_upgrade_when_retrained(tmp_path: pathl
     cells = catalog.get("cells")
     assert cells.version == 2
     assert cells.labels[registry.SHIPPED_LABEL] == registry.folder_digest([shipped / "cells"])
-    assert catalog.get("mine").version == 2 and registry.SHIPPED_LABEL not in catalog.get(
-        "mine").labels
+    assert (
+        catalog.get("mine").version == 2
+        and registry.SHIPPED_LABEL not in catalog.get("mine").labels
+    )
     assert _register_updates(shipped, catalog, store, repo) == []

@@ -14,9 +14,19 @@ from clinisynth_server.store import open_store
 
 def record(name: str, created: float, classes: list[str], channels: int = 1) -> ModelRecord:
     extra = {"conditioning": "class"} if classes else {"conditioning": "text", "text_dim": 8}
-    return ModelRecord(name=name, version=1, kind="reward", components={"scorer": f"{name}.rs"},
-                       component_versions={"scorer": 1}, classes=classes, width=8, height=8,
-                       channels=channels, created=created, extra=extra)
+    return ModelRecord(
+        name=name,
+        version=1,
+        kind="reward",
+        components={"scorer": f"{name}.rs"},
+        component_versions={"scorer": 1},
+        classes=classes,
+        width=8,
+        height=8,
+        channels=channels,
+        created=created,
+        extra=extra,
+    )
 
 
 def test_to_model_input_channels_resize_and_size_check():
@@ -30,8 +40,7 @@ def test_to_model_input_channels_resize_and_size_check():
     with pytest.raises(InvalidArgument) as info:
         to_model_input([np.zeros((16, 16), np.float32)], rec, resize=False)
     assert info.value.violations[0].field == "images[0]"
-    assert to_model_input([np.zeros((16, 16), np.float32)], rec, resize=True).shape == (
-        1, 1, 8, 8)
+    assert to_model_input([np.zeros((16, 16), np.float32)], rec, resize=True).shape == (1, 1, 8, 8)
 
 
 def test_default_model_is_the_newest_that_can_judge_the_condition(tmp_path):
@@ -47,7 +56,8 @@ def test_default_model_is_the_newest_that_can_judge_the_condition(tmp_path):
 
 
 def test_text_embedding_is_deterministic_and_separates_findings():
-    a, b, c = embed_text(["small pleural effusion", "small pleural effusion",
-                          "no effusion, normal heart"], 64)
+    a, b, c = embed_text(
+        ["small pleural effusion", "small pleural effusion", "no effusion, normal heart"], 64
+    )
     np.testing.assert_array_equal(a, b)
     assert abs(np.linalg.norm(a) - 1) < 1e-6 and float(a @ c) < 0.9

@@ -160,12 +160,19 @@ def test_open_store_local_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 def test_open_store_s3_from_env_without_network() -> None:
     from clinisynth_server.store.s3 import S3Store
 
-    env = {"CLINISYNTH_STORE_ENDPOINT": "minio.internal:9000",
-           "CLINISYNTH_STORE_ACCESS_KEY": "ak", "CLINISYNTH_STORE_SECRET_KEY": "sk",
-           "CLINISYNTH_STORE_SECURE": "false"}
+    env = {
+        "CLINISYNTH_STORE_ENDPOINT": "minio.internal:9000",
+        "CLINISYNTH_STORE_ACCESS_KEY": "ak",
+        "CLINISYNTH_STORE_SECRET_KEY": "sk",
+        "CLINISYNTH_STORE_SECURE": "false",
+    }
     s = open_store("s3://artifacts/team/a", env=env)
     assert isinstance(s, S3Store)
-    assert (s.bucket, s.prefix, s.endpoint) == ("artifacts", "team/a/", "http://minio.internal:9000")
+    assert (s.bucket, s.prefix, s.endpoint) == (
+        "artifacts",
+        "team/a/",
+        "http://minio.internal:9000",
+    )
     assert s.uri("x/y") == "s3://artifacts/team/a/x/y"
     # explicit options beat env; a scheme in the endpoint sets TLS
     s2 = open_store("s3://artifacts", env=env, endpoint="https://s3.example.org")
@@ -194,8 +201,9 @@ def test_open_store_rejects_bad_config(url: str, options: dict[str, str], field:
 
 def test_env_secure_must_be_boolean() -> None:
     with pytest.raises(InvalidArgument) as err:
-        open_store("s3://b", env={"CLINISYNTH_STORE_ENDPOINT": "h:1",
-                                  "CLINISYNTH_STORE_SECURE": "maybe"})
+        open_store(
+            "s3://b", env={"CLINISYNTH_STORE_ENDPOINT": "h:1", "CLINISYNTH_STORE_SECURE": "maybe"}
+        )
     assert err.value.violations[0].field == "CLINISYNTH_STORE_SECURE"
 
 

@@ -15,7 +15,13 @@ from clinisynth._errors import ClinisynthError
 
 # Modules that contribute sub-commands, in help order. A module missing here is a bug.
 COMMAND_MODULES = (
-    "stack", "generator", "reward", "counterfactual", "finetune", "benchmark", "demo",
+    "stack",
+    "generator",
+    "reward",
+    "counterfactual",
+    "finetune",
+    "benchmark",
+    "demo",
 )
 
 

@@ -121,8 +121,9 @@ def run_demo(client: Client, out: pathlib.Path, seed: int) -> dict[str, Any]:
     healthy, _lesioned, _mask = fundus.render_pair(7, size=fundus_model.width, lesion_seed=1)
     # λ_c = 0.5: at the service default (0.1, the paper's 256 px setting) the 32 px demo models
     # barely move (p 0.13 → 0.2–0.3); the methods benchmark's sweep flips most eyes at 0.5.
-    cf = client.counterfactual(healthy.astype(np.float32) / 255.0, target="lesion", seed=seed,
-                               lambda_c=0.5)
+    cf = client.counterfactual(
+        healthy.astype(np.float32) / 255.0, target="lesion", seed=seed, lambda_c=0.5
+    )
     cf.save(out / "counterfactual", "fundus_healthy")
     rows.append(
         (

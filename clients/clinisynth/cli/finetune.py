@@ -13,14 +13,21 @@ def _line(job) -> str:  # type: ignore[no-untyped-def]
     extra = f" loss={loss:.4f}" if loss is not None else ""
     queue = f" queue#{job.queue_position}" if job.queue_position else ""
     reason = f"  ({job.failure_reason})" if job.failure_reason else ""
-    return (f"{job.id}  {job.kind:24s} {job.state:9s} {job.step}/{job.max_steps}{extra}{queue}"
-            f"  {job.dataset} → {job.model_name}{reason}")
+    return (
+        f"{job.id}  {job.kind:24s} {job.state:9s} {job.step}/{job.max_steps}{extra}{queue}"
+        f"  {job.dataset} → {job.model_name}{reason}"
+    )
 
 
 def cmd_create(ns: argparse.Namespace) -> int:
     with client_from(ns) as client:
-        job = client.finetune.create(ns.kind, ns.data, params=parse_sets(ns.set),
-                                     model_name=ns.model_name, request_id=ns.request_id)
+        job = client.finetune.create(
+            ns.kind,
+            ns.data,
+            params=parse_sets(ns.set),
+            model_name=ns.model_name,
+            request_id=ns.request_id,
+        )
     print(job.id)
     return 0
 
@@ -52,9 +59,16 @@ def cmd_watch(ns: argparse.Namespace) -> int:
     with client_from(ns) as client:
         if ns.json:
             for event in client.finetune.watch(ns.id, since=ns.since):
-                print_json({"sequence": event.sequence, "type": event.type,
-                            "state": event.state, "step": event.step,
-                            "metrics": event.metrics, "message": event.message})
+                print_json(
+                    {
+                        "sequence": event.sequence,
+                        "type": event.type,
+                        "state": event.state,
+                        "step": event.step,
+                        "metrics": event.metrics,
+                        "message": event.message,
+                    }
+                )
             job = client.finetune.get(ns.id)
         else:
             job = client.finetune.wait(ns.id, progress=True)
@@ -105,8 +119,9 @@ def cmd_kinds(ns: argparse.Namespace) -> int:
 def cmd_upload(ns: argparse.Namespace) -> int:
     with client_from(ns) as client:
         try:
-            report = client.finetune.upload_dataset(ns.dir, ns.prefix, layout=ns.layout,
-                                                    progress=not ns.quiet)
+            report = client.finetune.upload_dataset(
+                ns.dir, ns.prefix, layout=ns.layout, progress=not ns.quiet
+            )
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -124,8 +139,10 @@ def _print_report(report, as_json: bool) -> int:  # type: ignore[no-untyped-def]
         print_json(report.to_dict())
     else:
         per = ", ".join(f"{c}={n}" for c, n in sorted(report.per_class.items()))
-        print(f"{report.prefix} [{report.layout}]: {report.images} images"
-              + (f"; {per}" if per else ""))
+        print(
+            f"{report.prefix} [{report.layout}]: {report.images} images"
+            + (f"; {per}" if per else "")
+        )
         for problem in report.problems:
             print(f"  problem: {problem}")
     return 0 if report.ok else 2
@@ -136,7 +153,8 @@ LAYOUTS = ["image_folder", "image_text_manifest", "feedback_export"]
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     ft = sub.add_parser("finetune", help="durable training jobs").add_subparsers(
-        dest="finetune_command", metavar="SUBCOMMAND", required=True)
+        dest="finetune_command", metavar="SUBCOMMAND", required=True
+    )
 
     p = ft.add_parser("create", help="validate and queue a job; prints its id")
     p.add_argument("--kind", "-k", required=True, help="see `clinisynth finetune kinds`")
@@ -184,7 +202,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_kinds)
 
     data = sub.add_parser("data", help="training data sets in the store").add_subparsers(
-        dest="data_command", metavar="SUBCOMMAND", required=True)
+        dest="data_command", metavar="SUBCOMMAND", required=True
+    )
     p = data.add_parser("upload", help="validate a local folder and upload it to PREFIX")
     p.add_argument("dir")
     p.add_argument("prefix", help="store prefix under datasets/, e.g. datasets/cells")

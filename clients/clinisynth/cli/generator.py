@@ -12,16 +12,30 @@ def cmd_models(ns: argparse.Namespace) -> int:
     with client_from(ns) as client:
         models = client.list_models(ns.kind, all_versions=ns.all_versions)
     if ns.json:
-        print_json([
-            {"name": m.name, "version": m.version, "kind": m.kind, "classes": m.classes,
-             "width": m.width, "height": m.height, "channels": m.channels, "digest": m.digest,
-             "latest": m.latest, "labels": m.labels}
-            for m in models
-        ])
+        print_json(
+            [
+                {
+                    "name": m.name,
+                    "version": m.version,
+                    "kind": m.kind,
+                    "classes": m.classes,
+                    "width": m.width,
+                    "height": m.height,
+                    "channels": m.channels,
+                    "digest": m.digest,
+                    "latest": m.latest,
+                    "labels": m.labels,
+                }
+                for m in models
+            ]
+        )
         return 0
     for m in models:
-        cond = f"classes={','.join(m.classes)}" if m.classes else (
-            "prompt" if m.kind == "text_to_image" else "")
+        cond = (
+            f"classes={','.join(m.classes)}"
+            if m.classes
+            else ("prompt" if m.kind == "text_to_image" else "")
+        )
         print(f"{m.name}@{m.version:<4} {m.kind:18s} {m.width}x{m.height}x{m.channels}  {cond}")
     return 0
 
@@ -30,12 +44,25 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     out = pathlib.Path(ns.out)
     with client_from(ns) as client:
         result = client.generate(
-            ns.model, prompt=ns.prompt, negative_prompt=ns.negative_prompt,
-            class_name=ns.class_name, n=ns.n, seed=ns.seed, steps=ns.steps, sampler=ns.sampler,
-            guidance_scale=ns.guidance_scale, width=ns.width, height=ns.height, format=ns.format,
-            modality=ns.modality, store=ns.store, min_reward=ns.min_reward,
-            best_of_n=ns.best_of_n, reward_model=ns.reward_model,
-            progress=not ns.quiet, timeout=ns.timeout,
+            ns.model,
+            prompt=ns.prompt,
+            negative_prompt=ns.negative_prompt,
+            class_name=ns.class_name,
+            n=ns.n,
+            seed=ns.seed,
+            steps=ns.steps,
+            sampler=ns.sampler,
+            guidance_scale=ns.guidance_scale,
+            width=ns.width,
+            height=ns.height,
+            format=ns.format,
+            modality=ns.modality,
+            store=ns.store,
+            min_reward=ns.min_reward,
+            best_of_n=ns.best_of_n,
+            reward_model=ns.reward_model,
+            progress=not ns.quiet,
+            timeout=ns.timeout,
         )
     paths = result.save(out)
     for path, image in zip(paths, result.images, strict=True):
@@ -47,8 +74,10 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="models the stack serves")
-    p.add_argument("--kind", choices=["text_to_image", "class_conditional", "unconditional",
-                                      "reward", "classifier"])
+    p.add_argument(
+        "--kind",
+        choices=["text_to_image", "class_conditional", "unconditional", "reward", "classifier"],
+    )
     p.add_argument("--all-versions", action="store_true")
     p.add_argument("--json", action="store_true", help="a JSON list")
     p.set_defaults(func=cmd_models)

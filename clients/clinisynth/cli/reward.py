@@ -14,8 +14,13 @@ from clinisynth.cli._common import client_from, print_json
 def cmd_score(ns: argparse.Namespace) -> int:
     with client_from(ns) as client:
         scores = client.score_folder(
-            ns.folder, model=ns.model, class_name=ns.class_name, prompt=ns.prompt,
-            resize=ns.resize, batch_size=ns.batch_size, progress=not ns.quiet,
+            ns.folder,
+            model=ns.model,
+            class_name=ns.class_name,
+            prompt=ns.prompt,
+            resize=ns.resize,
+            batch_size=ns.batch_size,
+            progress=not ns.quiet,
             timeout=ns.timeout,
         )
     out = open(ns.out, "w", newline="") if ns.out != "-" else sys.stdout  # noqa: SIM115
@@ -52,8 +57,9 @@ def cmd_feedback_list(ns: argparse.Namespace) -> int:
 
 def cmd_feedback_export(ns: argparse.Namespace) -> int:
     with client_from(ns) as client:
-        res = client.feedback.export(out=ns.out, prefix=ns.prefix, aggregate=ns.aggregate,
-                                     timeout=ns.timeout, **_cond(ns))
+        res = client.feedback.export(
+            out=ns.out, prefix=ns.prefix, aggregate=ns.aggregate, timeout=ns.timeout, **_cond(ns)
+        )
     print(f"{res.judgements} judgements, {res.images} images → {res.out} (store: {res.prefix})")
     return 0
 
@@ -66,19 +72,25 @@ def cmd_feedback_agreement(ns: argparse.Namespace) -> int:
         return 0
     for c in report.conditions:
         cond = c.condition.get("class_name") or c.condition.get("prompt", "")
-        print(f"{cond:20s} {c.statistic:6s} kappa={c.kappa:.3f} "
-              f"agree={c.percent_agreement:.1%} items={c.shared_items} raters={c.raters}")
+        print(
+            f"{cond:20s} {c.statistic:6s} kappa={c.kappa:.3f} "
+            f"agree={c.percent_agreement:.1%} items={c.shared_items} raters={c.raters}"
+        )
     for r in report.raters:
         print(f"  {r.rater_id:12s} n={r.judgements} plausible={r.plausible_rate:.0%}")
     return 0
 
 
 def cmd_review_enqueue(ns: argparse.Namespace) -> int:
-    paths = sorted(p for p in pathlib.Path(ns.folder).rglob("*") if p.suffix.lower() in
-                   (".png", ".jpg", ".jpeg", ".dcm"))
+    paths = sorted(
+        p
+        for p in pathlib.Path(ns.folder).rglob("*")
+        if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".dcm")
+    )
     with client_from(ns) as client:
-        items = client.review.enqueue(paths, raters_per_item=ns.raters_per_item,
-                                      timeout=ns.timeout, **_cond(ns))
+        items = client.review.enqueue(
+            paths, raters_per_item=ns.raters_per_item, timeout=ns.timeout, **_cond(ns)
+        )
     print(f"{len(items)} review items")
     return 0
 
@@ -91,13 +103,23 @@ def _add_condition(p: argparse.ArgumentParser) -> None:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("score", help="score every image in a folder with a reward model")
-    p.add_argument("folder", help="folder of PNG / JPEG / DICOM / .npy images "
-                   "(sub-folders name the class unless --class / --prompt is given)")
-    p.add_argument("--model", "-m", help="reward model NAME or NAME@VERSION (default: the "
-                   "service's default for the condition)")
+    p.add_argument(
+        "folder",
+        help="folder of PNG / JPEG / DICOM / .npy images "
+        "(sub-folders name the class unless --class / --prompt is given)",
+    )
+    p.add_argument(
+        "--model",
+        "-m",
+        help="reward model NAME or NAME@VERSION (default: the service's default for the condition)",
+    )
     _add_condition(p)
-    p.add_argument("--out", "-o", default="-", help="CSV file (path,reward,p_aligned,"
-                   "model_version); '-' = stdout")
+    p.add_argument(
+        "--out",
+        "-o",
+        default="-",
+        help="CSV file (path,reward,p_aligned,model_version); '-' = stdout",
+    )
     p.add_argument("--resize", action="store_true", help="resize to the model's input size")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")

@@ -30,8 +30,9 @@ import torch
 CLASSES = ["lymphocyte", "neutrophil", "eosinophil", "monocyte"]
 
 
-def plain_loop(images: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace,
-               steps: int) -> list[float]:
+def plain_loop(
+    images: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace, steps: int
+) -> list[float]:
     """Steps/s of windows of ``log_every`` steps of the plain loop."""
     from diffusers import DDPMScheduler, UNet2DModel
 
@@ -41,11 +42,21 @@ def plain_loop(images: torch.Tensor, labels: torch.Tensor, args: argparse.Namesp
     torch.manual_seed(0)
     levels = [int(c) for c in args.channels.split(",")]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    unet = UNet2DModel(
-        sample_size=args.size, in_channels=1, out_channels=1, block_out_channels=tuple(levels),
-        layers_per_block=1, down_block_types=("DownBlock2D",) * len(levels),
-        up_block_types=("UpBlock2D",) * len(levels), num_class_embeds=len(CLASSES),
-        norm_num_groups=8).to(device).train()
+    unet = (
+        UNet2DModel(
+            sample_size=args.size,
+            in_channels=1,
+            out_channels=1,
+            block_out_channels=tuple(levels),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D",) * len(levels),
+            up_block_types=("UpBlock2D",) * len(levels),
+            num_class_embeds=len(CLASSES),
+            norm_num_groups=8,
+        )
+        .to(device)
+        .train()
+    )
     sched = DDPMScheduler(num_train_timesteps=1000)
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, weight_decay=0.0)
     eps = unet_eps_fn(unet)
@@ -79,8 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--checkpoint-every", type=int, default=50)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads of both arms (0 = torch's default)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads of both arms (0 = torch's default)",
+    )
     args = parser.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     if args.threads:
@@ -100,8 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     write_image_folder_to_store(store, "bench/cells", imgs, labels, CLASSES)
     x = torch.from_numpy(imgs).float()[:, None] / 127.5 - 1
     y = torch.from_numpy(labels)
-    print(f"device: {'cuda' if torch.cuda.is_available() else 'cpu'}, torch threads "
-          f"{torch.get_num_threads()}, UNet {args.channels} at {args.size}px, batch {args.batch}")
+    print(
+        f"device: {'cuda' if torch.cuda.is_available() else 'cpu'}, torch threads "
+        f"{torch.get_num_threads()}, UNet {args.channels} at {args.size}px, batch {args.batch}"
+    )
 
     # 1. Plain loop (before the job).
     plain = plain_loop(x, y, args, args.steps // 2)
@@ -109,22 +126,35 @@ def main(argv: list[str] | None = None) -> int:
     # 2. The same training as a clinisynth job.
     from clinisynth_server.finetune import app
 
-    env = {"CLINISYNTH_STORE_URL": store_url, "CLINISYNTH_TRITON_URL": "127.0.0.1:1",
-           "CLINISYNTH_FINETUNE_WORKDIR": str(tmp / "work"),
-           "CLINISYNTH_FINETUNE_POLL_S": "0.2", "CLINISYNTH_FINETUNE_HEARTBEAT_S": "2",
-           "CLINISYNTH_FINETUNE_TORCH_THREADS": str(args.threads)}
+    env = {
+        "CLINISYNTH_STORE_URL": store_url,
+        "CLINISYNTH_TRITON_URL": "127.0.0.1:1",
+        "CLINISYNTH_FINETUNE_WORKDIR": str(tmp / "work"),
+        "CLINISYNTH_FINETUNE_POLL_S": "0.2",
+        "CLINISYNTH_FINETUNE_HEARTBEAT_S": "2",
+        "CLINISYNTH_FINETUNE_TORCH_THREADS": str(args.threads),
+    }
     config = load_config("finetune", env=env, port=0, metrics_port=0)
     running = start_server(config, app.create(config), serve_metrics=False)
     import clinisynth
 
-    params = {"max_steps": args.steps, "batch_size": args.batch, "learning_rate": 1e-4,
-              "block_out_channels": args.channels, "size": args.size, "channels": 1,
-              "conditioning": "class", "log_every": args.log_every,
-              "checkpoint_every": args.checkpoint_every, "lr_schedule": "constant"}
+    params = {
+        "max_steps": args.steps,
+        "batch_size": args.batch,
+        "learning_rate": 1e-4,
+        "block_out_channels": args.channels,
+        "size": args.size,
+        "channels": 1,
+        "conditioning": "class",
+        "log_every": args.log_every,
+        "checkpoint_every": args.checkpoint_every,
+        "lr_schedule": "constant",
+    }
     try:
         with clinisynth.Client(endpoints={"finetune": running.address}, timeout=3600) as client:
             job = client.finetune.wait(
-                client.finetune.create("diffusion_pretrain", "bench/cells", params=params).id)
+                client.finetune.create("diffusion_pretrain", "bench/cells", params=params).id
+            )
             assert job.state == "succeeded", job.failure_reason
             events = list(client.finetune.watch(job.id))
             rates = [e.metrics["steps_per_s"] for e in events if e.type == "progress"][1:]
@@ -132,13 +162,17 @@ def main(argv: list[str] | None = None) -> int:
 
             # 3. Resume after kill -9 of the worker.
             resume_job = client.finetune.create(
-                "diffusion_pretrain", "bench/cells",
-                params={**params, "max_steps": args.steps, "checkpoint_every": args.log_every})
+                "diffusion_pretrain",
+                "bench/cells",
+                params={**params, "max_steps": args.steps, "checkpoint_every": args.log_every},
+            )
             jobs = JobStore(store)
 
             def progressed() -> bool:
-                return bool(jobs.checkpoints(resume_job.id)) and int(
-                    jobs.progress(resume_job.id).get("step", 0)) > args.log_every
+                return (
+                    bool(jobs.checkpoints(resume_job.id))
+                    and int(jobs.progress(resume_job.id).get("step", 0)) > args.log_every
+                )
 
             while not progressed():
                 time.sleep(0.05)
@@ -165,16 +199,22 @@ def main(argv: list[str] | None = None) -> int:
     plain += plain_loop(x, y, args, args.steps // 2)
     job_rate, plain_rate = statistics.median(rates), statistics.median(plain)
     ratio = job_rate / plain_rate
-    print(f"training steps/s: job {job_rate:.2f} (median of {len(rates)} windows, checkpoints "
-          f"every {args.checkpoint_every} steps included) vs plain loop {plain_rate:.2f} "
-          f"({len(plain)} windows)")
+    print(
+        f"training steps/s: job {job_rate:.2f} (median of {len(rates)} windows, checkpoints "
+        f"every {args.checkpoint_every} steps included) vs plain loop {plain_rate:.2f} "
+        f"({len(plain)} windows)"
+    )
     print(f"ratio job / plain: {ratio:.3f}  (goal >= 0.95: {'met' if ratio >= 0.95 else 'MISSED'})")
-    print(f"checkpoint write (model folder + resume state -> store): median "
-          f"{statistics.median(writes) * 1000:.0f} ms over {len(writes)}")
-    print(f"resume after kill -9: state download + load {back.metrics['resume_s'] * 1000:.0f} ms;"
-          f" new worker setup incl. imports and data {back.metrics['setup_s']:.1f} s; "
-          f"kill -> resumed {back.time - killed_at:.1f} s; kill -> next progress event "
-          f"{first_step_after.time - killed_at:.1f} s")
+    print(
+        f"checkpoint write (model folder + resume state -> store): median "
+        f"{statistics.median(writes) * 1000:.0f} ms over {len(writes)}"
+    )
+    print(
+        f"resume after kill -9: state download + load {back.metrics['resume_s'] * 1000:.0f} ms;"
+        f" new worker setup incl. imports and data {back.metrics['setup_s']:.1f} s; "
+        f"kill -> resumed {back.time - killed_at:.1f} s; kill -> next progress event "
+        f"{first_step_after.time - killed_at:.1f} s"
+    )
     return 0
 
 

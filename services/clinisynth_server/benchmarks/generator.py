@@ -28,8 +28,9 @@ def build_model(folder: pathlib.Path, size: int) -> int:
     """An unconditional UNet2DModel of ≥ 10 M parameters (diffusers format)."""
     from clinisynth_server import builders
 
-    builders.build_pixel_unet(folder, size=size, channels=1,
-                              block_out_channels=(64, 128, 256, 256), layers_per_block=2)
+    builders.build_pixel_unet(
+        folder, size=size, channels=1, block_out_channels=(64, 128, 256, 256), layers_per_block=2
+    )
     from diffusers import UNet2DModel
 
     return sum(p.numel() for p in UNet2DModel.from_pretrained(folder / "unet").parameters())
@@ -43,8 +44,12 @@ def in_process_latency(folder: pathlib.Path, steps: int, size: int, seed: int) -
     pipe = DDIMPipeline(unet=unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     start = time.perf_counter()
-    pipe(batch_size=1, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
-         output_type="np")
+    pipe(
+        batch_size=1,
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+    )
     return time.perf_counter() - start
 
 
@@ -78,19 +83,44 @@ def main(argv: list[str] | None = None) -> int:
     repo.mkdir()
     store = open_store(str(work / "store"))
     catalog = Catalog(store)
-    print(f"model: UNet2DModel {params / 1e6:.1f} M parameters, {ns.size}x{ns.size}, "
-          f"DDIM {ns.steps} steps; machine: {os.cpu_count()} CPU cores, torch "
-          f"{torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    print(
+        f"model: UNet2DModel {params / 1e6:.1f} M parameters, {ns.size}x{ns.size}, "
+        f"DDIM {ns.steps} steps; machine: {os.cpu_count()} CPU cores, torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads",
+        flush=True,
+    )
     with TritonServer(repo, log_path=work / "triton.log", strict=False) as triton:
         with TritonClient(triton.grpc_url, timeout_s=300) as client:
-            registry.register_folder(work / "model", "bench", catalog=catalog, store=store,
-                                     model_repository=repo, triton=client)
-        env = {**os.environ, "CLINISYNTH_TRITON_URL": triton.grpc_url,
-               "CLINISYNTH_STORE_URL": str(work / "store"), "CLINISYNTH_HOME": str(work)}
+            registry.register_folder(
+                work / "model",
+                "bench",
+                catalog=catalog,
+                store=store,
+                model_repository=repo,
+                triton=client,
+            )
+        env = {
+            **os.environ,
+            "CLINISYNTH_TRITON_URL": triton.grpc_url,
+            "CLINISYNTH_STORE_URL": str(work / "store"),
+            "CLINISYNTH_HOME": str(work),
+        }
         log = open(work / "generator.log", "wb")  # noqa: SIM115 - lives as long as the child
-        proc = subprocess.Popen([sys.executable, "-m", "clinisynth_server.serve", "generator",
-                                 "--port", "0", "--metrics-port", "0"], env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "clinisynth_server.serve",
+                "generator",
+                "--port",
+                "0",
+                "--metrics-port",
+                "0",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             port = _wait_port(work / "generator.log", proc)
             address = f"127.0.0.1:{port}"
@@ -131,9 +161,12 @@ def _measure(clinisynth, address: str, work: pathlib.Path, ns) -> dict[str, floa
     # Throughput: 8 concurrent clients vs the in-process pipeline run 8 times in a row.
     conc, seq = [], []
     for _ in range(max(1, ns.repeats // 2)):
-        threads = [threading.Thread(target=client.generate, args=("bench",),
-                                    kwargs={"seed": 100 + i, **opts})
-                   for i in range(ns.clients)]
+        threads = [
+            threading.Thread(
+                target=client.generate, args=("bench",), kwargs={"seed": 100 + i, **opts}
+            )
+            for i in range(ns.clients)
+        ]
         start = time.perf_counter()
         for t in threads:
             t.start()
@@ -159,10 +192,14 @@ def _report(r: dict[str, float], ns) -> None:  # type: ignore[no-untyped-def]
     print()
     print("| measure | clinisynth | in-process diffusers | ratio | goal |")
     print("|---|---|---|---|---|")
-    print(f"| single request latency (median of {ns.repeats}) | {r['service_latency']:.2f} s "
-          f"| {r['local_latency']:.2f} s | {lat:.2f} | ≤ 1.2 |")
-    print(f"| {ns.clients} concurrent clients, images/s | {r['service_throughput']:.2f} | "
-          f"{r['local_throughput']:.2f} (sequential) | {thr:.2f} | ≥ 1.5 |")
+    print(
+        f"| single request latency (median of {ns.repeats}) | {r['service_latency']:.2f} s "
+        f"| {r['local_latency']:.2f} s | {lat:.2f} | ≤ 1.2 |"
+    )
+    print(
+        f"| {ns.clients} concurrent clients, images/s | {r['service_throughput']:.2f} | "
+        f"{r['local_throughput']:.2f} (sequential) | {thr:.2f} | ≥ 1.5 |"
+    )
     print(f"| generator peak RSS | {r['rss_mb']:.0f} MB | — | — | ≤ 400 MB |")
 
 

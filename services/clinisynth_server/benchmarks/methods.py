@@ -37,29 +37,52 @@ STUDIES = ("feedback", "adaptation", "counterfactual")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="clinisynth benchmark methods",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="clinisynth benchmark methods",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true",
-                      help="small sizes, shipped / cached models (default)")
+    mode.add_argument(
+        "--quick", action="store_true", help="small sizes, shipped / cached models (default)"
+    )
     mode.add_argument("--full", action="store_true", help="larger sizes, retrain everything")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (≥ 3 for a spread)")
     p.add_argument("--out", default="out/benchmark-methods", help="output folder")
-    p.add_argument("--studies", default=",".join(STUDIES),
-                   help=f"comma-separated subset of {', '.join(STUDIES)}")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads (0 = torch's default; 1 is faster on a busy machine)")
-    p.add_argument("--set", action="append", default=[], metavar="STUDY.KEY=VALUE",
-                   help="override a study setting, e.g. feedback.beta=0.3, "
-                   "counterfactual.lambda_c=0.3 (repeatable)")
+    p.add_argument(
+        "--studies",
+        default=",".join(STUDIES),
+        help=f"comma-separated subset of {', '.join(STUDIES)}",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (0 = torch's default; 1 is faster on a busy machine)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="STUDY.KEY=VALUE",
+        help="override a study setting, e.g. feedback.beta=0.3, "
+        "counterfactual.lambda_c=0.3 (repeatable)",
+    )
     p.add_argument("--refresh", action="store_true", help="retrain cached models")
-    p.add_argument("--reuse-cache", action="store_true",
-                   help="--full: reuse models cached by an earlier --full run")
+    p.add_argument(
+        "--reuse-cache",
+        action="store_true",
+        help="--full: reuse models cached by an earlier --full run",
+    )
     p.add_argument("--work", default="", help="scratch folder (default: a temporary one)")
-    p.add_argument("--combine", nargs="+", default=[], metavar="RUN_OUT",
-                   help="merge the --out folders of runs of other seeds (e.g. one seed per "
-                   "process, run side by side) into one table per study in --out; trains nothing")
+    p.add_argument(
+        "--combine",
+        nargs="+",
+        default=[],
+        metavar="RUN_OUT",
+        help="merge the --out folders of runs of other seeds (e.g. one seed per "
+        "process, run side by side) into one table per study in --out; trains nothing",
+    )
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the unit test
     return p
 
@@ -110,9 +133,10 @@ def contact_sheet(rows: list[torch.Tensor], path: pathlib.Path, scale: int = 3) 
             arr = arr.expand(-1, 3, -1, -1)
         for j, img in enumerate(arr.permute(0, 2, 3, 1).numpy()):
             y, x = i * (h + 2) + 1, j * (w + 2) + 1
-            sheet[y:y + img.shape[0], x:x + img.shape[1]] = img
-    Image.fromarray(sheet).resize((sheet.shape[1] * scale, sheet.shape[0] * scale),
-                                  Image.NEAREST).save(path)
+            sheet[y : y + img.shape[0], x : x + img.shape[1]] = img
+    Image.fromarray(sheet).resize(
+        (sheet.shape[1] * scale, sheet.shape[0] * scale), Image.NEAREST
+    ).save(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,8 +169,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown studies {unknown}" if unknown else "--seeds: none given")
     out = pathlib.Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
-    work = pathlib.Path(ns.work) if ns.work else pathlib.Path(
-        tempfile.mkdtemp(prefix="clinisynth-methods-"))
+    work = (
+        pathlib.Path(ns.work)
+        if ns.work
+        else pathlib.Path(tempfile.mkdtemp(prefix="clinisynth-methods-"))
+    )
     work.mkdir(parents=True, exist_ok=True)
     cache = work / "cache" if ns.tiny else None
     refresh = ns.refresh or (full and not ns.reuse_cache)
@@ -165,18 +192,25 @@ def main(argv: list[str] | None = None) -> int:
     configs = {
         "feedback": override(getattr(fb.FeedbackConfig, mode)(), overrides["feedback"]),
         "adaptation": override(getattr(ad.AdaptationConfig, mode)(), overrides["adaptation"]),
-        "counterfactual": override(getattr(cf.CounterfactualStudyConfig, mode)(),
-                                   overrides["counterfactual"]),
+        "counterfactual": override(
+            getattr(cf.CounterfactualStudyConfig, mode)(), overrides["counterfactual"]
+        ),
     }
     modules = {"feedback": fb, "adaptation": ad, "counterfactual": cf}
-    results: dict[str, Any] = {"mode": mode, "seeds": seeds, "machine": m, "command": command,
-                               "studies": {}}
+    results: dict[str, Any] = {
+        "mode": mode,
+        "seeds": seeds,
+        "machine": m,
+        "command": command,
+        "studies": {},
+    }
     sections = []
     t_all = time.monotonic()
     for name in studies:
         t0 = time.monotonic()
-        res = modules[name].run(configs[name], seeds, work / name, quick=quick, refresh=refresh,
-                                cache=cache)
+        res = modules[name].run(
+            configs[name], seeds, work / name, quick=quick, refresh=refresh, cache=cache
+        )
         res["wall_seconds"] = time.monotonic() - t0
         sheets: dict[str, torch.Tensor] = {}
         clean = _strip(res, sheets)
@@ -189,11 +223,13 @@ def main(argv: list[str] | None = None) -> int:
         results["studies"][name] = clean
         if sheets:
             ordered = sorted(sheets.items())[:12]
-            contact_sheet([v if v.ndim == 4 else v[None] for _, v in ordered],
-                          out / f"{name}-contact-sheet.png")
+            contact_sheet(
+                [v if v.ndim == 4 else v[None] for _, v in ordered],
+                out / f"{name}-contact-sheet.png",
+            )
             clean["contact_sheet_rows"] = [k.rsplit("/", 1)[-1] for k, _ in ordered]
         sections.append(_section(name, res, clean, modules[name], seeds, mode))
-        section = (sections[-1] + f"\n\n`{command}` on {machine_line(m)}.")
+        section = sections[-1] + f"\n\n`{command}` on {machine_line(m)}."
         print(section, flush=True)
         # One file pair per study, so runs of single studies (--studies) compose in one folder.
         (out / f"{name}.md").write_text(section + "\n")
@@ -217,15 +253,20 @@ def combine(runs: list[pathlib.Path], out: pathlib.Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
     found = False
     for name in STUDIES:
-        parts = [json.loads((d / f"{name}.json").read_text()) for d in runs
-                 if (d / f"{name}.json").is_file()]
+        parts = [
+            json.loads((d / f"{name}.json").read_text())
+            for d in runs
+            if (d / f"{name}.json").is_file()
+        ]
         if not parts:
             continue
         found = True
         configs = {json.dumps(p["config"], sort_keys=True) for p in parts}
         if len(configs) > 1 or len({p["mode"] for p in parts}) > 1:
-            raise SystemExit(f"--combine: the {name} runs used different settings; "
-                             "only runs that differ in their seeds can be combined")
+            raise SystemExit(
+                f"--combine: the {name} runs used different settings; "
+                "only runs that differ in their seeds can be combined"
+            )
         res = dict(parts[0])
         res["per_seed"] = [s for p in parts for s in p["per_seed"]]
         res["seeds"] = [int(s) for p in parts for s in p["seeds"]]
@@ -238,9 +279,11 @@ def combine(runs: list[pathlib.Path], out: pathlib.Path) -> int:
         elif name == "adaptation":
             res["verdict"] = ad.verdict(res)
         commands = "; ".join(f"`{p['command']}`" for p in parts)
-        section = (_section(name, res, res, modules[name], res["seeds"], res["mode"])[:-1]
-                   + " (the longest of the runs combined, run side by side)."
-                   + f"\n\nCombined from {commands} on {machine_line(res['machine'])}.")
+        section = (
+            _section(name, res, res, modules[name], res["seeds"], res["mode"])[:-1]
+            + " (the longest of the runs combined, run side by side)."
+            + f"\n\nCombined from {commands} on {machine_line(res['machine'])}."
+        )
         print(section, flush=True)
         (out / f"{name}.md").write_text(section + "\n")
         (out / f"{name}.json").write_text(json.dumps(res, indent=2, default=str))
@@ -262,19 +305,22 @@ def _merge(out: pathlib.Path) -> None:
         if (out / f"{name}.md").is_file():
             texts.append((out / f"{name}.md").read_text().strip())
             data[name] = json.loads((out / f"{name}.json").read_text())
-    (out / "methods.md").write_text("# clinisynth benchmark methods\n\n"
-                                    + "\n\n".join(texts) + "\n")
+    (out / "methods.md").write_text(
+        "# clinisynth benchmark methods\n\n" + "\n\n".join(texts) + "\n"
+    )
     (out / "methods.json").write_text(json.dumps({"studies": data}, indent=2, default=str))
 
 
-def _section(name: str, res: dict[str, Any], clean: dict[str, Any], module: Any,
-             seeds: list[int], mode: str) -> str:
+def _section(
+    name: str, res: dict[str, Any], clean: dict[str, Any], module: Any, seeds: list[int], mode: str
+) -> str:
     cfg = res["config"]
     lines = []
     if name == "feedback":
         v = clean["verdict"]
-        lines.append(f"## 1. Feedback → reward model → reward-weighted fine-tuning (cells, "
-                     f"{mode})\n")
+        lines.append(
+            f"## 1. Feedback → reward model → reward-weighted fine-tuning (cells, {mode})\n"
+        )
         lines.append(module.table(res))
         lines.append(
             f"\nMean ± sd over seeds {seeds}; every arm evaluated paired on the same "
@@ -290,22 +336,39 @@ def _section(name: str, res: dict[str, Any], clean: dict[str, Any], module: Any,
             f"{res['real_classifier_test_accuracy']:.3f}); held-out accuracy "
             + ", ".join(f"{s['reward_model']['val_accuracy']:.2f}" for s in res["per_seed"])
             + " (majority "
-            + ", ".join(f"{s['reward_model']['val_majority_baseline']:.2f}"
-                        for s in res["per_seed"]) + ").")
-        for label, v in (("reward-weighted (the method)", clean["verdict"]),
-                         ("reward-weighted with r < 0.5 dropped", clean["verdict_filtered"])):
+            + ", ".join(
+                f"{s['reward_model']['val_majority_baseline']:.2f}" for s in res["per_seed"]
+            )
+            + ")."
+        )
+        for label, v in (
+            ("reward-weighted (the method)", clean["verdict"]),
+            ("reward-weighted with r < 0.5 dropped", clean["verdict_filtered"]),
+        ):
             if v["holds"] is None:
                 continue
             claim = "HOLDS" if v["holds"] else "DOES NOT HOLD"
             lines.append(
                 f"\n**Claim for {label} — plausibility up clearly vs the real-term-only arm, "
                 f"fidelity and downstream accuracy not worse: {claim}.** Δ plausibility per "
-                "seed " + ", ".join(f"{d:+.1f}" for d in v["delta_plausibility_pts"])
-                + " pts; Δ FID " + ", ".join(f"{d:+.2f}" for d in v["delta_fid"])
-                + "; Δ downstream " + ", ".join(f"{d:+.1f}" for d in v["delta_downstream_pts"])
-                + " pts" + (("; vs the r ≡ 1 control " + ", ".join(
-                    f"{d:+.1f}" for d in v["delta_vs_control_pts"]) + " pts")
-                    if "delta_vs_control_pts" in v else "") + ".")
+                "seed "
+                + ", ".join(f"{d:+.1f}" for d in v["delta_plausibility_pts"])
+                + " pts; Δ FID "
+                + ", ".join(f"{d:+.2f}" for d in v["delta_fid"])
+                + "; Δ downstream "
+                + ", ".join(f"{d:+.1f}" for d in v["delta_downstream_pts"])
+                + " pts"
+                + (
+                    (
+                        "; vs the r ≡ 1 control "
+                        + ", ".join(f"{d:+.1f}" for d in v["delta_vs_control_pts"])
+                        + " pts"
+                    )
+                    if "delta_vs_control_pts" in v
+                    else ""
+                )
+                + "."
+            )
     elif name == "adaptation":
         lines.append(f"## 2. Adaptation of a text-to-image model to chest reports ({mode})\n")
         lines.append(module.table(res))
@@ -318,21 +381,26 @@ def _section(name: str, res: dict[str, Any], clean: dict[str, Any], module: Any,
             f"{cfg['adapt_steps']} steps, lr {cfg['lr']} (the VAE arm: VAE {cfg['vae_steps']} "
             f"steps on chest first). VAE reconstruction MSE on chest phantoms: abdomen VAE "
             f"{res['vae_recon_mse_chest']:.4f}, chest-tuned "
-            f"{res.get('vae_recon_mse_chest_adapted', float('nan')):.4f}.")
+            f"{res.get('vae_recon_mse_chest_adapted', float('nan')):.4f}."
+        )
         v = clean["verdict"]
         if v["pairs"]:
             lines.append(
                 "\n**Claim — adapting the text encoder with the U-Net detects the prompted "
                 f"finding more often than the U-Net alone (≥ {module.MIN_GAIN_PTS:g} pts, every "
-                f"seed): {'HOLDS' if v['holds'] else 'DOES NOT HOLD'}.** " + "; ".join(
-                    f"{pair}: " + ", ".join(f"{d:+.1f}" for d in p["delta_detected_pts"])
-                    + " pts" for pair, p in v["pairs"].items())
+                f"seed): {'HOLDS' if v['holds'] else 'DOES NOT HOLD'}.** "
+                + "; ".join(
+                    f"{pair}: " + ", ".join(f"{d:+.1f}" for d in p["delta_detected_pts"]) + " pts"
+                    for pair, p in v["pairs"].items()
+                )
                 + f". Best arm: {module.ARM_LABELS.get(v['best_arm'], v['best_arm'])} at "
-                f"{v['best_detected_pct']:.0f} % (the paper: 95 %).")
+                f"{v['best_detected_pct']:.0f} % (the paper: 95 %)."
+            )
     else:
         acc = res["classifier_test_accuracy"]
-        lines.append(f"## 3. Counterfactuals: robust + plain classifier guidance (fundus, "
-                     f"{mode})\n")
+        lines.append(
+            f"## 3. Counterfactuals: robust + plain classifier guidance (fundus, {mode})\n"
+        )
         lines.append(module.table(res))
         lines.append(
             f"\nMean ± sd over seeds {seeds} (seeds change the eyes and the noise; models "
@@ -341,11 +409,16 @@ def _section(name: str, res: dict[str, Any], clean: dict[str, Any], module: Any,
             f"{cfg['depth']}, λ_c ∈ {{{', '.join(f'{v:g}' for v in cfg['lambda_c'])}}}, λ_d = "
             f"{cfg['lambda_d']}; contact sheet: {res.get('example_arm', '–')}. Clean accuracy "
             f"on fresh phantoms: robust {acc['robust']:.2f}, plain {acc['plain']:.2f}, held-out "
-            f"{acc['heldout']:.2f}. Models: " + ", ".join(
-                f"{k} {v}" for k, v in res["sources"].items()) + ".")
+            f"{acc['heldout']:.2f}. Models: "
+            + ", ".join(f"{k} {v}" for k, v in res["sources"].items())
+            + "."
+        )
     if clean.get("contact_sheet_rows"):
-        lines.append(f"\nContact sheet `{name}-contact-sheet.png`, rows top to bottom: "
-                     + ", ".join(clean["contact_sheet_rows"]) + ".")
+        lines.append(
+            f"\nContact sheet `{name}-contact-sheet.png`, rows top to bottom: "
+            + ", ".join(clean["contact_sheet_rows"])
+            + "."
+        )
     lines.append(f"\nWall time {res['wall_seconds'] / 60:.1f} min.")
     return "\n".join(lines)
 

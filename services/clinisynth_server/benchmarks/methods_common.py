@@ -68,8 +68,10 @@ def machine() -> dict[str, Any]:
 
 
 def machine_line(m: Mapping[str, Any]) -> str:
-    return (f"{m['cpu']} ({m['cores']} cores, torch {m['torch']} with {m['torch_threads']} "
-            f"thread(s), {m['device']}; 1-min load {m['load_avg_1m_at_start']} at start)")
+    return (
+        f"{m['cpu']} ({m['cores']} cores, torch {m['torch']} with {m['torch_threads']} "
+        f"thread(s), {m['device']}; 1-min load {m['load_avg_1m_at_start']} at start)"
+    )
 
 
 def cache_root() -> pathlib.Path:
@@ -83,8 +85,14 @@ def config_key(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def cached(name: str, config: Mapping[str, Any], build: Callable[[pathlib.Path], None],
-           *, refresh: bool = False, root: pathlib.Path | None = None) -> pathlib.Path:
+def cached(
+    name: str,
+    config: Mapping[str, Any],
+    build: Callable[[pathlib.Path], None],
+    *,
+    refresh: bool = False,
+    root: pathlib.Path | None = None,
+) -> pathlib.Path:
     """``<cache>/<name>-<hash of config>/``, built once by ``build(tmp_folder)``.
 
     The folder is renamed into place only when ``build`` returned, so an interrupted run never
@@ -220,22 +228,26 @@ class JobRunner:
         spec = kinds.load(kind)
         parsed = parse_params(spec.params, {k: _param_str(v) for k, v in params.items()})
         if parsed.violations:
-            raise InvalidArgument(f"{kind}: {parsed.violations[0].field}: "
-                                  f"{parsed.violations[0].description}",
-                                  violations=parsed.violations)
+            raise InvalidArgument(
+                f"{kind}: {parsed.violations[0].field}: {parsed.violations[0].description}",
+                violations=parsed.violations,
+            )
         p = parsed.values
         source = datasets.FolderSource(data)
-        report = datasets.validate(source, str(data), spec.dataset_layout,
-                                   decode_images=data_shape is None)
+        report = datasets.validate(
+            source, str(data), spec.dataset_layout, decode_images=data_shape is None
+        )
         if data_shape is not None:
             size, channels = data_shape
             report.shapes = {(size, size, channels): report.images}
         datasets.raise_if_bad(report)
-        problems = spec.check(p, report, CheckContext(catalog=None, store=self.store,
-                                                      model_repository=""))
+        problems = spec.check(
+            p, report, CheckContext(catalog=None, store=self.store, model_repository="")
+        )
         if problems:
-            raise InvalidArgument(f"{kind}: {problems[0].field}: {problems[0].description}",
-                                  violations=problems)
+            raise InvalidArgument(
+                f"{kind}: {problems[0].field}: {problems[0].description}", violations=problems
+            )
         workdir = self.workdir / "jobs" / job_id
         workdir.mkdir(parents=True, exist_ok=True)
         artifacts: dict[str, pathlib.Path] = {}
@@ -257,9 +269,18 @@ class JobRunner:
 
         seed_everything(p["seed"])
         ctx = TrainContext(
-            job_id=job_id, params=p, source=source, report=report, workdir=workdir,
-            store=self.store, catalog=None, model_repository="", accelerator=None,
-            log=lines.append, save_artifact=save_artifact, load_artifact=load_artifact,
+            job_id=job_id,
+            params=p,
+            source=source,
+            report=report,
+            workdir=workdir,
+            store=self.store,
+            catalog=None,
+            model_repository="",
+            accelerator=None,
+            log=lines.append,
+            save_artifact=save_artifact,
+            load_artifact=load_artifact,
         )
         trainer = spec.trainer(ctx)
         if hook is not None:
@@ -274,8 +295,10 @@ class JobRunner:
             last = trainer.step(step)
             if step % every == 0 and step < p["max_steps"]:
                 rate = step / max(time.monotonic() - t_loop, 1e-9)
-                say(f"  {kind} step {step}/{p['max_steps']}: loss {last.get('loss', 0):.4f} "
-                    f"({rate:.2f} steps/s)")
+                say(
+                    f"  {kind} step {step}/{p['max_steps']}: loss {last.get('loss', 0):.4f} "
+                    f"({rate:.2f} steps/s)"
+                )
             if step % p["checkpoint_every"] == 0 or step == p["max_steps"]:
                 evaluation = trainer.evaluate()
                 metric = trainer.best_metric
@@ -288,12 +311,18 @@ class JobRunner:
         out.mkdir(parents=True, exist_ok=True)
         trainer.save_model(out)
         seconds = time.monotonic() - t0
-        say(f"{kind}: {p['max_steps']} steps in {seconds:.0f}s, loss {last.get('loss', 0):.4f}"
-            + (f", {trainer.best_metric} {evaluation.get(trainer.best_metric, math.nan):.3f}"
-               if trainer.best_metric else ""))
+        say(
+            f"{kind}: {p['max_steps']} steps in {seconds:.0f}s, loss {last.get('loss', 0):.4f}"
+            + (
+                f", {trainer.best_metric} {evaluation.get(trainer.best_metric, math.nan):.3f}"
+                if trainer.best_metric
+                else ""
+            )
+        )
         shutil.rmtree(workdir / "base", ignore_errors=True)
-        return JobResult(kind, out, seconds, p["max_steps"], float(last.get("loss", math.nan)),
-                         evaluation, lines)
+        return JobResult(
+            kind, out, seconds, p["max_steps"], float(last.get("loss", math.nan)), evaluation, lines
+        )
 
 
 def _param_str(value: Any) -> str:
@@ -330,8 +359,13 @@ def fidelity(real_feats: torch.Tensor, fake_feats: torch.Tensor, seed: int = 0) 
     from clinisynth_server.methods import evaluation as ev
 
     scale = float(real_feats.float().pow(2).mean().sqrt().clamp_min(1e-12))
-    kid_mean, _ = ev.kid(real_feats / scale, fake_feats / scale, subsets=10,
-                         subset_size=min(200, len(real_feats), len(fake_feats)), seed=seed)
+    kid_mean, _ = ev.kid(
+        real_feats / scale,
+        fake_feats / scale,
+        subsets=10,
+        subset_size=min(200, len(real_feats), len(fake_feats)),
+        seed=seed,
+    )
     out = {"fid": ev.fid(real_feats, fake_feats), "kid_x1000": 1000 * kid_mean}
     out.update(ev.prdc(real_feats, fake_feats, k=5))
     return out
@@ -340,7 +374,7 @@ def fidelity(real_feats: torch.Tensor, fake_feats: torch.Tensor, seed: int = 0) 
 @torch.no_grad()
 def predict(clf: torch.nn.Module, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
     clf.eval()
-    return torch.cat([clf(images[i:i + batch]).argmax(1) for i in range(0, len(images), batch)])
+    return torch.cat([clf(images[i : i + batch]).argmax(1) for i in range(0, len(images), batch)])
 
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:
@@ -393,5 +427,8 @@ def load_pixel_unet(folder: pathlib.Path) -> tuple[torch.nn.Module, dict[str, An
     cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     meta_path = folder / "clinisynth.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    return unet, {k: v for k, v in cfg.items() if not k.startswith("_")}, list(
-        meta.get("classes", []))
+    return (
+        unet,
+        {k: v for k, v in cfg.items() if not k.startswith("_")},
+        list(meta.get("classes", [])),
+    )

@@ -43,8 +43,12 @@ from clinisynth_server.benchmarks.methods_common import (
 from clinisynth_server.phantoms.datasets import write_image_folder
 
 MODES = ("cone", "robust_only", "plain_only", "none")
-MODE_LABELS = {"cone": "cone (robust ∠ plain, α = 30°)", "robust_only": "robust only",
-               "plain_only": "plain only", "none": "no guidance (λ_c = 0)"}
+MODE_LABELS = {
+    "cone": "cone (robust ∠ plain, α = 30°)",
+    "robust_only": "robust only",
+    "plain_only": "plain only",
+    "none": "no guidance (λ_c = 0)",
+}
 DIRECTIONS = ("healthy→lesion", "lesion→healthy")
 
 
@@ -78,15 +82,33 @@ class CounterfactualStudyConfig:
 
     @classmethod
     def full(cls) -> CounterfactualStudyConfig:
-        return cls(size=64, n_train=3000, denoiser_channels="32,64,64", denoiser_steps=3000,
-                   denoiser_batch=32, clf_steps=600, attack_steps=7, n_images=32,
-                   cf_steps=200, depth=0.5)
+        return cls(
+            size=64,
+            n_train=3000,
+            denoiser_channels="32,64,64",
+            denoiser_steps=3000,
+            denoiser_batch=32,
+            clf_steps=600,
+            attack_steps=7,
+            n_images=32,
+            cf_steps=200,
+            depth=0.5,
+        )
 
     @classmethod
     def tiny(cls) -> CounterfactualStudyConfig:
-        return cls(size=32, n_train=48, denoiser_channels="8,16", denoiser_steps=3,
-                   denoiser_batch=8, clf_steps=4, attack_steps=1, n_images=2, cf_steps=6,
-                   union_seeds=2)
+        return cls(
+            size=32,
+            n_train=48,
+            denoiser_channels="8,16",
+            denoiser_steps=3,
+            denoiser_batch=8,
+            clf_steps=4,
+            attack_steps=1,
+            n_images=2,
+            cf_steps=6,
+            union_seeds=2,
+        )
 
     def key(self, *names: str) -> dict[str, Any]:
         return {n: getattr(self, n) for n in ("size", "n_train", "data_seed", *names)}
@@ -101,8 +123,15 @@ class FundusModels:
     sources: dict[str, str]
 
 
-def prepare_models(cfg: CounterfactualStudyConfig, runner: JobRunner, work: pathlib.Path, *,
-                   quick: bool, refresh: bool, cache: pathlib.Path | None) -> FundusModels:
+def prepare_models(
+    cfg: CounterfactualStudyConfig,
+    runner: JobRunner,
+    work: pathlib.Path,
+    *,
+    quick: bool,
+    refresh: bool,
+    cache: pathlib.Path | None,
+) -> FundusModels:
     from clinisynth_server.phantoms import fundus
 
     data: dict[int, pathlib.Path] = {}
@@ -113,30 +142,57 @@ def prepare_models(cfg: CounterfactualStudyConfig, runner: JobRunner, work: path
             data[seed] = write_image_folder(work / f"fundus-{seed}", imgs, labs, fundus.LABELS)
         return data[seed]
 
-    def classifier(adversarial: str, width: int, seed: int, data_seed: int
-                   ) -> Callable[[pathlib.Path], None]:
+    def classifier(
+        adversarial: str, width: int, seed: int, data_seed: int
+    ) -> Callable[[pathlib.Path], None]:
         def build(out: pathlib.Path) -> None:
-            runner.run("classifier", {
-                "max_steps": cfg.clf_steps, "batch_size": 64, "learning_rate": 1e-3,
-                "checkpoint_every": max(1, cfg.clf_steps // 5), "adversarial": adversarial,
-                "eps": cfg.eps, "attack_steps": cfg.attack_steps, "backbone": "small_cnn",
-                "backbone_width": width, "val_fraction": 0.1, "seed": seed,
-            }, data_dir(data_seed), out, data_shape=(cfg.size, 3))
+            runner.run(
+                "classifier",
+                {
+                    "max_steps": cfg.clf_steps,
+                    "batch_size": 64,
+                    "learning_rate": 1e-3,
+                    "checkpoint_every": max(1, cfg.clf_steps // 5),
+                    "adversarial": adversarial,
+                    "eps": cfg.eps,
+                    "attack_steps": cfg.attack_steps,
+                    "backbone": "small_cnn",
+                    "backbone_width": width,
+                    "val_fraction": 0.1,
+                    "seed": seed,
+                },
+                data_dir(data_seed),
+                out,
+                data_shape=(cfg.size, 3),
+            )
+
         return build
 
     def denoiser(out: pathlib.Path) -> None:
-        runner.run("diffusion_pretrain", {
-            "max_steps": cfg.denoiser_steps, "batch_size": cfg.denoiser_batch,
-            "learning_rate": cfg.denoiser_lr, "lr_warmup_steps": min(100, cfg.denoiser_steps),
-            "checkpoint_every": cfg.denoiser_steps, "conditioning": "none",
-            "block_out_channels": cfg.denoiser_channels, "ema": True, "ema_decay": 0.995,
-            "seed": 0,
-        }, data_dir(cfg.data_seed), out, data_shape=(cfg.size, 3))
+        runner.run(
+            "diffusion_pretrain",
+            {
+                "max_steps": cfg.denoiser_steps,
+                "batch_size": cfg.denoiser_batch,
+                "learning_rate": cfg.denoiser_lr,
+                "lr_warmup_steps": min(100, cfg.denoiser_steps),
+                "checkpoint_every": cfg.denoiser_steps,
+                "conditioning": "none",
+                "block_out_channels": cfg.denoiser_channels,
+                "ema": True,
+                "ema_decay": 0.995,
+                "seed": 0,
+            },
+            data_dir(cfg.data_seed),
+            out,
+            data_shape=(cfg.size, 3),
+        )
 
     sources: dict[str, str] = {}
 
-    def get(name: str, shipped_name: str, key: dict[str, Any],
-            build: Callable[[pathlib.Path], None]) -> pathlib.Path:
+    def get(
+        name: str, shipped_name: str, key: dict[str, Any], build: Callable[[pathlib.Path], None]
+    ) -> pathlib.Path:
         ship = shipped(shipped_name) if quick and shipped_name else None
         if ship is not None:
             sources[name] = f"shipped deploy/models/{shipped_name}"
@@ -145,23 +201,41 @@ def prepare_models(cfg: CounterfactualStudyConfig, runner: JobRunner, work: path
         return cached(f"fundus-{name}", key, build, refresh=refresh, root=cache)
 
     return FundusModels(
-        denoiser_dir=get("denoiser", "fundus", cfg.key(
-            "denoiser_channels", "denoiser_steps", "denoiser_batch", "denoiser_lr"), denoiser),
-        plain_dir=get("plain", "fundus-classifier-plain", cfg.key("clf_steps", "clf_width"),
-                      classifier("none", cfg.clf_width, 0, cfg.data_seed)),
-        robust_dir=get("robust", "fundus-classifier-robust", cfg.key(
-            "clf_steps", "clf_width", "robust", "eps", "attack_steps"),
-            classifier(cfg.robust, cfg.clf_width, 0, cfg.data_seed)),
-        heldout_dir=get("heldout", "", cfg.key("clf_steps", "heldout_width"),
-                        classifier("none", cfg.heldout_width, 1, cfg.data_seed + 1)),
+        denoiser_dir=get(
+            "denoiser",
+            "fundus",
+            cfg.key("denoiser_channels", "denoiser_steps", "denoiser_batch", "denoiser_lr"),
+            denoiser,
+        ),
+        plain_dir=get(
+            "plain",
+            "fundus-classifier-plain",
+            cfg.key("clf_steps", "clf_width"),
+            classifier("none", cfg.clf_width, 0, cfg.data_seed),
+        ),
+        robust_dir=get(
+            "robust",
+            "fundus-classifier-robust",
+            cfg.key("clf_steps", "clf_width", "robust", "eps", "attack_steps"),
+            classifier(cfg.robust, cfg.clf_width, 0, cfg.data_seed),
+        ),
+        heldout_dir=get(
+            "heldout",
+            "",
+            cfg.key("clf_steps", "heldout_width"),
+            classifier("none", cfg.heldout_width, 1, cfg.data_seed + 1),
+        ),
         sources=sources,
     )
 
 
 def arms(cfg: CounterfactualStudyConfig) -> list[tuple[str, float]]:
     """(mode, λ_c) pairs: every guided mode at every scale, the no-guidance control once."""
-    return [(mode, 0.0) if mode == "none" else (mode, lam)
-            for mode in cfg.modes for lam in ((0.0,) if mode == "none" else cfg.lambda_c)]
+    return [
+        (mode, 0.0) if mode == "none" else (mode, lam)
+        for mode in cfg.modes
+        for lam in ((0.0,) if mode == "none" else cfg.lambda_c)
+    ]
 
 
 def example_arm(cfg: CounterfactualStudyConfig) -> tuple[str, float]:
@@ -181,8 +255,9 @@ def _dilate(mask: np.ndarray) -> np.ndarray:
     return ndimage.binary_dilation(mask, iterations=1)
 
 
-def run_seed(cfg: CounterfactualStudyConfig, seed: int, models: FundusModels,
-             nets: dict[str, Any]) -> dict[str, Any]:
+def run_seed(
+    cfg: CounterfactualStudyConfig, seed: int, models: FundusModels, nets: dict[str, Any]
+) -> dict[str, Any]:
     from clinisynth_server.methods.counterfactual import (
         CounterfactualConfig,
         make_guide_fn,
@@ -209,26 +284,41 @@ def run_seed(cfg: CounterfactualStudyConfig, seed: int, models: FundusModels,
             region = np.zeros((len(pick), size, size), dtype=bool)
             for j, i in enumerate(pick):
                 for k in range(cfg.union_seeds):
-                    region[j] |= fundus.render_patient(int(ids[i]), size=size, lesions=True,
-                                                       lesion_seed=k)[1]
+                    region[j] |= fundus.render_patient(
+                        int(ids[i]), size=size, lesions=True, lesion_seed=k
+                    )[1]
             twins = None
         else:
             region = masks[pick]
-            twins = from_uint8(np.stack([
-                fundus.render_patient(int(ids[i]), size=size, lesions=False)[0] for i in pick]))
+            twins = from_uint8(
+                np.stack(
+                    [fundus.render_patient(int(ids[i]), size=size, lesions=False)[0] for i in pick]
+                )
+            )
         region = np.stack([_dilate(m) for m in region])
         for mode, lam in arms(cfg):
             ccfg = CounterfactualConfig.fundus(
-                steps=cfg.cf_steps, depth=cfg.depth, alpha_deg=cfg.alpha_deg,
-                lambda_c=lam, lambda_d=cfg.lambda_d, mode="cone" if mode == "none" else mode)
-            guide = make_guide_fn(unet_eps_fn(unet), nets["robust"], nets["plain"],
-                                  mode=ccfg.mode)
-            res = run_counterfactual(guide, x01 * 2 - 1, target, alphas, config=ccfg,
-                                     seeds=[1000 * seed + j for j in range(len(pick))])
+                steps=cfg.cf_steps,
+                depth=cfg.depth,
+                alpha_deg=cfg.alpha_deg,
+                lambda_c=lam,
+                lambda_d=cfg.lambda_d,
+                mode="cone" if mode == "none" else mode,
+            )
+            guide = make_guide_fn(unet_eps_fn(unet), nets["robust"], nets["plain"], mode=ccfg.mode)
+            res = run_counterfactual(
+                guide,
+                x01 * 2 - 1,
+                target,
+                alphas,
+                config=ccfg,
+                seeds=[1000 * seed + j for j in range(len(pick))],
+            )
             cf = (res.image + 1) / 2
             change = (cf - x01).abs().sum(1).numpy()  # (B, H, W)
             inside = (change * region).reshape(len(pick), -1).sum(1) / np.maximum(
-                change.reshape(len(pick), -1).sum(1), 1e-12)
+                change.reshape(len(pick), -1).sum(1), 1e-12
+            )
             r: dict[str, Any] = {
                 "flip_robust": float((predict(nets["robust"], cf) == target).float().mean()),
                 "flip_plain": float((predict(nets["plain"], cf) == target).float().mean()),
@@ -243,20 +333,30 @@ def run_seed(cfg: CounterfactualStudyConfig, seed: int, models: FundusModels,
                 after = (cf - twins).flatten(1).norm(dim=1)
                 r["to_twin_ratio"] = float((after / before.clamp_min(1e-6)).mean())
             out["results"][arm_key(direction, mode, lam)] = r
-            say(f"counterfactual seed {seed} {direction} {mode} λ_c={lam}: flip robust "
+            say(
+                f"counterfactual seed {seed} {direction} {mode} λ_c={lam}: flip robust "
                 f"{r['flip_robust']:.2f} held-out {r['flip_heldout']:.2f}, in-mask "
-                f"{r['share_in_mask']:.2f} (area {r['mask_area']:.2f})")
+                f"{r['share_in_mask']:.2f} (area {r['mask_area']:.2f})"
+            )
             if seed == nets["first_seed"] and (mode, lam) == example_arm(cfg):
                 out.setdefault("examples", {})[direction] = torch.cat([x01[:4], cf[:4]])
         # Accuracy of the classifiers on the inputs themselves (before any edit).
         out.setdefault("input_accuracy", {})[direction] = {
             name: float((predict(nets[name], x01) == src).float().mean())
-            for name in ("robust", "plain", "heldout")}
+            for name in ("robust", "plain", "heldout")
+        }
     return out
 
 
-def run(cfg: CounterfactualStudyConfig, seeds: list[int], work: pathlib.Path, *, quick: bool,
-        refresh: bool = False, cache: pathlib.Path | None = None) -> dict[str, Any]:
+def run(
+    cfg: CounterfactualStudyConfig,
+    seeds: list[int],
+    work: pathlib.Path,
+    *,
+    quick: bool,
+    refresh: bool = False,
+    cache: pathlib.Path | None = None,
+) -> dict[str, Any]:
     from clinisynth_server.methods.classifier import Classifier
     from clinisynth_server.phantoms import fundus
 
@@ -268,7 +368,9 @@ def run(cfg: CounterfactualStudyConfig, seeds: list[int], work: pathlib.Path, *,
     unet, sched, _ = load_pixel_unet(models.denoiser_dir)
     unet.requires_grad_(False)
     nets: dict[str, Any] = {
-        "unet": unet, "sched": sched, "size": int(unet.config.sample_size),
+        "unet": unet,
+        "sched": sched,
+        "size": int(unet.config.sample_size),
         "robust": Classifier.load(models.robust_dir).requires_grad_(False),
         "plain": Classifier.load(models.plain_dir).requires_grad_(False),
         "heldout": Classifier.load(models.heldout_dir).requires_grad_(False),
@@ -277,37 +379,71 @@ def run(cfg: CounterfactualStudyConfig, seeds: list[int], work: pathlib.Path, *,
     # Clean accuracy of each classifier on fresh phantoms (context for the flip rates).
     xt, yt, _ = fundus.generate(200, seed=99_999, size=nets["size"])
     x_t = from_uint8(xt)
-    acc = {name: float((predict(nets[name], x_t) == torch.from_numpy(yt)).float().mean())
-           for name in ("robust", "plain", "heldout")}
+    acc = {
+        name: float((predict(nets[name], x_t) == torch.from_numpy(yt)).float().mean())
+        for name in ("robust", "plain", "heldout")
+    }
     per_seed = [run_seed(cfg, s, models, nets) for s in seeds]
     ex_mode, ex_lam = example_arm(cfg)
-    return {"config": asdict(cfg), "seeds": seeds, "sources": models.sources,
-            "example_arm": f"{MODE_LABELS[ex_mode]} at λ_c = {ex_lam:g}, first seed",
-            "classifier_test_accuracy": acc, "per_seed": per_seed}
+    return {
+        "config": asdict(cfg),
+        "seeds": seeds,
+        "sources": models.sources,
+        "example_arm": f"{MODE_LABELS[ex_mode]} at λ_c = {ex_lam:g}, first seed",
+        "classifier_test_accuracy": acc,
+        "per_seed": per_seed,
+    }
 
 
 def table(result: dict[str, Any]) -> str:
     rows = []
     seeds = result["per_seed"]
-    cfg = CounterfactualStudyConfig(**{
-        **result["config"], "modes": tuple(result["config"]["modes"]),
-        "lambda_c": tuple(result["config"]["lambda_c"])})
+    cfg = CounterfactualStudyConfig(
+        **{
+            **result["config"],
+            "modes": tuple(result["config"]["modes"]),
+            "lambda_c": tuple(result["config"]["lambda_c"]),
+        }
+    )
     for direction in DIRECTIONS:
         for mode, lam in arms(cfg):
             vals = [s["results"][arm_key(direction, mode, lam)] for s in seeds]
 
-            def col(key: str, scale: float = 1.0, digits: int = 1,
-                    vals: list[dict[str, Any]] = vals) -> str:
+            def col(
+                key: str, scale: float = 1.0, digits: int = 1, vals: list[dict[str, Any]] = vals
+            ) -> str:
                 if not all(key in v for v in vals):
                     return "–"
                 return fmt([v[key] for v in vals], scale, digits)
 
-            rows.append([direction, MODE_LABELS[mode], "0" if mode == "none" else f"{lam:g}",
-                         col("flip_robust", 100),
-                         col("flip_plain", 100), col("flip_heldout", 100), col("l2", 1, 2),
-                         col("mean_abs", 1000, 1), col("share_in_mask", 100),
-                         col("mask_area", 100), col("to_twin_ratio", 1, 2)])
+            rows.append(
+                [
+                    direction,
+                    MODE_LABELS[mode],
+                    "0" if mode == "none" else f"{lam:g}",
+                    col("flip_robust", 100),
+                    col("flip_plain", 100),
+                    col("flip_heldout", 100),
+                    col("l2", 1, 2),
+                    col("mean_abs", 1000, 1),
+                    col("share_in_mask", 100),
+                    col("mask_area", 100),
+                    col("to_twin_ratio", 1, 2),
+                ]
+            )
     return markdown_table(
-        ["direction", "guidance", "λ_c", "flip robust %", "flip plain %", "flip held-out %",
-         "L2 to input", "mean |Δ| ×10³", "change in lesion region %", "region area %",
-         "‖cf−twin‖ ÷ ‖x−twin‖"], rows)
+        [
+            "direction",
+            "guidance",
+            "λ_c",
+            "flip robust %",
+            "flip plain %",
+            "flip held-out %",
+            "L2 to input",
+            "mean |Δ| ×10³",
+            "change in lesion region %",
+            "region area %",
+            "‖cf−twin‖ ÷ ‖x−twin‖",
+        ],
+        rows,
+    )

@@ -116,30 +116,67 @@ class FeedbackConfig:
 
     @classmethod
     def full(cls) -> FeedbackConfig:
-        return cls(n_real=4000, pretrain_steps=4000, n_labels=1000, rm_steps=300, ft_steps=300,
-                   pool_size=1200, n_eval=600, clf_steps=500)
+        return cls(
+            n_real=4000,
+            pretrain_steps=4000,
+            n_labels=1000,
+            rm_steps=300,
+            ft_steps=300,
+            pool_size=1200,
+            n_eval=600,
+            clf_steps=500,
+        )
 
     @classmethod
     def tiny(cls) -> FeedbackConfig:
         """For the unit test: mechanics only, no claim."""
-        return cls(n_real=96, n_test=64, clf_steps=6, gen_channels="8,16", pretrain_steps=4,
-                   pretrain_batch=16, n_labels=24, rm_steps=4, ft_steps=3, ft_batch=8,
-                   ft_warmup=0, pool_size=16, pool_steps=2, n_eval=16, eval_steps=2,
-                   downstream_epochs=1)
+        return cls(
+            n_real=96,
+            n_test=64,
+            clf_steps=6,
+            gen_channels="8,16",
+            pretrain_steps=4,
+            pretrain_batch=16,
+            n_labels=24,
+            rm_steps=4,
+            ft_steps=3,
+            ft_batch=8,
+            ft_warmup=0,
+            pool_size=16,
+            pool_steps=2,
+            n_eval=16,
+            eval_steps=2,
+            downstream_epochs=1,
+        )
 
     def generator_key(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in (
-            "size", "n_real", "data_seed", "gen_channels", "pretrain_steps", "pretrain_batch",
-            "pretrain_lr", "pretrain_ema_decay", "pretrain_prediction_type")} | self._data_key()
+        return {
+            k: getattr(self, k)
+            for k in (
+                "size",
+                "n_real",
+                "data_seed",
+                "gen_channels",
+                "pretrain_steps",
+                "pretrain_batch",
+                "pretrain_lr",
+                "pretrain_ema_decay",
+                "pretrain_prediction_type",
+            )
+        } | self._data_key()
 
     def classifier_key(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in (
-            "size", "n_real", "data_seed", "clf_steps", "clf_width")} | self._data_key()
+        return {
+            k: getattr(self, k) for k in ("size", "n_real", "data_seed", "clf_steps", "clf_width")
+        } | self._data_key()
 
     def _data_key(self) -> dict[str, Any]:
         """Only when set, so caches of clean-data models stay valid."""
-        return {"real_corrupt_fraction": self.real_corrupt_fraction} if (
-            self.real_corrupt_fraction) else {}
+        return (
+            {"real_corrupt_fraction": self.real_corrupt_fraction}
+            if (self.real_corrupt_fraction)
+            else {}
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,8 +227,15 @@ class CellsAssets:
     generator_source: str
 
 
-def prepare_assets(cfg: FeedbackConfig, runner: JobRunner, work: pathlib.Path, *,
-                   quick: bool, refresh: bool, cache: pathlib.Path | None) -> CellsAssets:
+def prepare_assets(
+    cfg: FeedbackConfig,
+    runner: JobRunner,
+    work: pathlib.Path,
+    *,
+    quick: bool,
+    refresh: bool,
+    cache: pathlib.Path | None,
+) -> CellsAssets:
     from clinisynth_server.phantoms import cells
 
     say("cells: phantoms")
@@ -206,47 +250,68 @@ def prepare_assets(cfg: FeedbackConfig, runner: JobRunner, work: pathlib.Path, *
     x_te, y_te = cells.generate(cfg.n_test, seed=cfg.data_seed + 1, size=cfg.size)
 
     def build_classifier(out: pathlib.Path) -> None:
-        runner.run("classifier", {
-            "max_steps": cfg.clf_steps, "batch_size": 64, "learning_rate": 1e-3,
-            "checkpoint_every": max(1, cfg.clf_steps // 5), "backbone": "small_cnn",
-            "backbone_width": cfg.clf_width, "val_fraction": 0.1, "seed": 0,
-        }, real_dir, out, data_shape=(cfg.size, 1))
+        runner.run(
+            "classifier",
+            {
+                "max_steps": cfg.clf_steps,
+                "batch_size": 64,
+                "learning_rate": 1e-3,
+                "checkpoint_every": max(1, cfg.clf_steps // 5),
+                "backbone": "small_cnn",
+                "backbone_width": cfg.clf_width,
+                "val_fraction": 0.1,
+                "seed": 0,
+            },
+            real_dir,
+            out,
+            data_shape=(cfg.size, 1),
+        )
 
-    clf_dir = cached("cells-classifier", cfg.classifier_key(), build_classifier,
-                     refresh=refresh, root=cache)
+    clf_dir = cached(
+        "cells-classifier", cfg.classifier_key(), build_classifier, refresh=refresh, root=cache
+    )
 
     # The shipped generator learned clean phantoms: a contaminated set needs its own.
     ship = shipped("cells") if quick and cfg.real_corrupt_fraction == 0 else None
     if ship is not None:
         gen_dir, source = ship, "shipped deploy/models/cells"
     else:
+
         def build_generator(out: pathlib.Path) -> None:
             # Continue from a cached generator of the same set-up trained for fewer steps (the
             # job's base_model), so raising pretrain_steps costs only the extra steps.
             done, base = _shorter_cached_generator(cfg, cache)
             params: dict[str, Any] = {
-                "max_steps": cfg.pretrain_steps - done, "batch_size": cfg.pretrain_batch,
+                "max_steps": cfg.pretrain_steps - done,
+                "batch_size": cfg.pretrain_batch,
                 "learning_rate": cfg.pretrain_lr,
                 "lr_warmup_steps": min(100, cfg.pretrain_steps - done),
-                "checkpoint_every": cfg.pretrain_steps - done, "conditioning": "class",
-                "block_out_channels": cfg.gen_channels, "ema": True,
-                "ema_decay": cfg.pretrain_ema_decay, "seed": done,
+                "checkpoint_every": cfg.pretrain_steps - done,
+                "conditioning": "class",
+                "block_out_channels": cfg.gen_channels,
+                "ema": True,
+                "ema_decay": cfg.pretrain_ema_decay,
+                "seed": done,
                 "prediction_type": cfg.pretrain_prediction_type,
             }
             if base is not None:
-                say(f"cells generator: continuing {base.name} ({done} steps) to "
-                    f"{cfg.pretrain_steps}")
+                say(
+                    f"cells generator: continuing {base.name} ({done} steps) to "
+                    f"{cfg.pretrain_steps}"
+                )
                 params["base_model"] = runner.publish(base, "cells-generator-base")
             runner.run("diffusion_pretrain", params, real_dir, out, data_shape=(cfg.size, 1))
 
-        gen_dir = cached("cells-generator", cfg.generator_key(), build_generator,
-                         refresh=refresh, root=cache)
+        gen_dir = cached(
+            "cells-generator", cfg.generator_key(), build_generator, refresh=refresh, root=cache
+        )
         source = f"diffusion_pretrain, {cfg.pretrain_steps} steps (cached)"
     return CellsAssets(real_dir, from_uint8(x_te), y_te, clf_dir, gen_dir, source)
 
 
-def _shorter_cached_generator(cfg: FeedbackConfig, cache: pathlib.Path | None
-                              ) -> tuple[int, pathlib.Path | None]:
+def _shorter_cached_generator(
+    cfg: FeedbackConfig, cache: pathlib.Path | None
+) -> tuple[int, pathlib.Path | None]:
     """(steps, folder) of the longest cached generator with this set-up and fewer steps."""
     from clinisynth_server.benchmarks.methods_common import cache_root
 
@@ -268,8 +333,9 @@ def _shorter_cached_generator(cfg: FeedbackConfig, cache: pathlib.Path | None
 # ---------------------------------------------------------------------------------------------
 
 
-def sample_cells(gen_dir: pathlib.Path, n: int, seed_base: int, *, steps: int, eta: float,
-                 sampler: str = "ddim") -> tuple[torch.Tensor, list[str]]:
+def sample_cells(
+    gen_dir: pathlib.Path, n: int, seed_base: int, *, steps: int, eta: float, sampler: str = "ddim"
+) -> tuple[torch.Tensor, list[str]]:
     """``n`` class-balanced samples (seeds ``seed_base + i``); returns images and class names."""
     from clinisynth_server.methods.sampling import Cond, sample, unet_eps_fn
     from clinisynth_server.methods.schedulers import make_scheduler
@@ -279,10 +345,16 @@ def sample_cells(gen_dir: pathlib.Path, n: int, seed_base: int, *, steps: int, e
     labels = torch.arange(n) % len(classes)
     out = []
     for start in range(0, n, 100):
-        y = labels[start:start + 100]
-        res = sample(unet_eps_fn(unet), make_scheduler(sampler, sched_cfg),
-                     [seed_base + i for i in range(start, start + len(y))], (ch, size, size),
-                     num_inference_steps=steps, cond=Cond(class_labels=y), eta=eta)
+        y = labels[start : start + 100]
+        res = sample(
+            unet_eps_fn(unet),
+            make_scheduler(sampler, sched_cfg),
+            [seed_base + i for i in range(start, start + len(y))],
+            (ch, size, size),
+            num_inference_steps=steps,
+            cond=Cond(class_labels=y),
+            eta=eta,
+        )
         out.append(res.images)
     return torch.cat(out), [classes[int(i)] for i in labels]
 
@@ -301,26 +373,52 @@ def judge(images: torch.Tensor, class_names: list[str]) -> tuple[np.ndarray, dic
     return np.array(ok), dict(sorted(fails.items(), key=lambda kv: -kv[1]))
 
 
-def evaluate_generator(gen_dir: pathlib.Path, cfg: FeedbackConfig, seed: int,
-                       assets: CellsAssets, clf: torch.nn.Module,
-                       real_feats: torch.Tensor) -> dict[str, Any]:
+def evaluate_generator(
+    gen_dir: pathlib.Path,
+    cfg: FeedbackConfig,
+    seed: int,
+    assets: CellsAssets,
+    clf: torch.nn.Module,
+    real_feats: torch.Tensor,
+) -> dict[str, Any]:
     """Paired evaluation: the same seeds (initial and per-step noise) for every arm."""
     from clinisynth_server.methods.classifier import Classifier, ClassifierConfig, train_classifier
     from clinisynth_server.methods.evaluation import features
     from clinisynth_server.phantoms import cells
 
-    x, names = sample_cells(gen_dir, cfg.n_eval, 10_000_000 * (seed + 1), steps=cfg.eval_steps,
-                            eta=0.0, sampler=cfg.eval_sampler)
+    x, names = sample_cells(
+        gen_dir,
+        cfg.n_eval,
+        10_000_000 * (seed + 1),
+        steps=cfg.eval_steps,
+        eta=0.0,
+        sampler=cfg.eval_sampler,
+    )
     ok, fails = judge(x, names)
     out: dict[str, Any] = {"plausibility": float(ok.mean()), "failures": fails}
     out.update(fidelity(real_feats, features(classifier_features(clf), x), seed=seed))
     # Downstream: a classifier trained on the synthetic images only, tested on real phantoms.
     y_syn = torch.tensor([cells.CELL_TYPES.index(n) for n in names])
     torch.manual_seed(seed)
-    down = Classifier(ClassifierConfig(num_classes=len(cells.CELL_TYPES), in_channels=1,
-                                       backbone="small_cnn", backbone_width=16))
-    train_classifier(down, x, y_syn, epochs=cfg.downstream_epochs, lr=1e-3, batch_size=64,
-                     seed=seed, val_fraction=0.0, calibrate=False)
+    down = Classifier(
+        ClassifierConfig(
+            num_classes=len(cells.CELL_TYPES),
+            in_channels=1,
+            backbone="small_cnn",
+            backbone_width=16,
+        )
+    )
+    train_classifier(
+        down,
+        x,
+        y_syn,
+        epochs=cfg.downstream_epochs,
+        lr=1e-3,
+        batch_size=64,
+        seed=seed,
+        val_fraction=0.0,
+        calibrate=False,
+    )
     pred = predict(down, assets.x_test).numpy()
     out["downstream_acc"] = float((pred == assets.y_test_type).mean())
     out["examples"] = x[: 4 * len(cells.CELL_TYPES)]
@@ -332,9 +430,17 @@ def evaluate_generator(gen_dir: pathlib.Path, cfg: FeedbackConfig, seed: int,
 # ---------------------------------------------------------------------------------------------
 
 
-def run_seed(cfg: FeedbackConfig, seed: int, runner: JobRunner, assets: CellsAssets,
-             work: pathlib.Path, clf: torch.nn.Module, real_feats: torch.Tensor,
-             gen_ref: str, clf_ref: str) -> dict[str, Any]:
+def run_seed(
+    cfg: FeedbackConfig,
+    seed: int,
+    runner: JobRunner,
+    assets: CellsAssets,
+    work: pathlib.Path,
+    clf: torch.nn.Module,
+    real_feats: torch.Tensor,
+    gen_ref: str,
+    clf_ref: str,
+) -> dict[str, Any]:
     from clinisynth_server.phantoms import cells
 
     res: dict[str, Any] = {"seed": seed, "arms": {}}
@@ -342,8 +448,14 @@ def run_seed(cfg: FeedbackConfig, seed: int, runner: JobRunner, assets: CellsAss
 
     # 1. Feedback: the oracle judges a fresh sample set of the pretrained generator.
     say(f"feedback seed {seed}: {cfg.n_labels} samples for the oracle")
-    xf, names = sample_cells(assets.generator_dir, cfg.n_labels, 20_000_000 * (seed + 1),
-                             steps=cfg.pool_steps, eta=cfg.pool_eta, sampler=cfg.pool_sampler)
+    xf, names = sample_cells(
+        assets.generator_dir,
+        cfg.n_labels,
+        20_000_000 * (seed + 1),
+        steps=cfg.pool_steps,
+        eta=cfg.pool_eta,
+        sampler=cfg.pool_sampler,
+    )
     ok, _ = judge(xf, names)
     res["feedback_plausible_share"] = float(ok.mean())
     fb_x, fb_names, fb_ok = to_uint8(xf), list(names), list(ok)
@@ -353,8 +465,10 @@ def run_seed(cfg: FeedbackConfig, seed: int, runner: JobRunner, assets: CellsAss
         # method's "weak feedback". Recorded, never silent.
         k = max(4, len(ok) // 8)
         imgs, labs = cells.generate(k, seed=cfg.data_seed + 7 + seed, size=cfg.size)
-        shown = [cells.CELL_TYPES[(int(t) + (1 if ok.all() else 0)) % len(cells.CELL_TYPES)]
-                 for t in labs]
+        shown = [
+            cells.CELL_TYPES[(int(t) + (1 if ok.all() else 0)) % len(cells.CELL_TYPES)]
+            for t in labs
+        ]
         fb_x = np.concatenate([fb_x, imgs])
         fb_names += shown
         fb_ok += [not ok.all()] * k
@@ -362,46 +476,81 @@ def run_seed(cfg: FeedbackConfig, seed: int, runner: JobRunner, assets: CellsAss
     fb_dir = write_feedback(sw / "feedback", fb_x, fb_names, fb_ok, generator="cells@bench")
 
     # 2. Reward model on that export, image branch from the real-phantom classifier.
-    rm = runner.run("reward_model", {
-        "max_steps": cfg.rm_steps, "batch_size": 64, "learning_rate": cfg.rm_lr,
-        "checkpoint_every": max(1, cfg.rm_steps // 10), "val_fraction": 0.2,
-        "classes": ",".join(cells.CELL_TYPES), "init_classifier": clf_ref,
-        "backbone": "small_cnn", "backbone_width": cfg.clf_width, "seed": seed,
-    }, fb_dir, sw / "reward-model", data_shape=(cfg.size, 1))
-    res["reward_model"] = {k: rm.evaluation.get(k) for k in (
-        "val_accuracy", "val_majority_baseline", "val_reward_plausible",
-        "val_reward_implausible")}
+    rm = runner.run(
+        "reward_model",
+        {
+            "max_steps": cfg.rm_steps,
+            "batch_size": 64,
+            "learning_rate": cfg.rm_lr,
+            "checkpoint_every": max(1, cfg.rm_steps // 10),
+            "val_fraction": 0.2,
+            "classes": ",".join(cells.CELL_TYPES),
+            "init_classifier": clf_ref,
+            "backbone": "small_cnn",
+            "backbone_width": cfg.clf_width,
+            "seed": seed,
+        },
+        fb_dir,
+        sw / "reward-model",
+        data_shape=(cfg.size, 1),
+    )
+    res["reward_model"] = {
+        k: rm.evaluation.get(k)
+        for k in (
+            "val_accuracy",
+            "val_majority_baseline",
+            "val_reward_plausible",
+            "val_reward_implausible",
+        )
+    }
     rm_ref = runner.publish(rm.folder, f"cells-reward-s{seed}")
 
     # 3. The arms: same generator, same round-0 pool (re-scored per arm), same evaluation seeds.
     shared_pool: dict[str, pathlib.Path] = {}
-    res["arms"]["before"] = evaluate_generator(assets.generator_dir, cfg, seed, assets, clf,
-                                               real_feats)
+    res["arms"]["before"] = evaluate_generator(
+        assets.generator_dir, cfg, seed, assets, clf, real_feats
+    )
     say(f"seed {seed} before: plausibility {res['arms']['before']['plausibility']:.3f}")
-    order = [a for a in ("reward", "reward_filtered", "uniform", "oracle", "real_only")
-             if a in cfg.arms]
+    order = [
+        a for a in ("reward", "reward_filtered", "uniform", "oracle", "real_only") if a in cfg.arms
+    ]
     for arm in order:
         job = _finetune_arm(cfg, arm, seed, runner, assets, sw, gen_ref, rm_ref, shared_pool)
         ev = evaluate_generator(job.folder, cfg, seed, assets, clf, real_feats)
         ev["train_seconds"] = job.seconds
         res["arms"][arm] = ev
-        say(f"seed {seed} {arm}: plausibility {ev['plausibility']:.3f}, FID {ev['fid']:.2f}, "
-            f"downstream {ev['downstream_acc']:.3f}")
+        say(
+            f"seed {seed} {arm}: plausibility {ev['plausibility']:.3f}, FID {ev['fid']:.2f}, "
+            f"downstream {ev['downstream_acc']:.3f}"
+        )
     if shared_pool:
         pool = load_pool(shared_pool[pool_artifact(0)])
         ok_pool, _ = judge((pool["x"] + 1) / 2, [_pool_class(assets, int(i)) for i in pool["y"]])
         r = pool["rewards"]
-        res["pool"] = {"size": len(r), "oracle_plausible": float(ok_pool.mean()),
-                       "mean_reward_plausible": float(r[torch.from_numpy(ok_pool)].mean())
-                       if ok_pool.any() else None,
-                       "mean_reward_implausible": float(r[torch.from_numpy(~ok_pool)].mean())
-                       if (~ok_pool).any() else None}
+        res["pool"] = {
+            "size": len(r),
+            "oracle_plausible": float(ok_pool.mean()),
+            "mean_reward_plausible": float(r[torch.from_numpy(ok_pool)].mean())
+            if ok_pool.any()
+            else None,
+            "mean_reward_implausible": float(r[torch.from_numpy(~ok_pool)].mean())
+            if (~ok_pool).any()
+            else None,
+        }
     return res
 
 
-def _finetune_arm(cfg: FeedbackConfig, arm: str, seed: int, runner: JobRunner,
-                  assets: CellsAssets, sw: pathlib.Path, gen_ref: str, rm_ref: str,
-                  shared_pool: dict[str, pathlib.Path]) -> Any:
+def _finetune_arm(
+    cfg: FeedbackConfig,
+    arm: str,
+    seed: int,
+    runner: JobRunner,
+    assets: CellsAssets,
+    sw: pathlib.Path,
+    gen_ref: str,
+    rm_ref: str,
+    shared_pool: dict[str, pathlib.Path],
+) -> Any:
     """One ``reward_finetune`` job; the first arm's round-0 pool is shared with the others."""
     state: dict[str, Any] = {}
     min_reward = cfg.filter_threshold if arm == "reward_filtered" else cfg.min_reward
@@ -428,19 +577,37 @@ def _finetune_arm(cfg: FeedbackConfig, arm: str, seed: int, runner: JobRunner,
         save_pool({**pool, "rewards": r, "keep": r >= min_reward}, path)
         return True
 
-    return runner.run("reward_finetune", {
-        "max_steps": cfg.ft_steps, "batch_size": cfg.ft_batch,
-        "learning_rate": cfg.ft_lr, "lr_warmup_steps": cfg.ft_warmup,
-        "checkpoint_every": cfg.ft_steps, "base_model": gen_ref, "reward_model": rm_ref,
-        "beta": cfg.beta, "real_to_synthetic": cfg.real_to_synthetic,
-        "pool_size": cfg.pool_size, "pool_sampler": cfg.pool_sampler,
-        "pool_steps": cfg.pool_steps,
-        "pool_eta": cfg.pool_eta, "pool_batch": 64, "rounds": cfg.rounds,
-        "weighting": "uniform" if arm == "uniform" else "reward",
-        "min_reward": min_reward, "ema": cfg.ema, "ema_decay": cfg.ema_decay,
-        "seed": seed,
-    }, assets.real_dir, sw / f"arm-{arm}", data_shape=(cfg.size, 1), hook=hook,
-        preset=preset, on_artifact=remember)
+    return runner.run(
+        "reward_finetune",
+        {
+            "max_steps": cfg.ft_steps,
+            "batch_size": cfg.ft_batch,
+            "learning_rate": cfg.ft_lr,
+            "lr_warmup_steps": cfg.ft_warmup,
+            "checkpoint_every": cfg.ft_steps,
+            "base_model": gen_ref,
+            "reward_model": rm_ref,
+            "beta": cfg.beta,
+            "real_to_synthetic": cfg.real_to_synthetic,
+            "pool_size": cfg.pool_size,
+            "pool_sampler": cfg.pool_sampler,
+            "pool_steps": cfg.pool_steps,
+            "pool_eta": cfg.pool_eta,
+            "pool_batch": 64,
+            "rounds": cfg.rounds,
+            "weighting": "uniform" if arm == "uniform" else "reward",
+            "min_reward": min_reward,
+            "ema": cfg.ema,
+            "ema_decay": cfg.ema_decay,
+            "seed": seed,
+        },
+        assets.real_dir,
+        sw / f"arm-{arm}",
+        data_shape=(cfg.size, 1),
+        hook=hook,
+        preset=preset,
+        on_artifact=remember,
+    )
 
 
 def _pool_class(assets: CellsAssets, index: int) -> str:
@@ -462,9 +629,16 @@ def load_pixel_unet_classes(folder: pathlib.Path) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def run(cfg: FeedbackConfig, seeds: list[int], work: pathlib.Path, *, quick: bool,
-        refresh: bool = False, cache: pathlib.Path | None = None,
-        on_seed: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def run(
+    cfg: FeedbackConfig,
+    seeds: list[int],
+    work: pathlib.Path,
+    *,
+    quick: bool,
+    refresh: bool = False,
+    cache: pathlib.Path | None = None,
+    on_seed: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     from clinisynth_server.methods.classifier import Classifier
     from clinisynth_server.methods.evaluation import features
 
@@ -480,12 +654,18 @@ def run(cfg: FeedbackConfig, seeds: list[int], work: pathlib.Path, *, quick: boo
     clf_ref = runner.publish(assets.classifier_dir, "cells-classifier")
     per_seed = []
     for seed in seeds:
-        per_seed.append(run_seed(cfg, seed, runner, assets, work, clf, real_feats, gen_ref,
-                                 clf_ref))
+        per_seed.append(
+            run_seed(cfg, seed, runner, assets, work, clf, real_feats, gen_ref, clf_ref)
+        )
         if on_seed is not None:
             on_seed(per_seed[-1])
-    return {"config": asdict(cfg), "seeds": seeds, "generator": assets.generator_source,
-            "real_classifier_test_accuracy": clf_acc, "per_seed": per_seed}
+    return {
+        "config": asdict(cfg),
+        "seeds": seeds,
+        "generator": assets.generator_source,
+        "real_classifier_test_accuracy": clf_acc,
+        "per_seed": per_seed,
+    }
 
 
 def _type_to_clf(assets: CellsAssets, clf: torch.nn.Module) -> np.ndarray:
@@ -504,20 +684,50 @@ def table(result: dict[str, Any]) -> str:
     for arm in arms:
         vals = [s["arms"][arm] for s in seeds]
 
-        def col(key: str, scale: float = 1.0, digits: int = 1,
-                vals: list[dict[str, Any]] = vals) -> str:
+        def col(
+            key: str, scale: float = 1.0, digits: int = 1, vals: list[dict[str, Any]] = vals
+        ) -> str:
             return fmt([v[key] for v in vals], scale, digits)
 
         delta = "–"
         if arm != "real_only" and all("real_only" in s["arms"] for s in seeds):
-            delta = fmt([s["arms"][arm]["plausibility"] - s["arms"]["real_only"]["plausibility"]
-                         for s in seeds], 100, 1)
-        rows.append([ARM_LABELS[arm], col("plausibility", 100), delta, col("fid", 1, 2),
-                     col("kid_x1000", 1, 2), col("precision", 1, 2), col("recall", 1, 2),
-                     col("density", 1, 2), col("coverage", 1, 2), col("downstream_acc", 100)])
+            delta = fmt(
+                [
+                    s["arms"][arm]["plausibility"] - s["arms"]["real_only"]["plausibility"]
+                    for s in seeds
+                ],
+                100,
+                1,
+            )
+        rows.append(
+            [
+                ARM_LABELS[arm],
+                col("plausibility", 100),
+                delta,
+                col("fid", 1, 2),
+                col("kid_x1000", 1, 2),
+                col("precision", 1, 2),
+                col("recall", 1, 2),
+                col("density", 1, 2),
+                col("coverage", 1, 2),
+                col("downstream_acc", 100),
+            ]
+        )
     return markdown_table(
-        ["arm", "plausible %", "Δ vs real-only (pts)", "FID", "KID×10³", "precision", "recall",
-         "density", "coverage", "synthetic→real acc %"], rows)
+        [
+            "arm",
+            "plausible %",
+            "Δ vs real-only (pts)",
+            "FID",
+            "KID×10³",
+            "precision",
+            "recall",
+            "density",
+            "coverage",
+            "synthetic→real acc %",
+        ],
+        rows,
+    )
 
 
 def verdict(result: dict[str, Any], arm: str = "reward") -> dict[str, Any]:
@@ -526,11 +736,11 @@ def verdict(result: dict[str, Any], arm: str = "reward") -> dict[str, Any]:
     seeds = result["per_seed"]
     if not all({arm, "real_only"} <= set(s["arms"]) for s in seeds):
         return {"holds": None, "reason": f"{arm} or real_only arm missing"}
-    d_pl = [s["arms"][arm]["plausibility"] - s["arms"]["real_only"]["plausibility"]
-            for s in seeds]
+    d_pl = [s["arms"][arm]["plausibility"] - s["arms"]["real_only"]["plausibility"] for s in seeds]
     d_fid = [s["arms"][arm]["fid"] - s["arms"]["real_only"]["fid"] for s in seeds]
-    d_acc = [s["arms"][arm]["downstream_acc"] - s["arms"]["real_only"]["downstream_acc"]
-             for s in seeds]
+    d_acc = [
+        s["arms"][arm]["downstream_acc"] - s["arms"]["real_only"]["downstream_acc"] for s in seeds
+    ]
     m_pl, _ = mean_sd(d_pl)
     m_fid, sd_fid = mean_sd(d_fid)
     m_acc, sd_acc = mean_sd(d_acc)
@@ -538,14 +748,20 @@ def verdict(result: dict[str, Any], arm: str = "reward") -> dict[str, Any]:
     plaus_up = all(d > 0 for d in d_pl) and m_pl >= 0.02
     fid_ok = m_fid <= max(sd_fid, 0.1 * abs(fid_ref))
     acc_ok = m_acc >= -max(sd_acc, 0.02)
-    out = {"holds": bool(plaus_up and fid_ok and acc_ok), "plausibility_up": plaus_up,
-           "fidelity_not_worse": fid_ok, "downstream_not_worse": acc_ok,
-           "delta_plausibility_pts": [100 * d for d in d_pl], "delta_fid": d_fid,
-           "delta_downstream_pts": [100 * d for d in d_acc]}
+    out = {
+        "holds": bool(plaus_up and fid_ok and acc_ok),
+        "plausibility_up": plaus_up,
+        "fidelity_not_worse": fid_ok,
+        "downstream_not_worse": acc_ok,
+        "delta_plausibility_pts": [100 * d for d in d_pl],
+        "delta_fid": d_fid,
+        "delta_downstream_pts": [100 * d for d in d_acc],
+    }
     if all("uniform" in s["arms"] for s in seeds):
         out["delta_vs_control_pts"] = [
             100 * (s["arms"][arm]["plausibility"] - s["arms"]["uniform"]["plausibility"])
-            for s in seeds]
+            for s in seeds
+        ]
     return out
 
 

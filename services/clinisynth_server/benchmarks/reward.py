@@ -25,8 +25,9 @@ import numpy as np
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="clinisynth benchmark reward", description=__doc__)
-    parser.add_argument("--backbone", default="resnet18",
-                        help="small_cnn | resnet18 | resnet50 | resnext50")
+    parser.add_argument(
+        "--backbone", default="resnet18", help="small_cnn | resnet18 | resnet50 | resnext50"
+    )
     parser.add_argument("--size", type=int, default=64, help="image side, pixels")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=7)
@@ -60,11 +61,20 @@ def main(argv: list[str] | None = None) -> int:
     catalog = Catalog(store, ttl_s=0)
     with TritonServer(work / "repo", strict=False) as triton:
         tclient = TritonClient(triton.grpc_url, timeout_s=300)
-        record = registry.register_folder(folder, "bench-reward", catalog=catalog, store=store,
-                                          model_repository=work / "repo", triton=tclient,
-                                          max_batch_size=ns.batch)
-        env = {"CLINISYNTH_TRITON_URL": triton.grpc_url,
-               "CLINISYNTH_STORE_URL": str(work / "store"), "CLINISYNTH_REWARD_HTTP_PORT": "0"}
+        record = registry.register_folder(
+            folder,
+            "bench-reward",
+            catalog=catalog,
+            store=store,
+            model_repository=work / "repo",
+            triton=tclient,
+            max_batch_size=ns.batch,
+        )
+        env = {
+            "CLINISYNTH_TRITON_URL": triton.grpc_url,
+            "CLINISYNTH_STORE_URL": str(work / "store"),
+            "CLINISYNTH_REWARD_HTTP_PORT": "0",
+        }
         config = load_config("reward", env=env, port=0, metrics_port=0, workers=32)
         running = start_server(config, app.create(config), serve_metrics=False)
         rng = np.random.default_rng(0)
@@ -89,11 +99,15 @@ def main(argv: list[str] | None = None) -> int:
                 served = np.array([s.p_aligned for s in got])
                 max_diff = float(np.abs(served - ref).max())
                 s_med, l_med = statistics.median(sdk), statistics.median(local)
-                print(f"reward model: {ns.backbone}, {params / 1e6:.2f} M parameters, "
-                      f"{ns.size}x{ns.size}, batch {ns.batch}; |served - in-process| ≤ "
-                      f"{max_diff:.1e}")
-                print(f"scoring: SDK {s_med:.1f} img/s, in-process {l_med:.1f} img/s, "
-                      f"ratio {s_med / l_med:.2f} (goal ≥ 0.8)")
+                print(
+                    f"reward model: {ns.backbone}, {params / 1e6:.2f} M parameters, "
+                    f"{ns.size}x{ns.size}, batch {ns.batch}; |served - in-process| ≤ "
+                    f"{max_diff:.1e}"
+                )
+                print(
+                    f"scoring: SDK {s_med:.1f} img/s, in-process {l_med:.1f} img/s, "
+                    f"ratio {s_med / l_med:.2f} (goal ≥ 0.8)"
+                )
 
                 # 2. a burst of expert submissions.
                 per = ns.judgements // ns.raters
@@ -106,9 +120,13 @@ def main(argv: list[str] | None = None) -> int:
                     for j in range(per):
                         i = r * per + j
                         t0 = time.perf_counter()
-                        fb = c.feedback.submit(small[i], rater_id=f"bench_{r}",
-                                               plausible=bool(i % 2), class_name="neutrophil",
-                                               client_request_id=f"bench-{i}")
+                        fb = c.feedback.submit(
+                            small[i],
+                            rater_id=f"bench_{r}",
+                            plausible=bool(i % 2),
+                            class_name="neutrophil",
+                            client_request_id=f"bench-{i}",
+                        )
                         with lock:
                             lat.append(time.perf_counter() - t0)
                             acked[fb.id] = fb.client_request_id
@@ -119,10 +137,12 @@ def main(argv: list[str] | None = None) -> int:
                 wall = time.perf_counter() - t0
                 readable = {f.id for f in c.feedback.list(class_name="neutrophil")}
                 q = np.quantile(np.array(lat), [0.5, 0.99])
-                print(f"feedback: {len(acked)} judgements from {ns.raters} concurrent raters in "
-                      f"{wall:.1f} s ({len(acked) / wall:.0f}/s); latency p50 "
-                      f"{q[0] * 1e3:.0f} ms, p99 {q[1] * 1e3:.0f} ms; "
-                      f"acknowledged and readable: {len(readable & set(acked))}/{len(acked)}")
+                print(
+                    f"feedback: {len(acked)} judgements from {ns.raters} concurrent raters in "
+                    f"{wall:.1f} s ({len(acked) / wall:.0f}/s); latency p50 "
+                    f"{q[0] * 1e3:.0f} ms, p99 {q[1] * 1e3:.0f} ms; "
+                    f"acknowledged and readable: {len(readable & set(acked))}/{len(acked)}"
+                )
         finally:
             running.stop(0)
             tclient.close()

@@ -36,7 +36,8 @@ def settings_from(config: ServiceConfig) -> Settings:
             return kind(raw) if raw else default
         except ValueError as exc:
             raise InvalidArgument.for_field(
-                f"CLINISYNTH_FINETUNE_{key.upper()}", f"not a number: {raw!r}") from exc
+                f"CLINISYNTH_FINETUNE_{key.upper()}", f"not a number: {raw!r}"
+            ) from exc
 
     return Settings(
         max_concurrent_jobs=max(1, int(num("max_concurrent_jobs", 1))),
@@ -53,9 +54,11 @@ def settings_from(config: ServiceConfig) -> Settings:
 def make_launcher(config: ServiceConfig, settings: Settings) -> LocalLauncher | KubernetesLauncher:
     kind = config.get("launcher", "local")
     if kind == "kubernetes":
-        return KubernetesLauncher(template_path=config.get("job_template"),
-                                  namespace=config.get("namespace"),
-                                  image=config.get("worker_image", "clinisynth/services"))
+        return KubernetesLauncher(
+            template_path=config.get("job_template"),
+            namespace=config.get("namespace"),
+            image=config.get("worker_image", "clinisynth/services"),
+        )
     if kind != "local":
         raise InvalidArgument.for_field("CLINISYNTH_FINETUNE_LAUNCHER", "local or kubernetes")
     workdir = pathlib.Path(config.get("workdir") or default_home() / "finetune-work")
@@ -80,9 +83,12 @@ def create(config: ServiceConfig) -> Callable[[grpc.Server, ServiceMetrics], Seq
         deps = Dependencies.open(config, metrics)
         settings = settings_from(config)
         service = FinetuneService(
-            deps.store, Catalog(deps.store, metrics=metrics), deps.triton,
+            deps.store,
+            Catalog(deps.store, metrics=metrics),
+            deps.triton,
             make_launcher(config, settings),
-            settings, metrics.finetune,
+            settings,
+            metrics.finetune,
         )
         service.start()
         register.service = service  # type: ignore[attr-defined]  # for tests and benchmarks

@@ -116,7 +116,7 @@ class StoreSource(Source):
         self.prefix = dir_prefix(prefix, "dataset")
 
     def names(self) -> list[str]:
-        return [info.key[len(self.prefix):] for info in self.store.list(self.prefix)]
+        return [info.key[len(self.prefix) :] for info in self.store.list(self.prefix)]
 
     def read(self, name: str) -> bytes:
         return self.store.get_bytes(self.prefix + name)
@@ -269,8 +269,11 @@ def check_classes(
     unknown = [c for c in report.classes if c not in known_list]
     if not unknown:
         return []
-    return [f"unknown class {c!r} ({report.per_class[c]} images): {what} has "
-            f"{', '.join(known_list) or 'no classes'}" for c in unknown]
+    return [
+        f"unknown class {c!r} ({report.per_class[c]} images): {what} has "
+        f"{', '.join(known_list) or 'no classes'}"
+        for c in unknown
+    ]
 
 
 def raise_if_bad(report: DatasetReport, field_name: str = "dataset") -> None:

@@ -40,9 +40,16 @@ class Launcher(Protocol):
 
 def worker_command(run_id: str, nproc_per_node: int) -> list[str]:
     if nproc_per_node > 1:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc-per-node={nproc_per_node}", "--module", WORKER_MODULE,
-                f"--run-id={run_id}"]
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc_per_node}",
+            "--module",
+            WORKER_MODULE,
+            f"--run-id={run_id}",
+        ]
     return [sys.executable, "-m", WORKER_MODULE, f"--run-id={run_id}"]
 
 
@@ -62,13 +69,22 @@ class LocalLauncher:
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
                 worker_command(record.id, nproc_per_node),
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env={**os.environ, **self.env}, start_new_session=True,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **self.env},
+                start_new_session=True,
             )
         with self._lock:
             self._procs[record.id] = proc
-        return {"launcher": "local", "pid": proc.pid, "start_time": pid_start_time(proc.pid),
-                "host": self.host, "log": str(log_path), "launched": time.time()}
+        return {
+            "launcher": "local",
+            "pid": proc.pid,
+            "start_time": pid_start_time(proc.pid),
+            "host": self.host,
+            "log": str(log_path),
+            "launched": time.time(),
+        }
 
     def _proc(self, record: JobRecord) -> subprocess.Popen[bytes] | None:
         with self._lock:
@@ -127,15 +143,19 @@ def k8s_name(run_id: str, attempt: int) -> str:
     return base[:52].rstrip("-")
 
 
-def render_template(text: str, record: JobRecord, *, image: str, nproc_per_node: int,
-                    nnodes: int = 1) -> list[dict[str, Any]]:
+def render_template(
+    text: str, record: JobRecord, *, image: str, nproc_per_node: int, nnodes: int = 1
+) -> list[dict[str, Any]]:
     """Substitute the template's placeholders and parse its documents."""
     import yaml
 
     rendered = string.Template(text).substitute(
-        NAME=k8s_name(record.id, record.attempt), RUN_ID=record.id,
-        KIND=_KIND_LABEL.get(record.kind, "generator"), IMAGE=image,
-        NNODES=str(nnodes), NPROC_PER_NODE=str(max(1, nproc_per_node)),
+        NAME=k8s_name(record.id, record.attempt),
+        RUN_ID=record.id,
+        KIND=_KIND_LABEL.get(record.kind, "generator"),
+        IMAGE=image,
+        NNODES=str(nnodes),
+        NPROC_PER_NODE=str(max(1, nproc_per_node)),
     )
     return [doc for doc in yaml.safe_load_all(rendered) if doc]
 
@@ -150,7 +170,8 @@ class KubernetesLauncher:
     def __init__(self, *, template_path: str, namespace: str, image: str) -> None:
         if not template_path or not pathlib.Path(template_path).is_file():
             raise FailedPrecondition(
-                f"CLINISYNTH_FINETUNE_JOB_TEMPLATE {template_path!r} is not a readable file")
+                f"CLINISYNTH_FINETUNE_JOB_TEMPLATE {template_path!r} is not a readable file"
+            )
         self.template = pathlib.Path(template_path).read_text()
         self.namespace = namespace or "default"
         self.image = image
@@ -162,7 +183,8 @@ class KubernetesLauncher:
                 from kubernetes import client, config
             except ImportError as exc:
                 raise FailedPrecondition(
-                    "the kubernetes launcher needs the 'kubernetes' package") from exc
+                    "the kubernetes launcher needs the 'kubernetes' package"
+                ) from exc
             try:
                 config.load_incluster_config()
             except config.ConfigException:
@@ -172,15 +194,20 @@ class KubernetesLauncher:
 
     def launch(self, record: JobRecord, nproc_per_node: int) -> dict[str, Any]:
         batch, core = self._clients()
-        docs = render_template(self.template, record, image=self.image,
-                               nproc_per_node=nproc_per_node)
+        docs = render_template(
+            self.template, record, image=self.image, nproc_per_node=nproc_per_node
+        )
         for doc in docs:
             if doc["kind"] == "Service":
                 core.create_namespaced_service(self.namespace, doc)
             elif doc["kind"] == "Job":
                 batch.create_namespaced_job(self.namespace, doc)
-        return {"launcher": "kubernetes", "name": k8s_name(record.id, record.attempt),
-                "namespace": self.namespace, "launched": time.time()}
+        return {
+            "launcher": "kubernetes",
+            "name": k8s_name(record.id, record.attempt),
+            "namespace": self.namespace,
+            "launched": time.time(),
+        }
 
     def alive(self, record: JobRecord) -> bool | None:
         if record.worker.get("launcher") != "kubernetes":
@@ -204,7 +231,11 @@ class KubernetesLauncher:
         batch, core = self._clients()
         name = record.worker["name"]
         with contextlib.suppress(Exception):
-            batch.delete_namespaced_job(name, self.namespace, propagation_policy="Foreground",
-                                        grace_period_seconds=int(grace_s))
+            batch.delete_namespaced_job(
+                name,
+                self.namespace,
+                propagation_policy="Foreground",
+                grace_period_seconds=int(grace_s),
+            )
         with contextlib.suppress(Exception):
             core.delete_namespaced_service(name, self.namespace)

@@ -80,29 +80,78 @@ def common_params(
 ) -> tuple[Param, ...]:
     """The parameters every kind accepts, with kind-specific defaults."""
     return (
-        Param("max_steps", "int", str(max_steps), "optimiser steps in total", minimum=1,
-              maximum=10_000_000),
-        Param("batch_size", "int", str(batch_size), "examples per optimiser step (all ranks)",
-              minimum=1, maximum=65_536),
-        Param("learning_rate", "float", repr(learning_rate), "peak learning rate (AdamW)",
-              minimum=1e-12, maximum=10.0),
-        Param("seed", "int", "0", "seed of weights init, data order and noise: equal seeds, "
-              "equal runs", minimum=0, maximum=2**31 - 1),
-        Param("checkpoint_every", "int", str(checkpoint_every),
-              "steps between checkpoints (a crash loses at most this many)", minimum=1),
+        Param(
+            "max_steps",
+            "int",
+            str(max_steps),
+            "optimiser steps in total",
+            minimum=1,
+            maximum=10_000_000,
+        ),
+        Param(
+            "batch_size",
+            "int",
+            str(batch_size),
+            "examples per optimiser step (all ranks)",
+            minimum=1,
+            maximum=65_536,
+        ),
+        Param(
+            "learning_rate",
+            "float",
+            repr(learning_rate),
+            "peak learning rate (AdamW)",
+            minimum=1e-12,
+            maximum=10.0,
+        ),
+        Param(
+            "seed",
+            "int",
+            "0",
+            "seed of weights init, data order and noise: equal seeds, equal runs",
+            minimum=0,
+            maximum=2**31 - 1,
+        ),
+        Param(
+            "checkpoint_every",
+            "int",
+            str(checkpoint_every),
+            "steps between checkpoints (a crash loses at most this many)",
+            minimum=1,
+        ),
         Param("log_every", "int", "10", "steps between progress events", minimum=1),
-        Param("keep_checkpoints", "int", "3",
-              "newest checkpoints kept (the best one is always kept too)", minimum=1),
+        Param(
+            "keep_checkpoints",
+            "int",
+            "3",
+            "newest checkpoints kept (the best one is always kept too)",
+            minimum=1,
+        ),
         Param("lr_warmup_steps", "int", "0", "linear warm-up steps", minimum=0),
-        Param("lr_schedule", "choice", lr_schedule, "learning-rate schedule after warm-up",
-              choices=("constant", "cosine", "linear")),
+        Param(
+            "lr_schedule",
+            "choice",
+            lr_schedule,
+            "learning-rate schedule after warm-up",
+            choices=("constant", "cosine", "linear"),
+        ),
         Param("weight_decay", "float", repr(weight_decay), "decoupled weight decay", minimum=0),
         Param("max_grad_norm", "float", "1.0", "gradient clipping norm (0 = off)", minimum=0),
-        Param("mixed_precision", "choice", "no", "autocast on GPUs (accelerate)",
-              choices=("no", "fp16", "bf16")),
-        Param("nproc_per_node", "int", "0",
-              "worker processes (GPUs) per node; 0 = the service default", minimum=0,
-              maximum=64),
+        Param(
+            "mixed_precision",
+            "choice",
+            "no",
+            "autocast on GPUs (accelerate)",
+            choices=("no", "fp16", "bf16"),
+        ),
+        Param(
+            "nproc_per_node",
+            "int",
+            "0",
+            "worker processes (GPUs) per node; 0 = the service default",
+            minimum=0,
+            maximum=64,
+        ),
     )
 
 
@@ -122,9 +171,11 @@ def parse_params(specs: Sequence[Param], given: Mapping[str, str]) -> ParsedPara
     for name in sorted(set(given) - set(by_name)):
         close = [n for n in by_name if n.startswith(name[:4])] if len(name) >= 4 else []
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        out.violations.append(FieldViolation(
-            f"params[{name}]", f"unknown parameter{hint}; known: {', '.join(sorted(by_name))}"
-        ))
+        out.violations.append(
+            FieldViolation(
+                f"params[{name}]", f"unknown parameter{hint}; known: {', '.join(sorted(by_name))}"
+            )
+        )
     for spec in specs:
         raw = given.get(spec.name, spec.default)
         try:

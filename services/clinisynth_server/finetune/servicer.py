@@ -27,14 +27,21 @@ def _ts(seconds: float):  # type: ignore[no-untyped-def]
 def job_proto(view: svc.JobView) -> finetune_pb2.Job:
     r = view.record
     msg = finetune_pb2.Job(
-        id=r.id, kind=r.kind, state=STATE_TO_PROTO[r.state], dataset=r.dataset, params=r.params,
-        step=view.step, max_steps=r.max_steps,
+        id=r.id,
+        kind=r.kind,
+        state=STATE_TO_PROTO[r.state],
+        dataset=r.dataset,
+        params=r.params,
+        step=view.step,
+        max_steps=r.max_steps,
         metrics={k: float(v) for k, v in view.metrics.items()},
-        failure_reason=r.failure_reason, request_id=r.request_id, restarts=r.restarts,
-        model_name=r.model_name, queue_position=view.queue_position,
+        failure_reason=r.failure_reason,
+        request_id=r.request_id,
+        restarts=r.restarts,
+        model_name=r.model_name,
+        queue_position=view.queue_position,
     )
-    for name, value in (("created", r.created), ("started", r.started),
-                        ("finished", r.finished)):
+    for name, value in (("created", r.created), ("started", r.started), ("finished", r.finished)):
         ts = _ts(value)
         if ts is not None:
             getattr(msg, name).CopyFrom(ts)
@@ -50,19 +57,27 @@ def checkpoint_proto(c: CheckpointInfo, store) -> finetune_pb2.Checkpoint:  # ty
 
 def event_proto(e: Event, store) -> finetune_pb2.JobEvent:  # type: ignore[no-untyped-def]
     msg = finetune_pb2.JobEvent(
-        sequence=e.sequence, job_id=e.job_id, type=e.type,
-        state=STATE_TO_PROTO.get(e.state, finetune_pb2.JOB_STATE_UNSPECIFIED), step=e.step,
-        metrics={k: float(v) for k, v in e.metrics.items()}, message=e.message,
+        sequence=e.sequence,
+        job_id=e.job_id,
+        type=e.type,
+        state=STATE_TO_PROTO.get(e.state, finetune_pb2.JOB_STATE_UNSPECIFIED),
+        step=e.step,
+        metrics={k: float(v) for k, v in e.metrics.items()},
+        message=e.message,
     )
     msg.time.CopyFrom(protoconv.timestamp(e.time))
     if e.checkpoint:
-        msg.checkpoint.CopyFrom(finetune_pb2.Checkpoint(
-            id=e.checkpoint.get("id", ""), step=int(e.checkpoint.get("step", 0)),
-            metrics={k: float(v) for k, v in e.metrics.items()},
-            ref=common_pb2.ArtifactRef(
-                key=e.checkpoint.get("prefix", "") + "model/",
-                uri=store.uri(e.checkpoint.get("prefix", "") + "model")),
-        ))
+        msg.checkpoint.CopyFrom(
+            finetune_pb2.Checkpoint(
+                id=e.checkpoint.get("id", ""),
+                step=int(e.checkpoint.get("step", 0)),
+                metrics={k: float(v) for k, v in e.metrics.items()},
+                ref=common_pb2.ArtifactRef(
+                    key=e.checkpoint.get("prefix", "") + "model/",
+                    uri=store.uri(e.checkpoint.get("prefix", "") + "model"),
+                ),
+            )
+        )
     return msg
 
 
@@ -72,7 +87,10 @@ class FinetuneServicer(finetune_pb2_grpc.FinetuneServiceServicer):
 
     def CreateJob(self, request, context):
         record = self.service.create(
-            request.kind, request.dataset, dict(request.params), model_name=request.model_name,
+            request.kind,
+            request.dataset,
+            dict(request.params),
+            model_name=request.model_name,
             request_id=request.request_id,
         )
         return job_proto(self.service.view(record))
@@ -86,11 +104,15 @@ class FinetuneServicer(finetune_pb2_grpc.FinetuneServiceServicer):
             from clinisynth_server.errors import InvalidArgument
 
             raise InvalidArgument.for_field("state", f"unknown job state {request.state}")
-        views, token = self.service.list(state=state, kind=request.kind,
-                                         page_size=request.page_size,
-                                         page_token=request.page_token)
-        return finetune_pb2.ListJobsResponse(jobs=[job_proto(v) for v in views],
-                                             next_page_token=token)
+        views, token = self.service.list(
+            state=state,
+            kind=request.kind,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return finetune_pb2.ListJobsResponse(
+            jobs=[job_proto(v) for v in views], next_page_token=token
+        )
 
     def CancelJob(self, request, context):
         return job_proto(self.service.cancel(request.id, strict=request.strict))
@@ -98,35 +120,49 @@ class FinetuneServicer(finetune_pb2_grpc.FinetuneServiceServicer):
     def WatchJob(self, request, context) -> Iterator[finetune_pb2.JobEvent]:
         token = cancel_token(context)
         for kind, item in stream_events(
-            lambda sink: self.service.watch(request.id, request.since_sequence, sink,
-                                            token.check),
+            lambda sink: self.service.watch(request.id, request.since_sequence, sink, token.check),
             token,
         ):
             if kind == "event":
                 yield event_proto(item, self.service.store)
 
     def ListCheckpoints(self, request, context):
-        return finetune_pb2.ListCheckpointsResponse(checkpoints=[
-            checkpoint_proto(c, self.service.store)
-            for c in self.service.checkpoints(request.job_id)
-        ])
+        return finetune_pb2.ListCheckpointsResponse(
+            checkpoints=[
+                checkpoint_proto(c, self.service.store)
+                for c in self.service.checkpoints(request.job_id)
+            ]
+        )
 
     def PromoteCheckpoint(self, request, context):
-        record, previous = self.service.promote(request.job_id, request.checkpoint_id,
-                                                request.model_name)
+        record, previous = self.service.promote(
+            request.job_id, request.checkpoint_id, request.model_name
+        )
         return finetune_pb2.PromoteCheckpointResponse(
-            model=protoconv.model_info(record, latest=True), previous_version=previous)
+            model=protoconv.model_info(record, latest=True), previous_version=previous
+        )
 
     def ListJobKinds(self, request, context):
-        return finetune_pb2.ListJobKindsResponse(kinds=[
-            finetune_pb2.JobKind(
-                name=k.name, description=k.description, dataset_layout=k.dataset_layout,
-                params=[finetune_pb2.ParamSpec(name=p.name, type=p.type, default=p.default,
-                                               description=p.description, choices=p.choices)
-                        for p in k.params],
-            )
-            for k in self.service.kinds()
-        ])
+        return finetune_pb2.ListJobKindsResponse(
+            kinds=[
+                finetune_pb2.JobKind(
+                    name=k.name,
+                    description=k.description,
+                    dataset_layout=k.dataset_layout,
+                    params=[
+                        finetune_pb2.ParamSpec(
+                            name=p.name,
+                            type=p.type,
+                            default=p.default,
+                            description=p.description,
+                            choices=p.choices,
+                        )
+                        for p in k.params
+                    ],
+                )
+                for k in self.service.kinds()
+            ]
+        )
 
     def UploadDatasetFile(self, request_iterator, context):
         info = self.service.upload(svc.iter_upload(request_iterator))
@@ -135,6 +171,10 @@ class FinetuneServicer(finetune_pb2_grpc.FinetuneServiceServicer):
     def ValidateDataset(self, request, context):
         report = self.service.validate_dataset(request.prefix, request.layout)
         return finetune_pb2.DatasetReport(
-            prefix=report.prefix, layout=report.layout, images=report.images,
-            classes=report.classes, per_class=report.per_class, problems=report.problems,
+            prefix=report.prefix,
+            layout=report.layout,
+            images=report.images,
+            classes=report.classes,
+            per_class=report.per_class,
+            problems=report.problems,
         )

@@ -243,11 +243,20 @@ def feedback_entries(
     for i, (img, cls, ok) in enumerate(zip(images, class_names, plausible, strict=True)):
         rel = f"{IMAGES_DIR}/{i + 1:06d}.png"
         yield rel, encode_png(img)
-        lines.append(json.dumps({
-            "image": rel, "condition": {"class_name": str(cls)}, "plausible": bool(ok),
-            "rater_id": rater_id, "criteria": {}, "feedback_id": f"fb-{i + 1:06d}",
-            "generator": generator,
-        }, sort_keys=True))
+        lines.append(
+            json.dumps(
+                {
+                    "image": rel,
+                    "condition": {"class_name": str(cls)},
+                    "plausible": bool(ok),
+                    "rater_id": rater_id,
+                    "criteria": {},
+                    "feedback_id": f"fb-{i + 1:06d}",
+                    "generator": generator,
+                },
+                sort_keys=True,
+            )
+        )
     yield LABELS_NAME, ("\n".join(lines) + ("\n" if lines else "")).encode()
 
 
@@ -260,8 +269,7 @@ def write_feedback(
     generator: str = "unknown@0",
 ) -> Path:
     """Write a feedback export (``labels.jsonl`` + ``images/``) under ``root``."""
-    return _write_local(root, feedback_entries(images, class_names, plausible,
-                                               generator=generator))
+    return _write_local(root, feedback_entries(images, class_names, plausible, generator=generator))
 
 
 def write_feedback_to_store(
@@ -274,8 +282,9 @@ def write_feedback_to_store(
     generator: str = "unknown@0",
 ) -> list[str]:
     """Write a feedback export to the artifact store under ``prefix``; returns the keys."""
-    return _write_store(sink, prefix, feedback_entries(images, class_names, plausible,
-                                                       generator=generator))
+    return _write_store(
+        sink, prefix, feedback_entries(images, class_names, plausible, generator=generator)
+    )
 
 
 def read_image_folder(

@@ -118,8 +118,9 @@ class FeedbackStore:
     def add(self, record: FeedbackRecord) -> tuple[FeedbackRecord, bool]:
         """Store ``record`` unless its id exists; returns (stored record, duplicate)."""
         key = f"{RECORDS_PREFIX}{record.id}.json"
-        if self.store.put_if_absent(key, encode_json(record.to_json()),
-                                    content_type="application/json"):
+        if self.store.put_if_absent(
+            key, encode_json(record.to_json()), content_type="application/json"
+        ):
             stored, duplicate = record, False
         else:
             stored, duplicate = FeedbackRecord.from_json(self.store.get_json(key)), True
@@ -130,8 +131,9 @@ class FeedbackStore:
 
     def add_item(self, item: ReviewItem) -> ReviewItem:
         key = f"{ITEMS_PREFIX}{item.id}.json"
-        if not self.store.put_if_absent(key, encode_json(item.to_json()),
-                                        content_type="application/json"):
+        if not self.store.put_if_absent(
+            key, encode_json(item.to_json()), content_type="application/json"
+        ):
             item = ReviewItem.from_json(self.store.get_json(key))
         with self._lock:
             self._items[item.id] = item

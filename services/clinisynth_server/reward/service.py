@@ -564,7 +564,7 @@ class Reward:
     def export(
         self, *, prefix: str = "", condition: Condition | None = None, aggregate: str = ""
     ) -> ExportResult:
-        """Write ``<prefix>/labels.jsonl`` + ``images/`` + ``export.json`` (HELPERS.md layout)."""
+        """Write ``<prefix>/labels.jsonl`` + ``images/`` + ``export.json`` ."""
         aggregate = aggregate or "all"
         errors = ValidationErrors()
         if aggregate not in _AGGREGATES:

@@ -41,8 +41,7 @@ def image_from(msg: common_pb2.Image) -> ImageInput:
     if kind == "dicom":
         return ImageInput("dicom", data=msg.dicom)
     if kind == "raw":
-        return ImageInput("raw", data=msg.raw.data, shape=tuple(msg.raw.shape),
-                          dtype=msg.raw.dtype)
+        return ImageInput("raw", data=msg.raw.data, shape=tuple(msg.raw.shape), dtype=msg.raw.dtype)
     if kind == "ref":
         return ImageInput("ref", key=msg.ref.key)
     return ImageInput("none")
@@ -58,7 +57,10 @@ def generator_text(ref: common_pb2.ModelRef) -> str:
 
 def _ref(key: str, sha: str, size: int, store: ArtifactStore) -> common_pb2.ArtifactRef:
     return common_pb2.ArtifactRef(
-        key=key, uri=store.uri(key), sha256=sha, size_bytes=size,
+        key=key,
+        uri=store.uri(key),
+        sha256=sha,
+        size_bytes=size,
         presigned_url=store.presign_get(key) or "",
     )
 
@@ -72,7 +74,10 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
     # -- messages -----------------------------------------------------------------------------
     def _score_msg(self, s: svc.ImageScore) -> reward_pb2.ImageScore:
         return reward_pb2.ImageScore(
-            index=s.index, reward=s.p_aligned, p_aligned=s.p_aligned, model=model_ref(s.model),
+            index=s.index,
+            reward=s.p_aligned,
+            p_aligned=s.p_aligned,
+            model=model_ref(s.model),
             name=s.name,
         )
 
@@ -234,14 +239,17 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
                 token.check()
                 if pending is not None:
                     yield reward_pb2.ExportFileChunk(
-                        path=key[len(base):], offset=offset - len(pending), data=pending
+                        path=key[len(base) :], offset=offset - len(pending), data=pending
                     )
                 digest.update(chunk)
                 offset += len(chunk)
                 pending = chunk
             pending = pending or b""
             yield reward_pb2.ExportFileChunk(
-                path=key[len(base):], offset=offset - len(pending), data=pending, last=True,
+                path=key[len(base) :],
+                offset=offset - len(pending),
+                data=pending,
+                last=True,
                 sha256=digest.hexdigest(),
             )
 
@@ -272,8 +280,9 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         assert cond is not None
         return reward_pb2.Checklist(
             condition=condition_msg(cond),
-            criteria=[reward_pb2.Criterion(name=c.name, description=c.description)
-                      for c in criteria],
+            criteria=[
+                reward_pb2.Criterion(name=c.name, description=c.description) for c in criteria
+            ],
         )
 
     def GetAgreement(self, request, context):
@@ -305,8 +314,9 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
     def ListModels(self, request, context):
         if request.page_size < 0:
             raise InvalidArgument.for_field("page_size", "must be >= 0")
-        records = self.catalog.list(kind="reward", name=request.name,
-                                    all_versions=request.all_versions)
+        records = self.catalog.list(
+            kind="reward", name=request.name, all_versions=request.all_versions
+        )
         start = 0
         if request.page_token:
             try:

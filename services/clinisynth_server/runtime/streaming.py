@@ -20,8 +20,9 @@ def cancel_token(context: grpc.ServicerContext) -> CancelToken:
     """A token that trips when the client cancels or the call's deadline passes."""
     remaining = context.time_remaining()
     # Without a client deadline gRPC reports ~9.2e18 s: treat anything beyond a day as none.
-    deadline = None if remaining is None or remaining > MAX_DEADLINE_S else (
-        time.monotonic() + remaining)
+    deadline = (
+        None if remaining is None or remaining > MAX_DEADLINE_S else (time.monotonic() + remaining)
+    )
     return CancelToken(deadline=deadline, is_active=context.is_active)
 
 

@@ -38,9 +38,21 @@ __all__ = [
 
 _ENV_PREFIX = "CLINISYNTH_STORE_"
 _S3_OPTIONS = {
-    "endpoint", "access_key", "secret_key", "session_token", "region", "secure",
-    "cert_check", "create_bucket", "connect_timeout_s", "read_timeout_s", "retries",
-    "part_size", "parallel_uploads", "max_connections", "conditional_writes",
+    "endpoint",
+    "access_key",
+    "secret_key",
+    "session_token",
+    "region",
+    "secure",
+    "cert_check",
+    "create_bucket",
+    "connect_timeout_s",
+    "read_timeout_s",
+    "retries",
+    "part_size",
+    "parallel_uploads",
+    "max_connections",
+    "conditional_writes",
 }
 _LOCAL_OPTIONS = {"create"}
 _ENV_OPTIONS = ("endpoint", "access_key", "secret_key", "session_token", "region", "secure")
@@ -55,9 +67,7 @@ def _parse_bool(name: str, value: str) -> bool:
     raise InvalidArgument.for_field(name, f"{value!r} is not a boolean (true/false)")
 
 
-def open_store(
-    url: str, *, env: Mapping[str, str] | None = None, **options: Any
-) -> ArtifactStore:
+def open_store(url: str, *, env: Mapping[str, str] | None = None, **options: Any) -> ArtifactStore:
     """Open the store named by ``url`` (see the module docstring).
 
     Options not given fall back to ``CLINISYNTH_STORE_*`` in ``env`` (default
@@ -88,8 +98,9 @@ def open_store(
     return LocalStore(url, **local)
 
 
-def _open_s3(bucket: str, path: str, env: Mapping[str, str] | None, options: dict[str, Any]
-             ) -> ArtifactStore:
+def _open_s3(
+    bucket: str, path: str, env: Mapping[str, str] | None, options: dict[str, Any]
+) -> ArtifactStore:
     from clinisynth_server.store.s3 import S3Store  # minio only needed for S3
 
     if not bucket:

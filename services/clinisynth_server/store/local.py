@@ -319,7 +319,10 @@ class LocalStore(ArtifactStore):
         if os.path.lexists(self._path(key)):
             return False  # cheap early out; the commit re-checks under the lock
         info = self._write(
-            key, iter([payload]), content_type=content_type, metadata=metadata,
+            key,
+            iter([payload]),
+            content_type=content_type,
+            metadata=metadata,
             only_if_absent=True,
         )
         return info is not None
@@ -352,8 +355,12 @@ class LocalStore(ArtifactStore):
             digest, _ = atomic_write_stream(Path(dest_path), iter_stream(fh, CHUNK_SIZE))
         info = self._info(key, st, self._read_sidecar(key))
         return ObjectInfo(
-            key=key, size=st.st_size, sha256=digest, modified=info.modified,
-            content_type=info.content_type, metadata=info.metadata,
+            key=key,
+            size=st.st_size,
+            sha256=digest,
+            modified=info.modified,
+            content_type=info.content_type,
+            metadata=info.metadata,
         )
 
     def stat(self, key: str) -> ObjectInfo:
@@ -422,8 +429,9 @@ class LocalStore(ArtifactStore):
             return
         head, _, name_prefix = prefix.rpartition("/")
         start_dir = self.root.joinpath(*head.split("/")) if head else self.root
-        walk = self._walk(start_dir, head + "/" if head else "", name_prefix, recursive,
-                          start_after)
+        walk = self._walk(
+            start_dir, head + "/" if head else "", name_prefix, recursive, start_after
+        )
         for count, info in enumerate(walk, start=1):
             yield info
             if limit is not None and count >= limit:
@@ -440,8 +448,11 @@ class LocalStore(ArtifactStore):
         """Depth-first walk in key order, pruning subtrees entirely at or before start_after."""
         try:
             with os.scandir(directory) as it:
-                entries = [e for e in it if not e.name.startswith(RESERVED_PREFIX)
-                           and e.name.startswith(name_prefix)]
+                entries = [
+                    e
+                    for e in it
+                    if not e.name.startswith(RESERVED_PREFIX) and e.name.startswith(name_prefix)
+                ]
         except (FileNotFoundError, NotADirectoryError):
             return
         entries.sort(key=_sort_name)
@@ -454,8 +465,7 @@ class LocalStore(ArtifactStore):
                 if recursive:
                     yield from self._walk(Path(entry.path), sub, "", True, start_after)
                 elif sub > start_after and self._has_objects(Path(entry.path)):
-                    yield ObjectInfo(key=sub, size=0, sha256=None, modified=None,
-                                     is_prefix=True)
+                    yield ObjectInfo(key=sub, size=0, sha256=None, modified=None, is_prefix=True)
                 continue
             if key <= start_after:
                 continue

@@ -73,11 +73,23 @@ _META_HEADER = "x-amz-meta-"
 _DEFAULT_PART_SIZE = 16 * 1024 * 1024  # S3 minimum is 5 MiB; 16 MiB keeps part counts low
 _SPOOL_IN_MEMORY = 8 * 1024 * 1024
 _NOT_FOUND_CODES = {"NoSuchKey", "NoSuchObject", "NoSuchVersion"}
-_DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-                 "ExpiredToken", "InvalidToken", "AllAccessDisabled"}
+_DENIED_CODES = {
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "AllAccessDisabled",
+}
 _UNSUPPORTED_CODES = {"NotImplemented", "MethodNotAllowed"}
-_TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout",
-                    "XMinioServerNotInitialized", "ConditionalRequestConflict"}
+_TRANSIENT_CODES = {
+    "SlowDown",
+    "ServiceUnavailable",
+    "InternalError",
+    "RequestTimeout",
+    "XMinioServerNotInitialized",
+    "ConditionalRequestConflict",
+}
 
 
 def _user_metadata(headers: Mapping[str, Any] | None) -> dict[str, str]:
@@ -86,7 +98,7 @@ def _user_metadata(headers: Mapping[str, Any] | None) -> dict[str, str]:
     for name, value in (headers or {}).items():
         lower = str(name).lower()
         if lower.startswith(_META_HEADER):
-            out[lower[len(_META_HEADER):]] = str(value)
+            out[lower[len(_META_HEADER) :]] = str(value)
     return out
 
 
@@ -251,7 +263,7 @@ class S3Store(ArtifactStore):
         return self.prefix + validate_key(key)
 
     def _key(self, name: str) -> str:
-        return name[len(self.prefix):]
+        return name[len(self.prefix) :]
 
     @contextlib.contextmanager
     def _errors(self, op: str, key: str | None = None) -> Iterator[None]:
@@ -288,8 +300,10 @@ class S3Store(ArtifactStore):
         if exc.code in _DENIED_CODES:
             return PermissionDenied(f"{op} on {where} denied by {self.endpoint}: {exc.code}")
         if exc.code in _TRANSIENT_CODES:
-            return Unavailable(f"S3 endpoint {self.endpoint} busy during {op}: {exc.code}",
-                               metadata={"endpoint": self.endpoint})
+            return Unavailable(
+                f"S3 endpoint {self.endpoint} busy during {op}: {exc.code}",
+                metadata={"endpoint": self.endpoint},
+            )
         return Internal(f"{op} on {where} failed at {self.endpoint}: {exc.code}: {exc.message}")
 
     def _ensure_bucket(self, region: str) -> None:
@@ -338,13 +352,20 @@ class S3Store(ArtifactStore):
         data: IO[bytes] = source
         if verify_source:
             data = io.BufferedReader(
-                _VerifyingReader(source, size=size, sha256=sha256,
-                                 what=f"local file for {key!r} changed during upload",
-                                 mismatch=FailedPrecondition)
+                _VerifyingReader(
+                    source,
+                    size=size,
+                    sha256=sha256,
+                    what=f"local file for {key!r} changed during upload",
+                    mismatch=FailedPrecondition,
+                )
             )
         with self._errors("put", key):
             self._client.put_object(
-                self.bucket, name, data, size,
+                self.bucket,
+                name,
+                data,
+                size,
                 content_type=ctype,
                 metadata=self._user_meta(sha256, meta),  # type: ignore[arg-type]
                 part_size=self._part_size,
@@ -356,8 +377,14 @@ class S3Store(ArtifactStore):
         self, key: str, size: int, sha256: str, ctype: str, meta: Mapping[str, str]
     ) -> ObjectInfo:
         """Describe what we just wrote without another round trip (mtime: ask stat)."""
-        return ObjectInfo(key=key, size=size, sha256=sha256, modified=None,
-                          content_type=ctype, metadata=dict(meta))
+        return ObjectInfo(
+            key=key,
+            size=size,
+            sha256=sha256,
+            modified=None,
+            content_type=ctype,
+            metadata=dict(meta),
+        )
 
     def put_bytes(
         self,
@@ -370,8 +397,13 @@ class S3Store(ArtifactStore):
         payload = as_bytes(data)
         validate_key(key)
         return self._upload(
-            key, io.BytesIO(payload), len(payload), hashlib.sha256(payload).hexdigest(),
-            content_type=content_type, metadata=metadata, verify_source=False,
+            key,
+            io.BytesIO(payload),
+            len(payload),
+            hashlib.sha256(payload).hexdigest(),
+            content_type=content_type,
+            metadata=metadata,
+            verify_source=False,
         )
 
     def put_stream(
@@ -398,8 +430,13 @@ class S3Store(ArtifactStore):
                 size += len(chunk)
             spool.seek(0)
             return self._upload(
-                key, spool, size, digest.hexdigest(),  # type: ignore[arg-type]
-                content_type=content_type, metadata=metadata, verify_source=False,
+                key,
+                spool,
+                size,
+                digest.hexdigest(),  # type: ignore[arg-type]
+                content_type=content_type,
+                metadata=metadata,
+                verify_source=False,
             )
 
     def put_file(
@@ -419,8 +456,15 @@ class S3Store(ArtifactStore):
         except OSError as exc:
             raise NotFound(f"local file {os.fspath(path)!r} can't be read: {exc}") from exc
         with fh:
-            return self._upload(key, fh, size, sha256, content_type=content_type,
-                                metadata=metadata, verify_source=True)
+            return self._upload(
+                key,
+                fh,
+                size,
+                sha256,
+                content_type=content_type,
+                metadata=metadata,
+                verify_source=True,
+            )
 
     def put_if_absent(
         self,
@@ -494,9 +538,12 @@ class S3Store(ArtifactStore):
         meta.pop(SHA256_METADATA_KEY, None)
         modified = headers.get("last-modified")
         return ObjectInfo(
-            key=key, size=size, sha256=digest,
+            key=key,
+            size=size,
+            sha256=digest,
             modified=parsedate_to_datetime(modified) if modified else None,
-            content_type=headers.get("content-type"), metadata=meta,
+            content_type=headers.get("content-type"),
+            metadata=meta,
         )
 
     def stat(self, key: str) -> ObjectInfo:
@@ -508,9 +555,14 @@ class S3Store(ArtifactStore):
             digest = hashlib.sha256()
             for chunk in self.iter_chunks(key):
                 digest.update(chunk)
-            info = ObjectInfo(key=info.key, size=info.size, sha256=digest.hexdigest(),
-                              modified=info.modified, content_type=info.content_type,
-                              metadata=info.metadata)
+            info = ObjectInfo(
+                key=info.key,
+                size=info.size,
+                sha256=digest.hexdigest(),
+                modified=info.modified,
+                content_type=info.content_type,
+                metadata=info.metadata,
+            )
         return info
 
     def list(
@@ -550,8 +602,7 @@ class S3Store(ArtifactStore):
         key = self._key(obj.object_name or "")
         if obj.is_dir:
             return ObjectInfo(key=key, size=0, sha256=None, modified=None, is_prefix=True)
-        return ObjectInfo(key=key, size=int(obj.size or 0), sha256=None,
-                          modified=obj.last_modified)
+        return ObjectInfo(key=key, size=int(obj.size or 0), sha256=None, modified=obj.last_modified)
 
     # ---- deletes ----------------------------------------------------------------
 
@@ -566,13 +617,17 @@ class S3Store(ArtifactStore):
             raise InvalidArgument.for_field("prefix", "refusing to delete the whole store")
         keys = [info.key for info in self.list(dir_prefix(prefix))]
         with self._errors("delete_prefix", prefix):
-            errors = list(self._client.remove_objects(
-                self.bucket, (DeleteObject(self._name(k)) for k in keys)
-            ))
+            errors = list(
+                self._client.remove_objects(
+                    self.bucket, (DeleteObject(self._name(k)) for k in keys)
+                )
+            )
         if errors:
             first = errors[0]
-            raise Internal(f"delete_prefix {prefix!r}: {len(errors)} objects not deleted, "
-                           f"first {first.name}: {first.code} {first.message}")
+            raise Internal(
+                f"delete_prefix {prefix!r}: {len(errors)} objects not deleted, "
+                f"first {first.name}: {first.code} {first.message}"
+            )
         return len(keys)
 
     # ---- misc -------------------------------------------------------------------
@@ -593,9 +648,7 @@ class S3Store(ArtifactStore):
         with self._errors("ping"):
             found = self._client.bucket_exists(self.bucket)
         if not found:
-            raise FailedPrecondition(
-                f"bucket {self.bucket!r} does not exist at {self.endpoint}"
-            )
+            raise FailedPrecondition(f"bucket {self.bucket!r} does not exist at {self.endpoint}")
 
 
 def _merge_pages(items: Iterator[ObjectInfo]) -> Iterator[ObjectInfo]:

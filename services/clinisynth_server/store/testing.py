@@ -49,13 +49,23 @@ class _FailingReader(io.RawIOBase):
         if self._pos >= self._fail_after:
             raise ConnectionResetError("source went away")
         n = min(len(buffer), self._fail_after - self._pos, len(self._data) - self._pos)
-        buffer[:n] = self._data[self._pos:self._pos + n]
+        buffer[:n] = self._data[self._pos : self._pos + n]
         self._pos += n
         return n
 
 
-BAD_KEYS = ["", "/abs", "a//b", "a/../b", "..", "./a", "a/", "a\\b", "a/.clinisynth-x",
-            "nul\x00byte"]
+BAD_KEYS = [
+    "",
+    "/abs",
+    "a//b",
+    "a/../b",
+    "..",
+    "./a",
+    "a/",
+    "a\\b",
+    "a/.clinisynth-x",
+    "nul\x00byte",
+]
 
 
 class StoreContract:
@@ -137,7 +147,16 @@ class StoreContract:
     # ---- listing -----------------------------------------------------------------
 
     KEYS: ClassVar[list[str]] = [
-        "a-c", "a/b", "a/b/c", "a/bc", "a/b0", "a/x/y/z", "b", "ü/1", "runs/7/m", "runs/70/m",
+        "a-c",
+        "a/b",
+        "a/b/c",
+        "a/bc",
+        "a/b0",
+        "a/x/y/z",
+        "b",
+        "ü/1",
+        "runs/7/m",
+        "runs/70/m",
     ]
 
     def _fill(self, store: ArtifactStore) -> list[str]:
@@ -161,10 +180,18 @@ class StoreContract:
         self._fill(store)
         top = list(store.list("", recursive=False))
         assert [(i.key, i.is_prefix) for i in top] == [
-            ("a-c", False), ("a/", True), ("b", False), ("runs/", True), ("ü/", True)
+            ("a-c", False),
+            ("a/", True),
+            ("b", False),
+            ("runs/", True),
+            ("ü/", True),
         ]
-        assert [i.key for i in store.list("a/", recursive=False)] == ["a/b/", "a/b0", "a/bc",
-                                                                      "a/x/"]
+        assert [i.key for i in store.list("a/", recursive=False)] == [
+            "a/b/",
+            "a/b0",
+            "a/bc",
+            "a/x/",
+        ]
 
     def test_list_paging(self, store: ArtifactStore) -> None:
         keys = self._fill(store)
@@ -197,23 +224,27 @@ class StoreContract:
 
     def test_upload_and_download_dir(self, store: ArtifactStore, tmp_path: Path) -> None:
         src = tmp_path / "repo"
-        files = {"denoiser/config.pbtxt": b"name: 'd'", "denoiser/1/model.py": b"print(1)",
-                 "vae/1/weights.bin": payload(1, 70_000), "README": b"hi"}
+        files = {
+            "denoiser/config.pbtxt": b"name: 'd'",
+            "denoiser/1/model.py": b"print(1)",
+            "vae/1/weights.bin": payload(1, 70_000),
+            "README": b"hi",
+        }
         for rel, data in files.items():
             (src / rel).parent.mkdir(parents=True, exist_ok=True)
             (src / rel).write_bytes(data)
         store.put_bytes("models2/other", b"must not be downloaded")
         infos = store.upload_dir(src, "models/")
         assert sorted(i.key for i in infos) == sorted("models/" + k for k in files)
-        assert {i.key: i.sha256 for i in infos} == {"models/" + k: sha(v) for k, v in
-                                                    files.items()}
+        assert {i.key: i.sha256 for i in infos} == {"models/" + k: sha(v) for k, v in files.items()}
         out = tmp_path / "out"
         written = store.download_dir("models", out)
         assert sorted(p.relative_to(out).as_posix() for p in written) == sorted(files)
         for rel, data in files.items():
             assert (out / rel).read_bytes() == data
-        assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) \
-            == sorted(files)
+        assert sorted(
+            p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()
+        ) == sorted(files)
         with pytest.raises(InvalidArgument):
             store.upload_dir(tmp_path / "missing", "x")
 

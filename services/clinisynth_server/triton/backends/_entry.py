@@ -37,9 +37,7 @@ def run_grouped(
     """Run requests through ``backend``, one forward per group of shape-compatible requests."""
     groups: dict[tuple[Any, ...], list[int]] = {}
     for index, tensors in enumerate(batches):
-        key = tuple(
-            sorted((name, arr.shape[1:], arr.dtype.str) for name, arr in tensors.items())
-        )
+        key = tuple(sorted((name, arr.shape[1:], arr.dtype.str) for name, arr in tensors.items()))
         groups.setdefault(key, []).append(index)
     results: list[dict[str, np.ndarray] | Exception] = [RuntimeError("not run")] * len(batches)
     for members in groups.values():
@@ -73,8 +71,9 @@ def python_model(module_path: str) -> type:
             device = "cpu"
             if args.get("model_instance_kind") == "GPU":
                 device = f"cuda:{args['model_instance_device_id']}"
-            weights = weights_dir_for(Path(args["model_repository"]), args["model_version"],
-                                      parameters)
+            weights = weights_dir_for(
+                Path(args["model_repository"]), args["model_version"], parameters
+            )
             module = importlib.import_module(module_path)
             self.backend = module.Backend(weights, parameters, device)
             self.inputs = [spec["name"] for spec in self.config["input"]]
