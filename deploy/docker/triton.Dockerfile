@@ -5,6 +5,8 @@
 # The model repository is baked in at /models (from deploy/triton/models) so the image runs on
 # its own; compose mounts the same folder, Kubernetes points --model-repository at the store.
 # Build context: the repository root (see triton.Dockerfile.dockerignore).
+# It starts only with its restricted-protocol key mounted (compose / Kubernetes do this), e.g.
+#   docker run -v "$PWD/triton.key:/run/secrets/clinisynth-triton-key:ro" clinisynth/triton:dev
 
 ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:24.10-py3
 
@@ -58,9 +60,17 @@ ENV PYTHONPATH=/opt/clinisynth/lib/python3.11/site-packages \
     HF_HUB_OFFLINE=1 \
     XDG_CACHE_HOME=/tmp/.cache \
     PYTHONDONTWRITEBYTECODE=1
+# Started through clinisynth's entrypoint, not tritonserver directly: it reads the
+# restricted-protocol key from a mounted secret file and adds --grpc-restricted-protocol /
+# --http-restricted-api for every group but health (the list is read from the installed
+# clinisynth_server.triton.launcher, the one the local stack uses), strips secret-looking
+# variables from Triton's environment and sets umask 077; see deploy/docker/triton-entrypoint.py.
+# Without a readable key file the container exits at once (fail closed).
+COPY --chmod=0755 deploy/docker/triton-entrypoint.py /opt/clinisynth/bin/clinisynth-triton-entrypoint
 # triton-server (uid 1000) is the unprivileged user NVIDIA's image ships.
 USER 1000:1000
 EXPOSE 8000 8001 8002
-ENTRYPOINT ["tritonserver"]
-CMD ["--model-repository=/models", "--model-control-mode=explicit", "--load-model=*", \
+ENTRYPOINT ["/opt/clinisynth/bin/python", "/opt/clinisynth/bin/clinisynth-triton-entrypoint"]
+CMD ["--restricted-key-file=/run/secrets/clinisynth-triton-key", \
+     "--model-repository=/models", "--model-control-mode=explicit", "--load-model=*", \
      "--strict-readiness=true", "--exit-on-error=false", "--log-format=ISO8601"]

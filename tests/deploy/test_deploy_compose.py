@@ -1,5 +1,6 @@
 """The compose stack parses, every long-running service has a health check, start order waits on
-health, data lives in named volumes, and no secret is written into the file."""
+health, data lives in named volumes, no secret is written into the file, and Triton takes no call
+but health without the key the services read from a compose secret file."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 import yaml
 from deploy_helpers import DEPLOY, require, run
+from triton_lockdown import assert_locked_down, effective_command
 
 COMPOSE = DEPLOY / "compose"
 ONE_SHOT = {"minio-init"}  # runs to completion; others wait on service_completed_successfully
@@ -60,7 +62,7 @@ def test_no_secret_values_in_compose_files() -> None:
             for key, value in env.items():
                 if secretish.search(key):
                     assert str(value).startswith("${"), f"{path.name}: {key} has a literal value"
-    assert (COMPOSE / ".gitignore").read_text().split() == [".env"]
+    assert (COMPOSE / ".gitignore").read_text().split() == [".env", "secrets/"]
 
 
 def test_env_example_names_every_required_variable() -> None:
@@ -107,6 +109,7 @@ def test_docker_compose_validates_the_files(tmp_path: Path) -> None:
             args += ["-f", str(COMPOSE / f)]
         out = yaml.safe_load(run([*args, "config"], cwd=tmp_path))
         assert out["services"]["generator"]["environment"]["CLINISYNTH_TRITON_URL"] == "triton:8001"
+        assert "environment" not in out["services"]["triton"]
     gpu = out["services"]["triton"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["capabilities"] == ["gpu"]
 
@@ -119,3 +122,98 @@ def test_minio_init_script_is_posix_sh() -> None:
     sh = shutil.which("dash") or shutil.which("sh")
     if sh:
         run([sh, "-n", str(script)])
+
+
+# --- Triton's restricted protocols (issue #14) -------------------------------------------------
+
+TRITON_KEY_SECRET = "clinisynth-triton-key"
+S3_OVERRIDE = COMPOSE / "compose.s3-models.yaml"
+
+
+def _secret_file(doc: dict[str, Any], service: str, path: str) -> str | None:
+    """The compose secret ``path`` is, when it is one that ``service`` mounts, else None."""
+    name = path.removeprefix("/run/secrets/")
+    mounted = {
+        s if isinstance(s, str) else s["source"]
+        for s in doc["services"][service].get("secrets", [])
+    }
+    if path.startswith("/run/secrets/") and name in mounted and "file" in doc["secrets"][name]:
+        return name
+    return None
+
+
+def _triton_env_is_clean(triton: dict[str, Any]) -> None:
+    from clinisynth_server.triton.launcher import _ENV_SECRET
+
+    env = triton.get("environment", {})
+    env = env if isinstance(env, dict) else dict(e.split("=", 1) for e in env)
+    assert not [k for k in env if _ENV_SECRET.search(k) or k.startswith("AWS_")], env
+    assert "env_file" not in triton
+
+
+def test_triton_restricts_every_group_but_health_with_the_key_secret(tmp_path: Path) -> None:
+    doc = _compose()
+    triton = doc["services"]["triton"]
+    assert "entrypoint" not in triton, "the image's entrypoint must run (it adds the flags)"
+    key_path = f"/run/secrets/{TRITON_KEY_SECRET}"
+    assert f"--restricted-key-file={key_path}" in triton["command"]
+    # a file the operator makes in the git-ignored secrets/ folder, never a value in the repo
+    assert doc["secrets"][TRITON_KEY_SECRET] == {"file": "./secrets/triton.key"}
+    command, _, values = effective_command(
+        triton["command"], lambda p: _secret_file(doc, "triton", p), tmp_path
+    )
+    assert_locked_down(command, values[key_path])
+
+
+def test_every_service_reads_the_triton_key_from_the_compose_secret() -> None:
+    doc = _compose()
+    for name in APP:
+        env = doc["services"][name]["environment"]
+        assert _secret_file(doc, name, env["CLINISYNTH_TRITON_KEY_FILE"]) == TRITON_KEY_SECRET
+        # no variable of any service carries the key itself
+        assert not [k for k in env if "TRITON_KEY" in k and k != "CLINISYNTH_TRITON_KEY_FILE"]
+
+
+def test_triton_gets_no_token_or_credential_in_its_environment(tmp_path: Path) -> None:
+    """Neither the services' tokens nor any store key; with the S3 override Triton reads the
+    repository with its own read-only user, from secret files turned into a 0600 file."""
+    doc = _compose()
+    _triton_env_is_clean(doc["services"]["triton"])
+    override = yaml.safe_load(S3_OVERRIDE.read_text())
+    merged = {
+        "services": {"triton": {**doc["services"]["triton"], **override["services"]["triton"]}},
+        "secrets": {**doc["secrets"], **override["secrets"]},
+    }
+    triton = merged["services"]["triton"]
+    _triton_env_is_clean(triton)
+    assert any(a.startswith("--model-repository=s3://") for a in triton["command"])
+    command, env, values = effective_command(
+        triton["command"], lambda p: _secret_file(merged, "triton", p), tmp_path
+    )
+    assert_locked_down(command, values[f"/run/secrets/{TRITON_KEY_SECRET}"])
+    creds = Path(env["TRITON_CLOUD_CREDENTIAL_PATH"]).read_text()
+    assert values["/run/secrets/triton-store-secret-key"] in creds
+    assert set(override["services"]["minio-init"]["secrets"]) == {
+        "triton-store-access-key",
+        "triton-store-secret-key",
+    }
+    assert "clinisynth-models-ro" in (COMPOSE / "minio-init.sh").read_text()
+
+
+def test_docker_compose_validates_the_s3_models_override(tmp_path: Path) -> None:
+    binary = require("docker-compose")
+    args = [
+        binary,
+        "--env-file",
+        str(COMPOSE / ".env.example"),
+        "-f",
+        str(COMPOSE / "compose.yaml"),
+    ]
+    out = yaml.safe_load(run([*args, "-f", str(S3_OVERRIDE), "config"], cwd=tmp_path))
+    triton = out["services"]["triton"]
+    assert "environment" not in triton
+    assert {s["source"] for s in triton["secrets"]} == {
+        TRITON_KEY_SECRET,
+        "triton-store-access-key",
+        "triton-store-secret-key",
+    }

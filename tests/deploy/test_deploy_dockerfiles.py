@@ -4,10 +4,12 @@ only files the .dockerignore lets into the build context."""
 from __future__ import annotations
 
 import fnmatch
+import json
 import re
 from pathlib import Path
 
 from deploy_helpers import DEPLOY
+from triton_lockdown import assert_locked_down, effective_command
 
 DOCKER = DEPLOY / "docker"
 COMPILERS = re.compile(r"\b(build-essential|gcc|g\+\+|clang|make|cmake|cargo|rustc)\b")
@@ -78,6 +80,23 @@ def test_triton_image() -> None:
     cmd = [a for i, a in stages[-1] if i == "CMD"][-1]
     assert "--model-control-mode=explicit" in cmd and "--load-model=*" in cmd
     assert "EXPOSE 8000 8001 8002" in final_text
+
+
+def test_triton_image_starts_triton_restricted_by_default(tmp_path: Path) -> None:
+    """The image runs tritonserver through deploy/docker/triton-entrypoint.py, and its default
+    CMD (a plain `docker run` with the key secret mounted) restricts every group but health."""
+    final = _stages(DOCKER / "triton.Dockerfile")[-1]
+    entry = json.loads([a for i, a in final if i == "ENTRYPOINT"][-1])
+    assert entry[0] == "/opt/clinisynth/bin/python", "the venv with clinisynth_server in it"
+    copies = [a.split() for i, a in final if i == "COPY" and "--from=" not in a]
+    assert any(c[-2:] == ["deploy/docker/triton-entrypoint.py", entry[1]] for c in copies)
+    cmd = json.loads([a for i, a in final if i == "CMD"][-1])
+    key_path = "/run/secrets/clinisynth-triton-key"
+    assert f"--restricted-key-file={key_path}" in cmd
+    command, _, values = effective_command(
+        cmd, lambda p: "clinisynth-triton-key" if p == key_path else None, tmp_path
+    )
+    assert_locked_down(command, values[key_path])
 
 
 def _ignored(rel: str, patterns: list[str]) -> bool:

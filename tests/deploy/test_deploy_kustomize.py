@@ -1,16 +1,19 @@
 """`kubectl kustomize` renders every overlay, and the objects carry what operators rely on:
-gRPC probes, resources, GPUs for Triton in prod, NetworkPolicies, PDBs, HPAs, finetune RBAC and
-a Job template that renders into a valid multi-node torchrun Job.
+gRPC probes, resources, GPUs for Triton in prod, NetworkPolicies, PDBs, HPAs, finetune RBAC,
+a Job template that renders into a valid multi-node torchrun Job, and a Triton that takes no
+call but health without the key the services read from a mounted Secret.
 """
 
 from __future__ import annotations
 
 import string
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from deploy_helpers import OVERLAYS, by_kind, render
+from triton_lockdown import assert_locked_down, effective_command
 
 SERVICES = {"generator": 50051, "reward": 50052, "counterfactual": 50053, "finetune": 50054}
 METRICS = {"generator": 9101, "reward": 9102, "counterfactual": 9103, "finetune": 9104}
@@ -108,7 +111,13 @@ def test_store_is_in_namespace_for_dev_and_external_for_prod() -> None:
     assert prod_cfg["TRITON_MODEL_REPOSITORY"].startswith("s3://https://")
     # prod bakes in no secret; dev's are generated from placeholder files
     assert not by_kind(prod, "Secret")
-    assert set(by_kind(dev, "Secret")) == {"minio-root", "clinisynth-store", "clinisynth-auth"}
+    assert set(by_kind(dev, "Secret")) == {
+        "minio-root",
+        "clinisynth-store",
+        "clinisynth-auth",
+        "clinisynth-triton-key",
+        "clinisynth-triton-store",
+    }
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -261,3 +270,138 @@ def test_base_renders_too() -> None:
         "NetworkPolicy",
         "Role",
     } <= kinds
+
+
+# --- Triton's restricted protocols (issue #14) -------------------------------------------------
+
+TRITON_KEY_SECRET = "clinisynth-triton-key"
+DEPLOYMENTS = (*SERVICES, "triton")
+
+
+def _pod(deploy: dict[str, Any]) -> dict[str, Any]:
+    pod: dict[str, Any] = deploy["spec"]["template"]["spec"]
+    return pod
+
+
+def _secret_file(pod: dict[str, Any], container: dict[str, Any], path: str) -> str | None:
+    """``"secret/key"`` when ``path`` is a file of a Secret volume mounted in ``container``."""
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    for mount in container.get("volumeMounts", []):
+        directory = mount["mountPath"].rstrip("/") + "/"
+        secret = volumes[mount["name"]].get("secret")
+        if secret is None or not path.startswith(directory) or "subPath" in mount:
+            continue
+        name = path[len(directory) :]
+        items = {i["path"]: i["key"] for i in secret.get("items", [])} or {name: name}
+        if name in items:
+            return f"{secret['secretName']}/{items[name]}"
+    return None
+
+
+def _dev_secret_keys() -> dict[str, set[str]]:
+    return {n: set(s.get("data", {})) for n, s in by_kind(render("dev"), "Secret").items()}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_triton_restricts_every_group_but_health_with_the_mounted_key(
+    overlay: str, tmp_path: Path
+) -> None:
+    """What the image's entrypoint execs for the rendered args: both restriction flags, every
+    group Triton has but health, the key read from a file of the mounted key Secret."""
+    deploy = by_kind(render(overlay), "Deployment")["triton"]
+    pod, triton = _pod(deploy), _container(deploy, "triton")
+    assert "command" not in triton, "the image's entrypoint must run (it adds the flags)"
+    (key_arg,) = [a for a in triton["args"] if a.startswith("--restricted-key-file=")]
+    key_path = key_arg.split("=", 1)[1]
+    assert _secret_file(pod, triton, key_path) == f"{TRITON_KEY_SECRET}/key"
+    command, _, values = effective_command(
+        triton["args"], lambda p: _secret_file(pod, triton, p), tmp_path
+    )
+    assert_locked_down(command, values[key_path])
+    assert "--model-control-mode=explicit" in command and "--load-model=*" in command
+    if overlay == "dev":
+        assert "key" in _dev_secret_keys()[TRITON_KEY_SECRET]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_service_reads_the_triton_key_from_the_mounted_secret(overlay: str) -> None:
+    deployments = by_kind(render(overlay), "Deployment")
+    for name in SERVICES:
+        pod, c = _pod(deployments[name]), _container(deployments[name], name)
+        path = _env(c).get("CLINISYNTH_TRITON_KEY_FILE")
+        assert isinstance(path, str), f"{name}: CLINISYNTH_TRITON_KEY_FILE is not a plain path"
+        assert _secret_file(pod, c, path) == f"{TRITON_KEY_SECRET}/key", name
+    # the same file Triton is started with
+    triton = _container(deployments["triton"], "triton")
+    assert f"--restricted-key-file={path}" in triton["args"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_triton_key_is_mounted_as_a_file_and_never_in_an_environment(overlay: str) -> None:
+    """Triton and the four services mount the key Secret; no container anywhere (training
+    workers included) gets it through env or envFrom."""
+    objs = render(overlay)
+    _, job = _render_job_template(overlay, nnodes=1, nproc=1)
+    pods = {n: _pod(d) for n, d in by_kind(objs, "Deployment").items()}
+    for o in objs:
+        if o["kind"] in ("Job", "StatefulSet"):
+            pods[f"{o['kind']}/{o['metadata']['name']}"] = o["spec"]["template"]["spec"]
+    pods["finetune-worker"] = job["spec"]["template"]["spec"]
+    mounted_by = set()
+    for owner, pod in pods.items():
+        keyed = {
+            v["name"]
+            for v in pod.get("volumes", [])
+            if v.get("secret", {}).get("secretName") == TRITON_KEY_SECRET
+        }
+        for c in pod["containers"] + pod.get("initContainers", []):
+            if any(m["name"] in keyed and m.get("readOnly") for m in c.get("volumeMounts", [])):
+                mounted_by.add(owner)
+            for e in c.get("env", []):
+                ref = e.get("valueFrom", {}).get("secretKeyRef", {})
+                assert ref.get("name") != TRITON_KEY_SECRET, f"{c['name']}: {e['name']}"
+            for src in c.get("envFrom", []):
+                assert src.get("secretRef", {}).get("name") != TRITON_KEY_SECRET, c["name"]
+    assert mounted_by == set(DEPLOYMENTS)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_triton_gets_no_token_or_credential_in_its_environment(
+    overlay: str, tmp_path: Path
+) -> None:
+    """No secret reference, no secret-looking name (the launcher's pattern) and no envFrom
+    that could bring one; the store is read with Triton's own user from mounted files."""
+    from clinisynth_server.triton.launcher import _ENV_SECRET
+
+    objs = render(overlay)
+    configmaps = by_kind(objs, "ConfigMap")
+    deploy = by_kind(objs, "Deployment")["triton"]
+    pod, triton = _pod(deploy), _container(deploy, "triton")
+    for e in triton.get("env", []):
+        assert "secretKeyRef" not in e.get("valueFrom", {}), e["name"]
+        assert not _ENV_SECRET.search(e["name"]) and not e["name"].startswith("AWS_"), e["name"]
+    for src in triton.get("envFrom", []):
+        assert "secretRef" not in src, src
+        data = configmaps[src["configMapRef"]["name"]].get("data", {})
+        assert not [k for k in data if _ENV_SECRET.search(k)], src
+    # an s3:// repository is read with the read-only user's files, not the services' Secret
+    store = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in triton["args"] if "-key-file=" in a}
+    assert _secret_file(pod, triton, store["--s3-access-key-file"]) == (
+        "clinisynth-triton-store/access-key"
+    )
+    assert _secret_file(pod, triton, store["--s3-secret-key-file"]) == (
+        "clinisynth-triton-store/secret-key"
+    )
+    volumes = [v.get("secret", {}).get("secretName") for v in pod["volumes"]]
+    assert not {"clinisynth-store", "clinisynth-auth"} & set(volumes)
+    _, env, values = effective_command(
+        triton["args"], lambda p: _secret_file(pod, triton, p), tmp_path
+    )
+    creds = Path(env["TRITON_CLOUD_CREDENTIAL_PATH"])
+    assert values[store["--s3-secret-key-file"]] in creds.read_text()
+    if overlay == "dev":
+        assert {"access-key", "secret-key"} <= _dev_secret_keys()["clinisynth-triton-store"]
+        init = by_kind(objs, "Job")["minio-init"]["spec"]["template"]["spec"]["containers"][0]
+        refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in init["env"] if "valueFrom" in e}
+        assert "clinisynth-triton-store" in refs
+        assert "clinisynth-models-ro" in init["args"][0]
