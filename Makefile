@@ -42,6 +42,7 @@ protos: $(PY)
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 format: $(PY)
 	$(VENV)/bin/ruff check --fix .
@@ -69,4 +70,4 @@ bench: install
 	$(VENV)/bin/clinisynth benchmark generator
 
 clean:
-	rm -rf build dist *.egg-info .pytest_cache .ruff_cache out
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache out

@@ -5,7 +5,7 @@ with clinisynth.Client() as client:
     print(client.list_models())
 """
 
-from clinisynth._client import AsyncClient, Client
+from clinisynth._client import AsyncClient, AsyncScoreStream, Client, ScoreStream
 from clinisynth._counterfactual import (
     CounterfactualBatchItem,
     CounterfactualBatchResult,
@@ -39,6 +39,7 @@ from clinisynth._finetune import (
     JobParam,
     PromoteResult,
 )
+from clinisynth._models import ModelComponent, ModelDetails
 from clinisynth._reward import (
     Agreement,
     ConditionAgreement,
@@ -49,7 +50,6 @@ from clinisynth._reward import (
     RaterStats,
     ReviewBatch,
     ReviewItem,
-    ScoreStream,
     ScoreSummary,
 )
 from clinisynth._types import GeneratedImage, GenerationResult, ModelInfo, ProgressEvent
@@ -60,6 +60,7 @@ __all__ = [
     "Agreement",
     "AlreadyExistsError",
     "AsyncClient",
+    "AsyncScoreStream",
     "CancelledError",
     "Checkpoint",
     "Client",
@@ -85,6 +86,8 @@ __all__ = [
     "JobEvent",
     "JobKind",
     "JobParam",
+    "ModelComponent",
+    "ModelDetails",
     "ModelInfo",
     "NotFoundError",
     "PermissionDeniedError",

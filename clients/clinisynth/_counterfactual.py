@@ -1,4 +1,6 @@
-"""SDK calls of the counterfactual service (mixed into Client / AsyncClient).
+"""Counterfactual RPCs: declarations, typed results, request building and stream folding.
+
+The calls themselves are ``Client`` / ``AsyncClient`` methods (see ``_rpc`` for the layout):
 
 with clinisynth.Client() as client:
     cf = client.counterfactual("fundus.png", target="referable", seed=1)
@@ -11,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,8 +22,8 @@ from PIL import Image as PILImage
 from PIL import ImageDraw
 
 from clinisynth import _images
-from clinisynth._transport import AsyncTransport, Transport
-from clinisynth._types import ModelInfo, ProgressEvent, provenance_dict
+from clinisynth._rpc import ProgressCallback, Rpc, model_ref
+from clinisynth._types import ProgressEvent, provenance_dict
 from clinisynth.v1 import common_pb2, counterfactual_pb2, counterfactual_pb2_grpc
 
 STUB = counterfactual_pb2_grpc.CounterfactualServiceStub
@@ -33,6 +35,16 @@ MODES = {
 }
 DISTANCES = {"l2": counterfactual_pb2.DISTANCE_KIND_L2, "l1": counterfactual_pb2.DISTANCE_KIND_L1}
 _FORMAT_NAMES = {v: k for k, v in _images.FORMATS.items()}
+
+
+def _seeded(req: counterfactual_pb2.CounterfactualRequest) -> bool:
+    return req.HasField("seed")  # same seed, same counterfactual: repeating it is safe
+
+
+CREATE = Rpc(SERVICE, STUB, "CreateCounterfactual", idempotent=_seeded)
+STREAM = Rpc(SERVICE, STUB, "CounterfactualStream", streaming="server")
+BATCH = Rpc(SERVICE, STUB, "CounterfactualBatch", streaming="server")
+LIST_MODELS = Rpc(SERVICE, STUB, "ListModels", idempotent=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,11 +85,11 @@ class CounterfactualResult:
     target_class: str
     provenance: dict[str, Any]
     ref: dict[str, Any] | None = None
-
-    @property
-    def flipped(self) -> bool:
-        """The robust classifier now gives the target class P > 0.5."""
-        return self.p_target_after > 0.5
+    # The service's verdict: ``flipped`` when the robust classifier moved the input into the
+    # target class (P > 0.5); ``already_target`` when the input was in it before the edit (then
+    # ``flipped`` is False and the probabilities say what changed).
+    flipped: bool = False
+    already_target: bool = False
 
     def to_numpy(self) -> np.ndarray:
         """The counterfactual as float32 in [0, 1]."""
@@ -147,6 +159,7 @@ class CounterfactualResult:
             },
             "p_target_after": {"robust": self.p_target_after, "plain": self.p_target_after_plain},
             "flipped": self.flipped,
+            "already_target": self.already_target,
             "distance": self.distance,
             "trajectory": [vars(p) for p in self.trajectory],
             "provenance": self.provenance,
@@ -203,6 +216,7 @@ class CounterfactualBatchItem:
     distance: float
     flipped: bool
     error: str = ""
+    already_target: bool = False
 
 
 @dataclass
@@ -215,6 +229,7 @@ class CounterfactualBatchResult:
     mean_distance: float
     summary: dict[str, Any] | None
     items: list[CounterfactualBatchItem] = field(default_factory=list)
+    already_target: int = 0  # inputs already in the target class (not counted in flip_rate)
 
 
 def _to_pil(arr: np.ndarray) -> PILImage.Image:
@@ -254,17 +269,14 @@ def counterfactual_result(resp: counterfactual_pb2.CounterfactualResponse) -> Co
         target_class=resp.target_class,
         provenance=provenance_dict(resp.provenance),
         ref=ref,
+        flipped=resp.flipped,
+        already_target=resp.already_target,
     )
 
 
 # ---------------------------------------------------------------------------------------------
 # requests
 # ---------------------------------------------------------------------------------------------
-
-
-def _model_ref(model: str | None) -> common_pb2.ModelRef:
-    name, _, version = (model or "").partition("@")
-    return common_pb2.ModelRef(name=name, version=version)
 
 
 def _input_image(image: _images.ImageLike) -> common_pb2.Image:
@@ -303,9 +315,9 @@ def counterfactual_request(
         raise ValueError(f"format must be one of {sorted(_images.FORMATS)}, not {format!r}")
     req = counterfactual_pb2.CounterfactualRequest(
         target_class=target,
-        diffusion_model=_model_ref(diffusion_model),
-        robust_classifier=_model_ref(robust_classifier),
-        plain_classifier=_model_ref(plain_classifier),
+        diffusion_model=model_ref(diffusion_model),
+        robust_classifier=model_ref(robust_classifier),
+        plain_classifier=model_ref(plain_classifier),
         steps=steps or 0,
         distance=DISTANCES.get(distance or "", counterfactual_pb2.DISTANCE_KIND_UNSPECIFIED),
         mode=MODES.get(mode or "", counterfactual_pb2.GUIDANCE_MODE_UNSPECIFIED),
@@ -329,18 +341,18 @@ def counterfactual_request(
 
 
 def batch_request(
-    input_prefix: str, *, output_prefix: str | None, limit: int, **knobs: Any
+    input_prefix: str,
+    *,
+    output_prefix: str | None,
+    limit: int,
+    options: counterfactual_pb2.CounterfactualRequest,
 ) -> counterfactual_pb2.CounterfactualBatchRequest:
     return counterfactual_pb2.CounterfactualBatchRequest(
-        input_prefix=input_prefix,
-        output_prefix=output_prefix or "",
-        options=counterfactual_request(None, **knobs),
-        limit=limit,
+        input_prefix=input_prefix, output_prefix=output_prefix or "", options=options, limit=limit
     )
 
 
 PointCallback = Callable[[TrajectoryPoint], None]
-ProgressCallback = Callable[[ProgressEvent], None]
 ItemCallback = Callable[[CounterfactualBatchItem], None]
 
 
@@ -387,6 +399,7 @@ class _BatchFolder:
                 m.distance,
                 m.flipped,
                 m.error,
+                m.already_target,
             )
             self.items.append(item)
             if self.on_item is not None:
@@ -403,219 +416,10 @@ class _BatchFolder:
                 mean_distance=d.mean_distance if not math.isnan(d.mean_distance) else math.nan,
                 summary=_ref(d.summary) if d.HasField("summary") else None,
                 items=self.items,
+                already_target=d.already_target,
             )
 
     def finish(self) -> CounterfactualBatchResult:
         if self.result is None:
             raise RuntimeError("the counterfactual batch stream ended without a summary")
         return self.result
-
-
-def _progress_bar(progress: Any, desc: str) -> tuple[ProgressCallback | None, Any]:
-    if progress is None or progress is False:
-        return None, None
-    if callable(progress):
-        return progress, None
-    from tqdm import tqdm
-
-    bar = tqdm(total=0, unit="step", desc=desc)
-
-    def update(event: ProgressEvent) -> None:
-        if event.total_steps and bar.total != event.total_steps:
-            bar.total = event.total_steps
-        if event.step > bar.n:
-            bar.update(event.step - bar.n)
-
-    return update, bar
-
-
-def _models(responses: Iterable[common_pb2.ListModelsResponse]) -> list[ModelInfo]:
-    return [ModelInfo.from_proto(m) for resp in responses for m in resp.models]
-
-
-# ---------------------------------------------------------------------------------------------
-# calls
-# ---------------------------------------------------------------------------------------------
-
-
-class CounterfactualCalls:
-    """Counterfactual calls of :class:`clinisynth.Client`."""
-
-    _t: Transport
-
-    def counterfactual(
-        self,
-        image: _images.ImageLike,
-        *,
-        target: str,
-        on_step: PointCallback | None = None,
-        progress: ProgressCallback | bool | None = None,
-        timeout: float | None = None,
-        **knobs: Any,
-    ) -> CounterfactualResult:
-        """How would ``image`` look as class ``target``? (path, bytes, PNG/DICOM, PIL, array).
-
-        Knobs (None = published default): diffusion_model, robust_classifier, plain_classifier
-        ("name" or "name@version"), start_depth (0.5), steps (200), lambda_c (0.1),
-        cone_angle_deg (30), distance ("l2" | "l1"), lambda_d (0.5 | 0.15), seed,
-        mode ("cone" | "robust_only" | "plain_only"), resize, format, store, request_id.
-        ``on_step`` (trajectory points) or ``progress`` (callback, or True for a tqdm bar) use
-        the streaming RPC; closing early cancels the work on the server.
-        """
-        req = counterfactual_request(image, target=target, **knobs)
-        if on_step is None and not progress:
-            resp = self._t.unary(
-                SERVICE,
-                STUB,
-                "CreateCounterfactual",
-                req,
-                idempotent=req.HasField("seed"),
-                timeout=timeout,
-            )
-            return counterfactual_result(resp)
-        callback, bar = _progress_bar(progress, "counterfactual")
-        try:
-            folder = _StreamFolder(on_step, callback)
-            for event in self._t.stream(
-                SERVICE, STUB, "CounterfactualStream", req, timeout=timeout
-            ):
-                folder.feed(event)
-            return folder.finish()
-        finally:
-            if bar is not None:
-                bar.close()
-
-    def counterfactual_stream(
-        self,
-        image: _images.ImageLike,
-        *,
-        target: str,
-        timeout: float | None = None,
-        **knobs: Any,
-    ) -> Iterable[counterfactual_pb2.CounterfactualEvent]:
-        """The raw event stream (points, progress, done); closing it cancels the server work."""
-        req = counterfactual_request(image, target=target, **knobs)
-        return self._t.stream(SERVICE, STUB, "CounterfactualStream", req, timeout=timeout)
-
-    def counterfactual_batch(
-        self,
-        input_prefix: str,
-        *,
-        target: str,
-        output_prefix: str | None = None,
-        limit: int = 0,
-        on_item: ItemCallback | None = None,
-        progress: ProgressCallback | bool | None = None,
-        timeout: float | None = None,
-        **knobs: Any,
-    ) -> CounterfactualBatchResult:
-        """Counterfactuals of every image under a store prefix; results go to the store."""
-        req = batch_request(
-            input_prefix, output_prefix=output_prefix, limit=limit, target=target, **knobs
-        )
-        callback, bar = _progress_bar(progress, "counterfactual batch")
-        try:
-            folder = _BatchFolder(on_item, callback)
-            for event in self._t.stream(SERVICE, STUB, "CounterfactualBatch", req, timeout=timeout):
-                folder.feed(event)
-            return folder.finish()
-        finally:
-            if bar is not None:
-                bar.close()
-
-    def counterfactual_models(
-        self, kind: str | None = None, *, timeout: float | None = None
-    ) -> list[ModelInfo]:
-        """Denoisers and classifiers the counterfactual service can use."""
-        from clinisynth._generator import list_models_request
-
-        pages, token = [], ""
-        while True:
-            resp = self._t.unary(
-                SERVICE,
-                STUB,
-                "ListModels",
-                list_models_request(kind, None, False, token),
-                idempotent=True,
-                timeout=timeout,
-            )
-            pages.append(resp)
-            token = resp.next_page_token
-            if not token:
-                return _models(pages)
-
-
-class AsyncCounterfactualCalls:
-    """Counterfactual calls of :class:`clinisynth.AsyncClient`."""
-
-    _t: AsyncTransport
-
-    async def counterfactual(
-        self,
-        image: _images.ImageLike,
-        *,
-        target: str,
-        on_step: PointCallback | None = None,
-        progress: ProgressCallback | None = None,
-        timeout: float | None = None,
-        **knobs: Any,
-    ) -> CounterfactualResult:
-        req = counterfactual_request(image, target=target, **knobs)
-        if on_step is None and progress is None:
-            resp = await self._t.unary(
-                SERVICE,
-                STUB,
-                "CreateCounterfactual",
-                req,
-                idempotent=req.HasField("seed"),
-                timeout=timeout,
-            )
-            return counterfactual_result(resp)
-        folder = _StreamFolder(on_step, progress)
-        async for event in self._t.stream(
-            SERVICE, STUB, "CounterfactualStream", req, timeout=timeout
-        ):
-            folder.feed(event)
-        return folder.finish()
-
-    async def counterfactual_batch(
-        self,
-        input_prefix: str,
-        *,
-        target: str,
-        output_prefix: str | None = None,
-        limit: int = 0,
-        on_item: ItemCallback | None = None,
-        progress: ProgressCallback | None = None,
-        timeout: float | None = None,
-        **knobs: Any,
-    ) -> CounterfactualBatchResult:
-        req = batch_request(
-            input_prefix, output_prefix=output_prefix, limit=limit, target=target, **knobs
-        )
-        folder = _BatchFolder(on_item, progress)
-        async for event in self._t.stream(
-            SERVICE, STUB, "CounterfactualBatch", req, timeout=timeout
-        ):
-            folder.feed(event)
-        return folder.finish()
-
-    async def counterfactual_models(
-        self, kind: str | None = None, *, timeout: float | None = None
-    ) -> list[ModelInfo]:
-        from clinisynth._generator import list_models_request
-
-        pages, token = [], ""
-        while True:
-            resp = await self._t.unary(
-                SERVICE,
-                STUB,
-                "ListModels",
-                list_models_request(kind, None, False, token),
-                idempotent=True,
-                timeout=timeout,
-            )
-            pages.append(resp)
-            token = resp.next_page_token
-            if not token:
-                return _models(pages)

@@ -50,10 +50,22 @@ class Endpoints:
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> Endpoints:
-        metrics = data.get("metrics") or {}
+        metrics = data.get("metrics")
+
+        def text(key: str) -> str:
+            return str(data.get(key) or "")
+
         return cls(
-            **{k: str(data.get(k) or "") for k in (*SERVICES, "triton", "review_url", "ca_cert")},
-            metrics={str(k): str(v) for k, v in dict(metrics).items()},  # type: ignore[arg-type]
+            generator=text("generator"),
+            reward=text("reward"),
+            counterfactual=text("counterfactual"),
+            finetune=text("finetune"),
+            triton=text("triton"),
+            review_url=text("review_url"),
+            ca_cert=text("ca_cert"),
+            metrics={str(k): str(v) for k, v in metrics.items()}
+            if isinstance(metrics, dict)
+            else {},
             tls=data.get("tls") is True,
         )
 
@@ -61,7 +73,13 @@ class Endpoints:
     def on_host(cls, host: str) -> Endpoints:
         """Every service on one host at its default port."""
         ports = {"generator": 50051, "reward": 50052, "counterfactual": 50053, "finetune": 50054}
-        return cls(**{s: f"{host}:{p}" for s, p in ports.items()}, triton=f"{host}:8001")
+        return cls(
+            generator=f"{host}:{ports['generator']}",
+            reward=f"{host}:{ports['reward']}",
+            counterfactual=f"{host}:{ports['counterfactual']}",
+            finetune=f"{host}:{ports['finetune']}",
+            triton=f"{host}:8001",
+        )
 
 
 def discover() -> Endpoints | None:

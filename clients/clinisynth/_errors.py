@@ -26,6 +26,7 @@ class ClinisynthError(Exception):
         field_violations: tuple[FieldViolation, ...] = (),
         reason: str = "",
         metadata: dict[str, str] | None = None,
+        retry_delay: float | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -34,6 +35,8 @@ class ClinisynthError(Exception):
         self.field_violations = field_violations
         self.reason = reason
         self.metadata = dict(metadata or {})
+        # google.rpc.RetryInfo: the server's advice (s) on when to try again, if it gave one.
+        self.retry_delay = retry_delay
 
     @property
     def fields(self) -> list[str]:
@@ -129,11 +132,12 @@ def from_rpc_error(err: grpc.RpcError) -> ClinisynthError:
     message = (err.details() if hasattr(err, "details") else None) or code
     violations: list[FieldViolation] = []
     reason, metadata = "", {}
+    retry_delay: float | None = None
     try:
         from google.rpc import error_details_pb2
         from grpc_status import rpc_status
 
-        status = rpc_status.from_call(err)  # type: ignore[arg-type]
+        status = rpc_status.from_call(err)  # type: ignore[arg-type]  # a grpc.RpcError from a call is a grpc.Call at run time
         if status is not None:
             for detail in status.details:
                 if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
@@ -146,9 +150,18 @@ def from_rpc_error(err: grpc.RpcError) -> ClinisynthError:
                     info = error_details_pb2.ErrorInfo()
                     detail.Unpack(info)
                     reason, metadata = info.reason, dict(info.metadata)
+                elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                    retry = error_details_pb2.RetryInfo()
+                    detail.Unpack(retry)
+                    retry_delay = max(0.0, retry.retry_delay.ToNanoseconds() / 1e9)
     except (ValueError, AttributeError, TypeError):
         pass  # details are a bonus; the code and message always come through
     cls = _BY_CODE.get(code, ClinisynthError)
     return cls(
-        message, code=code, field_violations=tuple(violations), reason=reason, metadata=metadata
+        message,
+        code=code,
+        field_violations=tuple(violations),
+        reason=reason,
+        metadata=metadata,
+        retry_delay=retry_delay,
     )

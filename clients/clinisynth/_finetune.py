@@ -1,4 +1,6 @@
-"""SDK calls of the finetune service (mixed into Client / AsyncClient as ``client.finetune``).
+"""Finetune RPCs: declarations, typed results, request building and local data set checks.
+
+The calls themselves are ``client.finetune.<call>`` (see ``_rpc`` for the layout):
 
 with clinisynth.Client() as client:
     job = client.finetune.create("diffusion_pretrain", "datasets/cells",
@@ -9,19 +11,18 @@ with clinisynth.Client() as client:
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
 import json
 import os
 import pathlib
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from clinisynth._transport import AsyncTransport, Transport
-from clinisynth._types import ModelInfo
+from clinisynth._rpc import Rpc
+from clinisynth._types import ModelInfo, ProgressEvent
 from clinisynth.v1 import finetune_pb2, finetune_pb2_grpc
 
 STUB = finetune_pb2_grpc.FinetuneServiceStub
@@ -38,6 +39,19 @@ STATE_VALUES = {v: k for k, v in STATES.items()}
 TERMINAL = ("succeeded", "failed", "cancelled")
 LAYOUTS = ("image_folder", "image_text_manifest", "feedback_export")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+
+# Creating a job is idempotent on its request_id; promotion makes a new model version each time
+# and an upload's request is a one-shot iterator, so neither is repeated.
+CREATE_JOB = Rpc(SERVICE, STUB, "CreateJob", idempotent=True)
+GET_JOB = Rpc(SERVICE, STUB, "GetJob", idempotent=True)
+LIST_JOBS = Rpc(SERVICE, STUB, "ListJobs", idempotent=True)
+CANCEL_JOB = Rpc(SERVICE, STUB, "CancelJob", idempotent=True)
+WATCH_JOB = Rpc(SERVICE, STUB, "WatchJob", streaming="server")
+LIST_CHECKPOINTS = Rpc(SERVICE, STUB, "ListCheckpoints", idempotent=True)
+PROMOTE_CHECKPOINT = Rpc(SERVICE, STUB, "PromoteCheckpoint", idempotent=False)
+LIST_JOB_KINDS = Rpc(SERVICE, STUB, "ListJobKinds", idempotent=True)
+UPLOAD_DATASET_FILE = Rpc(SERVICE, STUB, "UploadDatasetFile", streaming="client")
+VALIDATE_DATASET = Rpc(SERVICE, STUB, "ValidateDataset", idempotent=True)
 
 
 def _time(msg: Any, name: str) -> dt.datetime | None:
@@ -329,332 +343,16 @@ def upload_chunks(path: pathlib.Path, key: str) -> Iterator[finetune_pb2.UploadC
             first, data = False, nxt
 
 
-def _bar(progress: Any, total: int, unit: str, desc: str) -> tuple[Any, Any]:
-    if callable(progress):
-        return progress, None
-    if not progress:
-        return None, None
-    from tqdm import tqdm
-
-    return None, tqdm(total=total, unit=unit, desc=desc)
-
-
-class Finetune:
-    """``client.finetune``: durable training jobs, checkpoints, promotion, data sets."""
-
-    def __init__(self, transport: Transport) -> None:
-        self._t = transport
-
-    def _call(
-        self, method: str, request: Any, *, idempotent: bool = True, timeout: float | None = None
-    ) -> Any:
-        return self._t.unary(SERVICE, STUB, method, request, idempotent=idempotent, timeout=timeout)
-
-    def create(
-        self,
-        kind: str,
-        dataset: str,
-        *,
-        params: Mapping[str, Any] | None = None,
-        model_name: str | None = None,
-        request_id: str | None = None,
-        timeout: float | None = None,
-    ) -> FinetuneJob:
-        """Validate and queue a job (retries are safe: idempotent on ``request_id``)."""
-        req = create_request(kind, dataset, params, model_name, request_id)
-        return FinetuneJob.from_proto(self._call("CreateJob", req, timeout=timeout))
-
-    def get(self, job_id: str, *, timeout: float | None = None) -> FinetuneJob:
-        return FinetuneJob.from_proto(
-            self._call("GetJob", finetune_pb2.GetJobRequest(id=job_id), timeout=timeout)
-        )
-
-    def list(
-        self, *, state: str | None = None, kind: str | None = None, timeout: float | None = None
-    ) -> list[FinetuneJob]:
-        """Every job (newest first), optionally of one state / kind."""
-        out, token = [], ""
-        while True:
-            resp = self._call("ListJobs", list_request(state, kind, token), timeout=timeout)
-            out += [FinetuneJob.from_proto(j) for j in resp.jobs]
-            token = resp.next_page_token
-            if not token:
-                return out
-
-    def cancel(
-        self, job_id: str, *, strict: bool = False, timeout: float | None = None
-    ) -> FinetuneJob:
-        req = finetune_pb2.CancelJobRequest(id=job_id, strict=strict)
-        return FinetuneJob.from_proto(self._call("CancelJob", req, timeout=timeout))
-
-    def watch(
-        self, job_id: str, *, since: int = 0, timeout: float | None = None
-    ) -> Iterator[JobEvent]:
-        """Events from ``since`` until the job ends (closing the iterator cancels the call)."""
-        req = finetune_pb2.WatchJobRequest(id=job_id, since_sequence=since)
-        for msg in self._t.stream(SERVICE, STUB, "WatchJob", req, timeout=timeout):
-            yield JobEvent.from_proto(msg)
-
-    def wait(
-        self,
-        job_id: str,
-        *,
-        progress: bool | Callable[[JobEvent], None] = False,
-        timeout: float | None = None,
-    ) -> FinetuneJob:
-        """Follow the job's events until it ends; returns the final job."""
-        callback, bar = _bar(progress, 0, "step", job_id)
-        try:
-            for event in self.watch(job_id, timeout=timeout):
-                if callback is not None:
-                    callback(event)
-                if bar is not None:
-                    _update_bar(bar, event, self)
-        finally:
-            if bar is not None:
-                bar.close()
-        return self.get(job_id)
-
-    def checkpoints(self, job_id: str, *, timeout: float | None = None) -> list[Checkpoint]:
-        resp = self._call(
-            "ListCheckpoints", finetune_pb2.ListCheckpointsRequest(job_id=job_id), timeout=timeout
-        )
-        return [Checkpoint.from_proto(c) for c in resp.checkpoints]
-
-    def promote(
-        self,
-        job_id: str,
-        checkpoint: str | None = None,
-        *,
-        model_name: str | None = None,
-        timeout: float | None = None,
-    ) -> PromoteResult:
-        """Checkpoint (default: the best, else the last) → a new Triton model version."""
-        req = finetune_pb2.PromoteCheckpointRequest(
-            job_id=job_id, checkpoint_id=checkpoint or "", model_name=model_name or ""
-        )
-        resp = self._call("PromoteCheckpoint", req, idempotent=False, timeout=timeout)
-        return PromoteResult(ModelInfo.from_proto(resp.model), resp.previous_version)
-
-    def kinds(self, *, timeout: float | None = None) -> list[JobKind]:
-        resp = self._call("ListJobKinds", finetune_pb2.ListJobKindsRequest(), timeout=timeout)
-        return [JobKind.from_proto(k) for k in resp.kinds]
-
-    def upload_file(
-        self, path: str | os.PathLike[str], key: str, *, timeout: float | None = None
-    ) -> dict[str, Any]:
-        """One file into the store at ``key`` (sha256 checked by the server)."""
-        ref = self._t.unary(
-            SERVICE,
-            STUB,
-            "UploadDatasetFile",
-            upload_chunks(pathlib.Path(path), key),
-            idempotent=False,
-            timeout=timeout,
-        )
-        return {"key": ref.key, "uri": ref.uri, "sha256": ref.sha256, "size_bytes": ref.size_bytes}
-
-    def upload_dataset(
-        self,
-        local_dir: str | os.PathLike[str],
-        prefix: str,
-        *,
-        layout: str | None = None,
-        progress: bool = False,
-        timeout: float | None = None,
-    ) -> DatasetReport:
-        """Check a local folder against its layout, upload it under ``prefix``, validate there.
-
-        Raises ``ValueError`` listing every local problem before anything is uploaded.
-        """
-        layout, files, problems = check_local_dataset(local_dir, layout)
-        if problems:
-            raise ValueError(
-                f"{local_dir} is not a valid {layout} data set:\n  " + "\n  ".join(problems)
-            )
-        base = pathlib.Path(local_dir)
-        prefix = prefix.strip("/")
-        _, bar = _bar(progress, len(files), "file", f"uploading to {prefix}")
-        try:
-            for path in files:
-                self.upload_file(
-                    path, f"{prefix}/{path.relative_to(base).as_posix()}", timeout=timeout
-                )
-                if bar is not None:
-                    bar.update(1)
-        finally:
-            if bar is not None:
-                bar.close()
-        return self.validate_dataset(prefix, layout=layout, timeout=timeout)
-
-    def validate_dataset(
-        self, prefix: str, *, layout: str | None = None, timeout: float | None = None
-    ) -> DatasetReport:
-        req = finetune_pb2.ValidateDatasetRequest(prefix=prefix, layout=layout or "")
-        return DatasetReport.from_proto(self._call("ValidateDataset", req, timeout=timeout))
-
-
-def _update_bar(bar: Any, event: JobEvent, calls: Any) -> None:
+def job_progress(event: JobEvent, max_steps: int) -> ProgressEvent:
+    """A job event as a progress bar sees it (loss as the message, state changes by name)."""
     if event.type == "progress":
-        if not bar.total:
-            with contextlib.suppress(Exception):
-                bar.total = calls.get(event.job_id).max_steps
-        if event.step > bar.n:
-            bar.update(event.step - bar.n)
-        if "loss" in event.metrics:
-            bar.set_postfix(loss=f"{event.metrics['loss']:.4f}")
-    elif event.type in ("state", "checkpoint", "error", "log"):
-        what = event.state if event.type == "state" else event.type
-        bar.write(f"[{event.sequence}] {what}: {event.message or event.step}")
+        loss = event.metrics.get("loss")
+        message = f"loss={loss:.4f}" if loss is not None else ""
+    else:
+        message = f"{event.state if event.type == 'state' else event.type}: {event.message}"
+    fraction = event.step / max_steps if max_steps else 0.0
+    return ProgressEvent(event.type, event.step, max_steps, fraction, message.rstrip(": "))
 
 
-class AsyncFinetune:
-    """asyncio twin of :class:`Finetune` (``async_client.finetune``)."""
-
-    def __init__(self, transport: AsyncTransport) -> None:
-        self._t = transport
-
-    async def _call(
-        self, method: str, request: Any, *, idempotent: bool = True, timeout: float | None = None
-    ) -> Any:
-        return await self._t.unary(
-            SERVICE, STUB, method, request, idempotent=idempotent, timeout=timeout
-        )
-
-    async def create(
-        self,
-        kind: str,
-        dataset: str,
-        *,
-        params: Mapping[str, Any] | None = None,
-        model_name: str | None = None,
-        request_id: str | None = None,
-        timeout: float | None = None,
-    ) -> FinetuneJob:
-        req = create_request(kind, dataset, params, model_name, request_id)
-        return FinetuneJob.from_proto(await self._call("CreateJob", req, timeout=timeout))
-
-    async def get(self, job_id: str, *, timeout: float | None = None) -> FinetuneJob:
-        return FinetuneJob.from_proto(
-            await self._call("GetJob", finetune_pb2.GetJobRequest(id=job_id), timeout=timeout)
-        )
-
-    async def list(
-        self, *, state: str | None = None, kind: str | None = None, timeout: float | None = None
-    ) -> list[FinetuneJob]:
-        out, token = [], ""
-        while True:
-            resp = await self._call("ListJobs", list_request(state, kind, token), timeout=timeout)
-            out += [FinetuneJob.from_proto(j) for j in resp.jobs]
-            token = resp.next_page_token
-            if not token:
-                return out
-
-    async def cancel(
-        self, job_id: str, *, strict: bool = False, timeout: float | None = None
-    ) -> FinetuneJob:
-        req = finetune_pb2.CancelJobRequest(id=job_id, strict=strict)
-        return FinetuneJob.from_proto(await self._call("CancelJob", req, timeout=timeout))
-
-    async def watch(
-        self, job_id: str, *, since: int = 0, timeout: float | None = None
-    ) -> AsyncIterator[JobEvent]:
-        req = finetune_pb2.WatchJobRequest(id=job_id, since_sequence=since)
-        async for msg in self._t.stream(SERVICE, STUB, "WatchJob", req, timeout=timeout):
-            yield JobEvent.from_proto(msg)
-
-    async def wait(
-        self,
-        job_id: str,
-        *,
-        progress: Callable[[JobEvent], None] | None = None,
-        timeout: float | None = None,
-    ) -> FinetuneJob:
-        async for event in self.watch(job_id, timeout=timeout):
-            if progress is not None:
-                progress(event)
-        return await self.get(job_id)
-
-    async def checkpoints(self, job_id: str, *, timeout: float | None = None) -> list[Checkpoint]:
-        resp = await self._call(
-            "ListCheckpoints", finetune_pb2.ListCheckpointsRequest(job_id=job_id), timeout=timeout
-        )
-        return [Checkpoint.from_proto(c) for c in resp.checkpoints]
-
-    async def promote(
-        self,
-        job_id: str,
-        checkpoint: str | None = None,
-        *,
-        model_name: str | None = None,
-        timeout: float | None = None,
-    ) -> PromoteResult:
-        req = finetune_pb2.PromoteCheckpointRequest(
-            job_id=job_id, checkpoint_id=checkpoint or "", model_name=model_name or ""
-        )
-        resp = await self._call("PromoteCheckpoint", req, idempotent=False, timeout=timeout)
-        return PromoteResult(ModelInfo.from_proto(resp.model), resp.previous_version)
-
-    async def kinds(self, *, timeout: float | None = None) -> list[JobKind]:
-        resp = await self._call("ListJobKinds", finetune_pb2.ListJobKindsRequest(), timeout=timeout)
-        return [JobKind.from_proto(k) for k in resp.kinds]
-
-    async def upload_file(
-        self, path: str | os.PathLike[str], key: str, *, timeout: float | None = None
-    ) -> dict[str, Any]:
-        ref = await self._t.unary(
-            SERVICE,
-            STUB,
-            "UploadDatasetFile",
-            upload_chunks(pathlib.Path(path), key),
-            idempotent=False,
-            timeout=timeout,
-        )
-        return {"key": ref.key, "uri": ref.uri, "sha256": ref.sha256, "size_bytes": ref.size_bytes}
-
-    async def upload_dataset(
-        self,
-        local_dir: str | os.PathLike[str],
-        prefix: str,
-        *,
-        layout: str | None = None,
-        timeout: float | None = None,
-    ) -> DatasetReport:
-        layout, files, problems = check_local_dataset(local_dir, layout)
-        if problems:
-            raise ValueError(
-                f"{local_dir} is not a valid {layout} data set:\n  " + "\n  ".join(problems)
-            )
-        base = pathlib.Path(local_dir)
-        prefix = prefix.strip("/")
-        for path in files:
-            await self.upload_file(
-                path, f"{prefix}/{path.relative_to(base).as_posix()}", timeout=timeout
-            )
-        return await self.validate_dataset(prefix, layout=layout, timeout=timeout)
-
-    async def validate_dataset(
-        self, prefix: str, *, layout: str | None = None, timeout: float | None = None
-    ) -> DatasetReport:
-        req = finetune_pb2.ValidateDatasetRequest(prefix=prefix, layout=layout or "")
-        return DatasetReport.from_proto(await self._call("ValidateDataset", req, timeout=timeout))
-
-
-class FinetuneCalls:
-    """Finetune calls of :class:`clinisynth.Client`: ``client.finetune.<call>``."""
-
-    _t: Transport
-
-    @property
-    def finetune(self) -> Finetune:
-        return Finetune(self._t)
-
-
-class AsyncFinetuneCalls:
-    """Finetune calls of :class:`clinisynth.AsyncClient`: ``client.finetune.<call>``."""
-
-    _t: AsyncTransport
-
-    @property
-    def finetune(self) -> AsyncFinetune:
-        return AsyncFinetune(self._t)
+def ref_dict(ref: Any) -> dict[str, Any]:
+    return {"key": ref.key, "uri": ref.uri, "sha256": ref.sha256, "size_bytes": ref.size_bytes}

@@ -1,12 +1,9 @@
-"""Generator calls: request building and result parsing shared by Client and AsyncClient."""
+"""Generator RPCs: declarations, request building and result parsing (see ``_rpc``)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 from clinisynth import _images
-from clinisynth._transport import AsyncTransport, Transport
+from clinisynth._rpc import ProgressCallback, Rpc, model_ref
 from clinisynth._types import (
     KIND_VALUES,
     GeneratedImage,
@@ -18,13 +15,16 @@ from clinisynth._types import (
 from clinisynth.v1 import common_pb2, generator_pb2, generator_pb2_grpc
 
 STUB = generator_pb2_grpc.GeneratorServiceStub
-ProgressCallback = Callable[[ProgressEvent], None]
+SERVICE = "generator"
 
 
-def model_ref(model: str) -> common_pb2.ModelRef:
-    """``"name"`` or ``"name@version"``."""
-    name, _, version = model.partition("@")
-    return common_pb2.ModelRef(name=name, version=version)
+def _seeded(req: generator_pb2.GenerateRequest) -> bool:
+    return req.HasField("seed")  # same seed, same images: repeating it is safe
+
+
+LIST_MODELS = Rpc(SERVICE, STUB, "ListModels", idempotent=True)
+GENERATE = Rpc(SERVICE, STUB, "Generate", idempotent=_seeded)
+GENERATE_STREAM = Rpc(SERVICE, STUB, "GenerateStream", streaming="server")
 
 
 def list_models_request(
@@ -178,138 +178,3 @@ class StreamAssembler:
 
 def model_infos(responses: list[common_pb2.ListModelsResponse]) -> list[ModelInfo]:
     return [ModelInfo.from_proto(m) for resp in responses for m in resp.models]
-
-
-def kwargs_without(values: dict[str, Any], *names: str) -> dict[str, Any]:
-    return {k: v for k, v in values.items() if k not in names}
-
-
-class GeneratorCalls:
-    """Generator calls of :class:`clinisynth.Client`."""
-
-    _t: Transport
-
-    # -- generator --------------------------------------------------------------------------
-    def list_models(
-        self,
-        kind: str | None = None,
-        *,
-        name: str | None = None,
-        all_versions: bool = False,
-        timeout: float | None = None,
-    ) -> list[ModelInfo]:
-        """Every model the stack serves (kind: text_to_image, class_conditional, ...)."""
-        pages, token = [], ""
-        while True:
-            req = list_models_request(kind, name, all_versions, token)
-            resp = self._t.unary(
-                "generator", STUB, "ListModels", req, idempotent=True, timeout=timeout
-            )
-            pages.append(resp)
-            token = resp.next_page_token
-            if not token:
-                return model_infos(pages)
-
-    def generate(
-        self,
-        model: str,
-        *,
-        progress: ProgressCallback | bool | None = None,
-        timeout: float | None = None,
-        **options: Any,
-    ) -> GenerationResult:
-        """Generate images. ``model`` is ``"name"`` or ``"name@version"``.
-
-        Options: prompt, negative_prompt, class_name, n, width, height, steps, guidance_scale,
-        sampler, seed, eta, format ("png", "png16", "dicom", "raw"), store, min_reward,
-        best_of_n, reward_model, preview_every, modality, request_id. ``progress``: a callback
-        receiving ProgressEvents (or True for a tqdm bar); uses the streaming RPC.
-        """
-        req = generate_request(model, **options)
-        if not progress:
-            resp = self._t.unary(
-                "generator",
-                STUB,
-                "Generate",
-                req,
-                idempotent=req.HasField("seed"),
-                timeout=timeout,
-            )
-            return generation_result(resp)
-        callback, bar = progress_callback(progress)
-        try:
-            assembler = StreamAssembler(callback)
-            for event in self._t.stream("generator", STUB, "GenerateStream", req, timeout=timeout):
-                assembler.feed(event)
-            return assembler.finish()
-        finally:
-            if bar is not None:
-                bar.close()
-
-
-class AsyncGeneratorCalls:
-    """Generator calls of :class:`clinisynth.AsyncClient`."""
-
-    _t: AsyncTransport
-
-    async def list_models(
-        self,
-        kind: str | None = None,
-        *,
-        name: str | None = None,
-        all_versions: bool = False,
-        timeout: float | None = None,
-    ) -> list[ModelInfo]:
-        pages, token = [], ""
-        while True:
-            req = list_models_request(kind, name, all_versions, token)
-            resp = await self._t.unary(
-                "generator", STUB, "ListModels", req, idempotent=True, timeout=timeout
-            )
-            pages.append(resp)
-            token = resp.next_page_token
-            if not token:
-                return model_infos(pages)
-
-    async def generate(
-        self,
-        model: str,
-        *,
-        progress: ProgressCallback | None = None,
-        timeout: float | None = None,
-        **options: Any,
-    ) -> GenerationResult:
-        req = generate_request(model, **options)
-        if progress is None:
-            resp = await self._t.unary(
-                "generator",
-                STUB,
-                "Generate",
-                req,
-                idempotent=req.HasField("seed"),
-                timeout=timeout,
-            )
-            return generation_result(resp)
-        assembler = StreamAssembler(progress)
-        async for event in self._t.stream(
-            "generator", STUB, "GenerateStream", req, timeout=timeout
-        ):
-            assembler.feed(event)
-        return assembler.finish()
-
-
-def progress_callback(progress: Any) -> tuple[Any, Any]:
-    """A user callback as is, or ``True`` → a tqdm bar over the denoising steps."""
-    if callable(progress):
-        return progress, None
-    from tqdm import tqdm
-
-    bar = tqdm(total=0, unit="step", desc="generating")
-
-    def update(event: Any) -> None:
-        if event.total_steps and bar.total != event.total_steps:
-            bar.total = event.total_steps
-        if event.step > bar.n:
-            bar.update(event.step - bar.n)
-
-    return update, bar

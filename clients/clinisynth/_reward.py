@@ -1,4 +1,6 @@
-"""SDK calls of the reward scorer and expert feedback service (mixed into Client / AsyncClient).
+"""Reward scorer and expert feedback RPCs: declarations, typed results, builders, parsers.
+
+The calls themselves are ``Client`` / ``AsyncClient`` methods (see ``_rpc`` for the layout):
 
 with clinisynth.Client() as client:
     scores = client.score(["a.png", "b.png"], "neutrophil", model="cells-reward")
@@ -10,25 +12,37 @@ with clinisynth.Client() as client:
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import pathlib
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from clinisynth import _images
-from clinisynth._transport import AsyncTransport, Transport
+from clinisynth._rpc import ProgressCallback, Rpc, model_ref, ref_text
 from clinisynth._types import ProgressEvent
 from clinisynth.v1 import common_pb2, reward_pb2, reward_pb2_grpc
 
 STUB = reward_pb2_grpc.RewardServiceStub
+SERVICE = "reward"
 SCORE_CHUNK = 64
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".npy")
-ProgressCallback = Callable[[ProgressEvent], None]
+
+# Every reward RPC is safe to repeat: scores are pure, feedback is idempotent on its
+# client_request_id, an export / enqueue of the same input gives the same records.
+SCORE = Rpc(SERVICE, STUB, "Score", idempotent=True)
+SCORE_STREAM = Rpc(SERVICE, STUB, "ScoreStream", streaming="server")
+GET_CHECKLIST = Rpc(SERVICE, STUB, "GetChecklist", idempotent=True)
+GET_AGREEMENT = Rpc(SERVICE, STUB, "GetAgreement", idempotent=True)
+SUBMIT_FEEDBACK = Rpc(SERVICE, STUB, "SubmitFeedback", idempotent=True)
+LIST_FEEDBACK = Rpc(SERVICE, STUB, "ListFeedback", idempotent=True)
+EXPORT_FEEDBACK = Rpc(SERVICE, STUB, "ExportFeedback", idempotent=True)
+DOWNLOAD_EXPORT = Rpc(SERVICE, STUB, "DownloadExport", streaming="server")
+ENQUEUE_REVIEW = Rpc(SERVICE, STUB, "EnqueueReview", idempotent=True)
+NEXT_REVIEW_ITEMS = Rpc(SERVICE, STUB, "NextReviewItems", idempotent=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -38,7 +52,10 @@ ProgressCallback = Callable[[ProgressEvent], None]
 
 @dataclass(frozen=True)
 class ImageScore:
-    """One scored image: reward = P(aligned) in [0, 1] by ``model_version`` ("name@version")."""
+    """One scored image: ``p_aligned`` = P(aligned) in [0, 1] by ``model_version`` ("name@version").
+
+    ``reward`` equals ``p_aligned`` (kept for existing code; the proto field is deprecated).
+    """
 
     index: int
     reward: float
@@ -140,11 +157,6 @@ class Agreement:
 # ---------------------------------------------------------------------------------------------
 
 
-def _model_ref(model: str | None) -> common_pb2.ModelRef:
-    name, _, version = (model or "").partition("@")
-    return common_pb2.ModelRef(name=name, version=version)
-
-
 def condition_msg(
     condition: str | dict[str, str] | None = None,
     *,
@@ -198,7 +210,7 @@ def _to_image(image: Any) -> common_pb2.Image:
 def image_score(s: reward_pb2.ImageScore, offset: int = 0) -> ImageScore:
     return ImageScore(
         index=s.index + offset,
-        reward=s.reward,
+        reward=s.p_aligned,  # the proto's `reward` is a deprecated alias of p_aligned
         p_aligned=s.p_aligned,
         model_version=f"{s.model.name}@{s.model.version}",
         name=s.name,
@@ -206,7 +218,7 @@ def image_score(s: reward_pb2.ImageScore, offset: int = 0) -> ImageScore:
 
 
 def feedback_from(f: reward_pb2.Feedback, duplicate: bool = False) -> Feedback:
-    gen = f"{f.generator.name}@{f.generator.version}" if f.generator.version else f.generator.name
+    gen = ref_text(f.generator)
     return Feedback(
         id=f.id,
         client_request_id=f.client_request_id,
@@ -226,7 +238,7 @@ def feedback_from(f: reward_pb2.Feedback, duplicate: bool = False) -> Feedback:
 
 
 def review_item(m: reward_pb2.ReviewItem) -> ReviewItem:
-    gen = f"{m.generator.name}@{m.generator.version}" if m.generator.version else m.generator.name
+    gen = ref_text(m.generator)
     return ReviewItem(
         id=m.id,
         condition=_cond_dict(m.condition),
@@ -281,14 +293,14 @@ def score_requests(
     out = []
     for start in range(0, len(items), SCORE_CHUNK):
         req = reward_pb2.ScoreRequest(
-            model=_model_ref(model),
+            model=model_ref(model),
             images=[_to_image(im) for im in items[start : start + SCORE_CHUNK]],
             resize=resize,
         )
         if cond is not None:
             req.condition.CopyFrom(cond)
         if generator:
-            req.generator.CopyFrom(_model_ref(generator))
+            req.generator.CopyFrom(model_ref(generator))
         out.append((start, req))
     return out
 
@@ -320,7 +332,7 @@ def stream_requests(
     generator: str | None,
 ) -> Iterator[reward_pb2.ScoreStreamRequest]:
     config = reward_pb2.ScoreStreamConfig(
-        model=_model_ref(model),
+        model=model_ref(model),
         store_prefix=store_prefix or "",
         resize=resize,
         batch_size=batch_size,
@@ -328,7 +340,7 @@ def stream_requests(
     if condition is not None:
         config.condition.CopyFrom(condition)
     if generator:
-        config.generator.CopyFrom(_model_ref(generator))
+        config.generator.CopyFrom(model_ref(generator))
     yield reward_pb2.ScoreStreamRequest(config=config)
     for item in images:
         cond = None
@@ -387,48 +399,6 @@ class StreamFolder:
         return None
 
 
-class ScoreStream:
-    """Iterate for per-image scores; ``summary`` is set once the stream ended."""
-
-    def __init__(
-        self, events: Iterator[reward_pb2.ScoreStreamEvent], on_progress: ProgressCallback | None
-    ) -> None:
-        self._events = events
-        self._folder = StreamFolder(on_progress)
-
-    @property
-    def summary(self) -> ScoreSummary | None:
-        return self._folder.summary
-
-    def __iter__(self) -> Iterator[ImageScore]:
-        for event in self._events:
-            score = self._folder.feed(event)
-            if score is not None:
-                yield score
-
-
-def _progress_bar(total: int, desc: str) -> tuple[ProgressCallback, Any]:
-    from tqdm import tqdm
-
-    bar = tqdm(total=total or None, unit="img", desc=desc)
-
-    def update(event: ProgressEvent) -> None:
-        if event.total_steps and bar.total != event.total_steps:
-            bar.total = event.total_steps
-        if event.step > bar.n:
-            bar.update(event.step - bar.n)
-
-    return update, bar
-
-
-def _progress(progress: Any, total: int, desc: str) -> tuple[ProgressCallback | None, Any]:
-    if callable(progress):
-        return progress, None
-    if progress:
-        return _progress_bar(total, desc)
-    return None, None
-
-
 def submit_request(
     image: Any,
     *,
@@ -462,7 +432,7 @@ def submit_request(
     if cond is not None:
         f.condition.CopyFrom(cond)
     if generator:
-        f.generator.CopyFrom(_model_ref(generator))
+        f.generator.CopyFrom(model_ref(generator))
     return reward_pb2.SubmitFeedbackRequest(feedback=f)
 
 
@@ -528,7 +498,7 @@ class ExportWriter:
             self.files.append(dest)
 
 
-def _export_result(
+def export_result(
     resp: reward_pb2.ExportFeedbackResponse, writer: ExportWriter | None
 ) -> FeedbackExport:
     return FeedbackExport(
@@ -563,7 +533,7 @@ def enqueue_request(
     if cond is not None:
         req.condition.CopyFrom(cond)
     if generator:
-        req.generator.CopyFrom(_model_ref(generator))
+        req.generator.CopyFrom(model_ref(generator))
     return req
 
 
@@ -577,7 +547,17 @@ def next_request(
     return req
 
 
-def _agreement_request(
+def checklist_request(
+    condition: Any, class_name: str | None, prompt: str | None
+) -> reward_pb2.GetChecklistRequest:
+    req = reward_pb2.GetChecklistRequest()
+    cond = condition_msg(condition, class_name=class_name, prompt=prompt)
+    if cond is not None:
+        req.condition.CopyFrom(cond)
+    return req
+
+
+def agreement_request(
     condition: Any, class_name: str | None, prompt: str | None
 ) -> reward_pb2.GetAgreementRequest:
     req = reward_pb2.GetAgreementRequest()
@@ -585,517 +565,3 @@ def _agreement_request(
     if cond is not None:
         req.condition.CopyFrom(cond)
     return req
-
-
-# ---------------------------------------------------------------------------------------------
-# blocking calls
-# ---------------------------------------------------------------------------------------------
-
-
-class FeedbackCalls:
-    """``client.feedback``: expert judgements."""
-
-    def __init__(self, transport: Transport) -> None:
-        self._t = transport
-
-    def submit(
-        self,
-        image: Any = None,
-        *,
-        rater_id: str,
-        plausible: bool,
-        condition: str | dict[str, str] | None = None,
-        class_name: str | None = None,
-        prompt: str | None = None,
-        item_id: str | None = None,
-        criteria: dict[str, bool] | None = None,
-        comment: str = "",
-        time_spent_ms: int = 0,
-        generator: str | None = None,
-        client_request_id: str | None = None,
-        timeout: float | None = None,
-    ) -> Feedback:
-        """Store one judgement (an uploaded image, or a review ``item_id``).
-
-        Idempotent on ``client_request_id`` (a fresh one is made when omitted), so it is retried
-        on UNAVAILABLE; a retry that reached the store returns ``duplicate=True``.
-        """
-        req = submit_request(
-            image,
-            rater_id=rater_id,
-            plausible=plausible,
-            condition=condition,
-            class_name=class_name,
-            prompt=prompt,
-            item_id=item_id,
-            criteria=criteria,
-            comment=comment,
-            time_spent_ms=time_spent_ms,
-            generator=generator,
-            client_request_id=client_request_id,
-        )
-        resp = self._t.unary(
-            "reward", STUB, "SubmitFeedback", req, idempotent=True, timeout=timeout
-        )
-        return feedback_from(resp.feedback, resp.duplicate)
-
-    def list(
-        self,
-        *,
-        condition: str | dict[str, str] | None = None,
-        class_name: str | None = None,
-        prompt: str | None = None,
-        rater_id: str | None = None,
-        page_size: int = 500,
-        timeout: float | None = None,
-    ) -> list[Feedback]:
-        """Every stored judgement matching the filters, oldest first (all pages)."""
-        out, token = [], ""
-        while True:
-            req = list_request(condition, class_name, prompt, rater_id, page_size, token)
-            resp = self._t.unary(
-                "reward", STUB, "ListFeedback", req, idempotent=True, timeout=timeout
-            )
-            out += [feedback_from(f) for f in resp.feedback]
-            token = resp.next_page_token
-            if not token:
-                return out
-
-    def export(
-        self,
-        *,
-        out: str | os.PathLike[str] | None = None,
-        prefix: str | None = None,
-        condition: str | dict[str, str] | None = None,
-        class_name: str | None = None,
-        prompt: str | None = None,
-        aggregate: str = "all",
-        timeout: float | None = None,
-    ) -> FeedbackExport:
-        """Write the labelled data set in the store; with ``out``, also download it there."""
-        req = export_request(prefix, condition, class_name, prompt, aggregate)
-        resp = self._t.unary(
-            "reward", STUB, "ExportFeedback", req, idempotent=True, timeout=timeout
-        )
-        writer = None
-        if out is not None:
-            writer = ExportWriter(out)
-            dl = reward_pb2.DownloadExportRequest(prefix=resp.prefix)
-            for chunk in self._t.stream("reward", STUB, "DownloadExport", dl, timeout=timeout):
-                writer.feed(chunk)
-        return _export_result(resp, writer)
-
-
-class ReviewCalls:
-    """``client.review``: the expert review queue."""
-
-    def __init__(self, transport: Transport) -> None:
-        self._t = transport
-
-    def enqueue(
-        self,
-        images: Any,
-        *,
-        condition: str | dict[str, str] | None = None,
-        class_name: str | None = None,
-        prompt: str | None = None,
-        raters_per_item: int = 1,
-        generator: str | None = None,
-        names: Sequence[str] | None = None,
-        timeout: float | None = None,
-    ) -> list[ReviewItem]:
-        req = enqueue_request(
-            images, condition, class_name, prompt, raters_per_item, generator, names
-        )
-        resp = self._t.unary("reward", STUB, "EnqueueReview", req, idempotent=True, timeout=timeout)
-        return [review_item(m) for m in resp.items]
-
-    def next(
-        self,
-        rater_id: str,
-        *,
-        condition: str | dict[str, str] | None = None,
-        class_name: str | None = None,
-        prompt: str | None = None,
-        limit: int = 10,
-        timeout: float | None = None,
-    ) -> ReviewBatch:
-        """Items for ``rater_id``, least certain (by the current reward model) first."""
-        req = next_request(rater_id, condition, class_name, prompt, limit)
-        resp = self._t.unary(
-            "reward", STUB, "NextReviewItems", req, idempotent=True, timeout=timeout
-        )
-        return ReviewBatch([review_item(m) for m in resp.items], resp.pending)
-
-
-class RewardCalls:
-    """Reward calls of :class:`clinisynth.Client`."""
-
-    _t: Transport
-
-    @property
-    def feedback(self) -> FeedbackCalls:
-        return FeedbackCalls(self._t)
-
-    @property
-    def review(self) -> ReviewCalls:
-        return ReviewCalls(self._t)
-
-    def score(
-        self,
-        images: Any,
-        condition: str | dict[str, str] | None = None,
-        *,
-        class_name: str | None = None,
-        prompt: str | None = None,
-        model: str | None = None,
-        resize: bool = False,
-        generator: str | None = None,
-        progress: ProgressCallback | bool | None = None,
-        timeout: float | None = None,
-    ) -> list[ImageScore]:
-        """Reward (= P(aligned)) per image. ``condition``: a class name (or use ``prompt=``).
-
-        ``images``: paths, bytes, PIL images, arrays, or a numpy batch; sent in chunks of 64.
-        ``model``: "name" or "name@version" (default: the service's default for the condition).
-        """
-        items = image_list(images)
-        reqs = score_requests(items, condition, class_name, prompt, model, resize, generator)
-        callback, bar = _progress(progress, len(items), "scoring")
-        out: list[ImageScore] = []
-        try:
-            for start, req in reqs:
-                resp = self._t.unary("reward", STUB, "Score", req, idempotent=True, timeout=timeout)
-                out += _with_names(resp, items, start)
-                if callback is not None:
-                    callback(ProgressEvent("score", len(out), len(items), len(out) / len(items)))
-        finally:
-            if bar is not None:
-                bar.close()
-        return out
-
-    def score_stream(
-        self,
-        images: Iterable[Any] = (),
-        condition: str | dict[str, str] | None = None,
-        *,
-        class_name: str | None = None,
-        prompt: str | None = None,
-        model: str | None = None,
-        resize: bool = False,
-        store_prefix: str | None = None,
-        batch_size: int = 0,
-        generator: str | None = None,
-        progress: ProgressCallback | None = None,
-        timeout: float | None = None,
-    ) -> ScoreStream:
-        """Score a large set lazily: items are images or ``(name, image[, condition])``; or
-        every image under ``store_prefix``. Iterate the result; ``.summary`` at the end."""
-        reqs = stream_requests(
-            images if not store_prefix else (),
-            condition=condition_msg(condition, class_name=class_name, prompt=prompt),
-            model=model,
-            resize=resize,
-            store_prefix=store_prefix,
-            batch_size=batch_size,
-            generator=generator,
-        )
-        events = self._t.stream("reward", STUB, "ScoreStream", reqs, timeout=timeout)
-        return ScoreStream(events, progress)
-
-    def score_folder(
-        self,
-        folder: str | os.PathLike[str],
-        *,
-        model: str | None = None,
-        class_name: str | None = None,
-        prompt: str | None = None,
-        resize: bool = False,
-        batch_size: int = 64,
-        progress: ProgressCallback | bool | None = True,
-        timeout: float | None = None,
-    ) -> list[ImageScore]:
-        """Every image under ``folder`` (sub-folder = class unless a class / prompt is given);
-        ``name`` is the path relative to ``folder``."""
-        files = folder_images(folder, class_name, prompt)
-        if not files:
-            raise ValueError(f"no images under {folder}")
-        callback, bar = _progress(progress, len(files), "scoring")
-        try:
-            stream = self.score_stream(
-                ((rel, path, cond) if cond else (rel, path) for rel, path, cond in files),
-                class_name=class_name,
-                prompt=prompt,
-                model=model,
-                resize=resize,
-                batch_size=batch_size,
-                progress=callback,
-                timeout=timeout,
-            )
-            return list(stream)
-        finally:
-            if bar is not None:
-                bar.close()
-
-    def checklist(
-        self,
-        condition: str | dict[str, str] | None = None,
-        *,
-        class_name: str | None = None,
-        prompt: str | None = None,
-        timeout: float | None = None,
-    ) -> list[Criterion]:
-        req = reward_pb2.GetChecklistRequest()
-        cond = condition_msg(condition, class_name=class_name, prompt=prompt)
-        if cond is not None:
-            req.condition.CopyFrom(cond)
-        resp = self._t.unary("reward", STUB, "GetChecklist", req, idempotent=True, timeout=timeout)
-        return [Criterion(c.name, c.description) for c in resp.criteria]
-
-    def agreement(
-        self,
-        condition: str | dict[str, str] | None = None,
-        *,
-        class_name: str | None = None,
-        prompt: str | None = None,
-        timeout: float | None = None,
-    ) -> Agreement:
-        """Inter-rater agreement per condition (Cohen / Fleiss kappa) and rater statistics."""
-        req = _agreement_request(condition, class_name, prompt)
-        resp = self._t.unary("reward", STUB, "GetAgreement", req, idempotent=True, timeout=timeout)
-        return agreement_from(resp)
-
-
-# ---------------------------------------------------------------------------------------------
-# asyncio twins
-# ---------------------------------------------------------------------------------------------
-
-
-class AsyncFeedbackCalls:
-    def __init__(self, transport: AsyncTransport) -> None:
-        self._t = transport
-
-    async def submit(
-        self,
-        image: Any = None,
-        *,
-        rater_id: str,
-        plausible: bool,
-        condition: str | dict[str, str] | None = None,
-        class_name: str | None = None,
-        prompt: str | None = None,
-        item_id: str | None = None,
-        criteria: dict[str, bool] | None = None,
-        comment: str = "",
-        time_spent_ms: int = 0,
-        generator: str | None = None,
-        client_request_id: str | None = None,
-        timeout: float | None = None,
-    ) -> Feedback:
-        req = submit_request(
-            image,
-            rater_id=rater_id,
-            plausible=plausible,
-            condition=condition,
-            class_name=class_name,
-            prompt=prompt,
-            item_id=item_id,
-            criteria=criteria,
-            comment=comment,
-            time_spent_ms=time_spent_ms,
-            generator=generator,
-            client_request_id=client_request_id,
-        )
-        resp = await self._t.unary(
-            "reward", STUB, "SubmitFeedback", req, idempotent=True, timeout=timeout
-        )
-        return feedback_from(resp.feedback, resp.duplicate)
-
-    async def list(
-        self,
-        *,
-        condition: str | dict[str, str] | None = None,
-        class_name: str | None = None,
-        prompt: str | None = None,
-        rater_id: str | None = None,
-        page_size: int = 500,
-        timeout: float | None = None,
-    ) -> list[Feedback]:
-        out, token = [], ""
-        while True:
-            req = list_request(condition, class_name, prompt, rater_id, page_size, token)
-            resp = await self._t.unary(
-                "reward", STUB, "ListFeedback", req, idempotent=True, timeout=timeout
-            )
-            out += [feedback_from(f) for f in resp.feedback]
-            token = resp.next_page_token
-            if not token:
-                return out
-
-    async def export(
-        self,
-        *,
-        out: str | os.PathLike[str] | None = None,
-        prefix: str | None = None,
-        condition: str | dict[str, str] | None = None,
-        class_name: str | None = None,
-        prompt: str | None = None,
-        aggregate: str = "all",
-        timeout: float | None = None,
-    ) -> FeedbackExport:
-        req = export_request(prefix, condition, class_name, prompt, aggregate)
-        resp = await self._t.unary(
-            "reward", STUB, "ExportFeedback", req, idempotent=True, timeout=timeout
-        )
-        writer = None
-        if out is not None:
-            writer = ExportWriter(out)
-            dl = reward_pb2.DownloadExportRequest(prefix=resp.prefix)
-            async for chunk in self._t.stream(
-                "reward", STUB, "DownloadExport", dl, timeout=timeout
-            ):
-                writer.feed(chunk)
-        return _export_result(resp, writer)
-
-
-class AsyncReviewCalls:
-    def __init__(self, transport: AsyncTransport) -> None:
-        self._t = transport
-
-    async def enqueue(
-        self,
-        images: Any,
-        *,
-        condition: str | dict[str, str] | None = None,
-        class_name: str | None = None,
-        prompt: str | None = None,
-        raters_per_item: int = 1,
-        generator: str | None = None,
-        names: Sequence[str] | None = None,
-        timeout: float | None = None,
-    ) -> list[ReviewItem]:
-        req = enqueue_request(
-            images, condition, class_name, prompt, raters_per_item, generator, names
-        )
-        resp = await self._t.unary(
-            "reward", STUB, "EnqueueReview", req, idempotent=True, timeout=timeout
-        )
-        return [review_item(m) for m in resp.items]
-
-    async def next(
-        self,
-        rater_id: str,
-        *,
-        condition: str | dict[str, str] | None = None,
-        class_name: str | None = None,
-        prompt: str | None = None,
-        limit: int = 10,
-        timeout: float | None = None,
-    ) -> ReviewBatch:
-        req = next_request(rater_id, condition, class_name, prompt, limit)
-        resp = await self._t.unary(
-            "reward", STUB, "NextReviewItems", req, idempotent=True, timeout=timeout
-        )
-        return ReviewBatch([review_item(m) for m in resp.items], resp.pending)
-
-
-class AsyncRewardCalls:
-    """Reward calls of :class:`clinisynth.AsyncClient`."""
-
-    _t: AsyncTransport
-
-    @property
-    def feedback(self) -> AsyncFeedbackCalls:
-        return AsyncFeedbackCalls(self._t)
-
-    @property
-    def review(self) -> AsyncReviewCalls:
-        return AsyncReviewCalls(self._t)
-
-    async def score(
-        self,
-        images: Any,
-        condition: str | dict[str, str] | None = None,
-        *,
-        class_name: str | None = None,
-        prompt: str | None = None,
-        model: str | None = None,
-        resize: bool = False,
-        generator: str | None = None,
-        timeout: float | None = None,
-    ) -> list[ImageScore]:
-        items = image_list(images)
-        out: list[ImageScore] = []
-        for start, req in score_requests(
-            items, condition, class_name, prompt, model, resize, generator
-        ):
-            resp = await self._t.unary(
-                "reward", STUB, "Score", req, idempotent=True, timeout=timeout
-            )
-            out += _with_names(resp, items, start)
-        return out
-
-    async def score_stream(
-        self,
-        images: Iterable[Any] = (),
-        condition: str | dict[str, str] | None = None,
-        *,
-        class_name: str | None = None,
-        prompt: str | None = None,
-        model: str | None = None,
-        resize: bool = False,
-        store_prefix: str | None = None,
-        batch_size: int = 0,
-        generator: str | None = None,
-        progress: ProgressCallback | None = None,
-        timeout: float | None = None,
-    ) -> AsyncIterator[ImageScore]:
-        reqs = stream_requests(
-            images if not store_prefix else (),
-            condition=condition_msg(condition, class_name=class_name, prompt=prompt),
-            model=model,
-            resize=resize,
-            store_prefix=store_prefix,
-            batch_size=batch_size,
-            generator=generator,
-        )
-        folder = StreamFolder(progress)
-        async for event in self._t.stream("reward", STUB, "ScoreStream", reqs, timeout=timeout):
-            score = folder.feed(event)
-            if score is not None:
-                yield score
-
-    async def checklist(
-        self,
-        condition: str | dict[str, str] | None = None,
-        *,
-        class_name: str | None = None,
-        prompt: str | None = None,
-        timeout: float | None = None,
-    ) -> list[Criterion]:
-        req = reward_pb2.GetChecklistRequest()
-        cond = condition_msg(condition, class_name=class_name, prompt=prompt)
-        if cond is not None:
-            req.condition.CopyFrom(cond)
-        resp = await self._t.unary(
-            "reward", STUB, "GetChecklist", req, idempotent=True, timeout=timeout
-        )
-        return [Criterion(c.name, c.description) for c in resp.criteria]
-
-    async def agreement(
-        self,
-        condition: str | dict[str, str] | None = None,
-        *,
-        class_name: str | None = None,
-        prompt: str | None = None,
-        timeout: float | None = None,
-    ) -> Agreement:
-        req = _agreement_request(condition, class_name, prompt)
-        resp = await self._t.unary(
-            "reward", STUB, "GetAgreement", req, idempotent=True, timeout=timeout
-        )
-        return agreement_from(resp)
-
-
-def is_nan(x: float) -> bool:
-    return isinstance(x, float) and math.isnan(x)

@@ -1,17 +1,23 @@
-"""Channels, metadata, deadlines and bounded retries: the only place the SDK touches grpc calls."""
+"""Channels, metadata, deadlines and bounded retries: the only place the SDK touches grpc calls.
+
+``Transport`` and ``AsyncTransport`` twin only the I/O; settings, the retry decision
+(:func:`retry_after`) and error mapping (``_errors.from_rpc_error``) are shared.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
 import grpc.aio
 
-from clinisynth._discovery import Endpoints
-from clinisynth._errors import RETRYABLE, ClinisynthError, from_rpc_error
+from clinisynth._discovery import Endpoints, discover
+from clinisynth._errors import RETRYABLE, ClinisynthError, StackNotFoundError, from_rpc_error
+from clinisynth._rpc import Rpc
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _OPTIONS = [
@@ -19,10 +25,35 @@ _OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.enable_retries", 0),  # retries are ours: bounded and only for idempotent calls
 ]
+DEFAULT_TIMEOUT = 300.0
+# The longest a server's RetryInfo may make one retry wait: advice beyond it (a misconfigured
+# or hostile server) must not hang the caller.
+MAX_RETRY_DELAY_S = 30.0
 
 
 def _backoff(attempt: int) -> float:
     return min(2.0, 0.1 * (2**attempt)) * (0.5 + random.random() / 2)
+
+
+def retry_after(
+    error: ClinisynthError, attempt: int, attempts: int, timeout: float | None
+) -> float | None:
+    """Seconds to wait before the next attempt, or ``None``: give up and raise ``error``.
+
+    Only UNAVAILABLE / RESOURCE_EXHAUSTED are retried. A ``google.rpc.RetryInfo`` delay sent by
+    the server (admission control says when to come back) is honoured, capped at
+    ``MAX_RETRY_DELAY_S``; advice longer than the call's own deadline raises at once, since
+    waiting it out would overrun what the caller allowed. Without advice: jittered exponential
+    backoff.
+    """
+    if error.code not in RETRYABLE or attempt + 1 >= attempts:
+        return None
+    if error.retry_delay is None:
+        return _backoff(attempt)
+    delay = min(error.retry_delay, MAX_RETRY_DELAY_S)
+    if timeout is not None and delay > timeout:
+        return None
+    return delay
 
 
 class _Settings:
@@ -52,6 +83,45 @@ class _Settings:
             raise ClinisynthError(f"no address known for the {service} service", code="UNAVAILABLE")
         return address
 
+    def deadline(self, timeout: float | None) -> float | None:
+        return timeout if timeout is not None else self.timeout
+
+
+def make_settings(
+    address: str | None,
+    endpoints: Endpoints | dict[str, str] | None,
+    token: str | None,
+    tls: bool,
+    root_certificates: bytes | None,
+    timeout: float | None,
+    retries: int,
+) -> _Settings:
+    """The client's options resolved: explicit endpoints, a host, or the recorded stack."""
+    if isinstance(endpoints, dict):
+        endpoints = Endpoints.from_dict(dict(endpoints))
+    if endpoints is None:
+        endpoints = Endpoints.on_host(address) if address else discover()
+    if endpoints is None:
+        raise StackNotFoundError(
+            "no clinisynth stack found: start one with `clinisynth up --detach`, or pass "
+            "address='host' / endpoints={...}, or set CLINISYNTH_<SERVICE>_ADDRESS"
+        )
+    if retries < 0:
+        raise ValueError("retries must be >= 0")
+    if endpoints.tls:  # the stack serves TLS only: say so without flags
+        tls = True
+        if root_certificates is None and endpoints.ca_cert:
+            with open(endpoints.ca_cert, "rb") as f:
+                root_certificates = f.read()
+    return _Settings(
+        endpoints,
+        token=token,
+        tls=tls,
+        root_certificates=root_certificates,
+        timeout=timeout,
+        retries=retries,
+    )
+
 
 class Transport:
     """Blocking transport: one channel per service, created on first use."""
@@ -71,49 +141,26 @@ class Transport:
             )
         return self._channels[service]
 
-    def unary(
-        self,
-        service: str,
-        stub_factory: Callable[[grpc.Channel], Any],
-        method: str,
-        request: Any,
-        *,
-        idempotent: bool,
-        timeout: float | None = None,
-    ) -> Any:
-        """Call a unary (or client-streaming, with an iterator request) RPC."""
-        stub = stub_factory(self.channel(service))
-        attempts = 1 + (self.settings.retries if idempotent else 0)
+    def call(self, rpc: Rpc, request: Any, *, timeout: float | None = None) -> Any:
+        """A unary (or client-streaming, with an iterator request) RPC, retried if safe."""
+        method = getattr(rpc.stub(self.channel(rpc.service)), rpc.method)
+        deadline = self.settings.deadline(timeout)
+        attempts = 1 + (self.settings.retries if rpc.retryable(request) else 0)
         for attempt in range(attempts):
             try:
-                return getattr(stub, method)(
-                    request,
-                    timeout=timeout if timeout is not None else self.settings.timeout,
-                    metadata=self.settings.metadata,
-                )
+                return method(request, timeout=deadline, metadata=self.settings.metadata)
             except grpc.RpcError as err:
                 error = from_rpc_error(err)
-                if error.code in RETRYABLE and attempt + 1 < attempts:
-                    time.sleep(_backoff(attempt))
-                    continue
-                raise error from None
+                delay = retry_after(error, attempt, attempts, deadline)
+                if delay is None:
+                    raise error from None
+                time.sleep(delay)
         raise AssertionError("unreachable")
 
-    def stream(
-        self,
-        service: str,
-        stub_factory: Callable[[grpc.Channel], Any],
-        method: str,
-        request: Any,
-        *,
-        timeout: float | None = None,
-    ) -> Iterator[Any]:
-        """Call a server-streaming RPC; closing the iterator cancels the call."""
-        stub = stub_factory(self.channel(service))
-        call = getattr(stub, method)(
-            request,
-            timeout=timeout if timeout is not None else self.settings.timeout,
-            metadata=self.settings.metadata,
+    def stream(self, rpc: Rpc, request: Any, *, timeout: float | None = None) -> Iterator[Any]:
+        """A server-streaming RPC; closing the iterator cancels the call."""
+        call = getattr(rpc.stub(self.channel(rpc.service)), rpc.method)(
+            request, timeout=self.settings.deadline(timeout), metadata=self.settings.metadata
         )
         try:
             yield from call
@@ -146,49 +193,28 @@ class AsyncTransport:
             )
         return self._channels[service]
 
-    async def unary(
-        self,
-        service: str,
-        stub_factory: Callable[[Any], Any],
-        method: str,
-        request: Any,
-        *,
-        idempotent: bool,
-        timeout: float | None = None,
-    ) -> Any:
-        import asyncio
-
-        stub = stub_factory(self.channel(service))
-        attempts = 1 + (self.settings.retries if idempotent else 0)
+    async def call(self, rpc: Rpc, request: Any, *, timeout: float | None = None) -> Any:
+        """A unary (or client-streaming, with an iterator request) RPC, retried if safe."""
+        method = getattr(rpc.stub(self.channel(rpc.service)), rpc.method)
+        deadline = self.settings.deadline(timeout)
+        attempts = 1 + (self.settings.retries if rpc.retryable(request) else 0)
         for attempt in range(attempts):
             try:
-                return await getattr(stub, method)(
-                    request,
-                    timeout=timeout if timeout is not None else self.settings.timeout,
-                    metadata=self.settings.metadata,
-                )
+                return await method(request, timeout=deadline, metadata=self.settings.metadata)
             except grpc.RpcError as err:
                 error = from_rpc_error(err)
-                if error.code in RETRYABLE and attempt + 1 < attempts:
-                    await asyncio.sleep(_backoff(attempt))
-                    continue
-                raise error from None
+                delay = retry_after(error, attempt, attempts, deadline)
+                if delay is None:
+                    raise error from None
+                await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
     async def stream(
-        self,
-        service: str,
-        stub_factory: Callable[[Any], Any],
-        method: str,
-        request: Any,
-        *,
-        timeout: float | None = None,
+        self, rpc: Rpc, request: Any, *, timeout: float | None = None
     ) -> AsyncIterator[Any]:
-        stub = stub_factory(self.channel(service))
-        call = getattr(stub, method)(
-            request,
-            timeout=timeout if timeout is not None else self.settings.timeout,
-            metadata=self.settings.metadata,
+        """A server-streaming RPC; closing the iterator cancels the call."""
+        call = getattr(rpc.stub(self.channel(rpc.service)), rpc.method)(
+            request, timeout=self.settings.deadline(timeout), metadata=self.settings.metadata
         )
         try:
             async for item in call:

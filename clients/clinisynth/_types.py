@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -118,7 +119,7 @@ class GenerationResult:
     def __len__(self) -> int:
         return len(self.images)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[GeneratedImage]:
         return iter(self.images)
 
     def save(self, out_dir: str | pathlib.Path, stem: str = "image") -> list[pathlib.Path]:

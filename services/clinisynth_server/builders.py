@@ -233,7 +233,12 @@ def build_pixel_unet(
             }
         )
     )
-    meta: dict[str, object] = {"description": description, "labels": labels or {}}
+    # 25-step demo models: DDIM, not the 1000-step DDPM their training schedule names.
+    meta: dict[str, object] = {
+        "description": description,
+        "labels": labels or {},
+        "default_sampler": "ddim",
+    }
     if classes:
         meta["classes"] = list(classes)
     (folder / "clinisynth.json").write_text(json.dumps(meta, indent=2))

@@ -5,6 +5,11 @@ artifact store (``catalog/<name>/<version:06d>.json``, written once) naming the 
 serve its parts (``components``: role → Triton model name and version) plus what sampling needs
 (scheduler config, tokenizer files). Every service reads the catalog per request (with a short
 cache), so a version promoted by the finetune service is picked up without a restart.
+
+Records stay immutable; what changes about a version lives beside it: a retirement marker
+(``catalog/<name>/retired/<version:06d>.json``, written once) takes a version out of service and
+out of listings while its record stays readable for provenance, and aliases
+(``catalog/<name>/aliases/<alias>.json``, movable) name a version wherever a version is accepted.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from clinisynth_server.errors import ClinisynthError, FailedPrecondition, InvalidArgument, NotFound
+from clinisynth_server.methods.schedulers import SAMPLERS
 from clinisynth_server.store.base import ArtifactStore
 
 if TYPE_CHECKING:
@@ -29,6 +35,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 PREFIX = "catalog/"
 _RECORD_KEY = re.compile(r"catalog/([^/]+)/(\d{6})\.json")
+_RETIRED_KEY = re.compile(r"catalog/([^/]+)/retired/(\d{6})\.json")
+_ALIAS_KEY = re.compile(r"catalog/([^/]+)/aliases/([^/]+)\.json")
+#: An alias is a name, never a number (numbers are versions).
+ALIAS_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 KINDS = ("text_to_image", "class_conditional", "unconditional", "reward", "classifier")
 
 
@@ -46,7 +56,7 @@ class ModelRecord:
     height: int = 0
     channels: int = 1
     digest: str = ""
-    samplers: list[str] = field(default_factory=lambda: ["ddim", "dpmsolver++", "euler", "ddpm"])
+    samplers: list[str] = field(default_factory=lambda: list(SAMPLERS))
     default_sampler: str = "ddim"
     default_steps: int = 25
     default_guidance_scale: float = 1.0
@@ -148,12 +158,20 @@ class CorruptRecords:
             self._seen.add(key)
         log.warning("skipping corrupt %s record %s: %s", namespace, key, why)
         counter = getattr(self.metrics, "store_corrupt_records", None)
-        if counter is not None:
-            counter.labels(self.metrics.service, namespace).inc()  # type: ignore[union-attr]
+        if counter is not None and self.metrics is not None:
+            counter.labels(self.metrics.service, namespace).inc()
 
 
 def record_key(name: str, version: int) -> str:
     return f"{PREFIX}{name}/{version:06d}.json"
+
+
+def retired_key(name: str, version: int) -> str:
+    return f"{PREFIX}{name}/retired/{version:06d}.json"
+
+
+def alias_key(name: str, alias: str) -> str:
+    return f"{PREFIX}{name}/aliases/{alias}.json"
 
 
 class Catalog:
@@ -174,6 +192,10 @@ class Catalog:
         self._cache: tuple[float, list[ModelRecord]] | None = None
         # (name, version) of records skipped as corrupt in the last listing.
         self._bad: set[tuple[str, int]] = set()
+        # Every readable record, retired ones included; retired (name, version); aliases.
+        self._everything: list[ModelRecord] = []
+        self._retired: set[tuple[str, int]] = set()
+        self._aliases: dict[str, dict[str, int]] = {}
 
     def put(self, record: ModelRecord) -> ModelRecord:
         if record.kind not in KINDS:
@@ -192,14 +214,18 @@ class Catalog:
             self._cache = None
 
     def all(self) -> list[ModelRecord]:
+        """Every served (not retired) record, sorted by (name, version)."""
         with self._lock:
             if self._cache is not None and time.monotonic() - self._cache[0] < self.ttl_s:
                 return self._cache[1]
         records: list[ModelRecord] = []
         bad: set[tuple[str, int]] = set()
+        retired: set[tuple[str, int]] = set()
+        aliases: dict[str, dict[str, int]] = {}
         for info in self.store.list(PREFIX):
             match = _RECORD_KEY.fullmatch(info.key)
             if not match:
+                self._side_record(info.key, retired, aliases)
                 continue
             name, version = match.group(1), int(match.group(2))
             try:
@@ -214,10 +240,76 @@ class Catalog:
                 continue
             records.append(record)
         records.sort(key=lambda r: (r.name, r.version))
+        served = [r for r in records if (r.name, r.version) not in retired]
         with self._lock:
-            self._cache = (time.monotonic(), records)
+            self._cache = (time.monotonic(), served)
             self._bad = bad
-        return records
+            self._everything, self._retired, self._aliases = records, retired, aliases
+        return served
+
+    def _side_record(
+        self, key: str, retired: set[tuple[str, int]], aliases: dict[str, dict[str, int]]
+    ) -> None:
+        """Collect a retirement marker or an alias seen while listing (unreadable ones skipped)."""
+        if match := _RETIRED_KEY.fullmatch(key):
+            retired.add((match.group(1), int(match.group(2))))
+            return
+        if match := _ALIAS_KEY.fullmatch(key):
+            try:
+                data = self.store.get_json(key)
+                version = data.get("version") if isinstance(data, dict) else None
+                if not isinstance(version, int) or isinstance(version, bool):
+                    raise ValueError("no integer 'version'")
+            except NotFound:
+                return
+            except (ClinisynthError, ValueError, TypeError) as exc:
+                self.corrupt.report("catalog", key, getattr(exc, "message", str(exc)))
+                return
+            aliases.setdefault(match.group(1), {})[match.group(2)] = version
+
+    def everything(self) -> list[ModelRecord]:
+        """Every readable record, retired ones included (provenance of old images)."""
+        self.all()
+        with self._lock:
+            return list(self._everything)
+
+    def is_retired(self, name: str, version: int) -> bool:
+        self.all()
+        with self._lock:
+            return (name, version) in self._retired
+
+    def aliases(self, name: str) -> dict[str, int]:
+        """Alias → version for model ``name``."""
+        self.all()
+        with self._lock:
+            return dict(self._aliases.get(name, {}))
+
+    def retire(self, record: ModelRecord) -> None:
+        """Mark ``record`` retired (idempotent); its record stays for provenance."""
+        self.store.put_if_absent(
+            retired_key(record.name, record.version),
+            _encode_json({"name": record.name, "version": record.version, "time": time.time()}),
+        )
+        self.invalidate()
+
+    def set_alias(self, record: ModelRecord, alias: str) -> None:
+        """Point ``alias`` of ``record.name`` at ``record.version`` (moving it if set)."""
+        if not ALIAS_RE.match(alias):
+            raise InvalidArgument.for_field(
+                "alias",
+                "a name: a letter, then letters, digits, '_', '-', '.' (at most 64); "
+                f"numbers are versions; got {alias!r}",
+            )
+        if self.is_retired(record.name, record.version):
+            raise FailedPrecondition(
+                f"{record.ref} is retired; an alias must point at a served version",
+                reason="MODEL_RETIRED",
+            )
+        self.store.put_bytes(
+            alias_key(record.name, alias),
+            _encode_json({"version": record.version, "time": time.time()}),
+        )
+        self.invalidate()
 
     def versions(self, name: str) -> list[ModelRecord]:
         return [r for r in self.all() if r.name == name]
@@ -229,15 +321,51 @@ class Catalog:
             return sorted(v for n, v in self._bad if n == name)
 
     def next_version(self, name: str) -> int:
-        versions = [r.version for r in self.versions(name)] + self.corrupt_versions(name)
+        """Never reuses a number: retired and unreadable versions count."""
+        versions = [r.version for r in self.everything() if r.name == name]
+        versions += self.corrupt_versions(name)
         return max(versions, default=0) + 1
 
-    def get(self, name: str, version: str | int = "", *, field_name: str = "model") -> ModelRecord:
-        """``name`` at ``version`` ("" = latest); bad refs are INVALID_ARGUMENT on the field."""
+    def get(
+        self,
+        name: str,
+        version: str | int = "",
+        *,
+        field_name: str = "model",
+        include_retired: bool = False,
+    ) -> ModelRecord:
+        """``name`` at ``version`` ("" = latest served; a number or an alias).
+
+        The one resolver of model references: bad refs are INVALID_ARGUMENT on the field; a
+        retired version is FAILED_PRECONDITION (``MODEL_RETIRED``) unless ``include_retired``.
+        """
         if not name:
             raise InvalidArgument.for_field(f"{field_name}.name", "is required")
+        if isinstance(version, str) and ALIAS_RE.match(version):
+            version = self._resolve_alias(name, version, field_name)
+        if version not in ("", 0, None):
+            retired = self._retired_record(name, version)
+            if retired is not None:
+                if include_retired:
+                    return retired
+                raise FailedPrecondition(
+                    f"{retired.ref} is retired: it is no longer served (its record stays for "
+                    "provenance); use another version",
+                    reason="MODEL_RETIRED",
+                    metadata={"model": retired.ref},
+                )
         versions = self.versions(name)
         corrupt = self.corrupt_versions(name)
+        if not versions and version in ("", 0, None):
+            gone = [r for r in self.everything() if r.name == name]
+            if gone:
+                if include_retired:
+                    return gone[-1]
+                raise FailedPrecondition(
+                    f"every version of {name!r} is retired; nothing of it is served",
+                    reason="MODEL_RETIRED",
+                    metadata={"model": gone[-1].ref},
+                )
         if not versions and corrupt:
             raise FailedPrecondition(
                 f"model {name!r} cannot be served: its catalog record"
@@ -286,13 +414,37 @@ class Catalog:
         return list(latest.values())
 
     def is_latest(self, record: ModelRecord) -> bool:
-        return self.versions(record.name)[-1].version == record.version
+        versions = self.versions(record.name)
+        return bool(versions) and versions[-1].version == record.version
+
+    def _resolve_alias(self, name: str, alias: str, field_name: str) -> int:
+        known = self.aliases(name)
+        if alias not in known:
+            raise InvalidArgument.for_field(
+                f"{field_name}.version",
+                f"{name} has no version or alias {alias!r}; aliases: "
+                f"{', '.join(sorted(known)) or 'none'}",
+            )
+        return known[alias]
+
+    def _retired_record(self, name: str, version: str | int) -> ModelRecord | None:
+        try:
+            wanted = int(version)
+        except ValueError:
+            return None
+        if not self.is_retired(name, wanted):
+            return None
+        return next((r for r in self.everything() if (r.name, r.version) == (name, wanted)), None)
 
 
 def _encode(record: ModelRecord) -> bytes:
+    return _encode_json(record.to_json())
+
+
+def _encode_json(data: dict[str, Any]) -> bytes:
     import json
 
-    return json.dumps(record.to_json(), indent=2, sort_keys=True).encode()
+    return json.dumps(data, indent=2, sort_keys=True).encode()
 
 
 def require_found(record: ModelRecord | None, what: str) -> ModelRecord:

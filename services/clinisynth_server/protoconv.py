@@ -8,12 +8,13 @@ import numpy as np
 from google.protobuf import timestamp_pb2
 
 from clinisynth.v1 import common_pb2
+from clinisynth_server import paging
 from clinisynth_server.catalog import ModelRecord
 from clinisynth_server.errors import InvalidArgument
 from clinisynth_server.imaging import decode as imdecode
 from clinisynth_server.imaging.encode import encode_raw
 from clinisynth_server.imaging.provenance import Provenance
-from clinisynth_server.store.base import ArtifactStore, ObjectInfo, validate_key
+from clinisynth_server.store.base import ArtifactStore, ObjectInfo, readable_key
 
 KIND_TO_PROTO = {
     "text_to_image": common_pb2.MODEL_KIND_TEXT_TO_IMAGE,
@@ -65,6 +66,14 @@ def model_info(record: ModelRecord, *, latest: bool) -> common_pb2.ModelInfo:
         created=timestamp(record.created),
         labels=record.labels,
         latest=latest,
+    )
+
+
+def list_models_response(page: paging.Page[paging.ListedModel]) -> common_pb2.ListModelsResponse:
+    """The one ListModels reply every service sends (the page comes from :mod:`.paging`)."""
+    return common_pb2.ListModelsResponse(
+        models=[model_info(m.record, latest=m.latest) for m in page.items],
+        next_page_token=page.next_page_token,
     )
 
 
@@ -126,7 +135,7 @@ def decode_input_image(
     *,
     field: str,
     store: ArtifactStore | None = None,
-    channels: int | None = None,
+    channels: imdecode.Channels = None,
     max_pixels: int = imdecode.DEFAULT_MAX_PIXELS,
 ) -> np.ndarray:
     """A request image as float32 [H, W] / [H, W, C] in [0, 1]; INVALID_ARGUMENT on ``field``."""
@@ -142,18 +151,18 @@ def decode_input_image(
             field=f"{field}.raw",
             max_pixels=max_pixels,
             channels=channels,
-        )  # type: ignore[arg-type]
+        )
     if kind == "ref":
         if store is None:
             raise InvalidArgument.for_field(f"{field}.ref", "store references are not accepted")
-        key = validate_key(image.ref.key, f"{field}.ref.key")
+        key = readable_key(image.ref.key, f"{field}.ref.key")  # before any store call
         if not store.exists(key):
             raise InvalidArgument.for_field(f"{field}.ref.key", f"no stored object {key!r}")
         data = store.get_bytes(key)
         return imdecode.decode_image(
             data, field=f"{field}.ref", max_pixels=max_pixels, channels=channels
-        )  # type: ignore[arg-type]
+        )
     data = image.encoded if kind == "encoded" else image.dicom
     return imdecode.decode_image(
         data, field=f"{field}.{kind}", max_pixels=max_pixels, channels=channels
-    )  # type: ignore[arg-type]
+    )

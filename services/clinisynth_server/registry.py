@@ -23,7 +23,12 @@ from typing import Any
 
 from clinisynth_server.catalog import Catalog, ModelRecord
 from clinisynth_server.errors import InvalidArgument
-from clinisynth_server.methods.schedulers import DDPM_SCHEDULE
+from clinisynth_server.methods.schedulers import (
+    DDPM_SCHEDULE,
+    SAMPLERS,
+    check_sampler,
+    sampler_of_config,
+)
 from clinisynth_server.store.base import ArtifactStore
 from clinisynth_server.triton import repository
 from clinisynth_server.triton.client import TritonClient
@@ -100,11 +105,16 @@ def _component(
     max_batch_size: int,
     instance_kind: str,
     parameters: Mapping[str, str] | None = None,
+    *,
+    instance_count: int = 1,
+    rewrite_config: bool = False,
 ) -> str:
     triton_name = f"{name}.{role}"
-    if repository.list_versions(repo_dir, triton_name):
+    if repository.list_versions(repo_dir, triton_name) and not rewrite_config:
         repository.add_version(repo_dir, triton_name, weights, version=version)
     else:
+        # An import states its options (dtype, device, instances, batch): the model's config is
+        # rewritten with them (one config serves every version of a Triton model).
         repository.write_model(
             repo_dir,
             triton_name,
@@ -112,10 +122,29 @@ def _component(
             weights,
             version=version,
             max_batch_size=max_batch_size,
-            instance_kind=instance_kind,  # type: ignore[arg-type]
+            instance_kind=repository.check_instance_kind(instance_kind),
+            instance_count=instance_count,
             parameters=parameters,
         )
     return triton_name
+
+
+def _default_sampler(folder: pathlib.Path, meta: Mapping[str, Any]) -> str:
+    """``clinisynth.json``'s ``default_sampler``, else the folder's own scheduler, else DDIM.
+
+    The folder's scheduler class is what ``StableDiffusionPipeline`` / ``DDPMPipeline``
+    ``.from_pretrained(folder)`` would sample with, so a request naming no sampler gets the
+    pixels diffusers gives for that folder (PNDM for Stable Diffusion 1.x folders).
+    """
+    if meta.get("default_sampler"):
+        try:
+            return check_sampler(str(meta["default_sampler"]))
+        except InvalidArgument as exc:
+            raise InvalidArgument.for_field(
+                "default_sampler", f"clinisynth.json: {exc.violations[0].description}"
+            ) from exc
+    own = _read_json(folder / "scheduler" / "scheduler_config.json")
+    return sampler_of_config(own) or "ddim"
 
 
 def register_folder(
@@ -131,14 +160,28 @@ def register_folder(
     labels: Mapping[str, str] | None = None,
     max_batch_size: int = 16,
     instance_kind: str = "cpu",
+    instance_count: int = 1,
+    triton_parameters: Mapping[str, str] | None = None,
+    extra_info: Mapping[str, Any] | None = None,
+    min_version: int = 0,
 ) -> ModelRecord:
-    """Import ``folder`` as the next version of model ``name``; load it in Triton if given."""
+    """Import ``folder`` as the next version of model ``name``; load it in Triton if given.
+
+    ``triton_parameters`` (e.g. ``torch_dtype``) and ``instance_count`` come from an import's
+    options: given, each component's Triton config is rewritten with them. ``extra_info`` lands
+    in the record's ``extra`` (dtype, device, size, source of an import); ``min_version`` is the
+    lowest number to take (numbers of removed leftovers are not reused). The catalog record is
+    written last, so an interrupted registration leaves no catalog version.
+    """
+    rewrite = triton_parameters is not None
+    options: dict[str, Any] = {"instance_count": instance_count, "rewrite_config": rewrite}
     folder = pathlib.Path(folder)
     if not folder.is_dir():
         raise InvalidArgument.for_field("folder", f"{folder} is not a folder")
     repo_dir = pathlib.Path(model_repository)
     meta = _read_json(folder / "clinisynth.json")
     kind = meta.get("kind") or detect_kind(folder)
+    default_sampler = _default_sampler(folder, meta)  # checked before Triton sees it
     # Free in the catalog and in the repository: an interrupted registration can leave
     # component versions behind without a catalog record.
     taken = (
@@ -151,8 +194,8 @@ def register_folder(
         if repo_dir.is_dir()
         else []
     )
-    version = max(catalog.next_version(name), max(taken, default=0) + 1)
-    extra: dict[str, Any] = dict(meta.get("extra", {}))
+    version = max(catalog.next_version(name), max(taken, default=0) + 1, min_version)
+    extra: dict[str, Any] = {**dict(meta.get("extra", {})), **dict(extra_info or {})}
     components: dict[str, str] = {}
 
     if kind == "text_to_image":
@@ -167,7 +210,15 @@ def register_folder(
             ("vae_decode", "vae"),
         ):
             components[role] = _component(
-                repo_dir, name, role, folder / sub, version, max_batch_size, instance_kind
+                repo_dir,
+                name,
+                role,
+                folder / sub,
+                version,
+                max_batch_size,
+                instance_kind,
+                triton_parameters,
+                **options,
             )
         tok_prefix = f"catalog/{name}/{version:06d}/tokenizer/"
         store.upload_dir(folder / "tokenizer", tok_prefix)
@@ -191,7 +242,7 @@ def register_folder(
     elif kind in ("reward", "classifier"):
         # A scorer folder: weights + clinisynth.json naming the Triton role that serves it
         # ("triton_role"), its component name ("component", default the kind), classes and size.
-        role = meta.get("triton_role")
+        role = str(meta.get("triton_role") or "")
         if not role:
             raise InvalidArgument.for_field("folder", f"{folder}/clinisynth.json needs triton_role")
         component = meta.get("component", kind)
@@ -203,7 +254,8 @@ def register_folder(
             version,
             max_batch_size,
             instance_kind,
-            meta.get("triton_parameters"),
+            {**dict(meta.get("triton_parameters") or {}), **dict(triton_parameters or {})},
+            **options,
         )
         size = int(meta.get("width", meta.get("size", 0)))
         channels = int(meta.get("channels", 1))
@@ -214,7 +266,15 @@ def register_folder(
         unet_dir = folder / "unet" if (folder / "unet").is_dir() else folder
         unet_cfg = _read_json(unet_dir / "config.json")
         components["denoiser"] = _component(
-            repo_dir, name, "denoiser", unet_dir, version, max_batch_size, instance_kind
+            repo_dir,
+            name,
+            "denoiser",
+            unet_dir,
+            version,
+            max_batch_size,
+            instance_kind,
+            triton_parameters,
+            **options,
         )
         num_classes = unet_cfg.get("num_class_embeds")
         if kind == "class_conditional":
@@ -242,7 +302,8 @@ def register_folder(
         height=int(meta.get("height", size)),
         channels=channels,
         digest=digest,
-        default_sampler=meta.get("default_sampler", "ddim"),
+        samplers=list(SAMPLERS),
+        default_sampler=default_sampler,
         default_steps=int(meta.get("default_steps", 25)),
         default_guidance_scale=default_guidance,
         max_images=int(meta.get("max_images", 16)),

@@ -117,13 +117,25 @@ def wait_serving(
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
             try:
-                resp = stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                # types-grpcio-health-checking declares HealthStub without its methods
+                resp = stub.Check(health_pb2.HealthCheckRequest(), timeout=2)  # type: ignore[attr-defined]
                 if resp.status == health_pb2.HealthCheckResponse.SERVING:
                     return True
-            except grpc.RpcError:
-                pass
+            except grpc.RpcError as err:
+                if tls is not None and tls.enabled and _certificate_refused(err):
+                    # Retrying cannot help: the service is up and its certificate is not trusted.
+                    raise RuntimeError(
+                        f"{address}: TLS verification failed: the CA in CLINISYNTH_TLS_CA"
+                        f" ({tls.ca}) does not verify the certificate the services serve"
+                    ) from None
             time.sleep(0.2)
     return False
+
+
+def _certificate_refused(err: grpc.RpcError) -> bool:
+    """Whether a failed probe was a TLS handshake that rejected the peer's certificate."""
+    details = str(getattr(err, "details", lambda: "")() or "").lower()
+    return "certificate_verify_failed" in details or "handshake failed" in details
 
 
 def kill_group(pgid: int, timeout_s: float = 10.0) -> None:
@@ -353,6 +365,8 @@ class Stack:
                 "tls": self.tls.enabled,
                 "ca_cert": self.tls.ca if self.tls.enabled else "",
                 "triton_key_file": str(self.triton_key_file),
+                # True only where the argv_key library could not be built (no C compiler)
+                "triton_key_in_argv": bool(self.triton and self.triton.key_in_argv),
             }
         )
         return info

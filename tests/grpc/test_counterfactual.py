@@ -550,3 +550,90 @@ def test_raw_stub_from_protos_alone(cf_server):
                 timeout=30,
             )
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_input_already_the_target_is_not_reported_as_flipped(
+    cf_server, cf_models, triton_client, store
+):
+    """A lesion image asked to show a lesion: already_target, never flipped (single and batch)."""
+    import grpc
+
+    from clinisynth.v1 import common_pb2, counterfactual_pb2, counterfactual_pb2_grpc
+    from clinisynth_server.counterfactual.toy import blob_images
+
+    images, labels = blob_images(16, 16, seed=99)
+    healthy = images[labels == 0][0]
+    # The lesion image the served robust classifier is surest of (as PNG, as the service sees it).
+    lesions = np.stack(
+        [
+            np.asarray(Image.open(io.BytesIO(_png(a))), np.float32) / 255
+            for a in images[labels == 1][:16]
+        ]
+    )
+    robust = cf_models["robust"]
+    logits = triton_client.infer(
+        robust.components["classifier"],
+        {"images": lesions[:, None]},
+        ["logits"],
+        version=str(robust.component_versions["classifier"]),
+    )["logits"]
+    p_lesion = torch.from_numpy(logits.copy()).softmax(1)[:, robust.classes.index(TARGET)]
+    lesion = lesions[int(p_lesion.argmax())]
+    assert float(p_lesion.max()) > 0.5, p_lesion  # the toy robust classifier sees some lesions
+    models = {
+        "diffusion_model": common_pb2.ModelRef(name="blob-denoiser"),
+        "robust_classifier": common_pb2.ModelRef(name="blob-robust"),
+        "plain_classifier": common_pb2.ModelRef(name="blob-plain"),
+    }
+    with grpc.insecure_channel(cf_server.address) as channel:
+        stub = counterfactual_pb2_grpc.CounterfactualServiceStub(channel)
+        resp = stub.CreateCounterfactual(
+            counterfactual_pb2.CounterfactualRequest(
+                image=common_pb2.Image(encoded=_png(lesion)),
+                target_class=TARGET,
+                steps=QUICK["steps"],
+                start_depth=QUICK["start_depth"],
+                seed=0,
+                **models,
+            ),
+            timeout=300,
+        )
+        assert resp.p_target_before_robust > 0.5  # the robust classifier sees the lesion
+        assert resp.already_target and not resp.flipped
+        assert len(resp.trajectory) == 10  # the edit still ran, and says what it changed
+        assert resp.difference.raw.dtype == "float32"
+
+        store.put_bytes("cf-already/in/lesion.png", _png(lesion))
+        store.put_bytes("cf-already/in/healthy.png", _png(healthy))
+        events = list(
+            stub.CounterfactualBatch(
+                counterfactual_pb2.CounterfactualBatchRequest(
+                    input_prefix="cf-already/in/",
+                    output_prefix="cf-already/out/",
+                    options=counterfactual_pb2.CounterfactualRequest(
+                        target_class=TARGET,
+                        seed=0,
+                        steps=QUICK["steps"],
+                        start_depth=QUICK["start_depth"],
+                        lambda_c=STRONG["lambda_c"],
+                        **models,
+                    ),
+                ),
+                timeout=300,
+            )
+        )
+    items = {e.item.input_key: e.item for e in events if e.WhichOneof("event") == "item"}
+    done = events[-1].done
+    assert items["cf-already/in/lesion.png"].already_target
+    assert not items["cf-already/in/lesion.png"].flipped
+    assert not items["cf-already/in/healthy.png"].already_target
+    assert (done.images, done.already_target) == (2, 1)
+    # the flip rate counts only the image that could flip
+    assert done.flip_rate == float(items["cf-already/in/healthy.png"].flipped)
+    summary = json.loads(store.get_bytes("cf-already/out/summary.json"))
+    assert summary["already_target"] == 1
+    result = json.loads(store.get_bytes("cf-already/out/lesion.result.json"))
+    assert result["already_target"] and not result["flipped"]
+    assert result["p_target_change"]["robust"] == pytest.approx(
+        result["p_target_after"]["robust"] - result["p_target_before"]["robust"]
+    )

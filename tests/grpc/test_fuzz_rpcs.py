@@ -58,18 +58,20 @@ MODULES = {
     "counterfactual": counterfactual_pb2,
     "finetune": finetune_pb2,
 }
-#: Examples per RPC: more where inputs are images, fewer where calls start model work.
+#: Generated examples per RPC, on top of the seeded requests that put every entry of the
+#: malformed-image corpus into every image-bearing RPC (as ``dicom`` and as ``encoded``): more
+#: where inputs are images, fewer where calls start model work.
 EXAMPLES = {
-    "default": 25,
-    "Score": 40,
-    "SubmitFeedback": 40,
-    "EnqueueReview": 30,
-    "CreateCounterfactual": 30,
-    "CounterfactualStream": 12,
-    "GenerateStream": 12,
-    "Generate": 20,
-    "CounterfactualBatch": 12,
-    "ScoreStream": 25,
+    "default": 12,
+    "Score": 20,
+    "SubmitFeedback": 20,
+    "EnqueueReview": 15,
+    "CreateCounterfactual": 15,
+    "CounterfactualStream": 6,
+    "GenerateStream": 6,
+    "Generate": 10,
+    "CounterfactualBatch": 6,
+    "ScoreStream": 12,
 }
 #: Integer fields that size model work: small, plus one value far over any limit.
 WORK_FIELDS = {

@@ -64,3 +64,52 @@ def test_health_within_a_second_while_generations_queue(busy_generator):
     assert one_call_s > 1.0, "generations too short to show queueing"
     assert max(latencies) < 1.0, latencies
     assert all(len(r.images) == 1 for r in results)  # every queued call was served
+
+
+WATCHES = 8  # more than the control lane's threads: an open watch must hold none
+
+
+def test_health_watch_streams_answer_within_a_second_while_generations_queue(busy_generator):
+    request = generator_pb2.GenerateRequest(
+        model=common_pb2.ModelRef(name="cells-tiny"),
+        class_name="neutrophil",
+        seed=2,
+        steps=400,
+        format=common_pb2.IMAGE_FORMAT_RAW,
+    )
+    with grpc.insecure_channel(busy_generator.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        health.Check(health_pb2.HealthCheckRequest(), timeout=30)  # connected before the load
+        generate = generator_pb2_grpc.GeneratorServiceStub(channel).Generate
+        calls = [generate.future(request, timeout=600) for _ in range(CALLS)]
+        time.sleep(0.5)  # both work threads busy, the rest queued
+        first_message, watches = [], []
+        for _ in range(WATCHES):
+            started = time.perf_counter()
+            stream = health.Watch(health_pb2.HealthCheckRequest(), timeout=600)
+            first = next(stream)
+            first_message.append(time.perf_counter() - started)
+            assert first.status == health_pb2.HealthCheckResponse.SERVING
+            watches.append(stream)
+        started = time.perf_counter()  # Check still answers with every watch open
+        health.Check(health_pb2.HealthCheckRequest(), timeout=30)
+        check_s = time.perf_counter() - started
+        still_queued = sum(not c.done() for c in calls)
+        busy_generator.set_serving(False)  # every open watch is told at once
+        updates = []
+        for stream in watches:
+            started = time.perf_counter()
+            update = next(stream)
+            updates.append(time.perf_counter() - started)
+            assert update.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        busy_generator.set_serving(True)
+        for stream in watches:
+            stream.cancel()
+        results = [c.result() for c in calls]
+    # Before, Watch ran wrapped (blocking) on the work pool: its first message waited behind the
+    # queued generations (a generation's length, seconds), and each open watch held a thread.
+    assert still_queued > WORKERS, still_queued
+    assert max(first_message) < 1.0, first_message
+    assert check_s < 1.0, check_s
+    assert max(updates) < 1.0, updates
+    assert all(len(r.images) == 1 for r in results)  # the load itself was served

@@ -7,14 +7,13 @@ service stays SERVING. The service runs in this process, so its RSS is sampled h
 
 from __future__ import annotations
 
-import io
 import threading
 import time
 
 import pytest
-from PIL import Image
 
 import clinisynth
+from clinisynth_server.benchmarks import memory
 
 pytestmark = pytest.mark.stack
 
@@ -24,9 +23,7 @@ CLASSES = ["budget_a", "budget_b"]  # own classes: never the default model of an
 
 
 def png_bomb() -> bytes:
-    buf = io.BytesIO()
-    Image.new("L", (SIDE, SIDE), 7).save(buf, format="PNG")
-    return buf.getvalue()
+    return memory.png_bomb(SIDE)
 
 
 def rss_mb() -> float:
@@ -126,11 +123,103 @@ def test_a_request_at_the_budget_is_scored_one_image_at_a_time(client):
 
 def test_deflated_dicom_bomb_is_refused_with_bounded_memory(client):
     from clinisynth.v1 import common_pb2
-    from tests.unit.test_decode_budget import deflated_dicom
 
-    bomb = deflated_dicom(512, 512, 536 * (1 << 20))  # ~0.5 MB that inflates to 536 MB
+    bomb = memory.deflated_dicom(512, 512, 536 * (1 << 20))  # ~0.5 MB that inflates to 536 MB
     with PeakRss() as rss, pytest.raises(clinisynth.InvalidArgumentError) as info:
         client.score([common_pb2.Image(dicom=bomb)], CLASSES[0], model="budget-reward", resize=True)
     assert "images[0].dicom" in info.value.fields, info.value.fields
     assert rss.growth < 64, f"RSS grew {rss.growth:.0f} MB refusing a deflated bomb"
     assert client.health()["reward"] == "SERVING"
+
+
+# --- the review queue stays flat as a request grows (peak RSS of the service's own process) ---
+#
+# Measured on the reward service as its own process (``clinisynth-serve reward``, what
+# ``clinisynth benchmark memory`` runs): before each request its peak RSS is reset
+# (``/proc/<pid>/clear_refs`` 5 sets VmHWM to the current RSS) and VmHWM is read after, so a
+# figure is that one request's peak and nothing of this test process (the SDK, the images) is in
+# it. NextReviewItems scores what a service has not scored yet, so each of its measurements
+# starts a fresh service. The bound: a request at the pixel budget (4 × 4096²) may peak at most
+# 48 MB above a 1-image request, less than one more 4096² float32 image (64 MB) held at once;
+# before, every decoded image was held until scoring (+3 × 64 MB and more).
+FLAT_MB = 48
+
+
+def _fresh_reward(triton_server, store_url, home):  # type: ignore[no-untyped-def]
+    import os
+
+    env = {
+        **os.environ,
+        "CLINISYNTH_TRITON_URL": triton_server.grpc_url,
+        "CLINISYNTH_STORE_URL": store_url,
+        "CLINISYNTH_REWARD_HTTP_PORT": "0",
+        "CLINISYNTH_HOME": str(home),
+    }
+    key_file = getattr(triton_server, "key_file", None)
+    if key_file:  # restricted Triton: the service reads the key from the file
+        env["CLINISYNTH_TRITON_KEY_FILE"] = str(key_file)
+    return memory.serve_process("reward", env, stderr=None)
+
+
+def _peak(proc, fn) -> float:  # type: ignore[no-untyped-def]
+    peak, status = memory._peak_mb(proc.pid, fn)
+    assert status == "ok", status
+    return peak
+
+
+def _bombs(n: int, first: int) -> list[bytes]:
+    return [memory.png_bomb(SIDE, value=first + i) for i in range(n)]  # distinct: n items
+
+
+def test_enqueue_review_peak_rss_is_flat_up_to_the_pixel_budget(
+    triton_server, store_url, tmp_path, budget_reward
+):
+    proc, address, _ = _fresh_reward(triton_server, store_url, tmp_path)
+    try:
+        with clinisynth.Client(endpoints={"reward": address}, timeout=300) as c:
+            c.review.enqueue([memory.png_bomb(32, 1)], class_name=CLASSES[0])  # warm-up
+            one = _peak(proc, lambda: c.review.enqueue(_bombs(1, 10), class_name=CLASSES[0]))
+            four = _peak(proc, lambda: c.review.enqueue(_bombs(4, 20), class_name=CLASSES[0]))
+            with pytest.raises(clinisynth.InvalidArgumentError):  # 5 × 4096² is over the budget
+                c.review.enqueue(_bombs(5, 30), class_name=CLASSES[0])
+            assert c.health()["reward"] == "SERVING"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    print(f"EnqueueReview peak RSS: 1 × 4096² {one:.0f} MB, 4 × 4096² {four:.0f} MB")
+    assert four - one < FLAT_MB, f"1 image: {one:.0f} MB, 4 images: {four:.0f} MB"
+
+
+def test_next_review_items_scores_pending_items_with_flat_peak_rss(
+    triton_server, store_url, tmp_path, budget_reward
+):
+    cls = CLASSES[1]
+
+    def next_peak(home) -> float:  # type: ignore[no-untyped-def]
+        proc, address, _ = _fresh_reward(triton_server, store_url, home)
+        try:
+            with clinisynth.Client(endpoints={"reward": address}, timeout=300) as c:
+                c.review.next("warm-up", class_name=CLASSES[0], limit=1)  # warm-up, other class
+                return _peak(proc, lambda: c.review.next("rater-1", class_name=cls, limit=10))
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+    proc, address, _ = _fresh_reward(triton_server, store_url, tmp_path / "a")
+    try:
+        with clinisynth.Client(endpoints={"reward": address}, timeout=300) as c:
+            c.review.enqueue(_bombs(1, 40), class_name=cls)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    one = next_peak(tmp_path / "b")  # a fresh service scores the pending 4096² item
+    proc, address, _ = _fresh_reward(triton_server, store_url, tmp_path / "c")
+    try:
+        with clinisynth.Client(endpoints={"reward": address}, timeout=300) as c:
+            c.review.enqueue(_bombs(3, 50), class_name=cls)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    four = next_peak(tmp_path / "d")  # and then four of them
+    print(f"NextReviewItems peak RSS: 1 pending {one:.0f} MB, 4 pending {four:.0f} MB")
+    assert four - one < FLAT_MB, f"1 pending: {one:.0f} MB, 4 pending: {four:.0f} MB"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,38 +13,16 @@ import numpy as np
 import pytest
 
 import clinisynth
+from clinisynth_server.benchmarks.memory import serve_process
 
 pytestmark = pytest.mark.stack
 
 
 def start(env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "clinisynth_server.serve",
-            "reward",
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert proc.stdout is not None
-    review = ""
-    for line in proc.stdout:  # blocks until the service reports its ports (or exits)
-        if line.startswith("REVIEW "):
-            review = line.split()[1]
-        if line.startswith("READY reward"):
-            port = line.split("grpc=")[1].split()[0]
-            assert review.startswith("http://127.0.0.1:") and review.endswith("/review")
-            threading.Thread(target=proc.stdout.read, daemon=True).start()  # drain
-            return proc, f"127.0.0.1:{port}"
-    raise AssertionError(f"reward service exited with {proc.wait()}")
+    proc, address, printed = serve_process("reward", env, stderr=subprocess.DEVNULL)
+    review = next((line.split()[1] for line in printed if line.startswith("REVIEW ")), "")
+    assert review.startswith("http://127.0.0.1:") and review.endswith("/review"), printed
+    return proc, address
 
 
 def test_sigkill_mid_burst_loses_no_acknowledged_judgement(triton_server, tmp_path):

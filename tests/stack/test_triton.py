@@ -13,11 +13,13 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from stack_helpers import group_members
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -282,8 +284,15 @@ def test_concurrent_requests_are_dynamically_batched(client: TritonClient) -> No
     for th in threads:
         th.join()
     assert not errors
-    after = client.statistics(SAMPLE, "1")[0]
-    inferences = after.inference_count - before.inference_count
+    # Triton updates a model's statistics after the backend has sent its responses: a loaded
+    # host can answer all eight calls before the last executions are counted, so wait for them.
+    deadline = time.monotonic() + 30
+    while True:
+        after = client.statistics(SAMPLE, "1")[0]
+        inferences = after.inference_count - before.inference_count
+        if inferences >= n_threads or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     executions = after.execution_count - before.execution_count
     assert inferences == n_threads
     assert executions < inferences, after.batch_sizes
@@ -372,7 +381,7 @@ def test_start_failure_is_unavailable_with_log_tail(tmp_path: Path) -> None:
     with pytest.raises(Unavailable) as info:
         srv.start()
     assert "broken" in str(info.value)  # the log tail names the failing model
-    assert srv.pid is None or _live_group_members(srv.pid) == []
+    assert srv.pid is None or group_members(srv.pid) == []
 
 
 def test_missing_repository_is_failed_precondition(tmp_path: Path) -> None:
@@ -428,27 +437,12 @@ def test_client_is_unavailable_when_nothing_listens() -> None:
 
 
 # -- lifecycle: runs LAST (pytest keeps file order) because it stops the shared server ------
-def _live_group_members(pgid: int) -> list[int]:
-    """Non-zombie processes in process group ``pgid``."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[-1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            pids.append(int(entry.name))
-    return pids
-
-
 def test_zz_stop_leaves_no_process_and_clients_get_unavailable(server: TritonServer) -> None:
     pgid = server.pid
     assert pgid is not None
-    assert len(_live_group_members(pgid)) >= 2  # tritonserver + python stubs
+    assert len(group_members(pgid)) >= 2  # tritonserver + python stubs
     server.stop()
-    assert _live_group_members(pgid) == []
+    assert group_members(pgid) == []
     assert not list(Path("/dev/shm").glob(f"{server.shm_prefix}*"))
     with TritonClient(server.grpc_url, timeout_s=5.0, retries=1, backoff_s=0.01) as c:
         assert not c.is_ready()

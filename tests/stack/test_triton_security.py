@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from stack_helpers import group_members as _group
 
 pytest.importorskip("pytriton")
 grpcclient = pytest.importorskip("tritonclient.grpc")
@@ -185,19 +186,6 @@ def _environ(pid: int) -> dict[str, str]:
     return dict(
         item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item
     )
-
-
-def _group(pgid: int) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[-1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                pids.append(int(entry.name))
-    return pids
 
 
 def test_triton_and_its_stubs_inherit_no_secret(server: TritonServer) -> None:

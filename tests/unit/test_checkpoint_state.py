@@ -296,7 +296,7 @@ def test_worker_refuses_a_tampered_checkpoint_and_falls_back(
     assert len(messages) == 1 and "checkpoint 000000006 refused" in messages[0], messages
 
 
-def test_worker_refuses_the_old_pickled_format_and_fails_without_a_good_one(
+def test_worker_refuses_the_old_pickled_format_and_starts_over_without_a_good_one(
     worker: Any, tmp_path: pathlib.Path
 ) -> None:
     from clinisynth_server.finetune.records import CheckpointInfo
@@ -308,8 +308,203 @@ def test_worker_refuses_the_old_pickled_format_and_fails_without_a_good_one(
         id="000000004", step=4, metrics={}, created=0.0, best=False, prefix=prefix
     )
     worker.store.put_json(prefix + "checkpoint.json", info.to_json())  # the previous layout
-    with pytest.raises(FailedPrecondition, match="no checkpoint of job ft-test passed"):
-        worker._newest_verified(worker.jobs.checkpoints(worker.run_id))
+    assert worker._newest_verified(worker.jobs.checkpoints(worker.run_id)) is None
     assert not marker.exists()
     messages = refusals(worker)
-    assert len(messages) == 1 and "older format" in messages[0], messages
+    assert len(messages) == 2 and "older format" in messages[0], messages
+    assert "starting over from step 0" in messages[1], messages
+
+
+# -- the service records each checkpoint's digests; resume and promotion trust only those -------
+
+
+JOB = "ft-svc"
+
+
+@pytest.fixture()
+def service(tmp_path: pathlib.Path) -> Any:
+    """A finetune service (no scheduler thread, no Triton) owning one running job's record."""
+    from clinisynth_server.catalog import Catalog
+    from clinisynth_server.finetune.records import JobRecord
+    from clinisynth_server.finetune.service import FinetuneService, Settings
+    from clinisynth_server.store import open_store
+
+    store = open_store(str(tmp_path / "store"))
+    (tmp_path / "repo").mkdir()
+    svc = FinetuneService(
+        store,
+        Catalog(store, ttl_s=0.0),
+        None,
+        None,
+        Settings(model_repository=str(tmp_path / "repo")),
+    )
+    record = JobRecord(
+        id=JOB,
+        kind="diffusion_pretrain",
+        dataset="data/x",
+        params={},
+        model_name="toy",
+        state="running",
+        checkpoints={},
+    )
+    svc.jobs.put(record)
+    svc._records[JOB] = record
+    return svc
+
+
+def job_worker(service: Any, tmp_path: pathlib.Path) -> Any:
+    """A worker process's view of the job: it reads job.json as the service last wrote it."""
+    from clinisynth_server.finetune.worker import Worker
+
+    w = Worker(
+        JOB, store_url=str(tmp_path / "store"), workdir=tmp_path / "work", model_repository=""
+    )
+    threading.Thread(target=w._writer, daemon=True).start()
+    return w
+
+
+def sync(service: Any) -> Any:
+    with service._lock:
+        service._record_checkpoints(service._records[JOB])
+    return service.jobs.get(JOB)  # as persisted
+
+
+def tamper_consistently(store: Any, prefix: str, rel: str, data: bytes) -> str:
+    """Replace ``rel`` and rewrite the manifest to match: only a recorded digest tells."""
+    store.put_bytes(prefix + rel, data)
+    manifest = store.get_json(prefix + "checkpoint.json")
+    manifest["files"][rel] = hashlib.sha256(data).hexdigest()
+    raw = json.dumps(manifest).encode()
+    store.put_bytes(prefix + "checkpoint.json", raw)
+    return hashlib.sha256(raw).hexdigest()
+
+
+def forge_report(service: Any, ckpt_id: str, digest: str) -> None:
+    """What a process that can write the job's files can also do: append a checkpoint event."""
+    service.jobs.append_event(
+        JOB,
+        "checkpoint",
+        step=int(ckpt_id),
+        checkpoint={"id": ckpt_id, "step": int(ckpt_id), "manifest_sha256": digest},
+    )
+
+
+def test_service_records_each_reported_checkpoint_in_the_job_record(
+    service: Any, tmp_path: pathlib.Path
+) -> None:
+    w = job_worker(service, tmp_path)
+    write_checkpoints(w, [3, 6])
+    persisted = sync(service)
+    assert set(persisted.checkpoints) == {"000000003", "000000006"}
+    for ckpt_id, digest in persisted.checkpoints.items():
+        prefix = service.jobs.checkpoint_prefix(JOB, ckpt_id)
+        raw = service.store.get_bytes(prefix + "checkpoint.json")
+        assert digest == hashlib.sha256(raw).hexdigest()
+        assert persisted.checkpoint_files[ckpt_id] == json.loads(raw)["files"]
+        assert persisted.checkpoint_attempts[ckpt_id] == 0
+
+
+def test_resume_trusts_the_service_record_not_the_workers_events(
+    service: Any, tmp_path: pathlib.Path
+) -> None:
+    w = job_worker(service, tmp_path)
+    write_checkpoints(w, [3, 6])
+    recorded = dict(sync(service).checkpoints)
+    prefix = service.jobs.checkpoint_prefix(JOB, "000000006")
+    local = tmp_path / "evil"
+    save_state(local, {"trainer": {"model": {}}, "rng": rng_state(), "step": 6})
+    tamper_consistently(
+        service.store, prefix, "state/trainer.json", (local / STATE_JSON).read_bytes()
+    )
+    forged = tamper_consistently(
+        service.store, prefix, "state/trainer.safetensors", (local / STATE_TENSORS).read_bytes()
+    )
+    forge_report(service, "000000006", forged)
+    # The same attempt reporting a checkpoint again with another digest changes nothing.
+    assert sync(service).checkpoints == recorded
+    resumed = job_worker(service, tmp_path)  # relaunched after a crash
+    result = resumed._newest_verified(resumed.jobs.checkpoints(JOB))
+    assert result is not None and result[0].step == 3 and result[1]["step"] == 3
+    messages = refusals(resumed)
+    assert len(messages) == 1 and "checkpoint 000000006 refused" in messages[0], messages
+    assert "recorded when it was written" in messages[0]
+
+
+def test_resume_refuses_a_checkpoint_the_service_never_recorded(
+    service: Any, tmp_path: pathlib.Path
+) -> None:
+    w = job_worker(service, tmp_path)
+    write_checkpoints(w, [3])
+    sync(service)
+    # A checkpoint that appears without the service having taken its report (planted, or
+    # reported only after the worker died) is never loaded.
+    write_checkpoints(w, [6])
+    resumed = job_worker(service, tmp_path)
+    result = resumed._newest_verified(resumed.jobs.checkpoints(JOB))
+    assert result is not None and result[0].step == 3
+    messages = refusals(resumed)
+    assert len(messages) == 1 and "never recorded" in messages[0], messages
+
+
+def test_a_later_attempt_may_rewrite_a_checkpoint(service: Any, tmp_path: pathlib.Path) -> None:
+    w = job_worker(service, tmp_path)
+    write_checkpoints(w, [3])
+    first = sync(service).checkpoints["000000003"]
+    record = service._records[JOB]
+    record.attempt = 1  # the worker died; its successor writes step 3 again
+    write_checkpoints(job_worker(service, tmp_path), [3])
+    second = sync(service).checkpoints["000000003"]
+    raw = service.store.get_bytes(
+        service.jobs.checkpoint_prefix(JOB, "000000003") + "checkpoint.json"
+    )
+    assert second != first and second == hashlib.sha256(raw).hexdigest()
+
+
+@pytest.mark.parametrize("attack", ["rewritten_file", "added_file", "manifest_only"])
+def test_promotion_refuses_a_checkpoint_changed_after_it_was_recorded(
+    service: Any, tmp_path: pathlib.Path, attack: str
+) -> None:
+    w = job_worker(service, tmp_path)
+    write_checkpoints(w, [3])
+    sync(service)
+    prefix = service.jobs.checkpoint_prefix(JOB, "000000003")
+    if attack == "rewritten_file":
+        data = bytearray(service.store.get_bytes(prefix + "model/model.safetensors"))
+        data[-1] ^= 0x01  # still loadable weights: only the digests tell
+        tamper_consistently(service.store, prefix, "model/model.safetensors", bytes(data))
+        named = "model/model.safetensors"
+    elif attack == "added_file":
+        tamper_consistently(service.store, prefix, "model/model.py", b"import os\n")
+        named = "model/model.py"
+    else:
+        manifest = service.store.get_json(prefix + "checkpoint.json")
+        manifest["metrics"] = {"loss": 0.0}
+        service.store.put_json(prefix + "checkpoint.json", manifest)
+        named = "checkpoint.json"
+    with pytest.raises(FailedPrecondition, match="nothing was registered") as err:
+        service.promote(JOB, "000000003")
+    assert err.value.metadata["file"] == named, err.value.message
+    assert named in err.value.message
+    assert service.catalog.versions("toy") == []
+    assert list((tmp_path / "repo").iterdir()) == []
+
+
+def test_records_without_digests_still_load_and_are_filled_in_once(
+    service: Any, tmp_path: pathlib.Path
+) -> None:
+    w = job_worker(service, tmp_path)
+    write_checkpoints(w, [3])
+    key = service.jobs.key(JOB, "job.json")
+    old = service.store.get_json(key)
+    for name in ("checkpoints", "checkpoint_files", "checkpoint_attempts", "checkpoint_events"):
+        old.pop(name)
+    old["state"] = "succeeded"
+    service.store.put_json(key, old)  # a record written before digests were kept
+    legacy = service.jobs.get(JOB)
+    assert legacy.checkpoints is None
+    service._records[JOB] = legacy
+    filled = sync(service)
+    raw = service.store.get_bytes(
+        service.jobs.checkpoint_prefix(JOB, "000000003") + "checkpoint.json"
+    )
+    assert filled.checkpoints == {"000000003": hashlib.sha256(raw).hexdigest()}

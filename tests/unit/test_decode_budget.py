@@ -21,11 +21,8 @@ import pydicom
 import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset, write_file_meta_info
-from pydicom.uid import DeflatedExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
+from clinisynth_server.benchmarks.memory import deflated_dicom, png_bomb
 from clinisynth_server.catalog import ModelRecord
 from clinisynth_server.errors import InvalidArgument, ValidationErrors
 from clinisynth_server.imaging.decode import (
@@ -57,51 +54,8 @@ def peak_traced(fn: Callable[[], Any]) -> tuple[Any, float]:
         tracemalloc.stop()
 
 
-def png_bomb(side: int = SIDE, mode: str = "L") -> bytes:
-    """A constant image: a few KB of PNG that decodes to side² pixels."""
-    buf = io.BytesIO()
-    Image.new(mode, (side, side), 7).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def png_chunk(kind: bytes, body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
-def deflated_dicom(rows: int, cols: int, pixel_bytes: int, fill: int = 0) -> bytes:
-    """Deflated Explicit VR Little Endian file declaring rows × cols 8-bit with ``pixel_bytes``
-    of pixel data (a bomb when that is far more than rows × cols), compressed in 1 MB steps."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
-    ds = Dataset()
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "OT"
-    ds.Rows, ds.Columns = rows, cols
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 8
-    ds.HighBit = 7
-    ds.PixelRepresentation = 0
-    body = DicomBytesIO()
-    body.is_little_endian, body.is_implicit_VR = True, False
-    write_dataset(body, ds)
-    pixel_header = b"\xe0\x7f\x10\x00OB\x00\x00" + struct.pack("<I", pixel_bytes)
-    comp = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    parts = [comp.compress(body.getvalue() + pixel_header)]
-    block = bytes([fill]) * MB
-    left = pixel_bytes
-    while left:
-        n = min(left, MB)
-        parts.append(comp.compress(block[:n]))
-        left -= n
-    parts.append(comp.flush())
-    out = DicomBytesIO()
-    out.write(b"\0" * 128 + b"DICM")
-    write_file_meta_info(out, meta)
-    return out.getvalue() + b"".join(parts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,7 +85,7 @@ def test_png_declaring_huge_dimensions_is_refused_from_its_header() -> None:
 
 
 def test_png_bomb_decodes_with_one_float_copy() -> None:
-    data = png_bomb()
+    data = png_bomb(SIDE)
     assert len(data) < 64 * 1024  # 16 KB on the wire ...
     out, peak = peak_traced(lambda: decode_image(data, field="image"))
     assert isinstance(out, np.ndarray) and out.shape == (SIDE, SIDE)
@@ -219,7 +173,7 @@ def test_deflated_dicom_decodes_as_pydicom_does() -> None:
 
 def test_budget_refuses_the_image_that_crosses_it_naming_field_and_budget() -> None:
     budget = PixelBudget(2 * SIDE * SIDE)
-    bomb = png_bomb()
+    bomb = png_bomb(SIDE)
     for i in range(2):
         decode_image(bomb, field=f"images[{i}].encoded", budget=budget)
     out, peak = peak_traced(lambda: decode_image(bomb, field="images[2].encoded", budget=budget))
@@ -248,7 +202,7 @@ def reward_record(size: int = 32) -> ModelRecord:
 
 
 def test_request_over_budget_is_refused_before_any_decode(tmp_path) -> None:
-    images = [imgs.ImageInput("encoded", png_bomb())] * 8
+    images = [imgs.ImageInput("encoded", png_bomb(SIDE))] * 8
     errors = ValidationErrors()
     _, peak = peak_traced(
         lambda: decode_inputs(

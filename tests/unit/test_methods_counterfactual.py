@@ -17,6 +17,7 @@ from clinisynth_server.methods.counterfactual import (
     CounterfactualConfig,
     angle_deg,
     cone_project,
+    flip_verdict,
     guidance_gradients,
     guided_mean,
     make_guide_fn,
@@ -309,3 +310,38 @@ def test_guidance_through_a_real_unet_and_classifiers() -> None:
     assert result.image.shape == (2, 1, 16, 16)
     assert torch.isfinite(result.image).all() and torch.isfinite(result.prob_robust).all()
     assert result.prob_robust.shape == (3, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# flip verdict
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "already", "flipped"),
+    [
+        (0.1, 0.9, False, True),  # healthy → target: a flip
+        (0.1, 0.4, False, False),  # pushed, not across
+        (0.8, 0.95, True, False),  # already the target: nothing to flip, even though after > 0.5
+        (0.8, 0.3, True, False),  # already the target and pushed away
+        (0.5, 0.51, False, True),  # 0.5 itself does not show the target
+        (math.nan, 0.9, False, True),  # no probability of the input: judged by the result
+    ],
+)
+def test_flip_verdict_never_flips_an_input_already_the_target(
+    before: float, after: float, already: bool, flipped: bool
+) -> None:
+    verdict = flip_verdict(before, after)
+    assert (verdict.already_target, verdict.flipped) == (already, flipped)
+    if not math.isnan(before):
+        assert verdict.delta == pytest.approx(after - before)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(0, 1), st.floats(0, 1))
+def test_flip_verdict_flipped_and_already_target_exclude_each_other(
+    before: float, after: float
+) -> None:
+    verdict = flip_verdict(before, after)
+    assert not (verdict.flipped and verdict.already_target)
+    assert verdict.flipped == (before <= 0.5 < after)

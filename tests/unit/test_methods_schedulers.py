@@ -16,7 +16,7 @@ from clinisynth_server.methods.schedulers import SAMPLERS, make_scheduler
 
 
 def test_sampler_names() -> None:
-    assert SAMPLERS == ("ddim", "ddpm", "dpmsolver++", "euler")
+    assert SAMPLERS == ("pndm", "ddim", "ddpm", "euler", "euler_ancestral", "dpmsolver++", "lms")
 
 
 @pytest.mark.parametrize(

@@ -61,3 +61,17 @@ def test_text_embedding_is_deterministic_and_separates_findings():
     )
     np.testing.assert_array_equal(a, b)
     assert abs(np.linalg.norm(a) - 1) < 1e-6 and float(a @ c) < 0.9
+
+
+def test_score_reward_field_is_a_deprecated_alias_of_p_aligned() -> None:
+    """``ImageScore.reward`` repeats ``p_aligned``: deprecated, still filled for old clients."""
+    from clinisynth.v1 import reward_pb2
+    from clinisynth_server.reward import service as svc
+    from clinisynth_server.reward.servicer import RewardServicer
+
+    assert reward_pb2.ImageScore.DESCRIPTOR.fields_by_name["reward"].GetOptions().deprecated
+    assert not reward_pb2.ImageScore.DESCRIPTOR.fields_by_name["p_aligned"].GetOptions().deprecated
+    servicer = RewardServicer.__new__(RewardServicer)  # the message mapping needs no service
+    msg = servicer._score_msg(svc.ImageScore(3, 0.61, record("r", 1.0, ["a", "b"])))
+    assert msg.index == 3 and msg.p_aligned == pytest.approx(0.61)
+    assert msg.reward == msg.p_aligned

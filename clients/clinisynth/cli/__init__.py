@@ -17,6 +17,7 @@ from clinisynth._errors import ClinisynthError
 COMMAND_MODULES = (
     "stack",
     "generator",
+    "models",
     "reward",
     "counterfactual",
     "finetune",

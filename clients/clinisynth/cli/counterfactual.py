@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+from typing import Any
 
 from clinisynth.cli._common import client_from, print_json
 
@@ -21,7 +22,7 @@ def _inputs(path: pathlib.Path) -> list[pathlib.Path]:
     return [path]
 
 
-def _knobs(ns: argparse.Namespace) -> dict[str, object]:
+def _knobs(ns: argparse.Namespace) -> dict[str, Any]:
     return {
         "diffusion_model": ns.diffusion_model,
         "robust_classifier": ns.robust_classifier,

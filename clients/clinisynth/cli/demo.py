@@ -33,7 +33,7 @@ TILE = 96
 
 def _tile(image: Image.Image, caption: str) -> Image.Image:
     canvas = Image.new("RGB", (TILE, TILE + 14), "white")
-    canvas.paste(image.convert("RGB").resize((TILE, TILE), Image.NEAREST), (0, 0))
+    canvas.paste(image.convert("RGB").resize((TILE, TILE), Image.Resampling.NEAREST), (0, 0))
     ImageDraw.Draw(canvas).text((2, TILE + 1), caption[:18], fill="black")
     return canvas
 

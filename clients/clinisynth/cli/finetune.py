@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from clinisynth import DatasetReport, FinetuneJob
 from clinisynth.cli._common import client_from, parse_sets, print_json
 
 
-def _line(job) -> str:  # type: ignore[no-untyped-def]
+def _line(job: FinetuneJob) -> str:
     loss = job.metrics.get("loss")
     extra = f" loss={loss:.4f}" if loss is not None else ""
     queue = f" queue#{job.queue_position}" if job.queue_position else ""
@@ -134,7 +135,7 @@ def cmd_validate(ns: argparse.Namespace) -> int:
     return _print_report(report, ns.json)
 
 
-def _print_report(report, as_json: bool) -> int:  # type: ignore[no-untyped-def]
+def _print_report(report: DatasetReport, as_json: bool) -> int:
     if as_json:
         print_json(report.to_dict())
     else:

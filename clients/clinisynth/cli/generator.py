@@ -1,4 +1,4 @@
-"""``clinisynth models`` and ``clinisynth generate``."""
+"""``clinisynth generate`` (and the listing behind ``clinisynth models``)."""
 
 from __future__ import annotations
 
@@ -73,17 +73,9 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("models", help="models the stack serves")
-    p.add_argument(
-        "--kind",
-        choices=["text_to_image", "class_conditional", "unconditional", "reward", "classifier"],
-    )
-    p.add_argument("--all-versions", action="store_true")
-    p.add_argument("--json", action="store_true", help="a JSON list")
-    p.set_defaults(func=cmd_models)
-
+    # `clinisynth models` (listing included) is registered by cli/models.py.
     p = sub.add_parser("generate", help="generate synthetic images")
-    p.add_argument("--model", "-m", required=True, help="NAME or NAME@VERSION")
+    p.add_argument("--model", "-m", required=True, help="NAME, NAME@VERSION or NAME@ALIAS")
     cond = p.add_mutually_exclusive_group()
     cond.add_argument("--prompt", "-p", help="text prompt (text-to-image models)")
     cond.add_argument("--class", dest="class_name", help="class name (class-conditional models)")
@@ -91,7 +83,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-n", type=int, default=1, help="number of images")
     p.add_argument("--seed", type=int, help="seed of the first image (image i: seed + i)")
     p.add_argument("--steps", type=int)
-    p.add_argument("--sampler", choices=["ddim", "dpmsolver++", "euler", "ddpm"])
+    p.add_argument(
+        "--sampler",
+        help="pndm, ddim, ddpm, euler, euler_ancestral, dpmsolver++ or lms (as the model lists);"
+        " default: the model's own scheduler",
+    )
     p.add_argument("--guidance-scale", type=float)
     p.add_argument("--width", type=int)
     p.add_argument("--height", type=int)

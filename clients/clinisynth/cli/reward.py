@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import pathlib
 import sys
+from typing import Any
 
 from clinisynth.cli._common import client_from, print_json
 
@@ -33,12 +34,12 @@ def cmd_score(ns: argparse.Namespace) -> int:
         if out is not sys.stdout:
             out.close()
     if ns.out != "-" and not ns.quiet:
-        mean = sum(s.reward for s in scores) / len(scores)
+        mean = sum(s.p_aligned for s in scores) / len(scores)
         print(f"{len(scores)} images scored, mean reward {mean:.3f} → {ns.out}", file=sys.stderr)
     return 0
 
 
-def _cond(ns: argparse.Namespace) -> dict[str, str | None]:
+def _cond(ns: argparse.Namespace) -> dict[str, Any]:
     return {"class_name": ns.class_name, "prompt": ns.prompt}
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import types
 
 from clinisynth import Client
 from clinisynth._discovery import discover, state_file
 from clinisynth.cli._common import print_json
 
 
-def _server_stack():  # type: ignore[no-untyped-def]
+def _server_stack() -> types.ModuleType:
     try:
         from clinisynth_server import stack
     except ImportError as exc:  # the SDK alone cannot run services
@@ -37,6 +38,9 @@ def cmd_down(ns: argparse.Namespace) -> int:
     return 0
 
 
+_STATE_KEYS = ("pid", "store", "home", "started", "triton_key_in_argv")
+
+
 def cmd_status(ns: argparse.Namespace) -> int:
     endpoints = discover()
     if endpoints is None:
@@ -48,20 +52,27 @@ def cmd_status(ns: argparse.Namespace) -> int:
     data = endpoints.to_dict()
     with contextlib.suppress(OSError, json.JSONDecodeError):
         state = json.loads(state_file().read_text())
-        data.update({k: v for k, v in state.items() if k in ("pid", "store", "home", "started")})
+        data.update({k: v for k, v in state.items() if k in _STATE_KEYS})
     with Client(endpoints=endpoints, timeout=5) as client:
-        data["health"] = client.health()
-    data["running"] = all(v == "SERVING" for v in data["health"].values())
+        health = client.health()
+    running = all(v == "SERVING" for v in health.values())
+    data["health"], data["running"] = health, running
     if ns.json:
         print_json(data)
     else:
         for key in ("generator", "reward", "counterfactual", "finetune", "triton"):
-            print(f"{key:15s} {data.get(key, '')}  {data['health'].get(key, '')}")
-        for key, value in data.get("metrics", {}).items():
+            print(f"{key:15s} {data.get(key, '')}  {health.get(key, '')}")
+        metrics = data.get("metrics")
+        for key, value in (metrics if isinstance(metrics, dict) else {}).items():
             print(f"metrics:{key:7s} {value}")
         if data.get("review_url"):
             print(f"review page     {data['review_url']}")
-    return 0 if data["running"] else 1
+        if data.get("triton_key_in_argv"):
+            print(
+                "warning         Triton's key is on its command line (no C compiler to build "
+                "the argv_key library): any local user can read it from /proc"
+            )
+    return 0 if running else 1
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

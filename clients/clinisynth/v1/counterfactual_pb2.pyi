@@ -79,7 +79,7 @@ class TrajectoryPoint(_message.Message):
     def __init__(self, step: _Optional[int] = ..., p_target_robust: _Optional[float] = ..., p_target_plain: _Optional[float] = ..., gradient_angle_deg: _Optional[float] = ...) -> None: ...
 
 class CounterfactualResponse(_message.Message):
-    __slots__ = ("counterfactual", "difference", "overlay", "p_target_before_robust", "p_target_after_robust", "p_target_before_plain", "p_target_after_plain", "trajectory", "distance", "target_class", "provenance")
+    __slots__ = ("counterfactual", "difference", "overlay", "p_target_before_robust", "p_target_after_robust", "p_target_before_plain", "p_target_after_plain", "trajectory", "distance", "target_class", "provenance", "already_target", "flipped")
     COUNTERFACTUAL_FIELD_NUMBER: _ClassVar[int]
     DIFFERENCE_FIELD_NUMBER: _ClassVar[int]
     OVERLAY_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +91,8 @@ class CounterfactualResponse(_message.Message):
     DISTANCE_FIELD_NUMBER: _ClassVar[int]
     TARGET_CLASS_FIELD_NUMBER: _ClassVar[int]
     PROVENANCE_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_TARGET_FIELD_NUMBER: _ClassVar[int]
+    FLIPPED_FIELD_NUMBER: _ClassVar[int]
     counterfactual: _common_pb2.Image
     difference: _common_pb2.Image
     overlay: _common_pb2.Image
@@ -102,7 +104,9 @@ class CounterfactualResponse(_message.Message):
     distance: float
     target_class: str
     provenance: _common_pb2.Provenance
-    def __init__(self, counterfactual: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., difference: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., overlay: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., p_target_before_robust: _Optional[float] = ..., p_target_after_robust: _Optional[float] = ..., p_target_before_plain: _Optional[float] = ..., p_target_after_plain: _Optional[float] = ..., trajectory: _Optional[_Iterable[_Union[TrajectoryPoint, _Mapping]]] = ..., distance: _Optional[float] = ..., target_class: _Optional[str] = ..., provenance: _Optional[_Union[_common_pb2.Provenance, _Mapping]] = ...) -> None: ...
+    already_target: bool
+    flipped: bool
+    def __init__(self, counterfactual: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., difference: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., overlay: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., p_target_before_robust: _Optional[float] = ..., p_target_after_robust: _Optional[float] = ..., p_target_before_plain: _Optional[float] = ..., p_target_after_plain: _Optional[float] = ..., trajectory: _Optional[_Iterable[_Union[TrajectoryPoint, _Mapping]]] = ..., distance: _Optional[float] = ..., target_class: _Optional[str] = ..., provenance: _Optional[_Union[_common_pb2.Provenance, _Mapping]] = ..., already_target: _Optional[bool] = ..., flipped: _Optional[bool] = ...) -> None: ...
 
 class CounterfactualEvent(_message.Message):
     __slots__ = ("point", "progress", "done")
@@ -127,7 +131,7 @@ class CounterfactualBatchRequest(_message.Message):
     def __init__(self, input_prefix: _Optional[str] = ..., output_prefix: _Optional[str] = ..., options: _Optional[_Union[CounterfactualRequest, _Mapping]] = ..., limit: _Optional[int] = ...) -> None: ...
 
 class CounterfactualBatchItem(_message.Message):
-    __slots__ = ("input_key", "result", "p_target_before_robust", "p_target_after_robust", "distance", "flipped", "error")
+    __slots__ = ("input_key", "result", "p_target_before_robust", "p_target_after_robust", "distance", "flipped", "error", "already_target")
     INPUT_KEY_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     P_TARGET_BEFORE_ROBUST_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +139,7 @@ class CounterfactualBatchItem(_message.Message):
     DISTANCE_FIELD_NUMBER: _ClassVar[int]
     FLIPPED_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_TARGET_FIELD_NUMBER: _ClassVar[int]
     input_key: str
     result: _common_pb2.ArtifactRef
     p_target_before_robust: float
@@ -142,21 +147,24 @@ class CounterfactualBatchItem(_message.Message):
     distance: float
     flipped: bool
     error: str
-    def __init__(self, input_key: _Optional[str] = ..., result: _Optional[_Union[_common_pb2.ArtifactRef, _Mapping]] = ..., p_target_before_robust: _Optional[float] = ..., p_target_after_robust: _Optional[float] = ..., distance: _Optional[float] = ..., flipped: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
+    already_target: bool
+    def __init__(self, input_key: _Optional[str] = ..., result: _Optional[_Union[_common_pb2.ArtifactRef, _Mapping]] = ..., p_target_before_robust: _Optional[float] = ..., p_target_after_robust: _Optional[float] = ..., distance: _Optional[float] = ..., flipped: _Optional[bool] = ..., error: _Optional[str] = ..., already_target: _Optional[bool] = ...) -> None: ...
 
 class CounterfactualBatchSummary(_message.Message):
-    __slots__ = ("images", "failed", "flip_rate", "mean_distance", "summary")
+    __slots__ = ("images", "failed", "flip_rate", "mean_distance", "summary", "already_target")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
     FLIP_RATE_FIELD_NUMBER: _ClassVar[int]
     MEAN_DISTANCE_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_TARGET_FIELD_NUMBER: _ClassVar[int]
     images: int
     failed: int
     flip_rate: float
     mean_distance: float
     summary: _common_pb2.ArtifactRef
-    def __init__(self, images: _Optional[int] = ..., failed: _Optional[int] = ..., flip_rate: _Optional[float] = ..., mean_distance: _Optional[float] = ..., summary: _Optional[_Union[_common_pb2.ArtifactRef, _Mapping]] = ...) -> None: ...
+    already_target: int
+    def __init__(self, images: _Optional[int] = ..., failed: _Optional[int] = ..., flip_rate: _Optional[float] = ..., mean_distance: _Optional[float] = ..., summary: _Optional[_Union[_common_pb2.ArtifactRef, _Mapping]] = ..., already_target: _Optional[int] = ...) -> None: ...
 
 class CounterfactualBatchEvent(_message.Message):
     __slots__ = ("progress", "item", "done")

@@ -297,3 +297,100 @@ class DatasetReport(_message.Message):
     per_class: _containers.ScalarMap[str, int]
     problems: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, prefix: _Optional[str] = ..., layout: _Optional[str] = ..., images: _Optional[int] = ..., classes: _Optional[_Iterable[str]] = ..., per_class: _Optional[_Mapping[str, int]] = ..., problems: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ListModelUploadRequest(_message.Message):
+    __slots__ = ("upload_id",)
+    UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
+    upload_id: str
+    def __init__(self, upload_id: _Optional[str] = ...) -> None: ...
+
+class ListModelUploadResponse(_message.Message):
+    __slots__ = ("files",)
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    files: _containers.RepeatedCompositeFieldContainer[_common_pb2.ArtifactRef]
+    def __init__(self, files: _Optional[_Iterable[_Union[_common_pb2.ArtifactRef, _Mapping]]] = ...) -> None: ...
+
+class ImportModelRequest(_message.Message):
+    __slots__ = ("source", "name", "description", "labels", "dtype", "device", "instances", "max_batch_size")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    name: str
+    description: str
+    labels: _containers.ScalarMap[str, str]
+    dtype: str
+    device: str
+    instances: int
+    max_batch_size: int
+    def __init__(self, source: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., instances: _Optional[int] = ..., max_batch_size: _Optional[int] = ...) -> None: ...
+
+class ModelComponent(_message.Message):
+    __slots__ = ("role", "triton_model", "triton_version", "ready")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    TRITON_MODEL_FIELD_NUMBER: _ClassVar[int]
+    TRITON_VERSION_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    triton_model: str
+    triton_version: int
+    ready: bool
+    def __init__(self, role: _Optional[str] = ..., triton_model: _Optional[str] = ..., triton_version: _Optional[int] = ..., ready: _Optional[bool] = ...) -> None: ...
+
+class ModelDetails(_message.Message):
+    __slots__ = ("model", "components", "dtype", "device", "instances", "max_batch_size", "size_bytes", "retired", "aliases", "source", "scheduler")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    COMPONENTS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RETIRED_FIELD_NUMBER: _ClassVar[int]
+    ALIASES_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULER_FIELD_NUMBER: _ClassVar[int]
+    model: _common_pb2.ModelInfo
+    components: _containers.RepeatedCompositeFieldContainer[ModelComponent]
+    dtype: str
+    device: str
+    instances: int
+    max_batch_size: int
+    size_bytes: int
+    retired: bool
+    aliases: _containers.RepeatedScalarFieldContainer[str]
+    source: str
+    scheduler: str
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., components: _Optional[_Iterable[_Union[ModelComponent, _Mapping]]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., instances: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., size_bytes: _Optional[int] = ..., retired: _Optional[bool] = ..., aliases: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ..., scheduler: _Optional[str] = ...) -> None: ...
+
+class GetModelRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: _common_pb2.ModelRef
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ...) -> None: ...
+
+class DeleteModelRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: _common_pb2.ModelRef
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ...) -> None: ...
+
+class SetModelAliasRequest(_message.Message):
+    __slots__ = ("model", "alias")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    model: _common_pb2.ModelRef
+    alias: str
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., alias: _Optional[str] = ...) -> None: ...

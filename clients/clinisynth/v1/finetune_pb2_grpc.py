@@ -85,6 +85,36 @@ class FinetuneServiceStub:
                 request_serializer=clinisynth_dot_v1_dot_finetune__pb2.ValidateDatasetRequest.SerializeToString,
                 response_deserializer=clinisynth_dot_v1_dot_finetune__pb2.DatasetReport.FromString,
                 _registered_method=True)
+        self.UploadModelFile = channel.stream_unary(
+                '/clinisynth.v1.FinetuneService/UploadModelFile',
+                request_serializer=clinisynth_dot_v1_dot_finetune__pb2.UploadChunk.SerializeToString,
+                response_deserializer=clinisynth_dot_v1_dot_common__pb2.ArtifactRef.FromString,
+                _registered_method=True)
+        self.ListModelUpload = channel.unary_unary(
+                '/clinisynth.v1.FinetuneService/ListModelUpload',
+                request_serializer=clinisynth_dot_v1_dot_finetune__pb2.ListModelUploadRequest.SerializeToString,
+                response_deserializer=clinisynth_dot_v1_dot_finetune__pb2.ListModelUploadResponse.FromString,
+                _registered_method=True)
+        self.ImportModel = channel.unary_unary(
+                '/clinisynth.v1.FinetuneService/ImportModel',
+                request_serializer=clinisynth_dot_v1_dot_finetune__pb2.ImportModelRequest.SerializeToString,
+                response_deserializer=clinisynth_dot_v1_dot_finetune__pb2.ModelDetails.FromString,
+                _registered_method=True)
+        self.GetModel = channel.unary_unary(
+                '/clinisynth.v1.FinetuneService/GetModel',
+                request_serializer=clinisynth_dot_v1_dot_finetune__pb2.GetModelRequest.SerializeToString,
+                response_deserializer=clinisynth_dot_v1_dot_finetune__pb2.ModelDetails.FromString,
+                _registered_method=True)
+        self.DeleteModel = channel.unary_unary(
+                '/clinisynth.v1.FinetuneService/DeleteModel',
+                request_serializer=clinisynth_dot_v1_dot_finetune__pb2.DeleteModelRequest.SerializeToString,
+                response_deserializer=clinisynth_dot_v1_dot_finetune__pb2.ModelDetails.FromString,
+                _registered_method=True)
+        self.SetModelAlias = channel.unary_unary(
+                '/clinisynth.v1.FinetuneService/SetModelAlias',
+                request_serializer=clinisynth_dot_v1_dot_finetune__pb2.SetModelAliasRequest.SerializeToString,
+                response_deserializer=clinisynth_dot_v1_dot_finetune__pb2.ModelDetails.FromString,
+                _registered_method=True)
 
 
 class FinetuneServiceServicer:
@@ -168,6 +198,64 @@ class FinetuneServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadModelFile(self, request_iterator, context):
+        """-- bring your own model ------------------------------------------------------------------
+        Upload one file of a model folder (client stream of chunks of one file). Only keys under
+        "imports/<upload id>/" are written, and only through this RPC (no other caller-chosen key
+        reaches "imports/"). Errors: INVALID_ARGUMENT (key outside "imports/<id>/", sha256 mismatch).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListModelUpload(self, request, context):
+        """Files already uploaded under "imports/<upload_id>/" with their sha256, so an interrupted
+        upload resumes where it stopped. Errors: INVALID_ARGUMENT (malformed upload_id).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportModel(self, request, context):
+        """Validate a model folder (a store prefix: "imports/<id>" or a prefix outside the service
+        namespaces), split it into Triton components, load them and write the catalog record last,
+        so an import killed midway leaves no catalog version and the next import succeeds.
+        Errors: INVALID_ARGUMENT (every problem of the folder or the options as a field violation:
+        "source.tokenizer", "source.unet.cross_attention_dim", "dtype", ...), FAILED_PRECONDITION
+        (no model repository here, Triton cannot load a component), UNAVAILABLE (store / Triton down).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetModel(self, request, context):
+        """One model version in full (retired versions too, so provenance stays resolvable); the
+        version may be a number, an alias or empty (the latest served version).
+        Errors: INVALID_ARGUMENT (unknown name / version / alias: "model.name", "model.version").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteModel(self, request, context):
+        """Retire a version: its Triton component versions are unloaded and its record marked retired
+        (kept: images citing it keep resolvable provenance). A retired version is neither served nor
+        listed; generating with it is FAILED_PRECONDITION (reason MODEL_RETIRED). Retiring twice
+        returns the retired version unchanged. Errors: INVALID_ARGUMENT (unknown model / version).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetModelAlias(self, request, context):
+        """Point ALIAS of a model name at a version ("cells@stable"); moving an alias is allowed.
+        Every model reference accepts an alias where it accepts a version number.
+        Errors: INVALID_ARGUMENT ("alias": not a name, a number), FAILED_PRECONDITION (retired).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FinetuneServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -220,6 +308,36 @@ def add_FinetuneServiceServicer_to_server(servicer, server):
                     servicer.ValidateDataset,
                     request_deserializer=clinisynth_dot_v1_dot_finetune__pb2.ValidateDatasetRequest.FromString,
                     response_serializer=clinisynth_dot_v1_dot_finetune__pb2.DatasetReport.SerializeToString,
+            ),
+            'UploadModelFile': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadModelFile,
+                    request_deserializer=clinisynth_dot_v1_dot_finetune__pb2.UploadChunk.FromString,
+                    response_serializer=clinisynth_dot_v1_dot_common__pb2.ArtifactRef.SerializeToString,
+            ),
+            'ListModelUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModelUpload,
+                    request_deserializer=clinisynth_dot_v1_dot_finetune__pb2.ListModelUploadRequest.FromString,
+                    response_serializer=clinisynth_dot_v1_dot_finetune__pb2.ListModelUploadResponse.SerializeToString,
+            ),
+            'ImportModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportModel,
+                    request_deserializer=clinisynth_dot_v1_dot_finetune__pb2.ImportModelRequest.FromString,
+                    response_serializer=clinisynth_dot_v1_dot_finetune__pb2.ModelDetails.SerializeToString,
+            ),
+            'GetModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModel,
+                    request_deserializer=clinisynth_dot_v1_dot_finetune__pb2.GetModelRequest.FromString,
+                    response_serializer=clinisynth_dot_v1_dot_finetune__pb2.ModelDetails.SerializeToString,
+            ),
+            'DeleteModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteModel,
+                    request_deserializer=clinisynth_dot_v1_dot_finetune__pb2.DeleteModelRequest.FromString,
+                    response_serializer=clinisynth_dot_v1_dot_finetune__pb2.ModelDetails.SerializeToString,
+            ),
+            'SetModelAlias': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetModelAlias,
+                    request_deserializer=clinisynth_dot_v1_dot_finetune__pb2.SetModelAliasRequest.FromString,
+                    response_serializer=clinisynth_dot_v1_dot_finetune__pb2.ModelDetails.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -492,6 +610,168 @@ class FinetuneService:
             '/clinisynth.v1.FinetuneService/ValidateDataset',
             clinisynth_dot_v1_dot_finetune__pb2.ValidateDatasetRequest.SerializeToString,
             clinisynth_dot_v1_dot_finetune__pb2.DatasetReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadModelFile(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/clinisynth.v1.FinetuneService/UploadModelFile',
+            clinisynth_dot_v1_dot_finetune__pb2.UploadChunk.SerializeToString,
+            clinisynth_dot_v1_dot_common__pb2.ArtifactRef.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModelUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clinisynth.v1.FinetuneService/ListModelUpload',
+            clinisynth_dot_v1_dot_finetune__pb2.ListModelUploadRequest.SerializeToString,
+            clinisynth_dot_v1_dot_finetune__pb2.ListModelUploadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clinisynth.v1.FinetuneService/ImportModel',
+            clinisynth_dot_v1_dot_finetune__pb2.ImportModelRequest.SerializeToString,
+            clinisynth_dot_v1_dot_finetune__pb2.ModelDetails.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clinisynth.v1.FinetuneService/GetModel',
+            clinisynth_dot_v1_dot_finetune__pb2.GetModelRequest.SerializeToString,
+            clinisynth_dot_v1_dot_finetune__pb2.ModelDetails.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clinisynth.v1.FinetuneService/DeleteModel',
+            clinisynth_dot_v1_dot_finetune__pb2.DeleteModelRequest.SerializeToString,
+            clinisynth_dot_v1_dot_finetune__pb2.ModelDetails.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetModelAlias(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clinisynth.v1.FinetuneService/SetModelAlias',
+            clinisynth_dot_v1_dot_finetune__pb2.SetModelAliasRequest.SerializeToString,
+            clinisynth_dot_v1_dot_finetune__pb2.ModelDetails.FromString,
             options,
             channel_credentials,
             insecure,

@@ -23,9 +23,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from clinisynth_server.triton.backends.cf_guidance import Backend
 
 
 def _wait_port(log_path: pathlib.Path, proc: subprocess.Popen, service: str) -> int:
@@ -46,11 +50,11 @@ def in_process(
     ns: argparse.Namespace,
     seed: int,
     ab: torch.Tensor,
-    backend: object,
+    backend: Backend,
 ) -> float:
     from clinisynth_server.methods import counterfactual as cf
 
-    guide = cf.make_guide_fn(backend.eps_fn, backend.robust, backend.plain)  # type: ignore[attr-defined]
+    guide = cf.make_guide_fn(backend.eps_fn, backend.robust, backend.plain)
     config = cf.CounterfactualConfig(steps=ns.steps, depth=1 - ns.start_depth)
     x0 = torch.from_numpy(image)[None, None] * 2 - 1
     start = time.perf_counter()

@@ -17,6 +17,7 @@ Same model (a class-conditional ``UNet2DModel``), batch, optimiser (AdamW), loss
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import pathlib
 import signal
@@ -97,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         help="torch CPU threads of both arms (0 = torch's default)",
     )
     args = parser.parse_args(argv)
-    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    if isinstance(sys.stdout, io.TextIOWrapper):  # not when a harness replaced it
+        sys.stdout.reconfigure(line_buffering=True)
     if args.threads:
         torch.set_num_threads(args.threads)
 

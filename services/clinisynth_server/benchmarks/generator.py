@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 
 import torch
 
@@ -147,7 +148,9 @@ def _wait_port(log_path: pathlib.Path, proc: subprocess.Popen) -> int:
     raise RuntimeError("generator did not start")
 
 
-def _measure(clinisynth, address: str, work: pathlib.Path, ns) -> dict[str, float]:  # type: ignore[no-untyped-def]
+def _measure(
+    clinisynth: types.ModuleType, address: str, work: pathlib.Path, ns: argparse.Namespace
+) -> dict[str, float]:
     client = clinisynth.Client(endpoints={"generator": address}, timeout=600)
     opts = {"steps": ns.steps, "sampler": "ddim", "format": "raw"}
     client.generate("bench", seed=0, **opts)  # warm-up: Triton, tokenizer-free path, caches
@@ -186,7 +189,7 @@ def _measure(clinisynth, address: str, work: pathlib.Path, ns) -> dict[str, floa
     }
 
 
-def _report(r: dict[str, float], ns) -> None:  # type: ignore[no-untyped-def]
+def _report(r: dict[str, float], ns: argparse.Namespace) -> None:
     lat = r["service_latency"] / r["local_latency"]
     thr = r["service_throughput"] / r["local_throughput"]
     print()

@@ -8,7 +8,9 @@ back after (``VmHWM``), so each figure is that one request's peak. Kinds:
 - ``png-bomb``: 4096² constant PNGs (~16 KB each), 1 → 4 (the default budget) → 8 (refused);
 - ``small``: 64² PNGs, 1 → 256 (Score's image limit);
 - ``dicom-bomb``: a deflated DICOM declaring 512² that inflates to 536 MB, 1 → 8;
-- ``at-budget``: 512² PNGs, 1 → 256 (256 × 512² = the budget).
+- ``at-budget``: 512² PNGs, 1 → 256 (256 × 512² = the budget);
+- ``enqueue-bomb``: EnqueueReview of distinct 4096² PNGs, 1 → 4 (the budget), each item scored
+  by the default reward model as it is queued.
 
 Printed: a table of peak RSS (median of ``--repeats``) and status per size, and per kind the
 ratio of peak RSS at its largest size to one image (the goal: flat, ≤ 1.5×).
@@ -19,6 +21,7 @@ ratio of peak RSS at its largest size to one image (the goal: flat, ≤ 1.5×).
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import os
 import pathlib
@@ -26,22 +29,26 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import IO
 
 KINDS: dict[str, tuple[int, ...]] = {
     "png-bomb": (1, 2, 4, 8),
     "small": (1, 16, 64, 256),
     "dicom-bomb": (1, 4, 8),
     "at-budget": (1, 16, 64, 256),
+    "enqueue-bomb": (1, 2, 4),
 }
 
 
-def _png(side: int, value: int = 7) -> bytes:
+def png_bomb(side: int, value: int = 7, mode: str = "L") -> bytes:
+    """A constant image: a few KB of PNG that decodes to side² pixels."""
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.new("L", (side, side), value).save(buf, format="PNG")
+    Image.new(mode, (side, side), value).save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -55,8 +62,9 @@ def _noise_png(side: int, seed: int) -> bytes:
     return buf.getvalue()
 
 
-def _deflated_dicom_bomb() -> bytes:
-    """A Deflated Explicit VR Little Endian file declaring 512² 8-bit with 536 MB of pixels."""
+def deflated_dicom(rows: int, cols: int, pixel_bytes: int, fill: int = 0) -> bytes:
+    """Deflated Explicit VR Little Endian file declaring rows × cols 8-bit with ``pixel_bytes``
+    of pixel data (a bomb when that is far more than rows × cols), compressed in 1 MB steps."""
     import struct
     import zlib
 
@@ -77,7 +85,7 @@ def _deflated_dicom_bomb() -> bytes:
     ds.SOPClassUID = SecondaryCaptureImageStorage
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.Modality = "OT"
-    ds.Rows = ds.Columns = 512
+    ds.Rows, ds.Columns = rows, cols
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.BitsAllocated = ds.BitsStored = 8
@@ -86,13 +94,15 @@ def _deflated_dicom_bomb() -> bytes:
     body = DicomBytesIO()
     body.is_little_endian, body.is_implicit_VR = True, False
     write_dataset(body, ds)
-    size = 536 << 20
+    pixel_header = b"\xe0\x7f\x10\x00OB\x00\x00" + struct.pack("<I", pixel_bytes)
     comp = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    parts = [
-        comp.compress(body.getvalue() + b"\xe0\x7f\x10\x00OB\x00\x00" + struct.pack("<I", size))
-    ]
-    block = bytes(1 << 20)
-    parts += [comp.compress(block) for _ in range(size >> 20)]
+    parts = [comp.compress(body.getvalue() + pixel_header)]
+    block = bytes([fill]) * (1 << 20)
+    left = pixel_bytes
+    while left:
+        n = min(left, len(block))
+        parts.append(comp.compress(block[:n]))
+        left -= n
     parts.append(comp.flush())
     out = DicomBytesIO()
     out.write(b"\0" * 128 + b"DICM")
@@ -112,6 +122,34 @@ def _peak_mb(pid: int, fn: Callable[[], object]) -> tuple[float, str]:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024, status
     raise RuntimeError("no VmHWM in /proc status")
+
+
+SERVE = [sys.executable, "-m", "clinisynth_server.serve"]
+
+
+def serve_process(
+    service: str, env: Mapping[str, str], *, stderr: int | IO[bytes] | None = None
+) -> tuple[subprocess.Popen[str], str, list[str]]:
+    """``clinisynth-serve <service>`` on free ports, as its own process.
+
+    Returns the process, its gRPC address and the lines it printed up to ``READY``; the rest
+    of its stdout is drained so it never blocks on a full pipe.
+    """
+    proc = subprocess.Popen(
+        [*SERVE, service, "--port", "0", "--metrics-port", "0"],
+        env=dict(env),
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+    )
+    assert proc.stdout is not None
+    printed: list[str] = []
+    for line in proc.stdout:  # blocks until the service reports its ports (or exits)
+        printed.append(line.rstrip("\n"))
+        if line.startswith(f"READY {service} "):
+            threading.Thread(target=proc.stdout.read, daemon=True).start()
+            return proc, f"127.0.0.1:{line.split('grpc=')[1].split()[0]}", printed
+    raise RuntimeError(f"the {service} service exited with {proc.wait()} before READY")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,11 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     (work / "repo").mkdir()
     store = open_store(str(work / "store"))
     payloads: dict[str, Callable[[int], list[object]]] = {
-        "png-bomb": lambda n: [_png(4096)] * n,
+        "png-bomb": lambda n: [png_bomb(4096)] * n,
         "small": lambda n: [_noise_png(64, i) for i in range(n)],
-        "dicom-bomb": lambda n: [common_pb2.Image(dicom=_deflated_dicom_bomb())] * n,
+        "dicom-bomb": lambda n: [common_pb2.Image(dicom=deflated_dicom(512, 512, 536 << 20))] * n,
         # Smooth (compressible) 512² images so 256 of them fit one 16 MB message.
-        "at-budget": lambda n: [_png(512, i % 256) for i in range(n)],
+        "at-budget": lambda n: [png_bomb(512, i % 256) for i in range(n)],
+        "enqueue-bomb": lambda n: [png_bomb(4096, 1 + i) for i in range(n)],
     }
     with TritonServer(work / "repo", strict=False) as triton:
         tclient = TritonClient(triton.grpc_url, timeout_s=300)
@@ -169,44 +208,24 @@ def main(argv: list[str] | None = None) -> int:
         }
         if getattr(triton, "key_file", None):  # restricted Triton: the service reads the key
             env["CLINISYNTH_TRITON_KEY_FILE"] = str(triton.key_file)
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "clinisynth_server.serve",
-                "reward",
-                "--port",
-                "0",
-                "--metrics-port",
-                "0",
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        proc, address, _ = serve_process("reward", env, stderr=None)
         try:
-            port = ""
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                if line.startswith("READY"):
-                    port = line.split("grpc=")[1].split()[0]
-                    break
-            if not port:
-                raise SystemExit("the reward service did not start")
             rows: list[tuple[str, int, float, str]] = []
-            with clinisynth.Client(endpoints={"reward": f"127.0.0.1:{port}"}, timeout=600) as c:
-                c.score([_png(32)], "a", model="bench-memory", resize=True)  # warm-up
+            with clinisynth.Client(endpoints={"reward": address}, timeout=600) as c:
+                c.score([png_bomb(32)], "a", model="bench-memory", resize=True)  # warm-up
                 for kind in kinds:
                     for n in KINDS[kind]:
                         images = payloads[kind](n)
                         peaks, status = [], ""
-                        for _ in range(ns.repeats):
-                            peak, status = _peak_mb(
-                                proc.pid,
-                                lambda images=images: c.score(
-                                    images, "a", model="bench-memory", resize=True
-                                ),
+                        call = (
+                            functools.partial(c.review.enqueue, images, class_name="a")
+                            if kind.startswith("enqueue")
+                            else functools.partial(
+                                c.score, images, "a", model="bench-memory", resize=True
                             )
+                        )
+                        for _ in range(ns.repeats):
+                            peak, status = _peak_mb(proc.pid, call)
                             peaks.append(peak)
                             time.sleep(0.2)
                         rows.append((kind, n, statistics.median(peaks), status))

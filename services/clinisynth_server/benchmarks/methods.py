@@ -135,7 +135,7 @@ def contact_sheet(rows: list[torch.Tensor], path: pathlib.Path, scale: int = 3) 
             y, x = i * (h + 2) + 1, j * (w + 2) + 1
             sheet[y : y + img.shape[0], x : x + img.shape[1]] = img
     Image.fromarray(sheet).resize(
-        (sheet.shape[1] * scale, sheet.shape[0] * scale), Image.NEAREST
+        (sheet.shape[1] * scale, sheet.shape[0] * scale), Image.Resampling.NEAREST
     ).save(path)
 
 

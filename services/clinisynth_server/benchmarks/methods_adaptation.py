@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import pathlib
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -40,6 +40,9 @@ from clinisynth_server.benchmarks.methods_common import (
     shipped,
 )
 from clinisynth_server.phantoms.datasets import write_image_folder, write_manifest
+
+if TYPE_CHECKING:
+    from clinisynth_server.methods.classifier import Classifier
 
 FINDINGS = (
     "no_finding",
@@ -404,7 +407,7 @@ def run_seed(
     cfg: AdaptationConfig,
     seed: int,
     prep: dict[str, Any],
-    clf: torch.nn.Module,
+    clf: Classifier,
     clf_classes: list[str],
     real_feats: torch.Tensor,
 ) -> dict[str, Any]:
@@ -456,7 +459,7 @@ def run_seed(
 def real_reference(
     cfg: AdaptationConfig,
     prep: dict[str, Any],
-    clf: torch.nn.Module,
+    clf: Classifier,
     clf_classes: list[str],
     seed: int,
 ) -> dict[str, Any]:

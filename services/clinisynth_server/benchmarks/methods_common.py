@@ -24,10 +24,15 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DModel
+
+    from clinisynth_server.methods.classifier import Classifier
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[3]
 SHIPPED_MODELS = REPO_ROOT / "deploy" / "models"
@@ -338,7 +343,7 @@ def _param_str(value: Any) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def classifier_features(clf: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+def classifier_features(clf: Classifier) -> Callable[[torch.Tensor], torch.Tensor]:
     """Penultimate features (pooled backbone) of a ``methods.classifier.Classifier``."""
 
     @torch.no_grad()
@@ -419,7 +424,7 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str
     return "\n".join(lines)
 
 
-def load_pixel_unet(folder: pathlib.Path) -> tuple[torch.nn.Module, dict[str, Any], list[str]]:
+def load_pixel_unet(folder: pathlib.Path) -> tuple[UNet2DModel, dict[str, Any], list[str]]:
     """(UNet2DModel, scheduler config, classes) of a pixel diffusers folder."""
     from diffusers import UNet2DModel
 

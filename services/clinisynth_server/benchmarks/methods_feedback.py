@@ -1,4 +1,4 @@
-"""Study 1 — expert feedback → reward model → reward-weighted fine-tuning (cells, METHODS.md §1).
+"""Study 1 — expert feedback → reward → reward-weighted fine-tuning (cells, docs/METHODS.md §1).
 
 The loop, each step a finetune job kind run in process (:class:`methods_common.JobRunner`):
 
@@ -25,7 +25,7 @@ import pathlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -49,6 +49,9 @@ from clinisynth_server.benchmarks.methods_common import (
 )
 from clinisynth_server.finetune.kinds.reward_finetune import load_pool, pool_artifact, save_pool
 from clinisynth_server.phantoms.datasets import write_feedback, write_image_folder
+
+if TYPE_CHECKING:
+    from clinisynth_server.methods.classifier import Classifier
 
 ARMS = ("before", "real_only", "uniform", "reward", "reward_filtered", "oracle")
 ARM_LABELS = {
@@ -364,7 +367,8 @@ def judge(images: torch.Tensor, class_names: list[str]) -> tuple[np.ndarray, dic
     from clinisynth_server.phantoms import cells
 
     arr = to_uint8(images)
-    ok, fails = [], {}
+    ok: list[bool] = []
+    fails: dict[str, int] = {}
     for img, name in zip(arr, class_names, strict=True):
         v = cells.oracle(img, name)
         ok.append(v.plausible)
@@ -378,7 +382,7 @@ def evaluate_generator(
     cfg: FeedbackConfig,
     seed: int,
     assets: CellsAssets,
-    clf: torch.nn.Module,
+    clf: Classifier,
     real_feats: torch.Tensor,
 ) -> dict[str, Any]:
     """Paired evaluation: the same seeds (initial and per-step noise) for every arm."""
@@ -436,7 +440,7 @@ def run_seed(
     runner: JobRunner,
     assets: CellsAssets,
     work: pathlib.Path,
-    clf: torch.nn.Module,
+    clf: Classifier,
     real_feats: torch.Tensor,
     gen_ref: str,
     clf_ref: str,
@@ -668,7 +672,7 @@ def run(
     }
 
 
-def _type_to_clf(assets: CellsAssets, clf: torch.nn.Module) -> np.ndarray:
+def _type_to_clf(assets: CellsAssets, clf: Classifier) -> np.ndarray:
     """Real test labels in the classifier's class order (ImageFolder: sorted names)."""
     from clinisynth_server.phantoms import cells
 

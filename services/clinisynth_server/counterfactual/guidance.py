@@ -149,7 +149,7 @@ def ensure_guidance_model(
                         folder,
                         version=1,
                         max_batch_size=MAX_BATCH_SIZE,
-                        instance_kind=instance_kind,  # type: ignore[arg-type]
+                        instance_kind=repository.check_instance_kind(instance_kind),
                         parameters=parameters,
                     )
         triton.load_model(name)

@@ -1,6 +1,6 @@
 """A counterfactual request in domain terms, and its validation (before any model work).
 
-Published defaults (METHODS.md §3): start depth 0.5 (half of the respaced chain skipped), 200
+Published defaults (docs/METHODS.md §4): start depth 0.5 (half of the respaced chain skipped), 200
 respaced steps, λ_c 0.1, cone angle α 30°, L2 distance with λ_d 0.5 (L1 → λ_d 0.15), cone mode.
 
 ``start_depth`` follows the contract (counterfactual.proto): the fraction of the schedule

@@ -112,8 +112,17 @@ class CounterfactualOutcome:
     stored: dict[str, ObjectInfo] = field(default_factory=dict)
 
     @property
+    def verdict(self) -> cf.FlipVerdict:
+        return cf.flip_verdict(self.p_before_robust, self.p_after_robust)
+
+    @property
     def flipped(self) -> bool:
-        return self.p_after_robust > 0.5
+        """Robust P(target) crossed 0.5; never for an input that already showed the target."""
+        return self.verdict.flipped
+
+    @property
+    def already_target(self) -> bool:
+        return self.verdict.already_target
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready facts (no pixels): what ``result.json`` and the CLI's ``.json`` hold."""
@@ -122,6 +131,11 @@ class CounterfactualOutcome:
             "p_target_before": {"robust": self.p_before_robust, "plain": self.p_before_plain},
             "p_target_after": {"robust": self.p_after_robust, "plain": self.p_after_plain},
             "flipped": self.flipped,
+            "already_target": self.already_target,
+            "p_target_change": {
+                "robust": self.p_after_robust - self.p_before_robust,
+                "plain": self.p_after_plain - self.p_before_plain,
+            },
             "distance": self.distance,
             "trajectory": [
                 {
@@ -145,6 +159,7 @@ class BatchItem:
     distance: float = math.nan
     flipped: bool = False
     error: str = ""
+    already_target: bool = False
 
 
 @dataclass(frozen=True)
@@ -155,6 +170,7 @@ class BatchSummary:
     mean_distance: float
     summary: ObjectInfo | None
     output_prefix: str
+    already_target: int = 0  # images the robust classifier already gave the target
 
 
 Event = Progress | TrajectoryPoint | BatchItem
@@ -286,7 +302,7 @@ def triton_guide_fn(
         x_t: torch.Tensor,
         t: torch.Tensor,
         alpha_bar_t: torch.Tensor,
-        x0: torch.Tensor,
+        x0_input: torch.Tensor,
         target: torch.Tensor,
     ) -> cf.GuidanceGradients:
         parts: dict[str, list[torch.Tensor]] = {n: [] for n in GUIDANCE_OUTPUTS}
@@ -304,7 +320,7 @@ def triton_guide_fn(
                     .detach()
                     .float()
                     .numpy(),
-                    "x0": x0[sl].detach().float().numpy(),
+                    "x0": x0_input[sl].detach().float().numpy(),
                     "target": target[sl].detach().long().numpy(),
                     "distance": np.full((n,), code, np.int64),
                 },
@@ -596,7 +612,7 @@ class Counterfactuals:
             plan, [source], [plan.seed], cancel=cancel, on_point=on_point, on_step=on_step
         )
         provenance = self._provenance(
-            plan, plan.seed, source.shape[:2], request_id, model, source, resized
+            plan, plan.seed, (source.shape[0], source.shape[1]), request_id, model, source, resized
         )
         outcome = self._outcome(
             plan,
@@ -721,7 +737,7 @@ class Counterfactuals:
             for j, (index, key, source, resized) in enumerate(chunk):
                 rid = f"{request_id}-{index:05d}"
                 prov = self._provenance(
-                    plan, seeds[j], source.shape[:2], rid, model, source, resized
+                    plan, seeds[j], (source.shape[0], source.shape[1]), rid, model, source, resized
                 )
                 outcome = self._outcome(
                     plan,
@@ -744,11 +760,15 @@ class Counterfactuals:
                         outcome.p_after_robust,
                         outcome.distance,
                         outcome.flipped,
+                        already_target=outcome.already_target,
                     )
                 )
 
         good = [i for i in items if not i.error]
-        flip_rate = sum(i.flipped for i in good) / len(good) if good else 0.0
+        already = sum(i.already_target for i in good)
+        # Flip rate over the images that could flip (already-target inputs cannot).
+        flippable = len(good) - already
+        flip_rate = sum(i.flipped for i in good) / flippable if flippable else 0.0
         mean_distance = float(np.mean([i.distance for i in good])) if good else math.nan
         summary = {
             "request_id": request_id,
@@ -757,6 +777,7 @@ class Counterfactuals:
             "images": len(good),
             "failed": len(items) - len(good),
             "flip_rate": flip_rate,
+            "already_target": already,
             "mean_distance": mean_distance,
             "knobs": plan.knobs,
             "seed": plan.seed,
@@ -773,6 +794,7 @@ class Counterfactuals:
                     "p_target_after_robust": _json_float(i.p_after_robust),
                     "distance": _json_float(i.distance),
                     "flipped": i.flipped,
+                    "already_target": i.already_target,
                     "error": i.error,
                 }
                 for i in items
@@ -784,7 +806,7 @@ class Counterfactuals:
             content_type="application/json",
         )
         return BatchSummary(
-            len(good), len(items) - len(good), flip_rate, mean_distance, info, out_prefix
+            len(good), len(items) - len(good), flip_rate, mean_distance, info, out_prefix, already
         )
 
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from clinisynth.v1 import common_pb2, counterfactual_pb2, counterfactual_pb2_grpc
-from clinisynth_server import protoconv
+from clinisynth_server import paging, protoconv
 from clinisynth_server.catalog import Catalog
 from clinisynth_server.counterfactual import service as svc
 from clinisynth_server.counterfactual.options import CounterfactualOptions
@@ -123,6 +123,8 @@ class CounterfactualServicer(counterfactual_pb2_grpc.CounterfactualServiceServic
             distance=out.distance,
             target_class=out.target_class,
             provenance=protoconv.provenance(out.provenance),
+            already_target=out.already_target,
+            flipped=out.flipped,
         )
 
     # -- RPCs ---------------------------------------------------------------------------------
@@ -177,6 +179,7 @@ class CounterfactualServicer(counterfactual_pb2_grpc.CounterfactualServiceServic
                     failed=item.failed,
                     flip_rate=item.flip_rate,
                     mean_distance=item.mean_distance,
+                    already_target=item.already_target,
                 )
                 if item.summary is not None:
                     done.summary.CopyFrom(protoconv.artifact_ref(item.summary, self.store))
@@ -189,6 +192,7 @@ class CounterfactualServicer(counterfactual_pb2_grpc.CounterfactualServiceServic
                     distance=item.distance,
                     flipped=item.flipped,
                     error=item.error,
+                    already_target=item.already_target,
                 )
                 if item.result is not None:
                     msg.result.CopyFrom(protoconv.artifact_ref(item.result, self.store))
@@ -202,29 +206,16 @@ class CounterfactualServicer(counterfactual_pb2_grpc.CounterfactualServiceServic
             raise InvalidArgument.for_field(
                 "kind", "this service uses unconditional denoisers and classifiers only"
             )
-        if request.page_size < 0:
-            raise InvalidArgument.for_field("page_size", "must be >= 0")
-        records = [
-            r
-            for r in self.catalog.list(
-                kind=kind, name=request.name, all_versions=request.all_versions
+        return protoconv.list_models_response(
+            paging.list_models(
+                self.catalog,
+                kind=kind,
+                name=request.name,
+                all_versions=request.all_versions,
+                page_size=request.page_size,
+                page_token=request.page_token,
+                kinds=KINDS,
             )
-            if r.kind in KINDS
-        ]
-        start = 0
-        if request.page_token:
-            try:
-                start = int(request.page_token)
-            except ValueError as exc:
-                raise InvalidArgument.for_field("page_token", "not a token from this API") from exc
-        size = min(request.page_size or 100, 1000)
-        latest = {r.name: r.version for r in self.catalog.list()}
-        return common_pb2.ListModelsResponse(
-            models=[
-                protoconv.model_info(r, latest=latest.get(r.name) == r.version)
-                for r in records[start : start + size]
-            ],
-            next_page_token=str(start + size) if start + size < len(records) else "",
         )
 
 

@@ -15,9 +15,13 @@ from __future__ import annotations
 import json
 import pathlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from clinisynth_server.methods.classifier import Classifier
 
 CLASSES = ("healthy", "lesion")
 
@@ -48,7 +52,7 @@ class ToyFolders:
 
 def write_classifier_folder(
     folder: pathlib.Path,
-    model: torch.nn.Module,
+    model: Classifier,
     *,
     classes: tuple[str, ...] | list[str],
     size: int,
@@ -57,7 +61,7 @@ def write_classifier_folder(
     domain: str,
 ) -> pathlib.Path:
     """A classifier checkpoint + the ``clinisynth.json`` the registry reads."""
-    model.save(folder)  # type: ignore[operator]
+    model.save(folder)
     meta = {
         "kind": "classifier",
         "triton_role": "classifier",

@@ -5,7 +5,8 @@ Settings (``CLINISYNTH_FINETUNE_<KEY>`` or the ``[finetune]`` table of the confi
 ``model_repository`` (else ``CLINISYNTH_MODEL_REPOSITORY``), ``launcher`` (local | kubernetes),
 ``workdir`` (workers' local scratch), ``nproc_per_node`` (1), ``job_template``, ``namespace``,
 ``worker_image`` (kubernetes launcher), ``torch_threads`` (CPU threads per local worker; 0 = torch's
-default), ``heartbeat_s`` (workers' heartbeat period).
+default), ``heartbeat_s`` (workers' heartbeat period), ``allow_pickle_weights`` (false: imported
+model folders must hold safetensors; true admits ``.bin`` weights, loaded with ``weights_only``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import grpc
 from clinisynth.v1 import finetune_pb2, finetune_pb2_grpc
 from clinisynth_server.catalog import Catalog
 from clinisynth_server.errors import InvalidArgument
+from clinisynth_server.finetune.imports import ImportSettings, ModelImports
 from clinisynth_server.finetune.launchers import KubernetesLauncher, LocalLauncher
 from clinisynth_server.finetune.service import FinetuneService, Settings
 from clinisynth_server.finetune.servicer import FinetuneServicer
@@ -91,8 +93,22 @@ def create(config: ServiceConfig) -> Callable[[grpc.Server, ServiceMetrics], Seq
             metrics.finetune,
         )
         service.start()
-        register.service = service  # type: ignore[attr-defined]  # for tests and benchmarks
-        finetune_pb2_grpc.add_FinetuneServiceServicer_to_server(FinetuneServicer(service), server)
+        # an attribute on the function (mypy types functions without attributes): for tests
+        register.service = service  # type: ignore[attr-defined]
+        pickle = config.get("allow_pickle_weights", "false").strip().lower()
+        if pickle not in ("true", "false", "1", "0", ""):
+            raise InvalidArgument.for_field(
+                "CLINISYNTH_FINETUNE_ALLOW_PICKLE_WEIGHTS", f"true or false, not {pickle!r}"
+            )
+        models = ModelImports(
+            deps.store,
+            service.catalog,
+            deps.triton,
+            ImportSettings(settings.model_repository, allow_pickle_weights=pickle in ("true", "1")),
+        )
+        finetune_pb2_grpc.add_FinetuneServiceServicer_to_server(
+            FinetuneServicer(service, models), server
+        )
         return [SERVICE_NAME]
 
     return register

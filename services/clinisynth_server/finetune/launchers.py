@@ -116,7 +116,8 @@ class LocalLauncher:
         pid = int(record.worker.get("pid", 0))
         if not pid or not self.alive(record):
             return
-        # The worker leads its own process group (torchrun's children included).
+        # The worker leads its own process group; torchrun's ranks run in sessions of their
+        # own, get the SIGTERM from torchrun and die with it (worker.die_with_launcher).
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGTERM)
 

@@ -5,19 +5,43 @@ the Triton model repository folder, config ``model_repository`` / ``CLINISYNTH_M
 and its tokenizer from the store) or a store prefix holding a diffusers folder (a Stable
 Diffusion pipeline, a ``UNet2DModel`` folder) or a methods checkpoint (reward model, classifier).
 Either way the worker gets a plain folder that ``from_pretrained`` / ``load`` read unchanged.
+
+A prefix is caller-chosen, so it is confined before any store call (:func:`confine_prefix`): a
+caller's own namespaces (``datasets/``, anything outside the service namespaces, and the model
+folders uploaded for import under ``imports/``) or the promotable ``model/`` folder of a
+finished checkpoint (``finetune/jobs/<id>/checkpoints/<step>/model/``, from ListCheckpoints). Never
+the rest of a job (its resume state), ``finetune/secrets/``, catalog records, feedback or a
+model repository: otherwise a job would copy them into its work folder and train on them.
 """
 
 from __future__ import annotations
 
 import json
 import pathlib
+import re
 import shutil
 from dataclasses import dataclass, field
 from typing import Any
 
 from clinisynth_server.catalog import Catalog, ModelRecord
 from clinisynth_server.errors import ClinisynthError, InvalidArgument, NotFound
-from clinisynth_server.store.base import ArtifactStore, dir_prefix
+from clinisynth_server.finetune.records import ROOT as JOBS_ROOT
+from clinisynth_server.store.base import (
+    IMPORTS_NAMESPACE,
+    ArtifactStore,
+    dir_prefix,
+    outside_service_namespaces,
+)
+
+#: A checkpoint's promotable folder: the one part of a job's files a caller may build on.
+_CHECKPOINT_MODEL = re.compile(
+    rf"^{re.escape(JOBS_ROOT)}[A-Za-z0-9][A-Za-z0-9_.-]*/checkpoints/[0-9]+/model/$"
+)
+_ALLOWED = (
+    "a catalog model name (name or name@version), a prefix of your own outside the service "
+    "namespaces (datasets/..., imports/...), or a checkpoint's model folder "
+    "(finetune/jobs/<id>/checkpoints/<step>/model/)"
+)
 
 
 @dataclass(frozen=True)
@@ -36,6 +60,29 @@ def _is_prefix_ref(ref: str) -> bool:
     return "/" in ref
 
 
+def confine_prefix(ref: str, store: ArtifactStore, *, field_name: str) -> str:
+    """The prefix ``ref`` names, if a caller may build a model on it; else INVALID_ARGUMENT.
+
+    Checked before the prefix is listed, so a refused prefix is never read and whether it
+    exists is not revealed. A checkpoint counts once it is complete (``checkpoint.json``).
+    """
+    prefix = dir_prefix(ref.rstrip("/"), field_name)
+    if _CHECKPOINT_MODEL.match(prefix):
+        if not store.exists(prefix.removesuffix("model/") + "checkpoint.json"):
+            raise InvalidArgument.for_field(
+                field_name, f"{ref!r} is not the model folder of a finished checkpoint"
+            )
+        return prefix
+    if prefix.startswith(IMPORTS_NAMESPACE) and prefix != IMPORTS_NAMESPACE:
+        return prefix  # model folders callers uploaded for import (the finetune upload RPC)
+    try:
+        return outside_service_namespaces(prefix, field_name)
+    except InvalidArgument as exc:
+        raise InvalidArgument.for_field(
+            field_name, f"{ref!r} is not a model a job may start from: use {_ALLOWED}"
+        ) from exc
+
+
 def resolve(ref: str, catalog: Catalog, store: ArtifactStore, *, field_name: str) -> BaseModel:
     """Look the reference up; ``InvalidArgument`` on ``field_name`` when it names nothing."""
     ref = ref.strip()
@@ -48,7 +95,7 @@ def resolve(ref: str, catalog: Catalog, store: ArtifactStore, *, field_name: str
         except InvalidArgument as exc:
             raise InvalidArgument.for_field(field_name, exc.violations[0].description) from exc
         return BaseModel(ref, record.kind, list(record.classes), record=record)
-    prefix = dir_prefix(ref.rstrip("/"), field_name)
+    prefix = confine_prefix(ref, store, field_name=field_name)
     try:
         names = {info.key[len(prefix) :] for info in store.list(prefix)}
     except ClinisynthError as exc:

@@ -188,6 +188,22 @@ def parse_params(specs: Sequence[Param], given: Mapping[str, str]) -> ParsedPara
     return out
 
 
+def world_size_violations(values: Mapping[str, Any], default_nproc: int) -> list[FieldViolation]:
+    """The global batch must split evenly: each of the processes takes batch_size / world."""
+    nproc = int(values.get("nproc_per_node", 0) or 0) or max(1, default_nproc)
+    nnodes = max(1, int(values.get("nnodes", 1) or 1))
+    world, batch = nproc * nnodes, values.get("batch_size")
+    if isinstance(batch, int) and batch % world:
+        return [
+            FieldViolation(
+                "params[batch_size]",
+                f"{batch} does not divide among {world} processes (nproc_per_node × nnodes); "
+                f"each process takes batch_size / {world}: use a multiple of {world}",
+            )
+        ]
+    return []
+
+
 def typed(specs: Sequence[Param], strings: Mapping[str, str]) -> dict[str, Any]:
     """Re-parse stored canonical strings (the worker's view of a validated job)."""
     parsed = parse_params(specs, {k: v for k, v in strings.items() if k in {s.name for s in specs}})

@@ -2,7 +2,8 @@
 
 Layout (``finetune/jobs/<id>/``)::
 
-    job.json                 the service's record (state, timestamps, restarts, reason)
+    job.json                 the service's record (state, timestamps, restarts, reason, and the
+                             checkpoint digests it recorded from the worker's reports)
     cancel.json              the service asks the worker to stop
     progress.json            the worker's heartbeat: step, metrics, pid, attempt
     result.json              the worker's outcome (succeeded / failed / cancelled) per attempt
@@ -75,6 +76,17 @@ class JobRecord:
     metrics: dict[str, float] = field(default_factory=dict)
     # Summary of the data set at creation (images, classes, size, channels).
     data: dict[str, Any] = field(default_factory=dict)
+    # The service's account of each committed checkpoint (id → sha256 of its checkpoint.json),
+    # taken when the worker reported it. Resume and promotion trust these digests, never the
+    # checkpoint folder itself. None: a record written before digests were recorded.
+    checkpoints: dict[str, str] | None = None
+    # id → {relative path: sha256} from that manifest, to name a rewritten file.
+    checkpoint_files: dict[str, dict[str, str]] = field(default_factory=dict)
+    # id → the attempt during which it was recorded: within one attempt a worker writes a
+    # checkpoint once, so a second report of it then is refused (a later attempt may rewrite it).
+    checkpoint_attempts: dict[str, int] = field(default_factory=dict)
+    # Sequence number of the last event read for checkpoint reports.
+    checkpoint_events: int = 0
 
     @property
     def terminal(self) -> bool:
@@ -286,6 +298,16 @@ class JobStore:
         # The manifest goes first so a half-deleted checkpoint is never listed.
         self.store.delete(prefix + "checkpoint.json")
         self.store.delete_prefix(prefix)
+
+
+def reported_checkpoints(events: list[Event]) -> dict[str, str]:
+    """Manifest digests the worker's ``checkpoint`` events report (id → sha256), newest wins."""
+    reported: dict[str, str] = {}
+    for e in events:
+        ckpt = e.checkpoint or {}
+        if e.type == "checkpoint" and ckpt.get("id") and ckpt.get("manifest_sha256"):
+            reported[str(ckpt["id"])] = str(ckpt["manifest_sha256"])
+    return reported
 
 
 def _field_names(cls: type[Any]) -> set[str]:

@@ -4,10 +4,16 @@ The service process is the only writer of ``job.json``: a scheduler thread start
 (at most ``max_concurrent_jobs`` at once, oldest first), notices workers that finished (their
 ``result.json``), died (no result: resumed from the last checkpoint, up to ``max_restarts``) or
 hang (stale heartbeat), and after a restart re-adopts workers that still run.
+
+It is also the authority on checkpoints: when a worker reports one (its ``checkpoint`` event),
+the service records the manifest's sha256 and file digests in ``job.json``. A relaunched worker
+resumes only from a checkpoint that matches that record, and promotion verifies the bytes it
+registers against it, so rewriting a checkpoint's files and manifest together is caught.
 """
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import hashlib
 import hmac
@@ -35,7 +41,7 @@ from clinisynth_server.errors import (
 from clinisynth_server.finetune import datasets
 from clinisynth_server.finetune.kinds import NAMES, load
 from clinisynth_server.finetune.kinds.base import CheckContext, KindSpec
-from clinisynth_server.finetune.params import parse_params
+from clinisynth_server.finetune.params import parse_params, world_size_violations
 from clinisynth_server.finetune.records import (
     STATES,
     CheckpointInfo,
@@ -44,8 +50,15 @@ from clinisynth_server.finetune.records import (
     JobStore,
     best_checkpoint,
     new_job_id,
+    reported_checkpoints,
 )
 from clinisynth_server.imaging import deid
+from clinisynth_server.methods._checkpoint import (
+    MANIFEST_NAME,
+    DigestMismatch,
+    manifest_files,
+    verify_tree,
+)
 from clinisynth_server.runtime.metrics import FinetuneMetrics
 from clinisynth_server.store.base import (
     DATASETS_NAMESPACE,
@@ -59,6 +72,8 @@ log = logging.getLogger(__name__)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 # One clean key segment: a job id never reaches outside its own finetune/jobs/<id>/ folder.
 _JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_CHECKPOINT_ID_RE = re.compile(r"^[0-9]{9}$")  # JobStore.checkpoint_id(step)
+MODEL_FOLDER = "model/"  # the promotable part of a checkpoint
 #: The de-identification secret (UID salt and date shift of uploaded DICOM derive from it).
 DEID_SECRET_KEY = "finetune/secrets/deid.txt"
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -184,6 +199,9 @@ class FinetuneService:
         if spec is not None:
             parsed = parse_params(spec.params, params)
             errors.violations.extend(parsed.violations)
+            errors.violations.extend(
+                world_size_violations(parsed.values, self.settings.nproc_per_node)
+            )
             if dataset:
                 report = datasets.validate(
                     datasets.StoreSource(self.store, dataset), dataset, spec.dataset_layout
@@ -207,6 +225,7 @@ class FinetuneService:
             state="queued",
             created=time.time(),
             max_steps=int(parsed.values["max_steps"]),
+            checkpoints={},
             data={
                 "images": report.images,
                 "classes": report.classes,
@@ -358,7 +377,7 @@ class FinetuneService:
             time.sleep(poll_s)
 
     # -- checkpoints and promote ------------------------------------------------------------
-    def checkpoints(self, job_id: str) -> list[CheckpointInfo]:
+    def checkpoints(self, job_id: str) -> builtins.list[CheckpointInfo]:
         self._record(job_id)
         checkpoints = self.jobs.checkpoints(job_id)
         best = best_checkpoint(checkpoints)
@@ -368,6 +387,9 @@ class FinetuneService:
         self, job_id: str, checkpoint_id: str = "", model_name: str = ""
     ) -> tuple[ModelRecord, str]:
         record = self._record(job_id)
+        with self._lock:
+            if self._records.get(job_id) is record:
+                self._record_checkpoints(record)  # what the worker reported since the last tick
         checkpoints = self.checkpoints(job_id)
         if not checkpoints:
             raise FailedPrecondition(
@@ -396,7 +418,7 @@ class FinetuneService:
 
         with self._promote_lock, tempfile.TemporaryDirectory(prefix="promote-") as tmp:
             folder = pathlib.Path(tmp) / "model"
-            self.store.download_dir(chosen.prefix + "model/", folder)
+            self._download_verified(record, chosen, folder)
             versions = self.catalog.versions(name)
             previous = str(versions[-1].version) if versions else ""
             self.catalog.invalidate()
@@ -428,16 +450,138 @@ class FinetuneService:
         )
         return model, previous
 
+    def _download_verified(
+        self, record: JobRecord, chosen: CheckpointInfo, folder: pathlib.Path
+    ) -> None:
+        """Download ``chosen``'s model folder and check it against the digests recorded for it.
+
+        The bytes checked are the bytes registered (no second read). ``FailedPrecondition``
+        naming the file when any differs, is missing or was added; nothing is registered then.
+        """
+
+        def refuse(path: str, why: str) -> FailedPrecondition:
+            return FailedPrecondition(
+                f"checkpoint {chosen.id} of job {record.id} does not match what the finetune "
+                f"service recorded when it was written: {path}: {why}; nothing was registered",
+                reason="CHECKPOINT_TAMPERED",
+                metadata={"checkpoint": chosen.id, "file": path},
+            )
+
+        recorded = (
+            record.checkpoints
+            if record.checkpoints is not None
+            else reported_checkpoints(self.jobs.events(record.id))  # a record from before
+        )
+        expected = recorded.get(chosen.id)
+        prefix = self.jobs.checkpoint_prefix(record.id, chosen.id)
+        if expected is None:
+            raise refuse(MANIFEST_NAME, "the service never recorded its digest")
+        if chosen.prefix != prefix:
+            raise refuse(MANIFEST_NAME, f"it points at another prefix {chosen.prefix!r}")
+        self.store.download_dir(prefix + MODEL_FOLDER, folder)
+        files = record.checkpoint_files.get(chosen.id)
+        try:
+            if files is not None:  # names the rewritten file, whatever the manifest says now
+                verify_tree(folder, _under(files, MODEL_FOLDER), label=MODEL_FOLDER)
+            try:
+                raw = self.store.get_bytes(prefix + MANIFEST_NAME)
+            except NotFound:
+                raise refuse(MANIFEST_NAME, "missing") from None
+            listed = manifest_files(raw, expected)
+            verify_tree(folder, _under(listed, MODEL_FOLDER), label=MODEL_FOLDER)
+        except DigestMismatch as exc:
+            log.warning("job %s: promotion of checkpoint %s refused: %s", record.id, chosen.id, exc)
+            raise refuse(exc.path, str(exc).removeprefix(f"{exc.path}: ")) from None
+
+    # -- checkpoint digests: the service's record ----------------------------------------------
+    def _record_checkpoints(self, record: JobRecord) -> None:
+        """Record the digests of checkpoints the worker reported since the last look.
+
+        The caller holds ``self._lock`` and ``record`` is one of ``self._records``. A running
+        job's reports are taken every tick; a finished job's account is closed, except that a
+        record from before digests were kept is filled in once from its events. A report whose
+        manifest no longer hashes to the reported digest is not recorded (and an older entry
+        for that id is dropped): such a checkpoint is never resumed from or promoted.
+        """
+        if record.terminal and record.checkpoints is not None:
+            return
+        events = self.jobs.events(record.id, record.checkpoint_events)
+        if not events and record.checkpoints is not None:
+            return
+        recorded = dict(record.checkpoints or {})
+        files = dict(record.checkpoint_files)
+        attempts = dict(record.checkpoint_attempts)
+        for ckpt_id, digest in reported_checkpoints(events).items():  # newest report wins
+            if not _CHECKPOINT_ID_RE.match(ckpt_id) or recorded.get(ckpt_id) == digest:
+                continue
+            if ckpt_id in recorded and attempts.get(ckpt_id) == record.attempt:
+                self._not_recorded(
+                    record.id, ckpt_id, "reported again with another digest by the same attempt"
+                )
+                continue
+            recorded.pop(ckpt_id, None)
+            files.pop(ckpt_id, None)
+            listed = self._first_sight(record.id, ckpt_id, digest)
+            if listed is not None:
+                recorded[ckpt_id], files[ckpt_id] = digest, listed
+                attempts[ckpt_id] = record.attempt
+        if events:
+            record.checkpoint_events = events[-1].sequence
+            # Forget the ones the worker pruned (a later report is needed to bring one back).
+            present = {
+                info.key.rstrip("/").rsplit("/", 1)[-1]
+                for info in self.store.list(
+                    self.jobs.key(record.id, "checkpoints/"), recursive=False
+                )
+                if info.is_prefix
+            }
+            recorded = {k: v for k, v in recorded.items() if k in present}
+        files = {k: v for k, v in files.items() if k in recorded}
+        attempts = {k: v for k, v in attempts.items() if k in recorded}
+        if (recorded, files, attempts) != (
+            record.checkpoints,
+            record.checkpoint_files,
+            record.checkpoint_attempts,
+        ):
+            record.checkpoints, record.checkpoint_files = recorded, files
+            record.checkpoint_attempts = attempts
+            self.jobs.put(record)
+
+    def _first_sight(self, job_id: str, ckpt_id: str, digest: str) -> dict[str, str] | None:
+        """The reported checkpoint's file list if its manifest still hashes to ``digest``."""
+        key = self.jobs.checkpoint_prefix(job_id, ckpt_id) + MANIFEST_NAME
+        try:
+            return manifest_files(self.store.get_bytes(key), digest)
+        except NotFound:
+            return None  # pruned (or rewritten by a later attempt, whose report follows)
+        except DigestMismatch as exc:
+            self._not_recorded(job_id, ckpt_id, str(exc))
+            return None
+
+    def _not_recorded(self, job_id: str, ckpt_id: str, why: str) -> None:
+        log.warning("job %s: checkpoint %s not recorded: %s", job_id, ckpt_id, why)
+        self.jobs.append_event(
+            job_id,
+            "error",
+            message=(
+                f"checkpoint {ckpt_id} report not recorded: {why}; only what the service "
+                "recorded is resumed from or promoted"
+            ),
+        )
+
     # -- kinds, uploads, data-set checks ---------------------------------------------------------
-    def kinds(self) -> list[KindSpec]:
+    def kinds(self) -> builtins.list[KindSpec]:
         return list(self._kinds.values())
 
-    def upload(self, chunks: Iterable[tuple[str, bytes, str]]) -> ObjectInfo:
+    def upload(
+        self, chunks: Iterable[tuple[str, bytes, str]], *, namespace: str = DATASETS_NAMESPACE
+    ) -> ObjectInfo:
         """(key, data, sha256) chunks of one file → the stored object; digest checked.
 
         Only data sets are written here: the key must lie under ``datasets/`` (the rest of the
-        store belongs to the services that write it). A DICOM file is de-identified before it
-        is stored, so the stored digest differs from the one sent.
+        store belongs to the services that write it), or under ``namespace`` for the model
+        upload RPC (``imports/``). A DICOM data-set file is de-identified before it is stored,
+        so the stored digest differs from the one sent.
         """
         key = ""
         expected = ""
@@ -446,7 +590,7 @@ class FinetuneService:
         with tempfile.TemporaryFile() as spool:
             for chunk_key, data, sha in chunks:
                 if chunk_key and not key:
-                    key = confine_key(chunk_key, DATASETS_NAMESPACE, "key")
+                    key = confine_key(chunk_key, namespace, "key")
                 elif chunk_key and chunk_key != key:
                     raise InvalidArgument.for_field("key", "one upload carries one file")
                 if not key:
@@ -469,7 +613,7 @@ class FinetuneService:
                     f"{digest.hexdigest()} ({size} bytes); nothing was stored",
                 )
             spool.seek(0)
-            if _is_dicom(key, spool):
+            if namespace == DATASETS_NAMESPACE and _is_dicom(key, spool):
                 return self.store.put_bytes(
                     key, self._deidentify(key, spool, size), content_type="application/dicom"
                 )
@@ -552,6 +696,9 @@ class FinetuneService:
         self._export_metrics()
 
     def _check_running(self, record: JobRecord, now: float) -> None:
+        with self._lock:
+            if record.state == "running":
+                self._record_checkpoints(record)
         result = self.jobs.result(record.id)
         if result and int(result.get("attempt", -1)) == record.attempt and result.get("state"):
             with self._lock:
@@ -604,6 +751,7 @@ class FinetuneService:
                 self._finish(record, "failed", f"{why}; gave up after {record.restarts} restarts")
                 return
             record.restarts += 1
+            self._record_checkpoints(record)  # the relaunched worker trusts only these
             checkpoints = self.jobs.checkpoints(record.id)
             resume = f"checkpoint {checkpoints[-1].id}" if checkpoints else "the start"
             self.jobs.append_event(
@@ -644,6 +792,10 @@ class FinetuneService:
         """Terminal transition (caller holds the lock): event first, then the record."""
         if state not in ("succeeded", "failed", "cancelled"):
             state, reason = "failed", f"unknown worker outcome {state!r}"
+        try:
+            self._record_checkpoints(record)  # the last reports, before the account closes
+        except ClinisynthError as exc:
+            log.warning("job %s: checkpoint reports not read: %s", record.id, exc)
         self.jobs.append_event(
             record.id, "state", state=state, step=record.step, message=reason or state
         )
@@ -691,6 +843,11 @@ class FinetuneService:
                 with contextlib.suppress(KeyError):
                     gauge.remove(*labels)
         self._live_labels = live
+
+
+def _under(files: dict[str, str], folder: str) -> dict[str, str]:
+    """The entries of a checkpoint file list under ``folder``, relative to it."""
+    return {k[len(folder) :]: v for k, v in files.items() if k.startswith(folder)}
 
 
 def _is_dicom(key: str, spool: IO[bytes]) -> bool:

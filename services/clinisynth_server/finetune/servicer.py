@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from google.protobuf import timestamp_pb2
+
 from clinisynth.v1 import common_pb2, finetune_pb2, finetune_pb2_grpc
 from clinisynth_server import protoconv
+from clinisynth_server.finetune import imports
 from clinisynth_server.finetune import service as svc
 from clinisynth_server.finetune.records import CheckpointInfo, Event
 from clinisynth_server.runtime.streaming import cancel_token, stream_events
+from clinisynth_server.store.base import IMPORTS_NAMESPACE, ArtifactStore
 
 STATE_TO_PROTO = {
     "queued": finetune_pb2.JOB_STATE_QUEUED,
@@ -20,7 +24,7 @@ STATE_TO_PROTO = {
 PROTO_TO_STATE = {v: k for k, v in STATE_TO_PROTO.items()}
 
 
-def _ts(seconds: float):  # type: ignore[no-untyped-def]
+def _ts(seconds: float) -> timestamp_pb2.Timestamp | None:
     return protoconv.timestamp(seconds) if seconds else None
 
 
@@ -48,14 +52,14 @@ def job_proto(view: svc.JobView) -> finetune_pb2.Job:
     return msg
 
 
-def checkpoint_proto(c: CheckpointInfo, store) -> finetune_pb2.Checkpoint:  # type: ignore[no-untyped-def]
+def checkpoint_proto(c: CheckpointInfo, store: ArtifactStore) -> finetune_pb2.Checkpoint:
     ref = common_pb2.ArtifactRef(key=c.prefix + "model/", uri=store.uri(c.prefix + "model"))
     msg = finetune_pb2.Checkpoint(id=c.id, step=c.step, metrics=c.metrics, ref=ref, best=c.best)
     msg.created.CopyFrom(protoconv.timestamp(c.created))
     return msg
 
 
-def event_proto(e: Event, store) -> finetune_pb2.JobEvent:  # type: ignore[no-untyped-def]
+def event_proto(e: Event, store: ArtifactStore) -> finetune_pb2.JobEvent:
     msg = finetune_pb2.JobEvent(
         sequence=e.sequence,
         job_id=e.job_id,
@@ -81,9 +85,42 @@ def event_proto(e: Event, store) -> finetune_pb2.JobEvent:  # type: ignore[no-un
     return msg
 
 
+def model_details(view: imports.ModelView) -> finetune_pb2.ModelDetails:
+    r = view.record
+    return finetune_pb2.ModelDetails(
+        model=protoconv.model_info(r, latest=view.latest),
+        components=[
+            finetune_pb2.ModelComponent(
+                role=role,
+                triton_model=name,
+                triton_version=r.component_versions.get(role, r.version),
+                ready=view.ready.get(role, False),
+            )
+            for role, name in sorted(r.components.items())
+        ],
+        dtype=str(r.extra.get("dtype", "float32")),
+        device=str(r.extra.get("device", "cpu")),
+        instances=int(r.extra.get("instances", 1)),
+        max_batch_size=int(r.extra.get("max_batch_size", 0)),
+        size_bytes=int(r.extra.get("size_bytes", 0)),
+        retired=view.retired,
+        aliases=view.aliases,
+        source=str(r.extra.get("source", "")),
+        scheduler=str(r.scheduler.get("_class_name", "")),
+    )
+
+
 class FinetuneServicer(finetune_pb2_grpc.FinetuneServiceServicer):
-    def __init__(self, service: svc.FinetuneService) -> None:
+    def __init__(
+        self, service: svc.FinetuneService, models: imports.ModelImports | None = None
+    ) -> None:
         self.service = service
+        self.models = models or imports.ModelImports(
+            service.store,
+            service.catalog,
+            service.triton,
+            imports.ImportSettings(model_repository=service.settings.model_repository),
+        )
 
     def CreateJob(self, request, context):
         record = self.service.create(
@@ -178,3 +215,40 @@ class FinetuneServicer(finetune_pb2_grpc.FinetuneServiceServicer):
             per_class=report.per_class,
             problems=report.problems,
         )
+
+    # -- bring your own model ------------------------------------------------------------------
+    def UploadModelFile(self, request_iterator, context):
+        chunks = self.models.upload_chunks(svc.iter_upload(request_iterator))
+        info = self.service.upload(chunks, namespace=IMPORTS_NAMESPACE)
+        return protoconv.artifact_ref(info, self.service.store, presign=False)
+
+    def ListModelUpload(self, request, context):
+        return finetune_pb2.ListModelUploadResponse(
+            files=[
+                protoconv.artifact_ref(i, self.service.store, presign=False)
+                for i in self.models.uploaded(request.upload_id)
+            ]
+        )
+
+    def ImportModel(self, request, context):
+        options = imports.ImportOptions(
+            source=request.source,
+            name=request.name,
+            description=request.description,
+            labels=dict(request.labels),
+            dtype=request.dtype,
+            device=request.device,
+            instances=request.instances,
+            max_batch_size=request.max_batch_size,
+        )
+        return model_details(self.models.import_model(options))
+
+    def GetModel(self, request, context):
+        return model_details(self.models.get(request.model.name, request.model.version))
+
+    def DeleteModel(self, request, context):
+        return model_details(self.models.delete(request.model.name, request.model.version))
+
+    def SetModelAlias(self, request, context):
+        view = self.models.alias(request.model.name, request.model.version, request.alias)
+        return model_details(view)

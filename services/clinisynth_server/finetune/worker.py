@@ -18,10 +18,13 @@ may adopt from a dead one it must resume. Only the main process (rank 0) writes 
 Nothing on the resume path is unpickled. Training state is ``state/trainer.safetensors`` +
 ``state/trainer.json`` (:func:`~clinisynth_server.methods._checkpoint.save_state`), and
 ``checkpoint.json`` — the manifest, written last — lists every file of the checkpoint with its
-sha256; the manifest's own sha256 goes into the ``checkpoint`` event. Before resuming, the worker
-checks all of it; a checkpoint that fails (a replaced or altered file, an extra file, a manifest
-that differs from the recorded one, the old pickled ``trainer.pt`` format) is refused with an
-``error`` event and the previous one is tried; when none passes the job fails.
+sha256; the manifest's own sha256 goes into the ``checkpoint`` event, from which the service
+records it in the job record (``JobRecord.checkpoints``), which only the service writes. Before
+resuming, the worker checks the manifest against that recorded digest and every file against the
+manifest: a checkpoint that fails (a replaced or altered file, an extra file, a manifest rewritten
+to match rewritten files, one the service never recorded, the old pickled ``trainer.pt`` format)
+is refused with an ``error`` event and the previous one is tried; when none passes, training
+starts over from step 0 (with an event saying why) rather than load unverified bytes.
 """
 
 from __future__ import annotations
@@ -40,16 +43,12 @@ import time
 import traceback
 from typing import Any
 
-from clinisynth_server.errors import Cancelled, ClinisynthError
+from clinisynth_server.errors import Cancelled, ClinisynthError, InvalidArgument
 
 log = logging.getLogger("clinisynth.finetune.worker")
 PREEMPTED_EXIT = 143
 HEARTBEAT_S = float(os.environ.get("CLINISYNTH_FINETUNE_HEARTBEAT_S", "2"))
 CANCEL_POLL_S = 1.0
-
-
-MANIFEST = "checkpoint.json"
-MANIFEST_VERSION = 2  # 1: pickled state/trainer.pt, no file digests (refused, never unpickled)
 
 
 class Preempted(Exception):
@@ -58,6 +57,23 @@ class Preempted(Exception):
 
 class CheckpointRefused(Exception):
     """A checkpoint that failed verification: it is never loaded."""
+
+
+def group_torn_down(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed because another rank is gone.
+
+    torchrun tears the whole group down when one rank dies (kill -9, OOM): the survivors' next
+    all-reduce fails. That is not the job's failure: they leave without a result, the launcher
+    sees the worker gone and the service resumes the job from its last checkpoint.
+    """
+    import torch.distributed as dist
+
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(
+        word in text for word in ("gloo", "nccl", "connection closed by peer", "connection reset")
+    )
 
 
 class Worker:
@@ -82,6 +98,7 @@ class Worker:
         self._term = threading.Event()
         self._writes: queue.Queue[Any] = queue.Queue()
         self.is_main = True
+        self.world_size = 1
 
     # -- store side effects (main process only), written by one writer thread ---------------
     # The training thread only enqueues: it never waits on the store (fsync, S3 round trips),
@@ -188,6 +205,10 @@ class Worker:
         except Preempted:
             code = PREEMPTED_EXIT
         except Exception as exc:
+            if self.world_size > 1 and group_torn_down(exc):
+                log.warning("job %s: the process group is gone, leaving: %s", self.run_id, exc)
+                return 1  # no result: the service resumes from the last checkpoint
+
             reason = f"{type(exc).__name__}: {exc}"
             if not isinstance(exc, ClinisynthError):
                 log.error("job %s failed:\n%s", self.run_id, traceback.format_exc())
@@ -233,6 +254,13 @@ class Worker:
         p = typed(spec.params, self.record.params)
         accelerator = self._accelerator(p["mixed_precision"])
         self.is_main = accelerator is None or accelerator.is_main_process
+        self.world_size = world = accelerator.num_processes if accelerator is not None else 1
+        if p["batch_size"] % world:  # also refused at creation; the service default may differ
+            raise InvalidArgument.for_field(
+                "params[batch_size]",
+                f"{p['batch_size']} does not divide among {world} processes "
+                "(the per-process batch is batch_size / world size)",
+            )
         t_setup = time.monotonic()
         self.heartbeat(step=0, phase="setup")
         self.event(
@@ -246,7 +274,7 @@ class Worker:
 
         # 1. Data: the prefix copied to local scratch once per attempt, then read locally.
         data_dir = self.workdir / "data"
-        if self.is_main:
+        if accelerator is None or accelerator.is_local_main_process:  # one copy per machine
             shutil.rmtree(data_dir, ignore_errors=True)
             self.store.download_dir(self.record.dataset, data_dir)
         if accelerator is not None:
@@ -278,16 +306,18 @@ class Worker:
             log=lambda msg: self.event("log", message=msg),
             save_artifact=self.save_artifact,
             load_artifact=self.load_artifact,
-            check_cancel=self.check_cancel,
+            # With several ranks, stopping is agreed at step boundaries (see _agree_on_stop).
+            check_cancel=self.check_cancel if world == 1 else lambda: None,
         )
         trainer = spec.trainer(ctx)
 
         # 3. ... then overwritten by the newest checkpoint that passes verification, if any.
         start = 0
         checkpoints = self.jobs.checkpoints(self.run_id)
-        if checkpoints:
+        resumed = self._newest_verified(checkpoints) if checkpoints else None
+        if resumed is not None:
             t_resume = time.monotonic()
-            last, state = self._newest_verified(checkpoints)
+            last, state = resumed
             trainer.load_state(state["trainer"])
             load_rng_state(state["rng"])
             start = last.step
@@ -313,8 +343,12 @@ class Worker:
         last_ckpt = start
         try:
             for step in range(start + 1, max_steps + 1):
+                if world > 1:
+                    self._agree_on_stop(ctx.device)
                 self.check_cancel()
                 out = trainer.step(step)
+                if world > 1:
+                    out = self._mean_over_ranks(out, ctx.device)
                 window.append(out["loss"])
                 for k, v in out.items():
                     if k != "loss":
@@ -339,24 +373,57 @@ class Worker:
             raise
         return {"step": max_steps, "metrics": metrics}
 
+    # -- several ranks ----------------------------------------------------------------------
+    def _agree_on_stop(self, device: Any) -> None:
+        """Every rank sees a cancel / SIGTERM at the same step: one leaving alone would leave
+        the others waiting in the next all-reduce."""
+        import torch
+        import torch.distributed as dist
+
+        flags = torch.tensor(
+            [float(self._cancel.is_set()), float(self._term.is_set())], device=device
+        )
+        dist.all_reduce(flags)
+        if flags[0] > 0:
+            self._cancel.set()
+        if flags[1] > 0:
+            self._term.set()
+
+    def _mean_over_ranks(self, out: dict[str, float], device: Any) -> dict[str, float]:
+        """Metrics of the global batch: each rank's shard mean, averaged (equal shards)."""
+        import torch
+        import torch.distributed as dist
+
+        keys = sorted(out)
+        values = torch.tensor([out[k] for k in keys], dtype=torch.float64, device=device)
+        dist.all_reduce(values)
+        return {k: float(v) / self.world_size for k, v in zip(keys, values.tolist(), strict=True)}
+
     # -- resume: verify, then load ------------------------------------------------------------
-    def _recorded_manifests(self) -> dict[str, str]:
-        """Manifest digests from this job's ``checkpoint`` events (id → sha256), newest wins."""
-        recorded: dict[str, str] = {}
-        for e in self.jobs.events(self.run_id):
-            ckpt = e.checkpoint or {}
-            if e.type == "checkpoint" and ckpt.get("id") and ckpt.get("manifest_sha256"):
-                recorded[str(ckpt["id"])] = str(ckpt["manifest_sha256"])
-        return recorded
+    def _recorded_manifests(self) -> tuple[dict[str, str], bool]:
+        """Expected manifest digests (id → sha256) and whether the service recorded them.
 
-    def _newest_verified(self, checkpoints: list[Any]) -> tuple[Any, dict[str, Any]]:
-        """The newest checkpoint that verifies, with its decoded state; refused ones are skipped."""
-        from clinisynth_server.errors import FailedPrecondition
+        The service's job record is the authority. A record from before it kept digests falls
+        back to this job's own ``checkpoint`` events (newest wins), as workers did then.
+        """
+        from clinisynth_server.finetune.records import reported_checkpoints
 
-        recorded = self._recorded_manifests()
+        if self.record.checkpoints is not None:
+            return dict(self.record.checkpoints), True
+        return reported_checkpoints(self.jobs.events(self.run_id)), False
+
+    def _newest_verified(self, checkpoints: list[Any]) -> tuple[Any, dict[str, Any]] | None:
+        """The newest checkpoint that verifies, with its decoded state; refused ones are skipped.
+
+        None when none verifies (an event says which were refused and that training starts
+        over): nothing unverified is ever loaded.
+        """
+        recorded, authoritative = self._recorded_manifests()
         refused = []
         for ckpt in reversed(checkpoints):
             try:
+                if authoritative and ckpt.id not in recorded:
+                    raise CheckpointRefused("the finetune service never recorded its digest")
                 return ckpt, self._load_verified(ckpt, recorded.get(ckpt.id))
             except CheckpointRefused as exc:
                 refused.append(ckpt.id)
@@ -366,22 +433,25 @@ class Worker:
                     step=ckpt.step,
                     message=f"checkpoint {ckpt.id} refused, not loaded: {exc}",
                 )
-        raise FailedPrecondition(
+        message = (
             f"no checkpoint of job {self.run_id} passed verification (refused: "
-            f"{', '.join(refused)}); not resuming from unverified state"
+            f"{', '.join(refused)}); starting over from step 0, nothing unverified was loaded"
         )
+        log.warning("%s", message)
+        self.event("error", step=0, message=message)
+        return None
 
     def _load_verified(self, ckpt: Any, recorded_sha256: str | None) -> dict[str, Any]:
         """Check the manifest and every file's sha256, then decode the state (no unpickling)."""
-        import hashlib
-        import json
-
         from clinisynth_server.errors import NotFound
         from clinisynth_server.finetune.records import JobStore
         from clinisynth_server.methods._checkpoint import (
+            MANIFEST_NAME,
             STATE_FILES,
+            DigestMismatch,
             StateFormatError,
             load_state,
+            manifest_files,
             sha256_of,
         )
 
@@ -392,28 +462,14 @@ class Worker:
         if ckpt.prefix != prefix:
             raise CheckpointRefused(f"its manifest points at another prefix {ckpt.prefix!r}")
         try:
-            raw = self.store.get_bytes(prefix + MANIFEST)
+            raw = self.store.get_bytes(prefix + MANIFEST_NAME)
         except NotFound as exc:
             raise CheckpointRefused("its manifest disappeared") from exc
-        digest = hashlib.sha256(raw).hexdigest()
-        if recorded_sha256 is not None and digest != recorded_sha256:
-            raise CheckpointRefused(
-                f"{MANIFEST} has sha256 {digest[:12]}…, not the {recorded_sha256[:12]}… recorded "
-                "when it was written"
-            )
         try:
-            manifest = json.loads(raw)
-        except ValueError as exc:
-            raise CheckpointRefused(f"{MANIFEST} is not JSON") from exc
-        files = manifest.get("files") if isinstance(manifest, dict) else None
-        if manifest.get("format_version") != MANIFEST_VERSION or not isinstance(files, dict):
-            raise CheckpointRefused(
-                "written in an older format without file digests (pickled state/trainer.pt), "
-                "which is never unpickled"
-            )
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
-            raise CheckpointRefused(f"{MANIFEST}: malformed file list")
-        present = {info.key[len(prefix) :] for info in self.store.list(prefix)} - {MANIFEST}
+            files = manifest_files(raw, recorded_sha256)
+        except DigestMismatch as exc:
+            raise CheckpointRefused(str(exc)) from None
+        present = {info.key[len(prefix) :] for info in self.store.list(prefix)} - {MANIFEST_NAME}
         if present != set(files):
             diff = sorted(present ^ set(files))
             raise CheckpointRefused(f"files differ from its manifest: {', '.join(diff[:5])}")
@@ -453,7 +509,12 @@ class Worker:
     ) -> None:
         import hashlib
 
-        from clinisynth_server.methods._checkpoint import file_digests, save_state
+        from clinisynth_server.methods._checkpoint import (
+            MANIFEST_NAME,
+            MANIFEST_VERSION,
+            file_digests,
+            save_state,
+        )
         from clinisynth_server.store.base import encode_json
 
         t0 = time.monotonic()
@@ -489,36 +550,73 @@ class Worker:
         }
         data = encode_json(manifest)
         manifest_sha256 = hashlib.sha256(data).hexdigest()
+        self._drain()  # earlier events keep their order before the checkpoint event
         # Last, in one atomic put: the checkpoint exists (and is listed) only from here on.
-        self.store.put_bytes(prefix + MANIFEST, data, content_type="application/json")
+        self.store.put_bytes(prefix + MANIFEST_NAME, data, content_type="application/json")
+        # Reported at once, not queued: the service records the digest from this event, and a
+        # checkpoint it never recorded is refused on resume.
+        try:
+            self.jobs.append_event(
+                self.run_id,
+                "checkpoint",
+                step=step,
+                metrics={**all_metrics, "write_s": time.monotonic() - t0},
+                checkpoint={
+                    "id": ckpt_id,
+                    "step": step,
+                    "prefix": prefix,
+                    "manifest_sha256": manifest_sha256,
+                },
+            )
+        except ClinisynthError:  # unrecorded, so never resumed from: safe, only wasteful
+            log.warning("checkpoint %s could not be reported", ckpt_id, exc_info=True)
         shutil.rmtree(local, ignore_errors=True)
-        write_s = time.monotonic() - t0
-        self._prune(p["keep_checkpoints"], trainer.best_metric, trainer.best_mode)
+        self._prune(p["keep_checkpoints"], trainer.best_metric, trainer.best_mode, step)
         self.heartbeat(
             checkpoint=ckpt_id, checkpoint_time=time.time(), checkpoint_sha256=manifest_sha256
-        )
-        self.event(
-            "checkpoint",
-            step=step,
-            metrics={**all_metrics, "write_s": write_s},
-            checkpoint={
-                "id": ckpt_id,
-                "step": step,
-                "prefix": prefix,
-                "manifest_sha256": manifest_sha256,
-            },
         )
         if evaluation:
             self.event("metrics", step=step, metrics=evaluation)
 
-    def _prune(self, keep: int, best_metric: str, best_mode: str) -> None:
+    def _prune(self, keep: int, best_metric: str, best_mode: str, step: int) -> None:
+        """Keep the newest ``keep`` and the best, counting only checkpoints up to ``step``.
+
+        Later ones are left by an attempt whose checkpoints were refused; this attempt
+        overwrites them when it gets there, and they must not push its own out.
+        """
         from clinisynth_server.finetune.records import best_checkpoint
 
-        checkpoints = self.jobs.checkpoints(self.run_id)
+        checkpoints = [c for c in self.jobs.checkpoints(self.run_id) if c.step <= step]
         best = best_checkpoint(checkpoints, best_metric, best_mode)
         for ckpt in checkpoints[:-keep]:
             if best is None or ckpt.id != best.id:
                 self.jobs.delete_checkpoint(self.run_id, ckpt.id)
+
+
+def die_with_launcher() -> None:
+    """Under torchrun, end this rank when the launcher process dies.
+
+    torchrun starts every rank in a session of its own, so killing the launched process group
+    (the service's stop, or a kill -9 of the agent) would leave the ranks training on and
+    writing to the store as a job's ghost. A parent-death signal ties them to the agent; a
+    rank whose agent is already gone leaves at once.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+        return
+    try:
+        parent = pathlib.Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+    except OSError:
+        parent = b""
+    if b"torch.distributed.run" not in parent and b"torchrun" not in parent:
+        log.warning("torchrun is gone before this rank started: leaving")
+        os._exit(1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -531,6 +629,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", help="local scratch (default: CLINISYNTH_FINETUNE_WORKDIR)")
     parser.add_argument("--model-repository", help="Triton model repository folder")
     ns = parser.parse_args(argv)
+    die_with_launcher()
     config = load_config("finetune")
     setup_logging("finetune-worker", config.log_format, config.log_level)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -7,7 +7,11 @@ from dataclasses import dataclass, replace
 
 from clinisynth_server.catalog import Catalog, ModelRecord
 from clinisynth_server.errors import InvalidArgument, ValidationErrors
-from clinisynth_server.imaging.encode import DICOM_MODALITIES
+from clinisynth_server.imaging.encode import (
+    DICOM_MODALITIES,
+    SYNTHETIC_PATIENT_ID_RE,
+    is_synthetic_patient_id,
+)
 from clinisynth_server.methods.schedulers import SAMPLERS
 from clinisynth_server.store.base import outside_service_namespaces
 
@@ -115,7 +119,7 @@ def validate(options: GenerateOptions, catalog: Catalog) -> tuple[ModelRecord, G
     elif guidance != 1.0:
         errors.add("guidance_scale", f"{record.name} has no unconditional branch: only 1 works")
 
-    sampler = options.sampler or record.default_sampler
+    sampler = (options.sampler or record.default_sampler).strip().lower()
     if sampler not in record.samplers or sampler not in SAMPLERS:
         errors.add("sampler", f"unknown sampler {sampler!r}; one of {record.samplers}")
     if not 0.0 <= options.eta <= 1.0:
@@ -124,6 +128,14 @@ def validate(options: GenerateOptions, catalog: Catalog) -> tuple[ModelRecord, G
         errors.add("format", f"must be one of {FORMATS}")
     if options.modality and options.modality not in DICOM_MODALITIES:
         errors.add("dicom.modality", f"one of {sorted(DICOM_MODALITIES)}")
+    if options.patient_id and not is_synthetic_patient_id(options.patient_id):
+        # A synthetic image must never carry a real patient's identifier: only the service's
+        # own synthetic form is accepted (e.g. the PatientID of an earlier synthetic image).
+        errors.add(
+            "dicom.patient_id",
+            f"must be a synthetic patient id matching {SYNTHETIC_PATIENT_ID_RE.pattern} "
+            "(as issued in earlier synthetic images), or empty for one derived from the request",
+        )
     if options.preview_every < 0:
         errors.add("preview_every", "must be >= 0")
     if options.seed is not None and options.seed < 0:

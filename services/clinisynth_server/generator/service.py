@@ -45,6 +45,9 @@ from clinisynth_server.triton.client import TritonClient
 
 # Triton's max_batch_size for denoisers written by the registry; larger batches are split.
 MAX_TRITON_BATCH = 16
+# Inline payloads above this go as chunks (streams) or store references (unary).
+INLINE_LIMIT = 3 * 1024 * 1024
+CHUNK = 1024 * 1024
 PREVIEW_SIZE = 64
 
 
@@ -153,6 +156,17 @@ def preview_png(x0: torch.Tensor) -> list[bytes]:
     for arr in to_hwc(small):
         pngs.append(encode.encode_png(arr, None))
     return pngs
+
+
+def stream_chunks(image: GeneratedImage) -> list[tuple[int, bytes, bool]]:
+    """(offset, data, last) pieces of a streamed image too large to go inline; [] = inline."""
+    payload = image.data if image.format != "raw" else b""
+    if image.stored is not None or len(payload) <= INLINE_LIMIT:
+        return []
+    return [
+        (offset, payload[offset : offset + CHUNK], offset + CHUNK >= len(payload))
+        for offset in range(0, len(payload), CHUNK)
+    ]
 
 
 class Tokenizers:
@@ -271,7 +285,9 @@ class Generator:
                 self.metrics.step_duration.labels(model_label).observe(now - last[0])
             last[0] = now
             if sink is not None:
-                sink(Progress("denoise", step_offset + info.index + 1, total))
+                # PNDM makes one model call more than it has steps: count in steps.
+                done = ((info.index + 1) * opts.steps + info.total - 1) // info.total
+                sink(Progress("denoise", step_offset + done, total))
                 if opts.preview_every and (info.index + 1) % opts.preview_every == 0:
                     x0 = decode_fn(info.x0_pred) if decode_fn is not None else info.x0_pred
                     for i, png in enumerate(preview_png(x0)):
@@ -416,7 +432,11 @@ class Generator:
         if opts.format == "dicom":
             bits = 8 if record.channels == 3 else 16
             blobs = encode.encode_dicom_series(
-                pixels, provenances, bits=bits, modality=opts.modality or "OT"
+                pixels,
+                provenances,
+                bits=bits,
+                modality=opts.modality or "OT",
+                patient_id=opts.patient_id or None,
             )
         elif opts.format == "raw":
             blobs = [b"" for _ in pixels]
@@ -432,6 +452,12 @@ class Generator:
                 zip(pixels, blobs, provenances, rewards, strict=True)
             )
         ]
+
+    def store_if_too_large(self, opts: GenerateOptions, result: GenerateResult) -> None:
+        """A unary reply over ``INLINE_LIMIT`` is stored and answered with references instead."""
+        size = sum(len(i.data) or i.pixels.nbytes for i in result.images)
+        if size > INLINE_LIMIT and not opts.store_outputs:
+            result.provenance_ref = self._store(opts, result.images)
 
     def _store(self, opts: GenerateOptions, images: list[GeneratedImage]) -> ObjectInfo:
         prefix = opts.output_prefix or time.strftime("outputs/%Y/%m/%d/") + opts.request_id

@@ -5,17 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from clinisynth.v1 import common_pb2, generator_pb2, generator_pb2_grpc
-from clinisynth_server import protoconv
+from clinisynth_server import paging, protoconv
 from clinisynth_server.catalog import Catalog
 from clinisynth_server.errors import InvalidArgument
 from clinisynth_server.generator import service as svc
 from clinisynth_server.generator.options import GenerateOptions, RewardFilter
 from clinisynth_server.runtime.streaming import cancel_token, stream_events
 from clinisynth_server.store.base import ArtifactStore
-
-# Inline payloads above this go as chunks (streams) or store references (unary).
-INLINE_LIMIT = 3 * 1024 * 1024
-CHUNK = 1024 * 1024
 
 
 def options_from(req: generator_pb2.GenerateRequest) -> GenerateOptions:
@@ -85,10 +81,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         opts = options_from(request)
         token = cancel_token(context)
         result = self.generator.generate(opts, cancel=token)
-        size = sum(len(i.data) or i.pixels.nbytes for i in result.images)
-        if size > INLINE_LIMIT and not opts.store_outputs:
-            # Too large for one message: store and return references instead.
-            result.provenance_ref = self.generator._store(opts, result.images)
+        self.generator.store_if_too_large(opts, result)
         resp = generator_pb2.GenerateResponse(
             images=[self._image(i, inline=True) for i in result.images],
             request_id=result.request_id,
@@ -130,15 +123,15 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                 yield from self._stream_image(item)
 
     def _stream_image(self, image: svc.GeneratedImage) -> Iterator[generator_pb2.GenerateEvent]:
-        payload = image.data if image.format != "raw" else b""
-        if image.stored is None and len(payload) > INLINE_LIMIT:
-            for offset in range(0, len(payload), CHUNK):
+        chunks = svc.stream_chunks(image)
+        if chunks:
+            for offset, data, last in chunks:
                 yield generator_pb2.GenerateEvent(
                     chunk=common_pb2.ImageChunk(
                         image_index=image.index,
                         offset=offset,
-                        data=payload[offset : offset + CHUNK],
-                        last=offset + CHUNK >= len(payload),
+                        data=data,
+                        last=last,
                         format=protoconv.FORMAT_VALUES[image.format],
                     )
                 )
@@ -150,20 +143,13 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         kind = protoconv.PROTO_TO_KIND.get(request.kind, "")
         if request.kind and not kind:
             raise InvalidArgument.for_field("kind", f"unknown model kind {request.kind}")
-        if request.page_size < 0:
-            raise InvalidArgument.for_field("page_size", "must be >= 0")
-        records = self.catalog.list(kind=kind, name=request.name, all_versions=request.all_versions)
-        start = 0
-        if request.page_token:
-            try:
-                start = int(request.page_token)
-            except ValueError as exc:
-                raise InvalidArgument.for_field("page_token", "not a token from this API") from exc
-        size = min(request.page_size or 100, 1000)
-        page = records[start : start + size]
-        latest = {r.name: r.version for r in self.catalog.list()}
-        nxt = str(start + size) if start + size < len(records) else ""
-        return common_pb2.ListModelsResponse(
-            models=[protoconv.model_info(r, latest=latest.get(r.name) == r.version) for r in page],
-            next_page_token=nxt,
+        return protoconv.list_models_response(
+            paging.list_models(
+                self.catalog,
+                kind=kind,
+                name=request.name,
+                all_versions=request.all_versions,
+                page_size=request.page_size,
+                page_token=request.page_token,
+            )
         )

@@ -44,7 +44,9 @@ from PIL import Image, UnidentifiedImageError
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
+from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
+from pydicom.tag import BaseTag
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from clinisynth_server.errors import InvalidArgument
@@ -486,9 +488,9 @@ def read_dicom(
         raise InvalidArgument.for_field(field, f"malformed DICOM: {exc}") from exc
 
 
-def _at_pixels(tag: object, vr: object, length: int) -> bool:
+def _at_pixels(tag: BaseTag, vr: str | None, length: int) -> bool:
     """``read_dataset`` stop condition: the first pixel data element (or anything after it)."""
-    return int(tag) >= 0x7FE00008  # type: ignore[call-overload]
+    return int(tag) >= 0x7FE00008
 
 
 def _inflate_bounded(body: memoryview, field: str, max_pixels: int, header_only: bool) -> bytes:
@@ -548,40 +550,95 @@ def _first_number(value: object) -> float | None:
     """First value of a possibly multi-valued DS/IS, or None when empty."""
     if value is None or value == "":
         return None
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        seq = list(value)  # type: ignore[arg-type]
-        if not seq:
+    if isinstance(value, (list, tuple, MultiValue)):
+        if not value:
             return None
-        value = seq[0]
-    return float(value)  # type: ignore[arg-type]
+        value = value[0]
+    if not isinstance(value, (int, float, str, bytes)):
+        raise TypeError(f"not a DS / IS value: {type(value).__name__}")
+    return float(value)
 
 
 def apply_window(
-    values: np.ndarray, center: float, width: float, function: str = "LINEAR"
+    values: np.ndarray,
+    center: float,
+    width: float,
+    function: str = "LINEAR",
+    *,
+    overwrite: bool = False,
 ) -> np.ndarray:
-    """The VOI window of PS3.3 C.11.2.1.2 mapped to [0, 1] (float32)."""
-    x = values.astype(np.float64)
+    """The VOI window of PS3.3 C.11.2.1.2 mapped to [0, 1] (float32).
+
+    Computed in float32 with in-place steps: a 4096² image costs one float32 array (64 MB),
+    not a float64 copy per arithmetic step. ``overwrite``: ``values`` (float32) may be reused.
+    """
+    x = _float32_work(values, overwrite)
     function = (function or "LINEAR").upper()
     if function == "SIGMOID":
-        y = 1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
+        x -= np.float32(center)
+        x *= np.float32(-4.0 / width)
+        with np.errstate(over="ignore"):  # exp → inf far below the window: 1 / inf = 0, right
+            np.exp(x, out=x)
+        x += np.float32(1.0)
+        np.reciprocal(x, out=x)
     elif function == "LINEAR_EXACT":
-        y = (x - center) / width + 0.5
+        x -= np.float32(center)
+        x /= np.float32(width)
+        x += np.float32(0.5)
     else:
         if width < 1:
             raise ValueError(f"LINEAR window width must be >= 1, got {width}")
         if width == 1:
-            y = np.where(x > center - 0.5, 1.0, 0.0)
+            np.greater(x, np.float32(center - 0.5), out=x, casting="unsafe")  # 1.0 / 0.0
         else:
-            y = (x - (center - 0.5)) / (width - 1) + 0.5
-    return np.clip(y, 0.0, 1.0).astype(np.float32)
+            x -= np.float32(center - 0.5)
+            x /= np.float32(width - 1)
+            x += np.float32(0.5)
+    return np.clip(x, 0.0, 1.0, out=x)
 
 
-def _min_max(values: np.ndarray) -> np.ndarray:
-    x = values.astype(np.float64)
+def _float32_work(values: np.ndarray, overwrite: bool) -> np.ndarray:
+    """A float32 array to compute in: ``values`` itself when allowed, else one copy."""
+    if overwrite and values.dtype == np.float32 and values.flags.writeable:
+        return values
+    return np.array(values, dtype=np.float32)
+
+
+def _min_max(values: np.ndarray, *, overwrite: bool = False) -> np.ndarray:
+    x = _float32_work(values, overwrite)
     low, high = float(x.min()), float(x.max())
     if high <= low:
-        return np.zeros(x.shape, dtype=np.float32)
-    return ((x - low) / (high - low)).astype(np.float32)
+        x[...] = 0.0
+        return x
+    x -= np.float32(low)
+    x /= np.float32(high - low)
+    return np.clip(x, 0.0, 1.0, out=x)
+
+
+def _modality_values(ds: Dataset, stored: np.ndarray, field: str) -> np.ndarray:
+    """Stored values → modality values (PS3.3 C.11.1) as one float32 array.
+
+    The rescale is done here in float32 in place (pydicom's ``apply_modality_lut`` returns a
+    float64 copy: 128 MB for a 4096² image); a Modality LUT goes through pydicom.
+    """
+    try:
+        if ds.get("ModalityLUTSequence"):
+            return np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
+        values = stored.astype(np.float32)
+        if "RescaleSlope" in ds and "RescaleIntercept" in ds:
+            slope = _first_number(ds.RescaleSlope)
+            intercept = _first_number(ds.RescaleIntercept)
+            slope = 1.0 if slope is None else slope
+            intercept = 0.0 if intercept is None else intercept
+            if not (math.isfinite(slope) and math.isfinite(intercept)):
+                raise ValueError(f"rescale slope / intercept {slope} / {intercept}")
+            if slope != 1.0:
+                values *= np.float32(slope)
+            if intercept != 0.0:
+                values += np.float32(intercept)
+        return values
+    except Exception as exc:
+        raise InvalidArgument.for_field(field, f"bad Modality LUT / rescale: {exc}") from exc
 
 
 def decode_dicom(
@@ -660,14 +717,14 @@ def decode_dicom_dataset(
         except Exception as exc:
             raise InvalidArgument.for_field(field, f"bad palette colour LUT: {exc}") from exc
         top = float(np.max(rgb)) if rgb.dtype.kind == "f" else float(np.iinfo(rgb.dtype).max)
-        arr = (rgb.astype(np.float64) / max(top, 1.0)).clip(0, 1).astype(np.float32)
+        arr = _scaled(rgb, max(top, 1.0))
     elif samples == 3 or photometric in ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"):
         bits = int(ds.get("BitsStored", 8))
-        arr = (stored.astype(np.float64) / ((1 << bits) - 1)).clip(0, 1).astype(np.float32)
+        arr = _scaled(stored, float((1 << bits) - 1))
     elif photometric in ("MONOCHROME1", "MONOCHROME2"):
         arr = _window_gray(ds, stored, window, field)
         if photometric == "MONOCHROME1":
-            arr = (1.0 - arr).astype(np.float32)
+            np.subtract(np.float32(1.0), arr, out=arr)
     else:
         raise InvalidArgument.for_field(
             field, f"unsupported PhotometricInterpretation {photometric!r}"
@@ -675,13 +732,17 @@ def decode_dicom_dataset(
     return _to_channels(arr, channels, field)
 
 
+def _scaled(values: np.ndarray, top: float) -> np.ndarray:
+    """``values / top`` clipped to [0, 1] in one float32 array (no float64 copies)."""
+    arr = values.astype(np.float32)
+    arr /= np.float32(top)
+    return np.clip(arr, 0.0, 1.0, out=arr)
+
+
 def _window_gray(
     ds: Dataset, stored: np.ndarray, window: tuple[float, float] | None, field: str
 ) -> np.ndarray:
-    try:
-        values = apply_modality_lut(stored, ds)
-    except Exception as exc:
-        raise InvalidArgument.for_field(field, f"bad Modality LUT / rescale: {exc}") from exc
+    values = _modality_values(ds, stored, field)
     if window is not None:
         center, width = float(window[0]), float(window[1])
         function = "LINEAR"
@@ -692,13 +753,13 @@ def _window_gray(
         except (TypeError, ValueError, KeyError, NotImplementedError):
             center_value = width_value = None
         if center_value is None or width_value is None or width_value <= 0:
-            return _min_max(values)
+            return _min_max(values, overwrite=True)
         center, width = center_value, width_value
         function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR")
     if not (math.isfinite(center) and math.isfinite(width) and width > 0):
         raise InvalidArgument.for_field(field, f"bad window center/width {center}/{width}")
     try:
-        return apply_window(values, center, width, function)
+        return apply_window(values, center, width, function, overwrite=True)
     except ValueError as exc:
         raise InvalidArgument.for_field(field, str(exc)) from exc
 

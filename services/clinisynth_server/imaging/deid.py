@@ -380,8 +380,9 @@ def deidentify(
         remove_set=frozenset(REMOVED_ATTRIBUTES),
     )
     for keyword in EMPTIED_ATTRIBUTES:
-        if keyword in out:
-            out.data_element(keyword).value = ""  # type: ignore[union-attr]
+        element = out.data_element(keyword) if keyword in out else None
+        if element is not None:
+            element.value = ""
     if pseudonym is not None:
         out.PatientName = pseudonym[:64]
         out.PatientID = pseudonym[:64]

@@ -159,6 +159,75 @@ def file_digests(root: str | Path) -> dict[str, str]:
     }
 
 
+# ---------------------------------------------------------------------------------------------
+# the checkpoint manifest and verification against recorded digests
+# ---------------------------------------------------------------------------------------------
+
+MANIFEST_NAME = "checkpoint.json"
+MANIFEST_VERSION = 2  # 1: pickled state/trainer.pt, no file digests (refused, never unpickled)
+
+
+class DigestMismatch(ValueError):
+    """A checkpoint file (``path``, relative to the checkpoint) that is not what was recorded."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+
+
+def manifest_files(raw: bytes, expected_sha256: str | None = None) -> dict[str, str]:
+    """The ``{path: sha256}`` list of manifest bytes, checked against ``expected_sha256``.
+
+    The expected digest is the one the finetune service recorded when the worker reported the
+    checkpoint; a manifest rewritten since (even one consistent with rewritten files) differs.
+    """
+    if expected_sha256 is not None:
+        digest = hashlib.sha256(raw).hexdigest()
+        if digest != expected_sha256:
+            raise DigestMismatch(
+                MANIFEST_NAME,
+                f"sha256 {digest[:12]}… is not the {expected_sha256[:12]}… recorded when "
+                "it was written",
+            )
+    try:
+        manifest = json.loads(raw)
+    except ValueError:
+        raise DigestMismatch(MANIFEST_NAME, "not JSON") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format_version") != MANIFEST_VERSION
+        or not isinstance(files, dict)
+    ):
+        raise DigestMismatch(
+            MANIFEST_NAME,
+            "written in an older format without file digests (pickled state/trainer.pt), "
+            "which is never unpickled",
+        )
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise DigestMismatch(MANIFEST_NAME, "malformed file list")
+    return dict(files)
+
+
+def verify_tree(root: str | Path, expected: Mapping[str, str], *, label: str = "") -> None:
+    """Every file under ``root`` is in ``expected`` with that sha256, and none is missing.
+
+    ``label`` prefixes the relative paths in errors (``model/`` for a checkpoint's model
+    folder), so the message names the file as the manifest does.
+    """
+    actual = file_digests(root) if Path(root).is_dir() else {}
+    for rel in sorted(set(actual) | set(expected)):
+        if rel not in expected:
+            raise DigestMismatch(label + rel, "not in the recorded file list")
+        if rel not in actual:
+            raise DigestMismatch(label + rel, "missing")
+        if actual[rel] != expected[rel]:
+            raise DigestMismatch(
+                label + rel,
+                f"sha256 {actual[rel][:12]}… is not the recorded {expected[rel][:12]}…",
+            )
+
+
 def _plain_tensor(t: torch.Tensor, seen: set[int]) -> torch.Tensor:
     """A CPU, contiguous tensor owning its storage (safetensors refuses shared storage)."""
     t = t.detach()
@@ -205,7 +274,12 @@ def _encode(obj: Any, path: str, tensors: dict[str, torch.Tensor], seen: set[int
         return {
             _MODULE_STATE: {
                 "entries": _encode(dict(obj), path, tensors, seen),
-                "metadata": _encode(dict(obj._metadata), f"{path}._metadata", tensors, seen),
+                "metadata": _encode(
+                    dict(obj._metadata),  # type: ignore[attr-defined]  # torch sets it at runtime
+                    f"{path}._metadata",
+                    tensors,
+                    seen,
+                ),
             }
         }
     if isinstance(obj, Mapping):
@@ -255,7 +329,7 @@ def _decode(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
             if not isinstance(entries, dict) or not isinstance(metadata, dict):
                 raise StateFormatError("a state_dict entry lacks its entries or metadata")
             module_state: OrderedDict[str, Any] = OrderedDict(entries)
-            module_state._metadata = metadata  # type: ignore[attr-defined]
+            module_state._metadata = metadata  # type: ignore[attr-defined]  # as torch does
             return module_state
         if marker == _ITEMS:
             if not isinstance(value, list) or not all(

@@ -25,7 +25,13 @@ from clinisynth_server.errors import InvalidArgument
 BACKBONES: Final[tuple[str, ...]] = ("small_cnn", "resnet18", "resnet50", "resnext50")
 
 
-class SmallCNN(nn.Module):
+class Backbone(nn.Module):
+    """A feature trunk: declares ``out_features`` so the heads built on it are typed."""
+
+    out_features: int
+
+
+class SmallCNN(Backbone):
     """Four conv stages (stride 2 after the first), BatchNorm, global average pool.
 
     BatchNorm, not Group/InstanceNorm: per-sample normalisation of the first stage would erase
@@ -106,7 +112,7 @@ def _downsample(inplanes: int, outplanes: int, stride: int) -> nn.Module | None:
     )
 
 
-class ResNet(nn.Module):
+class ResNet(Backbone):
     """torchvision-layout ResNet / ResNeXt trunk without the final fc (features only)."""
 
     def __init__(
@@ -156,7 +162,7 @@ class ResNet(nn.Module):
         return torch.flatten(x.mean(dim=(2, 3)), 1)
 
 
-def build_backbone(name: str, in_channels: int, width: int = 16) -> nn.Module:
+def build_backbone(name: str, in_channels: int, width: int = 16) -> Backbone:
     """Build a feature backbone by name; ``width`` only applies to ``small_cnn``.
 
     The returned module has an ``out_features`` attribute (its feature dimension).

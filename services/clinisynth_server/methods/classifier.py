@@ -1,4 +1,4 @@
-"""Image classifiers for the counterfactual method (METHODS.md §3) and reward-branch init.
+"""Image classifiers for the counterfactual method (docs/METHODS.md §4) and reward-branch init.
 
 Two are needed: a plain one (cross-entropy) and an adversarially robust one (PGD in an L2 ball, or
 TRADES), both temperature-scaled on a validation split so their probabilities are comparable when
@@ -59,6 +59,8 @@ class ClassifierConfig:
 
 class Classifier(nn.Module):
     """Backbone → Linear(num_classes); logits divided by the fitted temperature T."""
+
+    temperature: Tensor  # a registered buffer, so it moves with .to() and lands in the state dict
 
     def __init__(self, config: ClassifierConfig) -> None:
         super().__init__()

@@ -1,4 +1,4 @@
-"""Diffusion visual counterfactuals (DVCE-style guidance), METHODS.md §3.
+"""Diffusion visual counterfactuals (DVCE-style guidance), docs/METHODS.md §4.
 
 A real image x₀ is noised to the middle of a (respaced) diffusion chain and denoised again while
 each reverse step's mean is pushed towards the target class y* and kept close to x₀.
@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -261,12 +261,12 @@ class CounterfactualConfig:
     clip_x0: bool = True  # clip x̂₀ to [-1, 1] for the posterior mean (ADM clip_denoised)
 
     @classmethod
-    def fundus(cls, **overrides: object) -> CounterfactualConfig:
-        return cls(**{"distance": "l2", "lambda_d": 0.5, **overrides})  # type: ignore[arg-type]
+    def fundus(cls, **overrides: Any) -> CounterfactualConfig:
+        return cls(**{"distance": "l2", "lambda_d": 0.5, **overrides})
 
     @classmethod
-    def oct(cls, **overrides: object) -> CounterfactualConfig:
-        return cls(**{"distance": "l1", "lambda_d": 0.15, **overrides})  # type: ignore[arg-type]
+    def oct(cls, **overrides: Any) -> CounterfactualConfig:
+        return cls(**{"distance": "l1", "lambda_d": 0.15, **overrides})
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -340,6 +340,37 @@ class CounterfactualResult:
     prob_robust: Tensor  # (steps, B) target probability at each step's x̂₀ (NaN if absent)
     prob_plain: Tensor
     timesteps: tuple[int, ...]  # model timesteps visited, first to last
+
+
+FLIP_THRESHOLD: Final = 0.5
+"""The robust classifier "shows" the target class when P(target) exceeds this."""
+
+
+@dataclass(frozen=True)
+class FlipVerdict:
+    """What a counterfactual achieved, judged by the robust classifier.
+
+    Why separate ``already_target``: an input the classifier already assigns to the target
+    cannot be *flipped* to it; calling it flipped would inflate flip rates. Such an edit still
+    runs (it strengthens or reshapes the target's evidence); ``delta`` says by how much.
+    """
+
+    already_target: bool  # P(target | input) > threshold
+    flipped: bool  # not already the target, and P(target | counterfactual) > threshold
+    delta: float  # P(target | counterfactual) − P(target | input)
+
+
+def flip_verdict(p_before: float, p_after: float, threshold: float = FLIP_THRESHOLD) -> FlipVerdict:
+    """Judge one counterfactual from the robust classifier's P(target) before and after.
+
+    A NaN probability never counts as showing the target (comparisons with NaN are false).
+    """
+    already = p_before > threshold
+    return FlipVerdict(
+        already_target=already,
+        flipped=not already and p_after > threshold,
+        delta=p_after - p_before,
+    )
 
 
 def _target_prob(logits: Tensor | None, target: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""The feedback method's reward model r(x, y) (METHODS.md §1).
+"""The feedback method's reward model r(x, y) (docs/METHODS.md §1).
 
 Architecture (AlaaLab/pathologist-in-the-loop)::
 

@@ -14,8 +14,9 @@ Legend (DDPM / DDIM notation)
     η        DDIM stochasticity (0 = deterministic, 1 = DDPM-like)
 
 Determinism: every image owns a CPU ``torch.Generator`` seeded with its own seed; its initial
-noise and any per-step noise come from that generator alone, so an image's pixels depend on its
-seed and the settings, not on which other images share the batch.
+noise and any per-step noise (DDPM, Euler ancestral, DDIM with η > 0) come from that generator
+alone, so an image's pixels depend on its seed and the settings, not on which other images share
+the batch.
 """
 
 from __future__ import annotations
@@ -23,13 +24,16 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clinisynth_server.errors import Cancelled, InvalidArgument
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,7 @@ class StepInfo:
     """What the per-step callback sees: enough for progress bars and low-res previews."""
 
     index: int  # 0-based step index
-    total: int  # number of denoising steps
+    total: int  # number of denoiser calls: the steps asked for, more for PNDM (its warm-up)
     timestep: int  # the model timestep t of this step
     x_t: Tensor  # the sample after this step (x_{t-1})
     x0_pred: Tensor  # x̂₀ predicted at this step (latent for latent models)
@@ -162,7 +166,7 @@ def unet_eps_fn(unet: nn.Module, *, learned_variance: bool = False) -> EpsFn:
     return eps_fn
 
 
-def vae_decode_fn(vae: nn.Module) -> DecodeFn:
+def vae_decode_fn(vae: AutoencoderKL) -> DecodeFn:
     """Adapt a diffusers ``AutoencoderKL``: undo the latent scaling, decode to [-1, 1]."""
     scaling = float(vae.config.scaling_factor)
     shift = float(getattr(vae.config, "shift_factor", None) or 0.0)

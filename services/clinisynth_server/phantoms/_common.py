@@ -85,7 +85,7 @@ def draw_disks(
     size: int,
     disks: Sequence[tuple[float, float, float]],
     *,
-    values: Sequence[float] | None = None,
+    values: Sequence[float] | np.ndarray | None = None,
     supersample: int = 4,
 ) -> np.ndarray:
     """Anti-aliased coverage [0, 1] of disks ``(x, y, radius)`` in pixel coordinates.

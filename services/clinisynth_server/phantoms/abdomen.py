@@ -1,6 +1,6 @@
 """Axial abdominal-CT-like phantoms with captions: a *different* domain for pretraining.
 
-Why: the Stable-Diffusion adaptation benchmark (METHODS.md §2) needs a text-to-image model that
+Why: the Stable-Diffusion adaptation benchmark (docs/METHODS.md §2) needs a text-to-image model that
 was pretrained on something other than chest X-rays and is then adapted to them. This module is
 that source domain: grayscale axial slices (soft-tissue window) of the upper abdomen with
 image-caption pairs, sharing some vocabulary with chest reports (sizes, left / right) but none of
@@ -134,11 +134,11 @@ def render(
         img = img * (1 - les) + 0.42 * les
         details.insert(0, f"a {size_word} hypodense lesion in the liver")
     if "kidney_cyst" in findings:
-        side = "left" if rng.random() < 0.5 else "right"
-        sx = 1 if side == "left" else -1
+        cyst_side = "left" if rng.random() < 0.5 else "right"
+        sx = 1 if cyst_side == "left" else -1
         cyst = _ellipse(X, Y, sx * 0.31, 0.33 + rng.uniform(-0.05, 0.05), 0.055, 0.055, 0, px)
         img = img * (1 - cyst) + 0.36 * cyst
-        details.append(f"a simple cyst in the {side} kidney")
+        details.append(f"a simple cyst in the {cyst_side} kidney")
 
     img = ndimage.gaussian_filter(img, 0.5 * size / 64)
     img = img + rng.normal(0, rng.uniform(0.01, 0.025), img.shape)

@@ -1,9 +1,9 @@
 """Class-conditional cytology-like cell phantoms with a clinical-plausibility oracle.
 
-Why: the expert-feedback method (METHODS.md §1) needs a class-conditional generator, experts who
-judge plausibility against a checklist, and a reward model. Offline we have no bone-marrow
-images and no pathologists, so this module supplies both: procedural grayscale cells whose type
-is set by nucleus count / shape / size and cytoplasm texture, and :func:`oracle`, a deterministic
+Why: the expert-feedback method (docs/METHODS.md §1) needs a class-conditional generator, experts
+who judge plausibility against a checklist, and a reward model. Offline we have no bone-marrow
+images and no pathologists, so this module supplies both: procedural grayscale cells whose type is
+set by nucleus count / shape / size and cytoplasm texture, and :func:`oracle`, a deterministic
 "expert" that applies the same checklist (:data:`CHECKLIST`) the review UI shows to humans.
 
 Image model (bright-field smear, grayscale): bright background (~205-235), mid-gray cytoplasm
@@ -647,7 +647,7 @@ def corrupt(image: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarra
         free = ndimage.distance_transform_edt(~nuc)
         score = np.minimum(inner, free) + rng.uniform(0, 0.3, img.shape)
         y, x = np.unravel_index(int(np.argmax(score)), score.shape)
-        img = _paint_disk(img, x, y, rng.uniform(2.0, 2.6) * s, nucv)
+        img = _paint_disk(img, float(x), float(y), rng.uniform(2.0, 2.6) * s, nucv)
     elif kind == "split_membrane":
         cy, cx = ys.mean(), xs.mean()
         theta = rng.uniform(0, np.pi)

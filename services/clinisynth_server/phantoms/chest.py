@@ -1,10 +1,11 @@
 """Chest-X-ray-like phantoms (PA view) with findings and radiology-style report text.
 
-Why: the Stable-Diffusion adaptation and RoentGen methods (METHODS.md §2, §4) train text-to-image
-models on radiographs with report text and check that a prompted finding is present. Offline we
-have no chest X-rays, so this module renders grayscale PA radiographs whose findings are known
-from the generation parameters (:func:`ground_truth`) and writes matching reports (:func:`report`);
-:func:`findings_from_report` is the inverse rule-based labeller (a tiny CheXpert-style labeller).
+Why: the Stable-Diffusion adaptation and RoentGen methods (docs/METHODS.md §2, §3) train
+text-to-image models on radiographs with report text and check that a prompted finding is present.
+Offline we have no chest X-rays, so this module renders grayscale PA radiographs whose findings are
+known from the generation parameters (:func:`ground_truth`) and writes matching reports
+(:func:`report`); :func:`findings_from_report` is the inverse rule-based labeller (a tiny
+CheXpert-style labeller).
 
 Conventions: radiological display (air dark, bone bright) and orientation (the patient's right is
 on the image's left), so a *left* pleural effusion is drawn on the image's right side.
@@ -515,9 +516,9 @@ def generate(
     if findings is None:
         per_item = [None] * n
     elif len(findings) > 0 and all(isinstance(f, str) for f in findings):
-        per_item = [list(findings)] * n  # type: ignore[list-item]
+        per_item = [[f for f in findings if isinstance(f, str)]] * n
     else:
-        per_item = [list(f) for f in findings]  # type: ignore[arg-type]
+        per_item = [list(f) for f in findings]
         if len(per_item) != n:
             raise InvalidArgument.for_field("findings", f"needs n={n} finding sets")
     images = np.empty((n, size, size), dtype=np.uint8)

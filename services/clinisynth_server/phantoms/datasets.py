@@ -95,7 +95,8 @@ def encode_png(image: np.ndarray) -> bytes:
 
 def decode_png(data: bytes) -> np.ndarray:
     """uint8 array of a PNG (gray stays [H, W], colour becomes [H, W, 3])."""
-    with Image.open(io.BytesIO(data)) as im:
+    with Image.open(io.BytesIO(data)) as opened:
+        im: Image.Image = opened
         if im.mode not in ("L", "RGB"):
             im = im.convert("RGB" if "A" in im.mode or im.mode in ("P", "CMYK") else "L")
         return np.asarray(im, dtype=np.uint8).copy()

@@ -1,6 +1,6 @@
 """Fundus-photograph-like RGB phantoms with lesions and paired healthy / diseased renders.
 
-Why: the counterfactual method (METHODS.md §3) edits a real fundus image toward "healthy" or
+Why: the counterfactual method (docs/METHODS.md §4) edits a real fundus image toward "healthy" or
 "diseased" and is judged by whether it changed the lesions and nothing else. That needs ground
 truth no real data set has: the SAME eye rendered with and without lesions. Here the anatomy
 (vessel tree, optic disc, macula, pigmentation, camera exposure and sensor noise) is a pure

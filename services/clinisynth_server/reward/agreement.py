@@ -10,10 +10,14 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 import statistics
+import threading
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 
 @dataclass(frozen=True)
@@ -113,3 +117,148 @@ def rater_stats(
             )
         )
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# incremental index: the same numbers as :func:`agreement` / :func:`rater_stats`, kept up to date
+# on each judgement so a report costs O(raters), not a scan of every record.
+# ---------------------------------------------------------------------------------------------
+
+Verdict = tuple[float, str, bool]  # (created, record id, plausible): the latest one counts
+
+
+class _Scope:
+    """Sufficient statistics of one scope (a condition, or everything)."""
+
+    def __init__(self) -> None:
+        self.groups: dict[str, dict[str, Verdict]] = {}
+        self.shared = self.total = self.yes = self.agree_pairs = self.pairs = 0
+        self.p_sum = Fraction(0)  # exact: add and remove in any order, no float drift
+        self.rater_shared: Counter[str] = Counter()
+        self.rater_shared_yes: Counter[str] = Counter()
+        self.r_groups: Counter[str] = Counter()
+        self.r_yes: Counter[str] = Counter()
+        self.r_agree: Counter[str] = Counter()
+        self.r_agree_n: Counter[str] = Counter()
+        self.times: dict[str, list[int]] = {}
+
+    def _count(self, group: str, sign: int) -> None:
+        ratings = {rater: v[2] for rater, v in self.groups.get(group, {}).items()}
+        n, yes = len(ratings), sum(ratings.values())
+        for rater, verdict in ratings.items():
+            self.r_groups[rater] += sign
+            self.r_yes[rater] += sign * verdict
+            others, other_yes = n - 1, yes - verdict
+            if others and other_yes * 2 != others:
+                self.r_agree_n[rater] += sign
+                self.r_agree[rater] += sign * (verdict == (other_yes * 2 > others))
+        if n >= 2:
+            no = n - yes
+            self.shared += sign
+            self.total += sign * n
+            self.yes += sign * yes
+            self.p_sum += sign * Fraction(yes * (yes - 1) + no * (no - 1), n * (n - 1))
+            self.agree_pairs += sign * (yes * (yes - 1) // 2 + no * (no - 1) // 2)
+            self.pairs += sign * (n * (n - 1) // 2)
+            for rater, verdict in ratings.items():
+                self.rater_shared[rater] += sign
+                self.rater_shared_yes[rater] += sign * verdict
+
+    def add(self, group: str, rater: str, verdict: Verdict, time_spent_ms: int) -> None:
+        bisect.insort(self.times.setdefault(rater, []), time_spent_ms)
+        old = self.groups.get(group, {}).get(rater)
+        if old is not None and old[:2] >= verdict[:2]:
+            return  # an older judgement than the one that counts
+        self._count(group, -1)
+        self.groups.setdefault(group, {})[rater] = verdict
+        self._count(group, +1)
+
+    def agreement(self) -> Agreement:
+        raters = sorted(r for r, c in self.rater_shared.items() if c > 0)
+        percent = self.agree_pairs / self.pairs if self.pairs else math.nan
+        if len(raters) == 2:  # then every shared item has exactly these two raters
+            a, b = raters
+            n = self.shared
+            p_o = self.agree_pairs / n
+            pa, pb = self.rater_shared_yes[a] / n, self.rater_shared_yes[b] / n
+            p_e = pa * pb + (1 - pa) * (1 - pb)
+            kappa = math.nan if p_e >= 1.0 else (p_o - p_e) / (1 - p_e)
+            return Agreement(n, 2, kappa, "cohen", percent)
+        kappa = math.nan
+        if self.shared:
+            p_yes = self.yes / self.total
+            p_e = p_yes**2 + (1 - p_yes) ** 2
+            p_bar = float(self.p_sum / self.shared)
+            kappa = math.nan if p_e >= 1.0 else (p_bar - p_e) / (1 - p_e)
+        return Agreement(self.shared, len(raters), kappa, "fleiss", percent)
+
+    def rater_stats(self) -> list[RaterStats]:
+        out = []
+        for rater in sorted(r for r, c in self.r_groups.items() if c > 0):
+            n, shared = self.r_groups[rater], self.r_agree_n[rater]
+            times = self.times.get(rater, [])
+            out.append(
+                RaterStats(
+                    rater_id=rater,
+                    judgements=n,
+                    plausible_rate=self.r_yes[rater] / n,
+                    agreement_with_majority=self.r_agree[rater] / shared if shared else math.nan,
+                    median_time_spent_ms=_median(times),
+                )
+            )
+        return out
+
+
+def _median(sorted_values: Sequence[int]) -> float:
+    n = len(sorted_values)
+    if not n:
+        return 0.0
+    mid = n // 2
+    if n % 2:
+        return float(sorted_values[mid])
+    return (sorted_values[mid - 1] + sorted_values[mid]) / 2
+
+
+class AgreementIndex:
+    """Agreement per condition key and overall, updated per judgement (thread-safe).
+
+    ``add`` takes each judgement once (repeats by record id are ignored), in any order: the
+    latest judgement (by created, id) of a rater on an image group is the one that counts, as
+    in a full recomputation over the records sorted by time.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seen: set[str] = set()
+        self._scopes: dict[str | None, _Scope] = {None: _Scope()}
+
+    def add(
+        self,
+        record_id: str,
+        *,
+        scope: str,
+        group: str,
+        rater: str,
+        plausible: bool,
+        created: float,
+        time_spent_ms: int,
+    ) -> None:
+        verdict: Verdict = (created, record_id, bool(plausible))
+        with self._lock:
+            if record_id in self._seen:
+                return
+            self._seen.add(record_id)
+            for key in (scope, None):
+                self._scopes.setdefault(key, _Scope()).add(group, rater, verdict, time_spent_ms)
+
+    def scopes(self) -> list[str]:
+        with self._lock:
+            return sorted(k for k in self._scopes if k is not None)
+
+    def agreement(self, scope: str) -> Agreement:
+        with self._lock:
+            return self._scopes.get(scope, _Scope()).agreement()
+
+    def rater_stats(self, scope: str | None = None) -> list[RaterStats]:
+        with self._lock:
+            return self._scopes.get(scope, _Scope()).rater_stats()

@@ -3,8 +3,11 @@
 Settings (``CLINISYNTH_REWARD_<KEY>``): ``http_port`` (review page, default 8080, 0 = any free
 port), ``raters`` (comma list; when set, only these rater ids may submit), ``classes`` (extra
 class names accepted for feedback besides the catalog's and the cell phantoms'),
-``max_upload_bytes`` (default 4 MiB per image). On start the service prints one line
-``REVIEW http://<host>:<port>/review`` (the stack supervisor reads it for ``review_url``).
+``max_upload_bytes`` (default 4 MiB per image), ``review_order`` (the review queue's order:
+``least_certain`` — the default —, ``disagreement`` or ``random``), ``refresh_interval_s``
+(how often the queue and agreement look for other replicas' writes, default 2). On start
+the service prints one line ``REVIEW http://<host>:<port>/review`` (the stack supervisor
+reads it for ``review_url``).
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import grpc
 from clinisynth.v1 import reward_pb2
 from clinisynth_server.catalog import Catalog
 from clinisynth_server.errors import InvalidArgument
-from clinisynth_server.reward.service import Reward
+from clinisynth_server.reward.queue import strategy_named
+from clinisynth_server.reward.service import DEFAULT_REFRESH_S, Reward
 from clinisynth_server.reward.servicer import RewardServicer
 from clinisynth_server.reward.web import ReviewWeb
 from clinisynth_server.runtime.config import ServiceConfig
@@ -39,6 +43,19 @@ def _int(config: ServiceConfig, key: str, default: int) -> int:
         raise InvalidArgument.for_field(
             f"CLINISYNTH_REWARD_{key.upper()}", f"not an integer: {raw!r}"
         ) from exc
+
+
+def _float(config: ServiceConfig, key: str, default: float) -> float:
+    raw = config.get(key, str(default))
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise InvalidArgument.for_field(
+            f"CLINISYNTH_REWARD_{key.upper()}", f"a number of seconds >= 0, got {raw!r}"
+        )
+    return value
 
 
 def _list(config: ServiceConfig, key: str) -> list[str]:
@@ -69,6 +86,10 @@ def create(config: ServiceConfig) -> Callable[[grpc.Server, ServiceMetrics], Seq
             classes=_list(config, "classes"),
             max_upload_bytes=_int(config, "max_upload_bytes", 4 * 1024 * 1024),
             max_request_pixels=config.max_request_pixels,
+            review_order=strategy_named(
+                config.get("review_order"), "CLINISYNTH_REWARD_REVIEW_ORDER"
+            ),
+            refresh_interval_s=_float(config, "refresh_interval_s", DEFAULT_REFRESH_S),
         )
         reward_pb2_grpc.add_RewardServiceServicer_to_server(
             RewardServicer(reward, catalog, deps.store), server
@@ -92,5 +113,5 @@ def create(config: ServiceConfig) -> Callable[[grpc.Server, ServiceMetrics], Seq
         threading.Thread(target=stop_with_grpc, daemon=True, name="review-http-stop").start()
         return [SERVICE_NAME]
 
-    register.app = app  # type: ignore[attr-defined]
+    register.app = app  # type: ignore[attr-defined]  # a function attribute, read by tests
     return register

@@ -11,21 +11,27 @@ Store layout (every object written once with ``put_if_absent``; nothing is ever 
   digest), so enqueuing the same image twice gives the same item.
 
 The index is rebuilt from the store at start and refreshed incrementally (only unseen keys are
-read), so several service replicas over one store converge.
+read), so several service replicas over one store converge. Derived indexes (the review queue's
+order, agreement) ``subscribe`` and see every record and item exactly as the index does: the ones
+loaded so far at once, each later one as it is written or loaded.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from clinisynth_server.errors import InvalidArgument
 from clinisynth_server.reward.scoring import Condition
 from clinisynth_server.store.base import ArtifactStore, encode_json
 
+log = logging.getLogger(__name__)
 RECORDS_PREFIX = "feedback/records/"
 ITEMS_PREFIX = "review/items/"
 
@@ -103,6 +109,9 @@ class ReviewItem:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
+_Stored = TypeVar("_Stored", FeedbackRecord, ReviewItem)
+
+
 class FeedbackStore:
     """Durable writes of judgements and review items; a thread-safe index over them."""
 
@@ -113,6 +122,33 @@ class FeedbackStore:
         self._records: dict[str, FeedbackRecord] = {}
         self._items: dict[str, ReviewItem] = {}
         self._seen: set[str] = set()
+        self._record_listeners: list[Callable[[FeedbackRecord], None]] = []
+        self._item_listeners: list[Callable[[ReviewItem], None]] = []
+        self._refreshed = -float("inf")  # monotonic time the last refresh finished
+        self._refreshing = False
+
+    def subscribe(
+        self,
+        on_record: Callable[[FeedbackRecord], None],
+        on_item: Callable[[ReviewItem], None],
+    ) -> None:
+        """Call these for every record / item held now and for each one added later."""
+        with self._lock:
+            self._record_listeners.append(on_record)
+            self._item_listeners.append(on_item)
+            items, records = list(self._items.values()), list(self._records.values())
+        for item in items:
+            on_item(item)
+        for record in records:
+            on_record(record)
+
+    def _notify(self, obj: FeedbackRecord | ReviewItem) -> None:
+        with self._lock:
+            listeners: list[Callable[[Any], None]] = list(
+                self._record_listeners if isinstance(obj, FeedbackRecord) else self._item_listeners
+            )
+        for listen in listeners:
+            listen(obj)
 
     # -- writes -----------------------------------------------------------------------------
     def add(self, record: FeedbackRecord) -> tuple[FeedbackRecord, bool]:
@@ -127,6 +163,7 @@ class FeedbackStore:
         with self._lock:
             self._records[stored.id] = stored
             self._seen.add(key)
+        self._notify(stored)
         return stored, duplicate
 
     def add_item(self, item: ReviewItem) -> ReviewItem:
@@ -138,26 +175,61 @@ class FeedbackStore:
         with self._lock:
             self._items[item.id] = item
             self._seen.add(key)
+        self._notify(item)
         return item
 
     # -- reads ------------------------------------------------------------------------------
-    def refresh(self) -> None:
-        """Load objects other replicas (or an earlier process) wrote."""
+    def refresh(self, max_age_s: float = 0.0) -> None:
+        """Load objects other replicas (or an earlier process) wrote.
+
+        Listing the store costs O(objects); hot paths pass ``max_age_s`` so other replicas'
+        writes show within that many seconds (this process's own writes show at once).
+        """
         with self._refresh_lock:
-            for prefix, target, cls in (
-                (RECORDS_PREFIX, self._records, FeedbackRecord),
-                (ITEMS_PREFIX, self._items, ReviewItem),
-            ):
-                for info in self.store.list(prefix):
-                    if info.key in self._seen or not info.key.endswith(".json"):
-                        continue
-                    try:
-                        obj = cls.from_json(json.loads(self.store.get_bytes(info.key)))  # type: ignore[attr-defined]
-                    except (ValueError, TypeError):
-                        continue  # not ours; never fail a listing over one bad object
-                    with self._lock:
-                        target[obj.id] = obj  # type: ignore[index]
-                        self._seen.add(info.key)
+            if max_age_s > 0 and time.monotonic() - self._refreshed < max_age_s:
+                return
+            self._load_new(RECORDS_PREFIX, self._records, FeedbackRecord.from_json)
+            self._load_new(ITEMS_PREFIX, self._items, ReviewItem.from_json)
+            self._refreshed = time.monotonic()
+
+    def refresh_soon(self, max_age_s: float) -> None:
+        """Refresh in a background thread when the last one ended over ``max_age_s`` ago.
+
+        For the hot paths (next items, agreement): they answer from the index at once and never
+        wait for a store listing, whose cost grows with the store.
+        """
+        with self._lock:
+            if self._refreshing or time.monotonic() - self._refreshed < max_age_s:
+                return
+            self._refreshing = True
+
+        def run() -> None:
+            try:
+                self.refresh()
+            except Exception:  # a store outage: the index stays, the next call retries
+                log.warning("feedback index refresh failed", exc_info=True)
+            finally:
+                with self._lock:
+                    self._refreshing = False
+                    self._refreshed = time.monotonic()
+
+        threading.Thread(target=run, daemon=True, name="feedback-refresh").start()
+
+    def _load_new(
+        self, prefix: str, target: dict[str, _Stored], parse: Callable[[Any], _Stored]
+    ) -> None:
+        """Parse the ``.json`` objects under ``prefix`` not seen yet into ``target`` by id."""
+        for info in self.store.list(prefix):
+            if info.key in self._seen or not info.key.endswith(".json"):
+                continue
+            try:
+                obj = parse(json.loads(self.store.get_bytes(info.key)))
+            except (ValueError, TypeError):
+                continue  # not ours; never fail a listing over one bad object
+            with self._lock:
+                target[obj.id] = obj
+                self._seen.add(info.key)
+            self._notify(obj)
 
     def records(self) -> list[FeedbackRecord]:
         with self._lock:
@@ -171,6 +243,11 @@ class FeedbackStore:
         out.sort(key=lambda r: (r.created, r.id))
         return out
 
+    def record(self, record_id: str) -> FeedbackRecord | None:
+        """The indexed record with this id, if any (no store read)."""
+        with self._lock:
+            return self._records.get(record_id)
+
     def item(self, item_id_: str, *, field: str) -> ReviewItem:
         with self._lock:
             found = self._items.get(item_id_)
@@ -181,6 +258,7 @@ class FeedbackStore:
                 with self._lock:
                     self._items[found.id] = found
                     self._seen.add(key)
+                self._notify(found)
         if found is None:
             raise InvalidArgument.for_field(field, f"unknown review item {item_id_!r}")
         return found

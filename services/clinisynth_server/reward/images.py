@@ -2,7 +2,9 @@
 
 An input image is inline bytes (PNG / JPEG / DICOM), a raw array, or a key in the artifact store.
 Every failure is INVALID_ARGUMENT on the caller's field (``images[3].encoded``): unknown
-reference, oversized upload, non-image bytes, bad raw shape.
+reference, a reference outside what callers may read (``store.base.readable_key``: never a
+record, job, checkpoint, secret or model repository; refused before any store call), oversized
+upload, non-image bytes, bad raw shape.
 
 Uploaded DICOM may be a patient's image: :func:`admit` de-identifies it (PS3.15 basic profile,
 ``imaging.deid``) before anything else sees it, so what is decoded, hashed, stored and later
@@ -20,7 +22,7 @@ from clinisynth_server.errors import InvalidArgument
 from clinisynth_server.imaging import decode as imdecode
 from clinisynth_server.imaging import deid
 from clinisynth_server.imaging.encode import encode_png
-from clinisynth_server.store.base import ArtifactStore, validate_key
+from clinisynth_server.store.base import ArtifactStore, readable_key
 
 IMAGES_PREFIX = "feedback/images/"
 SUFFIXES = {"png": ".png", "jpeg": ".jpg", "dicom": ".dcm"}
@@ -93,12 +95,12 @@ def decode(
 
     ``budget``: the request's pixel budget, charged before the pixels are decoded.
     """
-    ch = channels if channels in (1, 3) else None
+    ch: imdecode.Channels = 1 if channels == 1 else 3 if channels == 3 else None
     if image.kind == "none":
         raise InvalidArgument.for_field(field, "no image data (set encoded, dicom, raw or ref)")
     if image.kind == "ref":
         data = read_ref(image.key, field=f"{field}.ref.key", store=store)
-        return imdecode.decode_image(data, field=f"{field}.ref", channels=ch, budget=budget)  # type: ignore[arg-type]
+        return imdecode.decode_image(data, field=f"{field}.ref", channels=ch, budget=budget)
     check_size(image, f"{field}.{image.kind}", max_bytes)
     if image.kind == "raw":
         arr = imdecode.decode_raw(
@@ -106,7 +108,7 @@ def decode(
             image.shape,
             image.dtype or "float32",
             field=f"{field}.raw",
-            channels=ch,  # type: ignore[arg-type]
+            channels=ch,
             budget=budget,
         )
         if arr.min() < 0 or arr.max() > 1:
@@ -115,13 +117,13 @@ def decode(
     return imdecode.decode_image(
         image.data,
         field=f"{field}.{image.kind}",
-        channels=ch,  # type: ignore[arg-type]
+        channels=ch,
         budget=budget,
     )
 
 
 def read_ref(key: str, *, field: str, store: ArtifactStore) -> bytes:
-    validate_key(key, field)
+    readable_key(key, field)  # before any store call: a refused key is never read
     if not store.exists(key):
         raise InvalidArgument.for_field(field, f"unknown image reference: no stored object {key!r}")
     return store.get_bytes(key)
@@ -145,7 +147,7 @@ def store_upload(store: ArtifactStore, data: bytes, suffix: str) -> StoredImage:
 
 
 def stored_ref(store: ArtifactStore, key: str, field: str) -> StoredImage:
-    validate_key(key, field)
+    readable_key(key, field)  # before any store call: a refused key is never read
     if not store.exists(key):
         raise InvalidArgument.for_field(field, f"unknown image reference: no stored object {key!r}")
     info = store.stat(key)

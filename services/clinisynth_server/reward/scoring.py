@@ -333,21 +333,21 @@ def score_arrays(
     ``condition`` is a class name or a prompt; ``model=""`` picks the default reward model (see
     the module doc).
     """
+    record: ModelRecord | None = None
     if model:
         record = resolve_model(catalog, model, version, None, field="reward_filter.reward_model")
     else:
-        record = None
         for guess in (Condition(class_name=condition), Condition(prompt=condition)):
             try:
                 record = resolve_model(catalog, "", "", guess, field="reward_filter.reward_model")
                 break
             except InvalidArgument:
                 continue
-        if record is None:
-            raise InvalidArgument.for_field(
-                "reward_filter.reward_model",
-                f"no reward model is registered for {condition!r}; name one or register one",
-            )
+    if record is None:
+        raise InvalidArgument.for_field(
+            "reward_filter.reward_model",
+            f"no reward model is registered for {condition!r}; name one or register one",
+        )
     cond = parse_condition(record, condition)
     check_condition(record, cond, "reward_filter.condition")
     pixels = to_model_input(list(images), record, resize=True)

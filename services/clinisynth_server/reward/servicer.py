@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from clinisynth.v1 import common_pb2, reward_pb2, reward_pb2_grpc
-from clinisynth_server import protoconv
+from clinisynth_server import paging, protoconv
 from clinisynth_server.catalog import Catalog, ModelRecord
 from clinisynth_server.errors import InvalidArgument
 from clinisynth_server.reward import service as svc
@@ -15,8 +15,6 @@ from clinisynth_server.reward.images import ImageInput
 from clinisynth_server.reward.scoring import Condition
 from clinisynth_server.runtime.streaming import cancel_token, stream_events
 from clinisynth_server.store.base import ArtifactStore
-
-CHUNK = 1024 * 1024
 
 
 def condition_from(msg: common_pb2.Condition) -> Condition | None:
@@ -154,7 +152,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         else:
             images = self._stream_images(request_iterator)
 
-        def work(sink):  # type: ignore[no-untyped-def]
+        def work(sink: Callable[[Any], None]) -> svc.StreamSummary:
             return self.reward.score_stream(config, images, total=total, emit=sink, cancel=token)
 
         for kind, item in stream_events(work, token):
@@ -176,7 +174,9 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
                 )
 
     @staticmethod
-    def _stream_images(requests) -> Iterator[svc.StreamImage]:  # type: ignore[no-untyped-def]
+    def _stream_images(
+        requests: Iterable[reward_pb2.ScoreStreamRequest],
+    ) -> Iterator[svc.StreamImage]:
         for i, req in enumerate(requests):
             if req.WhichOneof("item") != "image":
                 raise InvalidArgument.for_field(f"images[{i}]", "only the first message is config")
@@ -228,29 +228,9 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         )
 
     def DownloadExport(self, request, context) -> Iterator[reward_pb2.ExportFileChunk]:
-        keys = self.reward.export_files(request.prefix)
-        base = keys[-1][: -len(svc.EXPORT_MANIFEST)]
-        token = cancel_token(context)
-        for key in keys:
-            digest = hashlib.sha256()
-            offset = 0
-            pending: bytes | None = None
-            for chunk in self.store.iter_chunks(key, CHUNK):
-                token.check()
-                if pending is not None:
-                    yield reward_pb2.ExportFileChunk(
-                        path=key[len(base) :], offset=offset - len(pending), data=pending
-                    )
-                digest.update(chunk)
-                offset += len(chunk)
-                pending = chunk
-            pending = pending or b""
+        for c in self.reward.export_chunks(request.prefix, cancel=cancel_token(context)):
             yield reward_pb2.ExportFileChunk(
-                path=key[len(base) :],
-                offset=offset - len(pending),
-                data=pending,
-                last=True,
-                sha256=digest.hexdigest(),
+                path=c.path, offset=c.offset, data=c.data, last=c.last, sha256=c.sha256
             )
 
     # -- review ---------------------------------------------------------------------------------
@@ -312,21 +292,13 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         )
 
     def ListModels(self, request, context):
-        if request.page_size < 0:
-            raise InvalidArgument.for_field("page_size", "must be >= 0")
-        records = self.catalog.list(
-            kind="reward", name=request.name, all_versions=request.all_versions
-        )
-        start = 0
-        if request.page_token:
-            try:
-                start = int(request.page_token)
-            except ValueError as exc:
-                raise InvalidArgument.for_field("page_token", "not a token from this API") from exc
-        size = min(request.page_size or 100, 1000)
-        latest = {r.name: r.version for r in self.catalog.list(kind="reward")}
-        page = records[start : start + size]
-        return common_pb2.ListModelsResponse(
-            models=[protoconv.model_info(r, latest=latest.get(r.name) == r.version) for r in page],
-            next_page_token=str(start + size) if start + size < len(records) else "",
+        return protoconv.list_models_response(
+            paging.list_models(
+                self.catalog,
+                kind="reward",
+                name=request.name,
+                all_versions=request.all_versions,
+                page_size=request.page_size,
+                page_token=request.page_token,
+            )
         )

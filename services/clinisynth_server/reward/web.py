@@ -6,7 +6,7 @@ Routes:
 - ``GET  /review``                  the page (keyboard: y / n verdict, 1-9 criteria, Enter submit)
 - ``GET  /review.js``, ``/review.css``  its script and style (no inline code: the CSP forbids it)
 - ``GET  /api/conditions``          conditions with pending counts
-- ``GET  /api/next?rater=&class_name=|prompt=&limit=``  next items (least certain first)
+- ``GET  /api/next?rater=&class_name=|prompt=&limit=``  next items, in the queue's order
 - ``GET  /api/image/<item_id>``     the item's image as PNG
 - ``GET  /api/checklist?class_name=|prompt=``
 - ``POST /api/feedback``            a judgement (JSON; same validation and storage as gRPC)
@@ -353,10 +353,10 @@ class _Handler(BaseHTTPRequestHandler):
         elif method == "GET" and path == "/api/next":
             limit = _int_param(query, "limit", 10, 1, MAX_LIMIT)
             condition = _condition(reward, query)
-            items, pending = reward.next_items(
+            items, left = reward.next_items(
                 _param(query, "rater"), condition=condition, limit=limit
             )
-            self._json({"items": [item_json(q) for q in items], "pending": pending})
+            self._json({"items": [item_json(q) for q in items], "pending": left})
         elif method == "GET" and path.startswith("/api/image/"):
             self._send(200, reward.item_png(path.rsplit("/", 1)[1]), "image/png")
         elif method == "GET" and path == "/api/checklist":

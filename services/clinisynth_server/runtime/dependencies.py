@@ -49,7 +49,7 @@ class Dependencies:
     @classmethod
     def open(cls, config: ServiceConfig, metrics: ServiceMetrics | None = None) -> Dependencies:
         # CLINISYNTH_<SERVICE>_STORE_<OPTION> overrides the shared CLINISYNTH_STORE_<OPTION>.
-        options = {
+        options: dict[str, Any] = {  # strings from the environment; "secure" becomes a bool
             key.removeprefix("store_"): value
             for key, value in config.extra.items()
             if key.startswith("store_") and key.removeprefix("store_") in STORE_OPTIONS

@@ -32,6 +32,7 @@ from clinisynth_server.runtime.metrics import ServiceMetrics, create_metrics
 
 log = logging.getLogger(__name__)
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
 # Threads of the control lane: health checks and refusals, each a few microseconds of work.
 CONTROL_THREADS = 4
 # Calls the control lane may hold at once before gRPC itself refuses (a flood of probes).
@@ -75,8 +76,10 @@ def _on_pool(handler: grpc.RpcMethodHandler, pool: futures.ThreadPoolExecutor) -
     def run(request: Any, context: grpc.ServicerContext) -> Any:
         return behavior(request, context)
 
+    # gRPC reads the pool off the behaviour function; its handlers are namedtuples, the ABC
+    # declares neither the attribute nor _replace.
     run.experimental_thread_pool = pool  # type: ignore[attr-defined]
-    return handler._replace(**{kind: run})  # type: ignore[attr-defined]
+    return handler._replace(**{kind: run})  # type: ignore[attr-defined]  # a namedtuple
 
 
 def _refusing(handler: grpc.RpcMethodHandler, error: Exception) -> Any:
@@ -90,7 +93,7 @@ def _refusing(handler: grpc.RpcMethodHandler, error: Exception) -> Any:
         for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
         if getattr(handler, k) is not None
     )
-    return handler._replace(**{kind: refuse})  # type: ignore[attr-defined]
+    return handler._replace(**{kind: refuse})  # type: ignore[attr-defined]  # a namedtuple
 
 
 class Admission:
@@ -102,6 +105,10 @@ class Admission:
     (``experimental_thread_pool``, the same hook grpc_health uses for Watch), so:
 
     - ``Health/Check`` runs on a small *control* pool that model work never reaches;
+    - ``Health/Watch`` runs there too, as gRPC's non-blocking stream (:meth:`serve_watch`): the
+      call registers a callback and returns, so an open watch holds no thread of either pool
+      (a wrapped, blocking watch used to hold a work thread for its lifetime, queued behind
+      model work before its first message, and count against ``capacity``);
     - every other call runs on the *work* pool (``workers`` threads, as before) and queues there
       in arrival order when all threads are busy, up to ``capacity`` calls held in all (running
       + waiting); beyond that it is refused at once with RESOURCE_EXHAUSTED carrying RetryInfo
@@ -129,6 +136,31 @@ class Admission:
             max_workers=CONTROL_THREADS, thread_name_prefix=f"{service}-health"
         )
         self._decision = threading.local()
+        self._watch: grpc.RpcMethodHandler | None = None
+
+    def serve_watch(self, servicer: health.HealthServicer) -> None:
+        """Serve ``servicer``'s Watch non-blocking on the control pool, outside the chain.
+
+        Why outside: the interceptors wrap a behaviour in a generator, which drops the
+        ``experimental_non_blocking`` / ``experimental_thread_pool`` attributes gRPC reads off
+        it; health is public (no token) and a stream open for hours has no latency to record.
+        """
+
+        def watch(
+            request: health_pb2.HealthCheckRequest,
+            context: grpc.ServicerContext,
+            send_response_callback: Callable[[Any], None] | None = None,
+        ) -> Any:
+            return servicer.Watch(request, context, send_response_callback)
+
+        # gRPC reads both off the behaviour; plain function attributes the type doesn't declare.
+        watch.experimental_non_blocking = True  # type: ignore[attr-defined]  # see above
+        watch.experimental_thread_pool = self.control  # type: ignore[attr-defined]  # see above
+        self._watch = grpc.unary_stream_rpc_method_handler(
+            watch,
+            request_deserializer=health_pb2.HealthCheckRequest.FromString,
+            response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
+        )
 
     @property
     def maximum_concurrent_rpcs(self) -> int:
@@ -139,6 +171,8 @@ class Admission:
 
         class _Lanes(grpc.ServerInterceptor):
             def intercept_service(self, continuation: Any, details: Any) -> Any:
+                if details.method == HEALTH_WATCH and admission._watch is not None:
+                    return admission._watch
                 control = details.method == HEALTH_CHECK
                 refuse = not control and admission.work.load >= admission.capacity
                 admission._decision.refuse = refuse
@@ -280,6 +314,7 @@ def start_server(
     names = list(register(server, metrics))
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    admission.serve_watch(health_servicer)
     reflection.enable_server_reflection(
         (
             *names,

@@ -54,7 +54,7 @@ _S3_OPTIONS = {
     "max_connections",
     "conditional_writes",
 }
-_LOCAL_OPTIONS = {"create"}
+_LOCAL_OPTIONS = {"create", "lock_timeout_s"}
 _ENV_OPTIONS = ("endpoint", "access_key", "secret_key", "session_token", "region", "secure")
 
 
@@ -75,7 +75,8 @@ def open_store(url: str, *, env: Mapping[str, str] | None = None, **options: Any
     both; unknown option names raise ``InvalidArgument``. S3 options: endpoint,
     access_key, secret_key, session_token, region, secure, cert_check, create_bucket,
     connect_timeout_s, read_timeout_s, retries, part_size, parallel_uploads,
-    max_connections, conditional_writes. Local: create (default True).
+    max_connections, conditional_writes. Local: create (default True), lock_timeout_s
+    (``CLINISYNTH_STORE_LOCK_TIMEOUT_S``, default 30).
     """
     unknown = set(options) - _S3_OPTIONS - _LOCAL_OPTIONS
     if unknown:
@@ -89,6 +90,16 @@ def open_store(url: str, *, env: Mapping[str, str] | None = None, **options: Any
     if scheme == "s3":
         return _open_s3(parts.netloc, unquote(parts.path), env, options)
     local = {k: v for k, v in options.items() if k in _LOCAL_OPTIONS}
+    lock_env = (os.environ if env is None else env).get(_ENV_PREFIX + "LOCK_TIMEOUT_S", "")
+    if local.get("lock_timeout_s") is None and lock_env:  # a frozen writer's bound (local.py)
+        try:
+            local["lock_timeout_s"] = float(lock_env)
+        except ValueError:
+            raise InvalidArgument.for_field(
+                _ENV_PREFIX + "LOCK_TIMEOUT_S", f"a number of seconds, got {lock_env!r}"
+            ) from None
+    if local.get("lock_timeout_s") is None:
+        local.pop("lock_timeout_s", None)
     if scheme == "file":
         if parts.netloc not in ("", "localhost"):
             raise InvalidArgument.for_field("url", f"{url!r}: file URLs must be file:///abs/path")

@@ -10,6 +10,7 @@ endpoint), ``Internal`` (stored bytes fail their digest).
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import hashlib
 import json
@@ -103,6 +104,9 @@ def validate_prefix(prefix: object, field_name: str = "prefix") -> str:
 
 #: The data-set namespace: the only part of the store a caller's upload may write.
 DATASETS_NAMESPACE = "datasets/"
+#: Model folders uploaded for import (``imports/<upload id>/...``): written only by the finetune
+#: service's model upload RPC, so it is a service namespace for every other caller-chosen key.
+IMPORTS_NAMESPACE = "imports/"
 #: Namespaces written only by the service that owns them (model records, expert feedback and
 #: review items, job records / events / checkpoints, guidance records, a model repository kept in
 #: the store). No caller-chosen key or prefix, read or written, may point into one.
@@ -116,6 +120,7 @@ SERVICE_NAMESPACES: tuple[str, ...] = (
     "checkpoints/",
     "triton-models/",
     "model-repository/",
+    IMPORTS_NAMESPACE,
 )
 
 
@@ -146,6 +151,26 @@ def outside_service_namespaces(prefix: object, field_name: str = "prefix") -> st
             f"{', '.join(SERVICE_NAMESPACES)}",
         )
     return clean
+
+
+#: Read-only openings in a service namespace: objects a service hands to callers as references.
+#: The reward service's content-addressed, de-identified images come back as ``image_ref`` on
+#: every Feedback / ReviewItem and leave in any export, so naming one again reads nothing new.
+CALLER_READABLE_PREFIXES: tuple[str, ...] = ("feedback/images/",)
+
+
+def readable_key(key: object, field_name: str = "key") -> str:
+    """Return a caller-chosen key to *read* if a caller may read it, else ``InvalidArgument``.
+
+    Callers may read what they may write (``datasets/`` and the outputs written under their
+    prefixes, anywhere outside :data:`SERVICE_NAMESPACES`) plus :data:`CALLER_READABLE_PREFIXES`;
+    never records, jobs, checkpoints, secrets or a model repository. Checked before any store
+    call, so a refused key is never read and its existence is not revealed.
+    """
+    clean = validate_key(key, field_name)
+    if any(clean.startswith(p) and clean != p for p in CALLER_READABLE_PREFIXES):
+        return clean
+    return outside_service_namespaces(clean, field_name)
 
 
 def dir_prefix(prefix: str, field_name: str = "prefix") -> str:
@@ -426,7 +451,9 @@ class ArtifactStore(ABC):
             self.delete(key)
         return len(keys)
 
-    def upload_dir(self, local_dir: str | os.PathLike[str], prefix: str) -> list[ObjectInfo]:
+    def upload_dir(
+        self, local_dir: str | os.PathLike[str], prefix: str
+    ) -> builtins.list[ObjectInfo]:
         """Upload every file under ``local_dir`` to ``prefix/<relative path>``.
 
         Symlinked files are followed; names the store can't hold (reserved or odd) raise
@@ -447,7 +474,7 @@ class ArtifactStore(ABC):
                 plan.append((validate_key(base + rel), path))
         return [self.put_file(key, path) for key, path in plan]
 
-    def download_dir(self, prefix: str, local_dir: str | os.PathLike[str]) -> list[Path]:
+    def download_dir(self, prefix: str, local_dir: str | os.PathLike[str]) -> builtins.list[Path]:
         """Download every object under the "directory" ``prefix`` into ``local_dir``."""
         base = dir_prefix(prefix)
         dest_root = Path(local_dir)

@@ -21,6 +21,12 @@ writers to one key leave matching data and sidecar, and readers that catch the p
 mid-commit retry under the lock. Readers of data never take the lock: an open file
 keeps its inode, so a stream stays on one version while the key is replaced.
 
+The lock is held only for those renames (data and sidecar are staged and fsync'ed before it),
+and it is taken with a bounded wait (``lock_timeout_s``): a writer frozen mid-commit (SIGSTOP,
+a debugger, a cgroup freezer) makes other writers fail with ``Unavailable`` naming the store
+(UNAVAILABLE with a retry hint over gRPC; background loops retry on their next tick) instead
+of blocking every writer of the host forever.
+
 Differences from S3, by nature of a file system: a key can't be both an object and a
 "directory" (``a`` and ``a/b``); such a write raises ``FailedPrecondition``.
 """
@@ -35,6 +41,7 @@ import os
 import stat as stat_mod
 import tempfile
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -68,10 +75,15 @@ from clinisynth_server.store.base import (
 try:  # POSIX; elsewhere fall back to an in-process lock (one process per store root)
     import fcntl
 except ImportError:  # pragma: no cover - not on Linux
-    fcntl = None  # type: ignore[assignment]
+    fcntl = None  # type: ignore[assignment]  # the module name, None where there is none
 
 _Fingerprint = tuple[int, int, int]  # (inode, size, mtime_ns)
 _COMMIT_RETRIES = 5
+#: Default bound on waiting for the commit lock; a commit holds it for two renames.
+DEFAULT_LOCK_TIMEOUT_S = 30.0
+_LOCK_POLL_MAX_S = 0.05
+#: Retry hint sent with a lock timeout (google.rpc.RetryInfo over gRPC).
+LOCK_RETRY_AFTER_S = 1.0
 
 
 def _make_temp(directory: Path) -> tuple[int, str]:
@@ -121,7 +133,19 @@ def _sort_name(entry: os.DirEntry[str]) -> str:
 class LocalStore(ArtifactStore):
     """Artifact store in a local directory (see the module docstring for the layout)."""
 
-    def __init__(self, root: str | os.PathLike[str], *, create: bool = True) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        create: bool = True,
+        lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
+    ) -> None:
+        timeout = float(lock_timeout_s)
+        if not (timeout > 0 and timeout < float("inf")):
+            raise InvalidArgument.for_field(
+                "lock_timeout_s", f"must be a positive number of seconds, got {lock_timeout_s!r}"
+            )
+        self.lock_timeout_s = timeout
         self.root = Path(root).expanduser().resolve()
         if create:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -147,16 +171,55 @@ class LocalStore(ArtifactStore):
     def _commit_lock(self) -> Iterator[None]:
         """Exclusive lock around (sidecar rename, data rename) pairs and deletes."""
         if fcntl is None:  # pragma: no cover - non-POSIX: one process per root
-            with self._thread_lock:
+            if not self._thread_lock.acquire(timeout=self.lock_timeout_s):
+                raise self._lock_timeout()
+            try:
                 yield
+            finally:
+                self._thread_lock.release()
             return
         self._lock_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self._lock_path, "a+b") as fh:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)  # per open file: threads exclude too
+            self._flock(fh.fileno())  # per open file: threads exclude too
             try:
                 yield
             finally:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    def _flock(self, fd: int) -> None:
+        """Take the exclusive lock within ``lock_timeout_s`` (non-blocking tries, backing off).
+
+        Why polling: ``flock`` has no timeout of its own, and a blocking one waits forever
+        behind a holder that is frozen rather than dead (a dead one's lock is released).
+        """
+        deadline = time.monotonic() + self.lock_timeout_s
+        delay = 0.001
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                pass
+            except InterruptedError:
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise self._lock_timeout()
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, _LOCK_POLL_MAX_S)
+
+    def _lock_timeout(self) -> Unavailable:
+        return Unavailable(
+            f"local store {self.root} is busy: its commit lock ({self._lock_path}) has been held "
+            f"by another writer for over {self.lock_timeout_s:g} s (a stalled or frozen "
+            f"process?); retry in {LOCK_RETRY_AFTER_S:g} s",
+            reason="STORE_LOCK_TIMEOUT",
+            metadata={
+                "store": str(self.root),
+                "lock_timeout_s": f"{self.lock_timeout_s:g}",
+                "retry_after_s": f"{LOCK_RETRY_AFTER_S:g}",
+            },
+        )
 
     def _read_sidecar(self, key: str) -> dict[str, Any] | None:
         try:
@@ -166,13 +229,23 @@ class LocalStore(ArtifactStore):
             return None
         return side if isinstance(side, dict) else None
 
-    def _write_sidecar(self, key: str, side: dict[str, Any]) -> None:
-        path = self._meta_path(key)
-        fd, tmp = _make_temp(path.parent)  # under the commit lock: no prune races here
+    def _stage_sidecar(self, key: str, side: dict[str, Any]) -> str:
+        """Write the sidecar to a temp file beside its place (outside the lock: commits stay
+        two renames; a directory holding a temp file is never pruned)."""
+        fd, tmp = _make_temp(self._meta_path(key).parent)
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(json.dumps(side, sort_keys=True).encode())
-            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return tmp
+
+    def _write_sidecar(self, key: str, side: dict[str, Any]) -> None:
+        tmp = self._stage_sidecar(key, side)
+        try:
+            os.replace(tmp, self._meta_path(key))
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -224,6 +297,7 @@ class LocalStore(ArtifactStore):
         if dest.is_dir():
             raise self._os_error(OSError(errno.EISDIR, "is a directory"), key)
         tmp: str | None = None
+        side_tmp: str | None = None
         try:
             fd, tmp = _make_temp(dest.parent)
             digest = hashlib.sha256()
@@ -240,17 +314,20 @@ class LocalStore(ArtifactStore):
                 "content_type": ctype,
                 "metadata": meta,
             }
-            with self._commit_lock():
+            side_tmp = self._stage_sidecar(key, side)
+            with self._commit_lock():  # two renames (or a rename and a link), nothing more
                 if only_if_absent:
                     if os.path.lexists(dest):
                         return None
-                    self._write_sidecar(key, side)
+                    os.replace(side_tmp, self._meta_path(key))
+                    side_tmp = None
                     try:
                         os.link(tmp, dest)  # never overwrites, even a writer without the lock
                     except FileExistsError:
                         return None
                 else:
-                    self._write_sidecar(key, side)
+                    os.replace(side_tmp, self._meta_path(key))
+                    side_tmp = None
                     os.replace(tmp, dest)
                     tmp = None
             fsync_dir(dest.parent)
@@ -261,9 +338,10 @@ class LocalStore(ArtifactStore):
         except OSError as exc:
             raise self._os_error(exc, key) from exc
         finally:
-            if tmp is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
+            for leftover in (tmp, side_tmp):
+                if leftover is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(leftover)
 
     def put_bytes(
         self,
@@ -403,9 +481,12 @@ class LocalStore(ArtifactStore):
             "content_type": guess_content_type(key, None),
             "metadata": {},
         }
-        with self._commit_lock(), contextlib.suppress(OSError):
-            if _fingerprint(os.stat(path)) == _fingerprint(st):
-                self._write_sidecar(key, side)
+        try:  # caching is best effort: a busy lock only means the next stat hashes again
+            with self._commit_lock(), contextlib.suppress(OSError):
+                if _fingerprint(os.stat(path)) == _fingerprint(st):
+                    self._write_sidecar(key, side)
+        except Unavailable:
+            pass
         return self._info(key, st, side)
 
     def list(

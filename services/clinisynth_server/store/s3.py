@@ -33,14 +33,14 @@ from collections.abc import Iterator, Mapping
 from datetime import timedelta
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, BinaryIO, cast
 from urllib.parse import urlsplit
 
 import urllib3
 from minio import Minio
 from minio.deleteobjects import DeleteObject
 from minio.error import InvalidResponseError, MinioException, S3Error, ServerError
-from minio.helpers import check_bucket_name
+from minio.helpers import DictType, check_bucket_name
 
 from clinisynth_server.errors import (
     ClinisynthError,
@@ -317,7 +317,7 @@ class S3Store(ArtifactStore):
                     raise
 
     @staticmethod
-    def _user_meta(sha256: str, meta: Mapping[str, str]) -> dict[str, str]:
+    def _user_meta(sha256: str, meta: Mapping[str, str]) -> DictType:
         return {SHA256_METADATA_KEY: sha256, **meta}
 
     def _info_from_stat(self, key: str, obj: Any) -> ObjectInfo:
@@ -364,10 +364,10 @@ class S3Store(ArtifactStore):
             self._client.put_object(
                 self.bucket,
                 name,
-                data,
+                cast(BinaryIO, data),  # minio only calls read(); IO[bytes] is all it needs
                 size,
                 content_type=ctype,
-                metadata=self._user_meta(sha256, meta),  # type: ignore[arg-type]
+                metadata=self._user_meta(sha256, meta),
                 part_size=self._part_size,
                 num_parallel_uploads=self._parallel,
             )
@@ -433,7 +433,7 @@ class S3Store(ArtifactStore):
                 key,
                 spool,
                 size,
-                digest.hexdigest(),  # type: ignore[arg-type]
+                digest.hexdigest(),
                 content_type=content_type,
                 metadata=metadata,
                 verify_source=False,
@@ -480,7 +480,7 @@ class S3Store(ArtifactStore):
         ctype = guess_content_type(key, content_type)
         sha256 = hashlib.sha256(payload).hexdigest()
         if self._conditional is not False:
-            headers: dict[str, str] = {"Content-Type": ctype, "If-None-Match": "*"}
+            headers: DictType = {"Content-Type": ctype, "If-None-Match": "*"}
             for mkey, value in self._user_meta(sha256, meta).items():
                 headers[_META_HEADER + mkey] = value
             with self._errors("put_if_absent", key):

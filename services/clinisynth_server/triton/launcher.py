@@ -24,9 +24,13 @@ with an inline ``model.py`` runs code as this user:
   :data:`~clinisynth_server.triton.client.KEY_HEADER` carrying a key made per start
   (``--grpc-restricted-protocol`` / ``--http-restricted-api``). The key is written to a 0600
   file (:attr:`TritonServer.key_file`) whose *path* the services get; the key itself is in no
-  environment. Triton 2.51 reads it only from its command line, so it is in
-  ``/proc/<pid>/cmdline`` of the server (readable by local users unless ``/proc`` is mounted
-  ``hidepid=2``, as a hardened host should be).
+  environment. Triton 2.51 reads it only from its command line, and ``/proc/<pid>/cmdline`` is
+  readable by every local user, so the command line carries the options *without* the key and
+  the preloaded :mod:`~clinisynth_server.triton.native` library completes them from the key
+  file while Triton parses them (Triton refuses the incomplete option, so a server without the
+  library never starts with a readable key). Where that library cannot be built (no C
+  compiler) the key goes on the command line, with a warning (:attr:`TritonServer.key_in_argv`,
+  shown by ``clinisynth status``).
 - Triton's environment is built by allow-list (:func:`server_environment`): no token, password,
   cloud credential or TLS key path reaches a stub.
 - its python backend's shared-memory tensors live on a private ``/dev/shm``: where this user may
@@ -62,6 +66,7 @@ from pathlib import Path
 from types import TracebackType
 
 from clinisynth_server.errors import FailedPrecondition, Unavailable
+from clinisynth_server.triton import native
 from clinisynth_server.triton.client import KEY_HEADER, remember_key
 
 SERVICES_DIR = Path(__file__).resolve().parents[2]  # .../services (holds clinisynth_server)
@@ -150,6 +155,14 @@ def pytriton_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
 
 
+def cache_root(cache_dir: Path | None = None) -> Path:
+    """Where built artefacts (backend folders, the argv_key library) are kept."""
+    return cache_dir or Path(
+        os.environ.get("CLINISYNTH_CACHE_DIR")
+        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "clinisynth"
+    )
+
+
 def backend_directory(cache_dir: Path | None = None) -> Path:
     """A ``--backend-directory`` whose ``python/`` holds the backend and this Python's stub.
 
@@ -164,11 +177,7 @@ def backend_directory(cache_dir: Path | None = None) -> Path:
             f"nvidia-pytriton ships no python-backend stub for Python {version}"
         )
     stamp = f"{int(stub.stat().st_mtime)}-{stub.stat().st_size}"
-    root = cache_dir or Path(
-        os.environ.get("CLINISYNTH_CACHE_DIR")
-        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "clinisynth"
-    )
-    target = root / "triton-backends" / f"py{version}-{stamp}"
+    target = cache_root(cache_dir) / "triton-backends" / f"py{version}-{stamp}"
     if (target / "python" / "triton_python_backend_stub").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -231,8 +240,9 @@ def server_environment(
     those not when the name looks like a secret (``HF_TOKEN``).
 
     The Triton key itself is never put in an environment (``/proc/<pid>/environ`` of a
-    stub would hand it to the model code it protects against); it goes on Triton's command
-    line, the only channel Triton 2.51 reads it from.
+    stub would hand it to the model code it protects against); :meth:`TritonServer.start`
+    adds only the preload library and the key file's path, which the library removes from
+    Triton's environment before ``main`` (so no stub inherits them).
     """
     source = dict(os.environ if base is None else base)
     env = {
@@ -314,6 +324,8 @@ class TritonServer:
         if restricted and key_file is None:  # a dead server's key is worthless: left there
             key_file = Path(tempfile.mkdtemp(prefix="clinisynth-triton-key-")) / "triton.key"
         self.key_file: Path | None = Path(key_file) if key_file is not None else None
+        # The argv_key library for this start (None: key on the command line, or no key).
+        self._shim: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
 
     # -- addresses ------------------------------------------------------------------------
@@ -334,14 +346,27 @@ class TritonServer:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
+    @property
+    def key_in_argv(self) -> bool:
+        """True when the key is on Triton's command line (the argv_key library is unavailable)."""
+        return bool(self.key) and self._shim is None
+
     def _restriction_args(self) -> list[str]:
+        """With the argv_key library the options end at the header: it appends ``=<key>``."""
         if not self.key:
             return []
-        groups = ",".join(RESTRICTED_GROUPS)
-        return [
-            f"--grpc-restricted-protocol={groups}:{KEY_HEADER}={self.key}",
-            f"--http-restricted-api={groups}:{KEY_HEADER}={self.key}",
-        ]
+        value = f"{','.join(RESTRICTED_GROUPS)}:{KEY_HEADER}"
+        if self._shim is None:
+            value = f"{value}={self.key}"
+        return [f"--grpc-restricted-protocol={value}", f"--http-restricted-api={value}"]
+
+    def _environment(self) -> dict[str, str]:
+        """:func:`server_environment`, plus the argv_key library and the key file's path."""
+        env = server_environment(self.extra_pythonpath)
+        if self._shim is not None and self.key_file is not None:
+            env["LD_PRELOAD"] = str(self._shim)
+            env[native.KEY_FILE_ENV] = str(self.key_file)
+        return env
 
     def _write_key_file(self) -> None:
         """The key, readable by this user only, for the services (they get only its path)."""
@@ -395,6 +420,7 @@ class TritonServer:
         self._write_key_file()
         if self.key:
             remember_key(self.grpc_url, self.key)
+        self._shim = native.shim_library(cache_root(self.cache_dir)) if self.key_file else None
         prefix = private_shm_prefix()
         with open(self.log_path, "ab") as log:
             if not prefix:
@@ -407,7 +433,7 @@ class TritonServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=server_environment(self.extra_pythonpath),
+                env=self._environment(),
                 start_new_session=True,  # own process group: stop() reaches every stub
                 umask=0o077,  # /dev/shm tensors and files it creates: 0600, not 0644
             )
@@ -419,6 +445,12 @@ class TritonServer:
             code = self._proc.poll()
             if code is not None:
                 self._reap_group()
+                if self._shim is not None and native.UNPATCHED_OPTION_MARKER in self.log_tail():
+                    # the library did not take effect (not preloaded): Triton refused the
+                    # option without its key, as designed; start again the old way
+                    native.disable(f"tritonserver did not load {self._shim}")
+                    self._proc = None
+                    return self.start(on_spawn)
                 raise Unavailable(
                     f"tritonserver exited with code {code} while starting; log tail:\n"
                     f"{self.log_tail()}",

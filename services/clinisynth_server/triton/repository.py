@@ -37,6 +37,15 @@ _EXTRA_ROLES: dict[str, str] = {}
 InstanceKind = Literal["cpu", "gpu"]
 
 
+def check_instance_kind(value: str, field: str = "instance_kind") -> InstanceKind:
+    """A configured instance kind (a plain string from config) as the literal type."""
+    if value == "cpu":
+        return "cpu"
+    if value == "gpu":
+        return "gpu"
+    raise InvalidArgument.for_field(field, f"'cpu' or 'gpu', got {value!r}")
+
+
 def register_role(role: str, module_path: str) -> None:
     """Add a role implemented in ``module_path`` (exports ``model_spec`` and ``Backend``)."""
     _EXTRA_ROLES[role] = module_path

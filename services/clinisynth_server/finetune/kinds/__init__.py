@@ -25,7 +25,8 @@ def load(name: str) -> KindSpec:
     """The spec of kind ``name`` (``KeyError`` when there is no such kind)."""
     if name not in NAMES:
         raise KeyError(name)
-    return importlib.import_module(f"{__name__}.{name}").SPEC  # type: ignore[no-any-return]
+    spec: KindSpec = importlib.import_module(f"{__name__}.{name}").SPEC
+    return spec
 
 
 def __getattr__(attr: str) -> Any:

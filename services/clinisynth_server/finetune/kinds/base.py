@@ -15,7 +15,7 @@ import pathlib
 import random
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, overload
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ class CheckContext:
     catalog: Any
     store: Any
     model_repository: str
+
+
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 
 
 @dataclass
@@ -85,8 +88,26 @@ class TrainContext:
         lr.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        return self.accelerator.unwrap_model(model) if self.accelerator is not None else model
+    @overload
+    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module: ...
+    @overload
+    def unwrap(self, model: torch.nn.Module, kind: type[ModuleT]) -> ModuleT: ...
+    def unwrap(
+        self, model: torch.nn.Module, kind: type[torch.nn.Module] = torch.nn.Module
+    ) -> torch.nn.Module:
+        """The module inside accelerate's wrapper; ``kind`` names (and checks) the class built."""
+        inner = self.accelerator.unwrap_model(model) if self.accelerator is not None else model
+        if not isinstance(inner, kind):
+            raise TypeError(f"expected a {kind.__name__} inside the wrapper, got {type(inner)}")
+        return inner
+
+    def shard(self, batch: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a global batch (rank r takes rows r, r+W, …, as EpochSampler).
+
+        Per-sample randomness (noise, timesteps) is drawn for the whole global batch on every
+        rank and then sharded, so a run's numbers do not depend on how many processes share it.
+        """
+        return batch[self.rank :: self.world_size] if self.world_size > 1 else batch
 
     def clip(self, params: Any, max_norm: float) -> None:
         if max_norm <= 0:
@@ -242,14 +263,87 @@ class EMA:
     def update(self, model: torch.nn.Module) -> None:
         for s, m in zip(self.shadow.parameters(), model.parameters(), strict=True):
             s.lerp_(m.detach(), 1.0 - self.decay)
-        for s, m in zip(self.shadow.buffers(), model.buffers(), strict=True):
-            s.copy_(m)
+        for sb, mb in zip(self.shadow.buffers(), model.buffers(), strict=True):
+            sb.copy_(mb)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow.state_dict()
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         self.shadow.load_state_dict(state)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose gradient is the sum over ranks of the incoming gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        out = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return _all_reduce_sum(grad)
+
+
+def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    out: torch.Tensor = _AllReduceSum.apply(tensor)
+    return out
+
+
+class CpuSyncBatchNorm(torch.nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics span the global batch of every rank.
+
+    Per-rank statistics over ``batch_size / world_size`` rows would make a DDP run train a
+    different model than one process with the same global batch; torch's ``SyncBatchNorm`` needs
+    a GPU, so on CPU (gloo) the sums go through the differentiable ``all_reduce``. Same
+    parameters and buffers as ``BatchNorm2d``: state dicts load either way. Two passes (mean,
+    then the centred squares) keep the variance as exact as the one-process kernel's.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        if not self.training or not dist.is_initialized() or dist.get_world_size() == 1:
+            return super().forward(input)
+        c, dims, shape = input.shape[1], [0, 2, 3], (1, -1, 1, 1)
+        count = torch.full((1,), input.numel() // c, dtype=input.dtype, device=input.device)
+        sums = _all_reduce_sum(torch.cat([input.sum(dims), count]))
+        n = sums[-1].detach()
+        mean = sums[:c] / n
+        centered = input - mean.view(shape)
+        var = _all_reduce_sum((centered * centered).sum(dims)) / n
+        out = centered * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats and self.running_mean is not None:
+            assert self.running_var is not None and self.num_batches_tracked is not None
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = (
+                    self.momentum
+                    if self.momentum is not None
+                    else 1.0 / float(self.num_batches_tracked)
+                )
+                self.running_mean.lerp_(mean.detach(), m)
+                self.running_var.lerp_(var.detach() * n / (n - 1).clamp_min(1), m)
+        return out
+
+
+def sync_batchnorm(module: ModuleT, ctx: TrainContext) -> ModuleT:
+    """BatchNorm over the global batch when several processes train (nothing to do for one)."""
+    if ctx.world_size == 1:
+        return module
+    if ctx.device.type == "cuda":
+        synced: ModuleT = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        return synced
+    for sub in module.modules():
+        if type(sub) is torch.nn.BatchNorm2d:
+            sub.__class__ = CpuSyncBatchNorm  # same state, global statistics
+    return module
 
 
 def batched(n: int, size: int) -> Iterator[slice]:

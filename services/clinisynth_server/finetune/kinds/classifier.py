@@ -25,6 +25,7 @@ from clinisynth_server.finetune.kinds.base import (
     KindSpec,
     TrainContext,
     make_optimizer,
+    sync_batchnorm,
 )
 from clinisynth_server.finetune.params import Param, common_params
 from clinisynth_server.methods._training import split_indices
@@ -107,6 +108,21 @@ def scorer_meta(
     }
 
 
+class RawLogits(torch.nn.Module):
+    """The trained forward (uncalibrated logits) as a module's ``forward``.
+
+    DDP all-reduces gradients only for a forward that went through its own ``forward``: calling
+    ``raw_logits`` on the unwrapped classifier would train each rank alone.
+    """
+
+    def __init__(self, net: Classifier) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net.raw_logits(images)
+
+
 class ClassifierTrainer:
     best_metric = "val_accuracy"
     best_mode = "max"
@@ -134,8 +150,10 @@ class ClassifierTrainer:
                 backbone_width=p["backbone_width"],
             )
         )
+        # Global-batch BatchNorm statistics when several ranks share the batch.
+        self.net = sync_batchnorm(self.net, ctx)
         self.optimizer, self.lr = make_optimizer(self.net.parameters(), p)
-        self.model, self.optimizer = ctx.prepare(self.net, self.optimizer)
+        self.model, self.optimizer = ctx.prepare(RawLogits(self.net), self.optimizer)
         self.sampler = EpochSampler(
             len(self.x_tr), p["batch_size"], p["seed"], rank=ctx.rank, world=ctx.world_size
         )
@@ -144,14 +162,16 @@ class ClassifierTrainer:
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         p, model = self.p, self.model
-        raw = self.ctx.unwrap(model).raw_logits
+        # The attack differentiates w.r.t. the input only (no DDP); the loss goes through DDP.
+        attack = self._net().raw_logits
+        raw = model
         if p["adversarial"] == "none":
             model.train()
             return F.cross_entropy(raw(x), y)
         model.eval()  # attack against fixed BatchNorm statistics
         if p["adversarial"] == "pgd":
             x_adv = l2_attack(
-                raw,
+                attack,
                 x,
                 lambda lg: F.cross_entropy(lg, y, reduction="sum"),
                 eps=p["eps"],
@@ -162,9 +182,9 @@ class ClassifierTrainer:
             model.train()
             return F.cross_entropy(raw(x_adv), y)
         with torch.no_grad():
-            p_clean = F.softmax(raw(x), dim=1)
+            p_clean = F.softmax(attack(x), dim=1)
         x_adv = l2_attack(
-            raw,
+            attack,
             x,
             lambda lg: F.kl_div(F.log_softmax(lg, 1), p_clean, reduction="sum"),
             eps=p["eps"],
@@ -176,6 +196,12 @@ class ClassifierTrainer:
         clean, adv = raw(torch.cat([x, x_adv])).chunk(2)
         kl = F.kl_div(F.log_softmax(adv, 1), F.softmax(clean, 1), reduction="batchmean")
         return F.cross_entropy(clean, y) + p["trades_beta"] * kl
+
+    def _net(self) -> Classifier:
+        """The classifier inside the (DDP / accelerate) wrappers."""
+        net = self.ctx.unwrap(self.model, RawLogits).net
+        assert isinstance(net, Classifier)
+        return net
 
     def step(self, step: int) -> dict[str, float]:
         idx = self.sampler.next()
@@ -190,7 +216,7 @@ class ClassifierTrainer:
     def evaluate(self) -> dict[str, float]:
         if not len(self.x_val):
             return {}
-        net = self.ctx.unwrap(self.model)
+        net = self._net()
         net.eval()
         logits = net.raw_logits(self.x_val.to(self.ctx.device))
         y = self.y_val.to(logits.device)
@@ -217,7 +243,7 @@ class ClassifierTrainer:
 
     def state(self) -> dict[str, Any]:
         return {
-            "model": self.ctx.unwrap(self.model).state_dict(),
+            "model": self._net().state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "lr": self.lr.state_dict(),
             "sampler": self.sampler.state(),
@@ -225,14 +251,14 @@ class ClassifierTrainer:
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
-        self.ctx.unwrap(self.model).load_state_dict(state["model"])
+        self._net().load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr.load_state_dict(state["lr"])
         self.sampler.load_state(state["sampler"])
         self.gen.set_state(state["gen"])
 
     def save_model(self, folder: pathlib.Path) -> None:
-        net = copy.deepcopy(self.ctx.unwrap(self.model)).cpu().eval()
+        net = copy.deepcopy(self._net()).cpu().eval()
         if self.p["calibrate"] and len(self.x_val):
             fit_temperature(net, self.x_val, self.y_val)
         net.save(folder)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,6 +29,9 @@ from clinisynth_server.finetune.params import Param, common_params
 from clinisynth_server.methods.losses import diffusion_loss
 from clinisynth_server.methods.sampling import Cond, unet_eps_fn
 from clinisynth_server.methods.schedulers import DDPM_SCHEDULE
+
+if TYPE_CHECKING:
+    from diffusers import ModelMixin
 
 NAME = "diffusion_pretrain"
 PIXEL_KINDS = ("class_conditional", "unconditional")
@@ -132,7 +135,7 @@ def check(params: dict[str, Any], report: DatasetReport, ctx: CheckContext) -> l
 
 def pixel_folder(
     folder: pathlib.Path,
-    unet: torch.nn.Module,
+    unet: ModelMixin,
     scheduler_config: dict[str, Any],
     classes: list[str],
     meta: dict[str, Any] | None = None,
@@ -151,7 +154,8 @@ def pixel_folder(
             }
         )
     )
-    info: dict[str, Any] = dict(meta or {})
+    # The scheduler/ folder is the training schedule (DDPM); served at 25 steps, DDIM samples.
+    info: dict[str, Any] = {"default_sampler": "ddim", **dict(meta or {})}
     if classes:
         info["classes"] = list(classes)
     (folder / "clinisynth.json").write_text(json.dumps(info, indent=2))
@@ -234,15 +238,18 @@ class DiffusionTrainer:
         idx = self.sampler.next()
         x0 = self.x[idx].to(self.ctx.device)
         cond = Cond(class_labels=self.y[idx].to(self.ctx.device)) if self.conditional else Cond()
-        noise = torch.randn(x0.shape, generator=self.gen).to(x0.device)
-        t = torch.randint(0, self.T, (x0.shape[0],), generator=self.gen).to(x0.device)
+        # Drawn for the global batch, then sharded: the same numbers on 1 or W processes.
+        rows = self.p["batch_size"]
+        noise = self.ctx.shard(torch.randn((rows, *x0.shape[1:]), generator=self.gen))
+        t = self.ctx.shard(torch.randint(0, self.T, (rows,), generator=self.gen))
+        noise, t = noise.to(x0.device), t.to(x0.device)
         loss = diffusion_loss(self.eps, x0, cond, t, noise, self.noise_scheduler)
         self.ctx.update(
             loss, self.model.parameters(), self.optimizer, self.lr, self.p["max_grad_norm"]
         )
         if self.ema is not None:
             self.ema.update(self.ctx.unwrap(self.model))
-        return {"loss": float(loss.detach()), "lr": self.lr.get_last_lr()[0]}
+        return {"loss": float(loss.detach()), "lr": float(self.lr.get_last_lr()[0])}
 
     def evaluate(self) -> dict[str, float]:
         return {}

@@ -1,4 +1,4 @@
-"""``reward_finetune``: reward-weighted fine-tuning of a pixel generator (METHODS.md §1).
+"""``reward_finetune``: reward-weighted fine-tuning of a pixel generator (docs/METHODS.md §1).
 
 Objective, the SAME timestep t for both terms (row i of the real and the synthetic half share
 t[i])::

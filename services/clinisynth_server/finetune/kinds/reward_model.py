@@ -1,4 +1,4 @@
-"""``reward_model``: r(x, y) from an expert-feedback export (METHODS.md §1).
+"""``reward_model``: r(x, y) from an expert-feedback export (docs/METHODS.md §1).
 
 The architecture and objective of :mod:`methods.reward_model` (backbone → 1000 → 100 ⊕ one-hot
 class → 100 → 32 → 2; MSE to [1, 0] aligned / [0, 1] not aligned; Adam, weight decay 5e-4,
@@ -30,6 +30,7 @@ from clinisynth_server.finetune.kinds.base import (
     KindSpec,
     TrainContext,
     lr_lambda,
+    sync_batchnorm,
 )
 from clinisynth_server.finetune.kinds.classifier import scorer_meta
 from clinisynth_server.finetune.params import Param, common_params
@@ -182,6 +183,7 @@ class RewardTrainer:
             )
             n = init_image_branch_from_classifier(self.net, folder)
             ctx.log(f"image branch initialised from {base.ref} ({n} tensors)")
+        self.net = sync_batchnorm(self.net, ctx)  # global-batch statistics on several ranks
         for param in self.net.backbone.parameters():
             param.requires_grad_(not p["freeze_backbone"])
         params = [q for q in self.net.parameters() if q.requires_grad]
@@ -200,7 +202,7 @@ class RewardTrainer:
     def step(self, step: int) -> dict[str, float]:
         self.model.train()
         if self.p["freeze_backbone"]:
-            self.ctx.unwrap(self.model).backbone.eval()
+            self.ctx.unwrap(self.model, RewardModel).backbone.eval()
         idx = self.sampler.next()
         dev = self.ctx.device
         logits = self.model(self.x_tr[idx].to(dev), self.y_tr[idx].to(dev))
@@ -248,7 +250,7 @@ class RewardTrainer:
         self.sampler.load_state(state["sampler"])
 
     def save_model(self, folder: pathlib.Path) -> None:
-        net = self.ctx.unwrap(self.model)
+        net = self.ctx.unwrap(self.model, RewardModel)
         net.save(folder)
         meta = scorer_meta(
             "reward",

@@ -1,6 +1,6 @@
 """``text_to_image_adaptation``: adapt a Stable Diffusion folder to medical image–text pairs.
 
-RoentGen / SD adaptation (METHODS.md §2, §4): fine-tune any of the U-Net, the CLIP text encoder
+RoentGen / SD adaptation (docs/METHODS.md §2, §3): fine-tune any of the U-Net, the CLIP text encoder
 and the VAE — fully or with LoRA adapters (``peft``; merged into the weights when a checkpoint is
 written, so the promoted folder is a plain ``StableDiffusionPipeline`` the generator loads
 unchanged). Options:
@@ -187,7 +187,9 @@ class TextToImageTrainer:
         )
         d = self.base_dir
         self.tokenizer = CLIPTokenizer.from_pretrained(str(d / "tokenizer"))
-        self.text_encoder = CLIPTextModel.from_pretrained(d / "text_encoder").to(dev)
+        # transformers wraps PreTrainedModel.to with functools.wraps(nn.Module.to), whose stub
+        # mypy reads as an unbound method expecting the model as its first argument.
+        self.text_encoder = CLIPTextModel.from_pretrained(d / "text_encoder").to(dev)  # type: ignore[arg-type]
         self.vae = AutoencoderKL.from_pretrained(d / "vae").to(dev)
         self.unet = UNet2DConditionModel.from_pretrained(d / "unet").to(dev)
         cfg = json.loads((d / "scheduler" / "scheduler_config.json").read_text())
@@ -396,7 +398,13 @@ class TextToImageTrainer:
         self.ctx.update(total, self.params, self.optimizer, self.lr, p["max_grad_norm"])
         if self.token_id is not None and not p["train_text_encoder"]:
             # Only the new token's row may move: restore every other row.
-            emb = self.ctx.unwrap(self.text_encoder).get_input_embeddings().weight
+            from transformers import PreTrainedModel
+
+            encoder = self.ctx.unwrap(self.text_encoder, PreTrainedModel)
+            table = encoder.get_input_embeddings()
+            if not isinstance(table, torch.nn.Embedding):
+                raise TypeError(f"expected an nn.Embedding token table, got {type(table)}")
+            emb = table.weight
             keep = torch.ones(emb.shape[0], dtype=torch.bool)
             keep[self.token_id] = False
             with torch.no_grad():
@@ -428,17 +436,24 @@ class TextToImageTrainer:
         self.gen.set_state(state["gen"])
 
     @staticmethod
-    def _plain(module: torch.nn.Module) -> torch.nn.Module:
-        """The module with LoRA merged in (on a copy), ready for ``save_pretrained``."""
-        if hasattr(module, "merge_and_unload"):
-            return copy.deepcopy(module).merge_and_unload()
-        return module
+    def _plain(module: torch.nn.Module) -> Any:
+        """The module with LoRA merged in (on a copy), ready for ``save_pretrained``.
+
+        ``Any``: a diffusers / transformers model, and ``merge_and_unload`` a peft wrapper's
+        forwarded attribute; neither is visible on ``nn.Module``.
+        """
+        if not hasattr(module, "merge_and_unload"):
+            return module
+        wrapped: Any = copy.deepcopy(module)
+        return wrapped.merge_and_unload()
 
     def save_model(self, folder: pathlib.Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self._plain(self.ctx.unwrap(self.unet)).save_pretrained(folder / "unet")
         self._plain(self.ctx.unwrap(self.text_encoder)).save_pretrained(folder / "text_encoder")
-        self.ctx.unwrap(self.vae).save_pretrained(folder / "vae")
+        from diffusers import AutoencoderKL
+
+        self.ctx.unwrap(self.vae, AutoencoderKL).save_pretrained(folder / "vae")
         self.tokenizer.save_pretrained(str(folder / "tokenizer"))
         shutil.copytree(self.base_dir / "scheduler", folder / "scheduler")
         shutil.copy(self.base_dir / "model_index.json", folder / "model_index.json")

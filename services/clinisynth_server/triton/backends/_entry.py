@@ -94,10 +94,10 @@ def python_model(module_path: str) -> type:
                 if isinstance(result, Exception):
                     responses.append(pb_utils.InferenceResponse(error=_triton_error(result)))
                 else:
-                    tensors = [
+                    outputs = [
                         pb_utils.Tensor(n, np.ascontiguousarray(a)) for n, a in result.items()
                     ]
-                    responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+                    responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
             return responses
 
         def finalize(self) -> None:

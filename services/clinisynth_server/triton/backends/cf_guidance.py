@@ -1,6 +1,6 @@
 """Role ``cf_guidance``: one guided counterfactual step's model work, autograd inside Triton.
 
-The counterfactual method (METHODS.md §3) needs ∇_{x_t} log p(y* | x̂₀(x_t)) for two classifiers
+The counterfactual method (docs/METHODS.md §4) needs ∇_{x_t} log p(y* | x̂₀(x_t)) for two classifiers
 and ∇_{x_t} d(x̂₀, x₀) — gradients through the denoiser *and* the classifiers, which cannot cross
 an RPC. So one Triton model holds a denoiser version together with a robust + plain classifier
 pair and wraps :func:`clinisynth_server.methods.counterfactual.guidance_gradients`; the service

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,18 +26,18 @@ from clinisynth_server.triton.backends._base import (
 )
 
 
-def _classifier_config(weights_dir: Path) -> dict[str, object]:
+def _classifier_config(weights_dir: Path) -> dict[str, Any]:
     meta = read_json(weights_dir / "config.json")
     if meta.get("kind") != "classifier":
         raise ValueError(f"{weights_dir} holds a {meta.get('kind')!r} checkpoint, not a classifier")
-    config: dict[str, object] = meta["config"]
+    config: dict[str, Any] = meta["config"]
     return config
 
 
 def model_spec(weights_dir: Path, parameters: Mapping[str, str]) -> ModelSpec:
     config = _classifier_config(Path(weights_dir))
-    channels = int(config.get("in_channels", 3))  # type: ignore[call-overload]
-    classes = int(config.get("num_classes", 2))  # type: ignore[call-overload]
+    channels = int(config.get("in_channels", 3))
+    classes = int(config.get("num_classes", 2))
     return ModelSpec(
         inputs=(TensorSpec("images", "float32", (channels, -1, -1)),),
         outputs=(TensorSpec("logits", "float32", (classes,)),),

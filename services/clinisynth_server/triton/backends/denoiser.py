@@ -41,8 +41,8 @@ def model_spec(weights_dir: Path, parameters: Mapping[str, str]) -> ModelSpec:
     kind = config.get("_class_name")
     if kind not in (CONDITION_CLASS, UNCONDITIONAL_CLASS):
         raise ValueError(f"denoiser needs a {UNCONDITIONAL_CLASS} or {CONDITION_CLASS}, got {kind}")
-    in_ch = int(config.get("in_channels", 3))  # type: ignore[arg-type]
-    out_ch = int(config.get("out_channels", in_ch))  # type: ignore[arg-type]
+    in_ch = int(config.get("in_channels", 3))
+    out_ch = int(config.get("out_channels", in_ch))
     inputs = [
         TensorSpec("sample", "float32", (in_ch, -1, -1)),
         TensorSpec("timestep", "float32", ()),
@@ -50,7 +50,7 @@ def model_spec(weights_dir: Path, parameters: Mapping[str, str]) -> ModelSpec:
     if _has_class_embedding(config):
         inputs.append(TensorSpec("class_labels", "int64", ()))
     if kind == CONDITION_CLASS:
-        dim = int(config["cross_attention_dim"])  # type: ignore[arg-type]
+        dim = int(config["cross_attention_dim"])
         inputs.append(TensorSpec("encoder_hidden_states", "float32", (-1, dim)))
     outputs = (TensorSpec("noise_pred", "float32", (out_ch, -1, -1)),)
     return ModelSpec(inputs=tuple(inputs), outputs=outputs, parameters={"unet_class": kind})

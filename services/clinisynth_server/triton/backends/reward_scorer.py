@@ -1,4 +1,4 @@
-"""Role ``reward_scorer``: the feedback method's reward model r(x, y) (METHODS.md §1) in Triton.
+"""Role ``reward_scorer``: the feedback method's reward model r(x, y) (docs/METHODS.md §1).
 
 Checkpoint: a :class:`clinisynth_server.methods.reward_model.RewardModel` folder
 (``config.json`` kind ``reward_model`` + ``model.safetensors``), usually with the
@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +31,7 @@ from clinisynth_server.triton.backends._base import (
 )
 
 
-def _meta(weights_dir: Path) -> dict[str, object]:
+def _meta(weights_dir: Path) -> dict[str, Any]:
     path = weights_dir / "clinisynth.json"
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -42,7 +43,7 @@ def model_spec(weights_dir: Path, parameters: Mapping[str, str]) -> ModelSpec:
     config = meta["config"]
     extra = _meta(weights_dir)
     channels = int(config.get("in_channels", 3))
-    height, width = int(extra.get("height", -1) or -1), int(extra.get("width", -1) or -1)  # type: ignore[call-overload]
+    height, width = int(extra.get("height", -1) or -1), int(extra.get("width", -1) or -1)
     inputs = [TensorSpec("image", "float32", (channels, height, width))]
     if config.get("conditioning", "class") == "class":
         inputs.append(TensorSpec("class_label", "int64", ()))

@@ -1,0 +1,507 @@
+"""Bring your own model: upload a checkpoint folder, validate it, serve it, alias and retire it.
+
+Why here: the finetune service already owns catalog writes, promotion and the Triton model
+repository. An import is all-or-nothing because the catalog record is written last
+(``registry.register_folder``): an import killed midway leaves at most Triton component versions
+without a record (never served, skipped by the next registration), so the next import of the same
+folder simply succeeds. Every problem of a folder is found before anything reaches Triton and is
+reported as a field violation (``source.tokenizer``, ``source.unet.cross_attention_dim``, ...).
+No grpc here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import pathlib
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from clinisynth_server.catalog import Catalog, ModelRecord
+from clinisynth_server.errors import (
+    ClinisynthError,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    ValidationErrors,
+)
+from clinisynth_server.store.base import (
+    IMPORTS_NAMESPACE,
+    ArtifactStore,
+    ObjectInfo,
+    confine_key,
+    outside_service_namespaces,
+    validate_key,
+)
+
+log = logging.getLogger(__name__)
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+UPLOAD_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+DTYPES = ("float32", "float16", "bfloat16")
+DEVICES = ("cpu", "gpu")
+MAX_INSTANCES = 16
+MAX_BATCH = 256
+#: Pipelines whose folders are recognised (``model_index.json`` ``_class_name``).
+PIPELINES = ("StableDiffusionPipeline", "DDPMPipeline", "DDIMPipeline")
+SAFE_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+@dataclass(frozen=True)
+class ImportSettings:
+    """Operator settings: ``allow_pickle_weights`` admits ``.bin`` weights (then loaded with
+    ``torch.load(weights_only=True)``, as diffusers and transformers load them)."""
+
+    model_repository: str = ""
+    allow_pickle_weights: bool = False
+
+
+@dataclass(frozen=True)
+class ImportOptions:
+    source: str
+    name: str
+    description: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    dtype: str = ""
+    device: str = ""
+    instances: int = 0
+    max_batch_size: int = 0
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """A record plus what changes beside it: retired, aliases, readiness in Triton."""
+
+    record: ModelRecord
+    retired: bool
+    latest: bool
+    aliases: list[str]
+    ready: dict[str, bool]
+
+
+# -- validation ---------------------------------------------------------------------------------
+def _json(path: pathlib.Path, errors: ValidationErrors, field_name: str) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        errors.add(field_name, f"{path.name} is not JSON: {exc}")
+        return None
+    if not isinstance(data, dict):
+        errors.add(field_name, f"{path.name} is not a JSON object")
+        return None
+    return data
+
+
+def _check_weights(
+    folder: pathlib.Path, field_name: str, errors: ValidationErrors, allow_pickle: bool
+) -> None:
+    """Weights present, safetensors readable; pickle refused unless allowed, then weights_only."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    safe = [p for p in files if p.suffix in SAFE_SUFFIXES]
+    pickled = [p for p in files if p.suffix in PICKLE_SUFFIXES]
+    if not safe and not pickled:
+        errors.add(field_name, f"{folder.name}/ holds no weight files (*.safetensors)")
+        return
+    for path in safe:
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as fh:
+                fh.keys()
+        except Exception as exc:  # any parse failure of an untrusted file is the caller's
+            errors.add(f"{field_name}.weights", f"{path.name} is not a safetensors file: {exc}")
+    if pickled and not safe:
+        if not allow_pickle:
+            errors.add(
+                f"{field_name}.weights",
+                f"{', '.join(p.name for p in pickled)}: pickle weights are refused; convert to "
+                "safetensors (or the operator sets CLINISYNTH_FINETUNE_ALLOW_PICKLE_WEIGHTS)",
+            )
+            return
+        import torch
+
+        for path in pickled:
+            try:
+                torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:  # weights_only refuses code; anything else is corrupt
+                errors.add(f"{field_name}.weights", f"{path.name} is not plain tensors: {exc}")
+
+
+def _check_component(
+    folder: pathlib.Path,
+    sub: str,
+    config_name: str,
+    errors: ValidationErrors,
+    allow_pickle: bool,
+    *,
+    weights: bool = True,
+) -> dict[str, Any] | None:
+    field_name = f"source.{sub}"
+    if not (folder / sub).is_dir():
+        errors.add(field_name, f"missing: the folder has no {sub}/")
+        return None
+    config = _json(folder / sub / config_name, errors, field_name)
+    if config is None:
+        errors.add(field_name, f"missing {sub}/{config_name}")
+        return None
+    if weights:
+        _check_weights(folder / sub, field_name, errors, allow_pickle)
+    return config
+
+
+def validate_folder(folder: pathlib.Path, *, allow_pickle: bool = False) -> list[FieldViolation]:
+    """Every problem of a model folder, as field violations, before anything reaches Triton."""
+    errors = ValidationErrors()
+    index = _json(folder / "model_index.json", errors, "source.model_index")
+    meta = _json(folder / "clinisynth.json", errors, "source.clinisynth") or {}
+    if index is not None:
+        cls = index.get("_class_name")
+        if cls not in PIPELINES:
+            errors.add(
+                "source.model_index._class_name",
+                f"unknown pipeline class {cls!r}; recognised: {', '.join(PIPELINES)}",
+            )
+        elif cls == "StableDiffusionPipeline":
+            _validate_sd(folder, errors, allow_pickle)
+        else:
+            unet = _check_component(folder, "unet", "config.json", errors, allow_pickle)
+            _check_component(
+                folder, "scheduler", "scheduler_config.json", errors, allow_pickle, weights=False
+            )
+            if unet is not None and unet.get("_class_name") != "UNet2DModel":
+                errors.add(
+                    "source.unet", f"{cls} needs a UNet2DModel, not {unet.get('_class_name')}"
+                )
+    elif meta.get("kind") in ("reward", "classifier"):
+        if not meta.get("triton_role"):
+            errors.add("source.clinisynth.triton_role", "a scorer folder names its Triton role")
+        _check_weights(folder, "source", errors, allow_pickle)
+    else:
+        unet_dir = "unet" if (folder / "unet").is_dir() else ""
+        config = _json(folder / unet_dir / "config.json", errors, "source")
+        if config is None or config.get("_class_name") != "UNet2DModel":
+            errors.add(
+                "source",
+                "not a recognised model folder: a StableDiffusionPipeline / DDPMPipeline / "
+                "DDIMPipeline folder (model_index.json), a UNet2DModel folder, or a clinisynth "
+                "classifier / reward folder (clinisynth.json with kind)",
+            )
+        else:
+            _check_weights(
+                folder / unet_dir, "source.unet" if unet_dir else "source", errors, allow_pickle
+            )
+    return errors.violations
+
+
+def _validate_sd(folder: pathlib.Path, errors: ValidationErrors, allow_pickle: bool) -> None:
+    unet = _check_component(folder, "unet", "config.json", errors, allow_pickle)
+    text = _check_component(folder, "text_encoder", "config.json", errors, allow_pickle)
+    vae = _check_component(folder, "vae", "config.json", errors, allow_pickle)
+    _check_component(
+        folder, "scheduler", "scheduler_config.json", errors, allow_pickle, weights=False
+    )
+    tok = folder / "tokenizer"
+    if not tok.is_dir():
+        errors.add("source.tokenizer", "missing: the folder has no tokenizer/")
+    elif not (tok / "tokenizer.json").is_file() and not (
+        (tok / "vocab.json").is_file() and (tok / "merges.txt").is_file()
+    ):
+        errors.add("source.tokenizer", "needs vocab.json + merges.txt (or tokenizer.json)")
+    if unet is not None and text is not None:
+        cross, hidden = unet.get("cross_attention_dim"), text.get("hidden_size")
+        if cross != hidden:
+            errors.add(
+                "source.unet.cross_attention_dim",
+                f"{cross} does not match the text encoder's hidden_size {hidden}",
+            )
+    if unet is not None and vae is not None:
+        latent, in_ch = vae.get("latent_channels"), unet.get("in_channels")
+        if latent != in_ch:
+            errors.add(
+                "source.vae.latent_channels",
+                f"{latent} does not match the U-Net's in_channels {in_ch}",
+            )
+
+
+def check_options(options: ImportOptions) -> tuple[str, ValidationErrors]:
+    """Validate the import options; returns the cleaned source prefix and the problems."""
+    errors = ValidationErrors()
+    source = options.source.strip().strip("/")
+    if not source:
+        errors.add("source", "required: a store prefix (imports/<upload id> or a data prefix)")
+    else:
+        try:
+            if source.startswith(IMPORTS_NAMESPACE):
+                upload_id(confine_key(source, IMPORTS_NAMESPACE, "source"), "source")
+            else:
+                outside_service_namespaces(source, "source")
+        except InvalidArgument as exc:
+            errors.violations.extend(exc.violations)
+            source = ""
+    if not NAME_RE.match(options.name):
+        errors.add(
+            "name",
+            "required: letters, digits, '_', '-', '.' (at most 100), starting with a letter or "
+            f"digit; got {options.name!r}",
+        )
+    if options.dtype and options.dtype not in DTYPES:
+        errors.add("dtype", f"one of {', '.join(DTYPES)}; got {options.dtype!r}")
+    if options.device and options.device not in DEVICES:
+        errors.add("device", f"one of {', '.join(DEVICES)}; got {options.device!r}")
+    if not 0 <= options.instances <= MAX_INSTANCES:
+        errors.add("instances", f"between 1 and {MAX_INSTANCES}; got {options.instances}")
+    if not 0 <= options.max_batch_size <= MAX_BATCH:
+        errors.add("max_batch_size", f"between 1 and {MAX_BATCH}; got {options.max_batch_size}")
+    for key, value in options.labels.items():
+        if not LABEL_KEY_RE.match(key) or len(value) > 256:
+            errors.add(
+                f"labels[{key}]", "a key of letters, digits, '_', '-', '.' (≤ 63), a value ≤ 256"
+            )
+    if len(options.description) > 4096:
+        errors.add("description", "at most 4096 characters")
+    return source, errors
+
+
+def upload_id(key: str, field_name: str = "key") -> str:
+    """The ``<upload id>`` of an ``imports/<upload id>/...`` key (InvalidArgument otherwise)."""
+    head = key[len(IMPORTS_NAMESPACE) :].split("/", 1)[0]
+    if not UPLOAD_ID_RE.match(head):
+        raise InvalidArgument.for_field(
+            field_name, f"{key!r}: must lie under imports/<upload id>/ (letters, digits, _-.)"
+        )
+    return head
+
+
+def _size_bytes(folder: pathlib.Path) -> int:
+    return sum(
+        p.stat().st_size
+        for p in folder.rglob("*")
+        if p.is_file() and p.suffix in SAFE_SUFFIXES + PICKLE_SUFFIXES
+    )
+
+
+# -- the service part ----------------------------------------------------------------------------
+class ModelImports:
+    """Import, show, retire and alias model versions (the finetune service's model calls)."""
+
+    def __init__(
+        self, store: ArtifactStore, catalog: Catalog, triton: Any, settings: ImportSettings
+    ) -> None:
+        self.store = store
+        self.catalog = catalog
+        self.triton = triton
+        self.settings = settings
+        self._lock = threading.Lock()  # one registration at a time: versions are numbered
+
+    # uploads
+    def upload_chunks(
+        self, chunks: Iterable[tuple[str, bytes, str]]
+    ) -> Iterator[tuple[str, bytes, str]]:
+        """The chunks of one upload, refused unless the key lies in ``imports/<id>/``."""
+        for key, data, sha in chunks:
+            if key:
+                upload_id(confine_key(key, IMPORTS_NAMESPACE, "key"))
+                if key.count("/") < 2:
+                    raise InvalidArgument.for_field("key", f"{key!r}: imports/<id>/<file>")
+            yield key, data, sha
+
+    def uploaded(self, upload: str) -> list[ObjectInfo]:
+        """Files stored under ``imports/<upload>/``, each with its sha256."""
+        if not UPLOAD_ID_RE.match(upload):
+            raise InvalidArgument.for_field("upload_id", f"not an upload id: {upload!r}")
+        prefix = f"{IMPORTS_NAMESPACE}{upload}/"
+        out = []
+        for info in self.store.list(prefix):
+            out.append(info if info.sha256 else self.store.stat(info.key))
+        return out
+
+    # import
+    def import_model(self, options: ImportOptions) -> ModelView:
+        source, errors = check_options(options)
+        errors.raise_if_any()
+        repo = self.settings.model_repository
+        if not repo or not pathlib.Path(repo).is_dir():
+            raise FailedPrecondition(
+                f"model repository {repo!r} is not a folder: set CLINISYNTH_MODEL_REPOSITORY "
+                "(or the finetune service's model_repository) to Triton's repository",
+                reason="NO_MODEL_REPOSITORY",
+            )
+        from clinisynth_server import registry
+
+        prefix = source + "/"
+        with tempfile.TemporaryDirectory(prefix="import-") as tmp:
+            folder = pathlib.Path(tmp) / "model"
+            files = self.store.download_dir(prefix, folder)
+            if not files:
+                raise InvalidArgument.for_field("source", f"no files under {prefix!r}")
+            ValidationErrors(
+                validate_folder(folder, allow_pickle=self.settings.allow_pickle_weights)
+            ).raise_if_any()
+            dtype = options.dtype or "float32"
+            device = options.device or "cpu"
+            instances = options.instances or 1
+            max_batch = options.max_batch_size or 16
+            with self._lock:
+                self.catalog.invalidate()
+                floor = self._remove_leftovers(options.name)
+                try:
+                    record = registry.register_folder(
+                        folder,
+                        options.name,
+                        catalog=self.catalog,
+                        store=self.store,
+                        model_repository=repo,
+                        triton=self.triton,
+                        description=options.description,
+                        labels=dict(options.labels),
+                        max_batch_size=max_batch,
+                        instance_kind=device,
+                        instance_count=instances,
+                        triton_parameters={"torch_dtype": dtype},
+                        extra_info={
+                            "dtype": dtype,
+                            "device": device,
+                            "instances": instances,
+                            "max_batch_size": max_batch,
+                            "size_bytes": _size_bytes(folder),
+                            "source": source,
+                        },
+                        min_version=floor,
+                    )
+                except NotFound as exc:
+                    raise FailedPrecondition(
+                        f"cannot serve this folder: {exc.message}", reason="TRITON_ROLE_MISSING"
+                    ) from exc
+        log.info("imported %s from %s", record.ref, source)
+        return self.view(record)
+
+    def _remove_leftovers(self, name: str) -> int:
+        """Remove component versions of ``name`` no record cites (an import killed midway).
+
+        Left in the repository, Triton would try to load them (half-written, perhaps) beside
+        the next import's. Returns the lowest version number the next import may take: the
+        numbers of removed leftovers are not reused (Triton may still hold them loaded).
+        """
+        from clinisynth_server.triton import repository
+
+        repo = pathlib.Path(self.settings.model_repository)
+        cited = {
+            (r.components[role], r.component_versions.get(role, r.version))
+            for r in self.catalog.everything()
+            for role in r.components
+        }
+        floor = 0
+        for model in repository.list_models(repo):
+            role = model[len(name) + 1 :] if model.startswith(f"{name}.") else ""
+            if not role or "." in role:  # "<name>.<role>" only, not another name's components
+                continue
+            leftovers = [
+                v for v in repository.list_versions(repo, model) if (model, v) not in cited
+            ]
+            if leftovers:
+                self._wait_not_loading(model)
+            for version in leftovers:
+                log.warning("removing %s version %d: left by an interrupted import", model, version)
+                shutil.rmtree(repo / model / str(version))
+                floor = max(floor, version + 1)
+        return floor
+
+    def _wait_not_loading(self, model: str, timeout_s: float = 600.0) -> None:
+        """Wait while Triton still loads ``model`` (a killed import's load goes on in Triton):
+        removing files under a load in progress, or asking for a second load, can hang it."""
+        if self.triton is None:
+            return
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                states = {e.state for e in self.triton.repository_index() if e.name == model}
+            except ClinisynthError:
+                return
+            if "LOADING" not in states:
+                return
+            time.sleep(0.5)
+
+    # show / retire / alias
+    def view(self, record: ModelRecord) -> ModelView:
+        ready: dict[str, bool] = {}
+        retired = self.catalog.is_retired(record.name, record.version)
+        for role, triton_name in record.components.items():
+            version = record.component_versions.get(role, record.version)
+            try:
+                ready[role] = not retired and bool(
+                    self.triton is not None and self.triton.model_ready(triton_name, str(version))
+                )
+            except ClinisynthError:
+                ready[role] = False
+        aliases = sorted(
+            a for a, v in self.catalog.aliases(record.name).items() if v == record.version
+        )
+        latest = not retired and self.catalog.is_latest(record)
+        return ModelView(record, retired, latest, aliases, ready)
+
+    def get(self, name: str, version: str) -> ModelView:
+        return self.view(self.catalog.get(name, version, include_retired=True))
+
+    def delete(self, name: str, version: str) -> ModelView:
+        """Retire one version: marker first (no longer served), then its Triton versions go."""
+        if not version:
+            raise InvalidArgument.for_field(
+                "model.version", "required: delete retires one version (NAME@VERSION)"
+            )
+        record = self.catalog.get(name, version, include_retired=True)
+        self.catalog.retire(record)
+        self._unload(record)
+        return self.view(record)
+
+    def alias(self, name: str, version: str, alias: str) -> ModelView:
+        if not version:
+            raise InvalidArgument.for_field(
+                "model.version", "required: an alias names one version (NAME@VERSION)"
+            )
+        record = self.catalog.get(name, version)
+        self.catalog.set_alias(record, alias)
+        return self.view(record)
+
+    def _unload(self, record: ModelRecord) -> None:
+        """Remove the retired version's component versions from the repository and Triton.
+
+        A component version another served record still cites is kept. Repeating this is
+        harmless, so a delete interrupted here is finished by the next delete.
+        """
+        repo = self.settings.model_repository
+        if not repo or not pathlib.Path(repo).is_dir():
+            return
+        from clinisynth_server.triton import repository
+
+        cited = {
+            (r.components[role], r.component_versions.get(role, r.version))
+            for r in self.catalog.all()
+            for role in r.components
+        }
+        for role, triton_name in record.components.items():
+            version = record.component_versions.get(role, record.version)
+            if (triton_name, version) in cited:
+                continue
+            validate_key(triton_name, "components")
+            model_dir = pathlib.Path(repo) / triton_name
+            if (model_dir / str(version)).is_dir():
+                shutil.rmtree(model_dir / str(version))
+            if self.triton is None:
+                continue
+            if repository.list_versions(repo, triton_name):
+                self.triton.load_model(triton_name)  # reload: the removed version goes
+            else:
+                with contextlib.suppress(NotFound):
+                    self.triton.unload_model(triton_name)
+                shutil.rmtree(model_dir, ignore_errors=True)
