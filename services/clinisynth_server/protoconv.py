@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Collection
 
 import numpy as np
 from google.protobuf import timestamp_pb2
 
 from clinisynth.v1 import common_pb2
 from clinisynth_server import paging
-from clinisynth_server.catalog import ModelRecord
+from clinisynth_server.catalog import Catalog, ModelRecord
 from clinisynth_server.errors import InvalidArgument
 from clinisynth_server.imaging import decode as imdecode
 from clinisynth_server.imaging.encode import encode_raw
@@ -66,6 +67,27 @@ def model_info(record: ModelRecord, *, latest: bool) -> common_pb2.ModelInfo:
         created=timestamp(record.created),
         labels=record.labels,
         latest=latest,
+    )
+
+
+def answer_list_models(
+    catalog: Catalog,
+    request: common_pb2.ListModelsRequest,
+    *,
+    kind: str,
+    kinds: Collection[str] | None = None,
+) -> common_pb2.ListModelsResponse:
+    """One ListModels request answered from the catalog: the same paging for every service."""
+    return list_models_response(
+        paging.list_models(
+            catalog,
+            kind=kind,
+            name=request.name,
+            all_versions=request.all_versions,
+            page_size=request.page_size,
+            page_token=request.page_token,
+            kinds=kinds,
+        )
     )
 
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from clinisynth.v1 import common_pb2, counterfactual_pb2, counterfactual_pb2_grpc
-from clinisynth_server import paging, protoconv
+from clinisynth_server import protoconv
 from clinisynth_server.catalog import Catalog
 from clinisynth_server.counterfactual import service as svc
 from clinisynth_server.counterfactual.options import CounterfactualOptions
@@ -206,17 +206,7 @@ class CounterfactualServicer(counterfactual_pb2_grpc.CounterfactualServiceServic
             raise InvalidArgument.for_field(
                 "kind", "this service uses unconditional denoisers and classifiers only"
             )
-        return protoconv.list_models_response(
-            paging.list_models(
-                self.catalog,
-                kind=kind,
-                name=request.name,
-                all_versions=request.all_versions,
-                page_size=request.page_size,
-                page_token=request.page_token,
-                kinds=KINDS,
-            )
-        )
+        return protoconv.answer_list_models(self.catalog, request, kind=kind, kinds=KINDS)
 
 
 def _point(p: svc.TrajectoryPoint) -> counterfactual_pb2.TrajectoryPoint:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from clinisynth.v1 import common_pb2, generator_pb2, generator_pb2_grpc
-from clinisynth_server import paging, protoconv
+from clinisynth_server import protoconv
 from clinisynth_server.catalog import Catalog
 from clinisynth_server.errors import InvalidArgument
 from clinisynth_server.generator import service as svc
@@ -143,13 +143,4 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         kind = protoconv.PROTO_TO_KIND.get(request.kind, "")
         if request.kind and not kind:
             raise InvalidArgument.for_field("kind", f"unknown model kind {request.kind}")
-        return protoconv.list_models_response(
-            paging.list_models(
-                self.catalog,
-                kind=kind,
-                name=request.name,
-                all_versions=request.all_versions,
-                page_size=request.page_size,
-                page_token=request.page_token,
-            )
-        )
+        return protoconv.answer_list_models(self.catalog, request, kind=kind)

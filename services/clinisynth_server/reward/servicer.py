@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from clinisynth.v1 import common_pb2, reward_pb2, reward_pb2_grpc
-from clinisynth_server import paging, protoconv
+from clinisynth_server import protoconv
 from clinisynth_server.catalog import Catalog, ModelRecord
 from clinisynth_server.errors import InvalidArgument
 from clinisynth_server.reward import service as svc
@@ -292,13 +292,4 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         )
 
     def ListModels(self, request, context):
-        return protoconv.list_models_response(
-            paging.list_models(
-                self.catalog,
-                kind="reward",
-                name=request.name,
-                all_versions=request.all_versions,
-                page_size=request.page_size,
-                page_token=request.page_token,
-            )
-        )
+        return protoconv.answer_list_models(self.catalog, request, kind="reward")
