@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
-SYSTEM_PACKAGES := dicom3tools prometheus docker-compose chromium chromium-driver
+SYSTEM_PACKAGES := dicom3tools prometheus docker-compose chromium chromium-driver orthanc orthanc-dicomweb dcmtk
 
 .PHONY: help venv install system-deps protos lint format test test-fast demo up down status bench clean
 
@@ -24,13 +24,17 @@ install: $(PY)
 	$(PIP) install -q -e '.[server,test]'
 
 # Real peers the tests talk to: dciodvfy (DICOM validator), promtool + prometheus,
-# docker-compose (config validation), chromium (browser tests). Installed only when missing.
+# docker-compose (config validation), chromium (browser tests), Orthanc + its DICOMweb plugin
+# and dcmtk's storescp (PACS-out tests). Installed only when missing.
 system-deps:
 	@missing=""; \
 	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
 	command -v chromium >/dev/null || missing="$$missing chromium chromium-driver"; \
+	command -v Orthanc >/dev/null || [ -x /usr/sbin/Orthanc ] || missing="$$missing orthanc"; \
+	dpkg -s orthanc-dicomweb >/dev/null 2>&1 || missing="$$missing orthanc-dicomweb"; \
+	command -v storescp >/dev/null || missing="$$missing dcmtk"; \
 	if [ -n "$$missing" ]; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \

@@ -142,6 +142,125 @@ def sdk_client(generator_server):  # type: ignore[no-untyped-def]
         yield c
 
 
+# --- models several modules share: built, registered and loaded once per session ---
+OBVIOUS = ("oversized", "border_crop", "missing_nucleus", "split_membrane", "extra_nucleus")
+
+
+def phantom_set(n: int, seed: int) -> tuple[Any, Any, Any]:
+    """Half real cell phantoms (plausible), half corrupted ones the oracle rejects: images in
+    [0, 1], class labels, and the oracle's plausibility."""
+    import numpy as np
+
+    from clinisynth_server.phantoms import cells
+
+    images, labels = cells.generate(n, seed=seed)
+    rng = np.random.default_rng(seed)
+    out, aligned = [], []
+    for i, (im, lab) in enumerate(zip(images, labels, strict=True)):
+        if i % 2 == 0:
+            out.append(im)
+        else:
+            out.append(cells.corrupt(im, OBVIOUS[(i // 2) % len(OBVIOUS)], rng))
+        aligned.append(cells.oracle(out[-1], int(lab)).plausible)
+    return np.stack(out).astype(np.float32) / 255.0, labels, np.array(aligned)
+
+
+@pytest.fixture(scope="session")
+def reward_model(session_dir, catalog, store, model_repository, triton_client):  # type: ignore[no-untyped-def]
+    """``cells-reward``, trained on cell phantoms labelled by the oracle: (model, record).
+
+    Session-scoped: the reward, read-namespace and other modules score with the same record
+    (each module used to train and register its own version)."""
+    import torch
+
+    from clinisynth_server import registry
+    from clinisynth_server.methods.reward_model import (
+        RewardModel,
+        RewardModelConfig,
+        train_reward_model,
+    )
+    from clinisynth_server.reward.scoring import write_reward_folder
+
+    torch.manual_seed(0)
+    x, y, a = phantom_set(240, seed=1)
+    model = RewardModel(RewardModelConfig(num_classes=4, in_channels=1, backbone_width=8))
+    train_reward_model(
+        model,
+        torch.from_numpy(x)[:, None],
+        torch.from_numpy(y),
+        torch.from_numpy(a),
+        epochs=10,
+        lr=1e-2,
+        batch_size=32,
+        weight_decay=0.0,
+    )
+    folder = write_reward_folder(
+        model,
+        session_dir / "m" / "cells-reward",
+        classes=CELL_CLASSES,
+        width=32,
+        labels={"domain": "cells"},
+    )
+    record = registry.register_folder(
+        folder,
+        "cells-reward",
+        catalog=catalog,
+        store=store,
+        model_repository=model_repository,
+        triton=triton_client,
+        max_batch_size=64,
+    )
+    return model, record
+
+
+@pytest.fixture(scope="session")
+def cf_models(session_dir, catalog, store, model_repository, triton_client):  # type: ignore[no-untyped-def]
+    """The counterfactual toy models (``counterfactual.toy``): a denoiser, a plain and a
+    PGD-robust classifier, trained, registered, and their guidance model loaded in Triton.
+
+    Session-scoped: four modules guide with them (each used to train and load its own)."""
+    import concurrent.futures
+
+    import torch
+
+    from clinisynth_server import registry
+    from clinisynth_server.counterfactual import guidance
+    from clinisynth_server.counterfactual.toy import build_toy_models
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        folders = build_toy_models(session_dir / "cf-toy")
+    finally:
+        torch.set_num_threads(threads)
+    common = {"catalog": catalog, "store": store, "model_repository": model_repository}
+    # The denoiser is used only inside its guidance model, so it is registered without a load.
+    records = {
+        "denoiser": registry.register_folder(folders.denoiser, "blob-denoiser", **common),
+        "robust": registry.register_folder(folders.robust, "blob-robust", **common),
+        "plain": registry.register_folder(folders.plain, "blob-plain", **common),
+    }
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:  # three loads side by side
+        jobs = [
+            pool.submit(triton_client.load_model, records[k].components["classifier"])
+            for k in ("robust", "plain")
+        ]
+        jobs.append(
+            pool.submit(
+                guidance.ensure_guidance_model,
+                records["denoiser"],
+                records["robust"],
+                records["plain"],
+                model_repository=model_repository,
+                triton=triton_client,
+                store=store,
+                parameters={"torch_threads": "1"},  # 2 shared cores: no contention
+            )
+        )
+        records["guidance"] = [j.result() for j in jobs][-1]
+    return records
+
+
 # --- the review page: a reward service on a fresh store and a real headless Chromium ---
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"

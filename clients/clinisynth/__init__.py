@@ -52,7 +52,7 @@ from clinisynth._reward import (
     ReviewItem,
     ScoreSummary,
 )
-from clinisynth._types import GeneratedImage, GenerationResult, ModelInfo, ProgressEvent
+from clinisynth._types import GeneratedImage, GenerationResult, ModelInfo, PacsItem, ProgressEvent
 
 __version__ = "0.1.0"
 
@@ -90,6 +90,7 @@ __all__ = [
     "ModelDetails",
     "ModelInfo",
     "NotFoundError",
+    "PacsItem",
     "PermissionDeniedError",
     "ProgressEvent",
     "PromoteResult",

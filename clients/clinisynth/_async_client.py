@@ -54,7 +54,7 @@ from clinisynth._reward import (
 )
 from clinisynth._rpc import ProgressCallback, Rpc, progress_sink
 from clinisynth._transport import DEFAULT_TIMEOUT, AsyncTransport, make_settings
-from clinisynth._types import GenerationResult, ModelInfo, ProgressEvent
+from clinisynth._types import GenerationResult, ModelInfo, PacsItem, ProgressEvent
 from clinisynth.v1 import common_pb2, counterfactual_pb2, finetune_pb2, reward_pb2
 
 Condition = str | dict[str, str] | None
@@ -190,7 +190,10 @@ class AsyncReviewCalls:
         names: Sequence[str] | None = None,
         timeout: float | None = None,
     ) -> list[ReviewItem]:
-        """Queue images for expert review, each to be judged by ``raters_per_item`` raters."""
+        """Queue images for expert review, each to be judged by ``raters_per_item`` raters.
+
+        ``names`` label the items for raters; by default a file's base name (never its folder).
+        """
         req = rw.enqueue_request(
             images, condition, class_name, prompt, raters_per_item, generator, names
         )
@@ -317,6 +320,13 @@ class AsyncFinetune:
         prefix: str,
         *,
         layout: str | None = None,
+        shards: bool = False,
+        shard_mb: float = 64.0,
+        reports_csv: str | os.PathLike[str] | None = None,
+        report_key: str = "study_id",
+        report_text: str = "report",
+        section: str = "impression",
+        class_column: str | None = None,
         progress: ProgressCallback | bool | None = False,
         timeout: float | None = None,
     ) -> DatasetReport:
@@ -324,14 +334,37 @@ class AsyncFinetune:
 
         Raises ``ValueError`` listing every local problem before anything is uploaded.
         ``progress``: a callback receiving a ProgressEvent per file, or True for a tqdm bar.
+        ``shards``: write tar shards of about ``shard_mb`` MB and ``index.json`` instead of one
+        object per file; resumable (shards the store already holds are skipped by name, which
+        carries their digest). ``layout="dicom_archive"`` (always sharded): a DICOM tree plus
+        ``reports_csv``, one row per study or image (``report_key`` column, matched to a folder
+        name or file stem), whose ``report_text`` section ``section`` becomes the prompt; images
+        go under their ``class_column`` value (else ``images/``).
         """
+        prefix = prefix.strip("/")
+        if shards or layout == "dicom_archive":
+            return await self._upload_shards(
+                local_dir,
+                prefix,
+                ft.shard_plan(
+                    local_dir,
+                    layout,
+                    shard_bytes=int(shard_mb * 1024**2),
+                    reports_csv=reports_csv,
+                    report_key=report_key,
+                    report_text=report_text,
+                    section=section,
+                    class_column=class_column,
+                ),
+                progress,
+                timeout,
+            )
         layout, files, problems = ft.check_local_dataset(local_dir, layout)
         if problems:
             raise ValueError(
                 f"{local_dir} is not a valid {layout} data set:\n  " + "\n  ".join(problems)
             )
         base = pathlib.Path(local_dir)
-        prefix = prefix.strip("/")
         desc = f"uploading to {prefix}"
         with progress_sink(progress, desc=desc, unit="file", total=len(files)) as update:
             for done, path in enumerate(files, 1):
@@ -340,6 +373,69 @@ class AsyncFinetune:
                 if update is not None:
                     update(ProgressEvent("upload", done, len(files), done / len(files), rel))
         return await self.validate_dataset(prefix, layout=layout, timeout=timeout)
+
+    async def _upload_shards(
+        self,
+        local_dir: str | os.PathLike[str],
+        prefix: str,
+        plan: ft.ShardPlan,
+        progress: ProgressCallback | bool | None,
+        timeout: float | None,
+    ) -> DatasetReport:
+        """Shards not yet stored, then the layout's files, then ``index.json`` (last)."""
+        import tempfile
+
+        from clinisynth import _shards
+
+        if plan.problems:
+            raise ValueError(
+                f"{local_dir} is not a valid data set:\n  " + "\n  ".join(plan.problems)
+            )
+        if plan.left_out:
+            import warnings
+
+            shown = "\n  ".join(plan.left_out[:20])
+            more = f"\n  ... and {len(plan.left_out) - 20} more" if len(plan.left_out) > 20 else ""
+            warnings.warn(
+                f"{len(plan.left_out)} image(s) of {local_dir} left out:\n  {shown}{more}",
+                stacklevel=2,
+            )
+        req = finetune_pb2.ListDatasetFilesRequest(prefix=prefix)
+        listed = await self._t.call(ft.LIST_DATASET_FILES, req, timeout=timeout)
+        stored = {f.key[len(prefix) + 1 :]: f.sha256 for f in listed.files}
+        entries: list[dict[str, Any]] = []
+        total = len(plan.shards)
+        with (
+            tempfile.TemporaryDirectory() as tmp,
+            progress_sink(progress, desc=f"uploading to {prefix}", unit="shard", total=total) as up,
+        ):
+            for done, shard in enumerate(plan.shards, 1):
+                data = shard.bytes()
+                name, digest = _shards.shard_name(shard.number, data)
+                note = "already stored" if name in stored else "uploaded"
+                if name not in stored:
+                    path = pathlib.Path(tmp) / "shard.tar"
+                    path.write_bytes(data)
+                    ref = await self.upload_file(path, f"{prefix}/{name}", timeout=timeout)
+                    stored[name] = ref["sha256"]
+                entries.append(
+                    {
+                        "name": name,
+                        "sha256": stored[name],
+                        "source_sha256": digest,
+                        "size_bytes": len(data),
+                        "paths": [m.name for m in shard.members],
+                        "shapes": [_shards.shape_of(m.path) for m in shard.members],
+                    }
+                )
+                if up is not None:
+                    up(ProgressEvent("upload", done, total, done / total, f"{name} {note}"))
+            files = [*plan.plain, (_shards.INDEX_NAME, _shards.index_json(plan.layout, entries))]
+            for rel, body in files:
+                path = pathlib.Path(tmp) / "file"
+                path.write_bytes(body)
+                await self.upload_file(path, f"{prefix}/{rel}", timeout=timeout)
+        return await self.validate_dataset(prefix, layout=plan.layout, timeout=timeout)
 
     async def validate_dataset(
         self, prefix: str, *, layout: str | None = None, timeout: float | None = None
@@ -371,8 +467,11 @@ class AsyncClient:
     ``address``: a host running every service at its default port; ``endpoints``: explicit
     addresses per service; neither: the stack recorded by ``clinisynth up``. ``retries`` bounds
     the retries of idempotent calls on UNAVAILABLE / RESOURCE_EXHAUSTED (a server's RetryInfo
-    delay is honoured). ``Client`` blocks; ``AsyncClient`` is its asyncio twin (``await`` each
-    call, ``async for`` over streams), with the same methods, parameters and docstrings.
+    delay is honoured). ``token``: a bearer token (a JWT or a static token); ``token_file``
+    (default ``$CLINISYNTH_TOKEN_FILE`` when no token is given): a file holding it, re-read on
+    every call so a rotated token is used at once. ``Client`` blocks; ``AsyncClient`` is its
+    asyncio twin (``await`` each call, ``async for`` over streams), with the same methods,
+    parameters and docstrings.
     """
 
     def __init__(
@@ -381,13 +480,16 @@ class AsyncClient:
         *,
         endpoints: Endpoints | dict[str, str] | None = None,
         token: str | None = None,
+        token_file: str | None = None,
         tls: bool = False,
         root_certificates: bytes | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
         retries: int = 3,
     ) -> None:
         self._t = AsyncTransport(
-            make_settings(address, endpoints, token, tls, root_certificates, timeout, retries)
+            make_settings(
+                address, endpoints, token, tls, root_certificates, timeout, retries, token_file
+            )
         )
 
     @property
@@ -479,6 +581,7 @@ class AsyncClient:
         preview_every: int = 0,
         modality: str | None = None,
         request_id: str | None = None,
+        to_pacs: str | None = None,
         progress: ProgressCallback | bool | None = None,
         timeout: float | None = None,
     ) -> GenerationResult:
@@ -486,6 +589,8 @@ class AsyncClient:
 
         ``format``: "png", "png16", "dicom" or "raw"; ``store``: also write them to the store;
         ``min_reward`` / ``best_of_n`` / ``reward_model``: keep only well-scored candidates.
+        ``to_pacs``: a configured PACS destination the images also go to as one DICOM series
+        (queued durably before the reply; ``result.pacs`` / :meth:`pacs_outbox` show delivery).
         A call with a ``seed`` is retried on UNAVAILABLE (it gives the same images).
         ``progress``: a callback receiving ProgressEvents (or True for a tqdm bar); uses the
         streaming RPC.
@@ -512,6 +617,7 @@ class AsyncClient:
             preview_every=preview_every,
             modality=modality,
             request_id=request_id,
+            to_pacs=to_pacs,
         )
         if not progress:
             return gen.generation_result(await self._t.call(gen.GENERATE, req, timeout=timeout))
@@ -520,6 +626,18 @@ class AsyncClient:
             async for event in self._t.stream(gen.GENERATE_STREAM, req, timeout=timeout):
                 assembler.feed(event)
             return assembler.finish()
+
+    async def pacs_outbox(
+        self,
+        *,
+        status: str | None = None,
+        destination: str | None = None,
+        limit: int = 100,
+        timeout: float | None = None,
+    ) -> list[PacsItem]:
+        """The PACS outbox: each instance ``"pending"``, ``"delivered"`` or ``"failed"``."""
+        req = gen.pacs_outbox_request(status, destination, limit)
+        return gen.pacs_items(await self._t.call(gen.LIST_PACS_OUTBOX, req, timeout=timeout))
 
     # -- reward ---------------------------------------------------------------------------------
     async def score(
@@ -656,6 +774,7 @@ class AsyncClient:
         format: str = "png",
         store: bool = False,
         request_id: str | None = None,
+        to_pacs: str | None = None,
         on_step: PointCallback | None = None,
         progress: ProgressCallback | bool | None = None,
         timeout: float | None = None,
@@ -667,7 +786,8 @@ class AsyncClient:
         cone_angle_deg (30), distance ("l2" | "l1"), lambda_d (0.5 | 0.15), seed,
         mode ("cone" | "robust_only" | "plain_only"). ``on_step`` (trajectory points) or
         ``progress`` (callback, or True for a tqdm bar) use the streaming RPC; closing early
-        cancels the work on the server.
+        cancels the work on the server. ``to_pacs``: also send the counterfactual as DICOM to
+        this configured PACS destination (see :meth:`generate`).
         """
         req = cf.counterfactual_request(
             image,
@@ -687,6 +807,7 @@ class AsyncClient:
             format=format,
             store=store,
             request_id=request_id,
+            to_pacs=to_pacs,
         )
         if on_step is None and not progress:
             return cf.counterfactual_result(await self._t.call(cf.CREATE, req, timeout=timeout))
@@ -824,6 +945,7 @@ class AsyncClient:
         device: str | None = None,
         instances: int | None = None,
         max_batch_size: int | None = None,
+        base: str | None = None,
         progress: ProgressCallback | bool | None = False,
         timeout: float | None = md.IMPORT_TIMEOUT,
     ) -> ModelDetails:
@@ -835,15 +957,29 @@ class AsyncClient:
         holding one. ``dtype`` float32 | float16 | bfloat16, ``device`` cpu | gpu, ``instances``
         and ``max_batch_size`` go to each component's Triton config. Every problem of the folder
         is an InvalidArgumentError naming the field (``source.tokenizer``, ...).
-        ``progress``: a callback receiving a ProgressEvent per file, or True for a tqdm bar.
+        ``base``: ``NAME@VERSION`` (or an alias) when the folder is a LoRA adapter
+        (``pytorch_lora_weights.safetensors``): it is merged into that version's weights and
+        served as the new version; a module that does not fit the base is named
+        (``source.lora.unet.<module>``).
+        ``progress``: a callback receiving a ProgressEvent per uploaded file (stage "upload"),
+        then one per import stage as the server runs it ("fetch", "merge", "validate", "write"
+        and "load" per component, "record"), or True for tqdm bars.
         """
         source = os.fspath(path_or_prefix)
         if pathlib.Path(source).is_dir():
             source = await self._upload_model_folder(pathlib.Path(source), progress, timeout)
         req = md.import_request(
-            source, name, description, labels, dtype, device, instances, max_batch_size
+            source, name, description, labels, dtype, device, instances, max_batch_size, base
         )
-        return ModelDetails.from_proto(await self._t.call(md.IMPORT_MODEL, req, timeout=timeout))
+        if not progress:
+            reply = await self._t.call(md.IMPORT_MODEL, req, timeout=timeout)
+            return ModelDetails.from_proto(reply)
+        with progress_sink(progress, desc=f"importing {name}", unit="stage") as update:
+            async for event in self._t.stream(md.IMPORT_MODEL_STREAM, req, timeout=timeout):
+                details = md.import_event(event, update)
+                if details is not None:
+                    return details
+        raise RuntimeError("the import stream ended without the imported version")
 
     async def _upload_model_folder(
         self,

@@ -23,7 +23,7 @@ from PIL import ImageDraw
 
 from clinisynth import _images
 from clinisynth._rpc import ProgressCallback, Rpc, model_ref
-from clinisynth._types import ProgressEvent, provenance_dict
+from clinisynth._types import PacsItem, ProgressEvent, provenance_dict
 from clinisynth.v1 import common_pb2, counterfactual_pb2, counterfactual_pb2_grpc
 
 STUB = counterfactual_pb2_grpc.CounterfactualServiceStub
@@ -90,6 +90,8 @@ class CounterfactualResult:
     # ``flipped`` is False and the probabilities say what changed).
     flipped: bool = False
     already_target: bool = False
+    # With ``to_pacs``: the outbox item of the counterfactual ("pending" when answered).
+    pacs: list[PacsItem] = field(default_factory=list)
 
     def to_numpy(self) -> np.ndarray:
         """The counterfactual as float32 in [0, 1]."""
@@ -271,6 +273,7 @@ def counterfactual_result(resp: counterfactual_pb2.CounterfactualResponse) -> Co
         ref=ref,
         flipped=resp.flipped,
         already_target=resp.already_target,
+        pacs=[PacsItem.from_proto(m) for m in resp.pacs],
     )
 
 
@@ -305,6 +308,7 @@ def counterfactual_request(
     format: str = "png",
     store: bool = False,
     request_id: str | None = None,
+    to_pacs: str | None = None,
 ) -> counterfactual_pb2.CounterfactualRequest:
     """Build the request; knobs left ``None`` take the service's published defaults."""
     if mode is not None and mode not in MODES:
@@ -325,6 +329,7 @@ def counterfactual_request(
         format=_images.FORMATS[format],
         store_outputs=store,
         request_id=request_id or "",
+        to_pacs=to_pacs or "",
     )
     if image is not None:
         req.image.CopyFrom(_input_image(image))

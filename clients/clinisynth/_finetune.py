@@ -52,6 +52,9 @@ PROMOTE_CHECKPOINT = Rpc(SERVICE, STUB, "PromoteCheckpoint", idempotent=False)
 LIST_JOB_KINDS = Rpc(SERVICE, STUB, "ListJobKinds", idempotent=True)
 UPLOAD_DATASET_FILE = Rpc(SERVICE, STUB, "UploadDatasetFile", streaming="client")
 VALIDATE_DATASET = Rpc(SERVICE, STUB, "ValidateDataset", idempotent=True)
+LIST_DATASET_FILES = Rpc(SERVICE, STUB, "ListDatasetFiles", idempotent=True)
+#: Local layouts ``upload_dataset`` reads; ``dicom_archive`` is stored as an image-text manifest.
+UPLOAD_LAYOUTS = (*LAYOUTS, "dicom_archive")
 
 
 def _time(msg: Any, name: str) -> dt.datetime | None:
@@ -324,6 +327,64 @@ def check_local_dataset(
         except (UnidentifiedImageError, OSError) as exc:
             problems.append(f"{name}: unreadable image ({exc})")
     return layout, files, problems
+
+
+@dataclass
+class ShardPlan:
+    """A local data set as the store will hold it: layout files, shards, what was left out."""
+
+    layout: str  # the layout stored (the archive layout becomes image_text_manifest)
+    plain: list[tuple[str, bytes]]
+    shards: list[Any]
+    problems: list[str]
+    left_out: list[str] = field(default_factory=list)
+
+
+def shard_plan(
+    root: str | os.PathLike[str],
+    layout: str | None,
+    *,
+    shard_bytes: int,
+    reports_csv: str | os.PathLike[str] | None = None,
+    report_key: str = "study_id",
+    report_text: str = "report",
+    section: str = "impression",
+    class_column: str | None = None,
+) -> ShardPlan:
+    """Check a local folder and cut it into shards (nothing is uploaded)."""
+    from clinisynth import _shards
+
+    base = pathlib.Path(root)
+    if layout == "dicom_archive":
+        if reports_csv is None:
+            return ShardPlan(layout, [], [], ["the dicom_archive layout needs a reports CSV"])
+        if not base.is_dir():
+            return ShardPlan(layout, [], [], [f"{base} is not a folder"])
+        archive = _shards.read_archive(
+            base,
+            pathlib.Path(reports_csv),
+            key_column=report_key,
+            text_column=report_text,
+            section=section,
+            class_column=class_column,
+        )
+        return ShardPlan(
+            "image_text_manifest",
+            [("manifest.jsonl", archive.manifest)],
+            _shards.plan(archive.members, shard_bytes=shard_bytes),
+            archive.problems,
+            archive.left_out,
+        )
+    layout, files, problems = check_local_dataset(base, layout)
+    index = {"image_text_manifest": "manifest.jsonl", "feedback_export": "labels.jsonl"}
+    plain, members = [], []
+    for path in files:
+        rel = path.relative_to(base).as_posix()
+        if rel == index.get(layout):
+            plain.append((rel, path.read_bytes()))
+        elif rel.lower().endswith(IMAGE_SUFFIXES):
+            members.append(_shards.Member(rel, path))
+    return ShardPlan(layout, plain, _shards.plan(members, shard_bytes=shard_bytes), problems)
 
 
 def upload_chunks(path: pathlib.Path, key: str) -> Iterator[finetune_pb2.UploadChunk]:

@@ -9,6 +9,7 @@ from clinisynth._types import (
     GeneratedImage,
     GenerationResult,
     ModelInfo,
+    PacsItem,
     ProgressEvent,
     provenance_dict,
 )
@@ -25,6 +26,7 @@ def _seeded(req: generator_pb2.GenerateRequest) -> bool:
 LIST_MODELS = Rpc(SERVICE, STUB, "ListModels", idempotent=True)
 GENERATE = Rpc(SERVICE, STUB, "Generate", idempotent=_seeded)
 GENERATE_STREAM = Rpc(SERVICE, STUB, "GenerateStream", streaming="server")
+LIST_PACS_OUTBOX = Rpc(SERVICE, STUB, "ListPacsOutbox", idempotent=True)
 
 
 def list_models_request(
@@ -64,6 +66,7 @@ def generate_request(
     preview_every: int = 0,
     modality: str | None = None,
     request_id: str | None = None,
+    to_pacs: str | None = None,
 ) -> generator_pb2.GenerateRequest:
     if format not in _images.FORMATS:
         raise ValueError(f"format must be one of {sorted(_images.FORMATS)}, not {format!r}")
@@ -83,6 +86,7 @@ def generate_request(
         output_prefix=output_prefix or "",
         preview_every=preview_every,
         request_id=request_id or "",
+        to_pacs=to_pacs or "",
     )
     if guidance_scale is not None:
         req.guidance_scale = guidance_scale
@@ -135,6 +139,7 @@ def generation_result(resp: generator_pb2.GenerateResponse) -> GenerationResult:
         request_id=resp.request_id,
         candidates=resp.candidates,
         provenance_ref=ref,
+        pacs=[PacsItem.from_proto(m) for m in resp.pacs],
     )
 
 
@@ -168,12 +173,25 @@ class StreamAssembler:
                 images=[self.images[i] for i in sorted(self.images)],
                 request_id=done.request_id,
                 candidates=done.candidates,
+                pacs=[PacsItem.from_proto(m) for m in done.pacs],
             )
 
     def finish(self) -> GenerationResult:
         if self.result is None:
             raise RuntimeError("the generate stream ended without a result")
         return self.result
+
+
+def pacs_outbox_request(
+    status: str | None, destination: str | None, limit: int
+) -> common_pb2.ListPacsOutboxRequest:
+    return common_pb2.ListPacsOutboxRequest(
+        status=status or "", destination=destination or "", limit=limit
+    )
+
+
+def pacs_items(resp: common_pb2.ListPacsOutboxResponse) -> list[PacsItem]:
+    return [PacsItem.from_proto(m) for m in resp.items]
 
 
 def model_infos(responses: list[common_pb2.ListModelsResponse]) -> list[ModelInfo]:

@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from clinisynth._rpc import Rpc, model_ref
-from clinisynth._types import ModelInfo
+from clinisynth._rpc import ProgressCallback, Rpc, model_ref
+from clinisynth._types import ModelInfo, ProgressEvent
 from clinisynth.v1 import finetune_pb2, finetune_pb2_grpc
 
 STUB = finetune_pb2_grpc.FinetuneServiceStub
@@ -31,6 +31,7 @@ IMPORTS = "imports/"
 UPLOAD_MODEL_FILE = Rpc(SERVICE, STUB, "UploadModelFile", streaming="client")
 LIST_MODEL_UPLOAD = Rpc(SERVICE, STUB, "ListModelUpload", idempotent=True)
 IMPORT_MODEL = Rpc(SERVICE, STUB, "ImportModel", idempotent=False)
+IMPORT_MODEL_STREAM = Rpc(SERVICE, STUB, "ImportModelStream", streaming="server")
 GET_MODEL = Rpc(SERVICE, STUB, "GetModel", idempotent=True)
 DELETE_MODEL = Rpc(SERVICE, STUB, "DeleteModel", idempotent=True)
 SET_MODEL_ALIAS = Rpc(SERVICE, STUB, "SetModelAlias", idempotent=True)
@@ -61,6 +62,8 @@ class ModelDetails:
     aliases: list[str] = field(default_factory=list)
     source: str = ""
     scheduler: str = ""
+    #: The version a LoRA adapter was merged into ("" for a full import).
+    base: str = ""
 
     @property
     def ref(self) -> str:
@@ -87,6 +90,7 @@ class ModelDetails:
             aliases=list(m.aliases),
             source=m.source,
             scheduler=m.scheduler,
+            base=m.base,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -132,8 +136,10 @@ def import_request(
     device: str | None,
     instances: int | None,
     max_batch_size: int | None,
+    base: str | None = None,
 ) -> finetune_pb2.ImportModelRequest:
     return finetune_pb2.ImportModelRequest(
+        base=model_ref(base) if base else None,
         source=source,
         name=name,
         description=description or "",
@@ -143,6 +149,18 @@ def import_request(
         instances=instances or 0,
         max_batch_size=max_batch_size or 0,
     )
+
+
+def import_event(
+    msg: finetune_pb2.ImportModelEvent, update: ProgressCallback | None
+) -> ModelDetails | None:
+    """One ImportModelStream event: shown as progress, or (the last) the imported version."""
+    if msg.HasField("details"):
+        return ModelDetails.from_proto(msg.details)
+    if update is not None:
+        total = max(msg.total_steps, msg.step, 1)
+        update(ProgressEvent(msg.stage, msg.step, total, msg.step / total, msg.message))
+    return None
 
 
 def ref_request(model: str) -> finetune_pb2.GetModelRequest:

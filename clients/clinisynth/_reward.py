@@ -198,7 +198,15 @@ def image_list(images: Any) -> list[Any]:
 
 
 def _name_of(image: Any) -> str:
-    return str(image) if isinstance(image, (str, os.PathLike)) else ""
+    """The name sent for a local file: its base name only.
+
+    Why: the name is stored and shown to raters; a full path (``/home/<user>/<study>/...``)
+    would leak the caller's machine layout and often a patient or study name.
+    ``PureWindowsPath`` splits on both ``/`` and ``\\``, so Windows paths lose theirs too.
+    """
+    if not isinstance(image, (str, os.PathLike)):
+        return ""
+    return pathlib.PureWindowsPath(os.fspath(image)).name
 
 
 def _to_image(image: Any) -> common_pb2.Image:

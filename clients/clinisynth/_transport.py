@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -16,7 +17,13 @@ import grpc
 import grpc.aio
 
 from clinisynth._discovery import Endpoints, discover
-from clinisynth._errors import RETRYABLE, ClinisynthError, StackNotFoundError, from_rpc_error
+from clinisynth._errors import (
+    RETRYABLE,
+    ClinisynthError,
+    StackNotFoundError,
+    UnauthenticatedError,
+    from_rpc_error,
+)
 from clinisynth._rpc import Rpc
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -62,20 +69,34 @@ class _Settings:
         endpoints: Endpoints,
         *,
         token: str | None,
+        token_file: str | None = None,
         tls: bool,
         root_certificates: bytes | None,
         timeout: float | None,
         retries: int,
     ) -> None:
         self.endpoints = endpoints
-        self.metadata: tuple[tuple[str, str], ...] = (
-            (("authorization", f"Bearer {token}"),) if token else ()
-        )
+        self.token = token
+        self.token_file = token_file
         self.credentials = (
             grpc.ssl_channel_credentials(root_certificates=root_certificates) if tls else None
         )
         self.timeout = timeout
         self.retries = retries
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The bearer header of the next call; a token file is re-read each call (rotation)."""
+        token = self.token
+        if self.token_file:
+            try:
+                with open(self.token_file, encoding="utf-8") as f:
+                    token = f.read().strip()
+            except OSError as exc:
+                raise UnauthenticatedError(
+                    f"token file {self.token_file!r} cannot be read: {exc}"
+                ) from None
+        return (("authorization", f"Bearer {token}"),) if token else ()
 
     def address(self, service: str) -> str:
         address = self.endpoints.for_service(service)
@@ -95,8 +116,15 @@ def make_settings(
     root_certificates: bytes | None,
     timeout: float | None,
     retries: int,
+    token_file: str | None = None,
 ) -> _Settings:
-    """The client's options resolved: explicit endpoints, a host, or the recorded stack."""
+    """The client's options resolved: explicit endpoints, a host, or the recorded stack.
+
+    ``token_file`` (else ``$CLINISYNTH_TOKEN_FILE`` when no ``token`` is given) wins over
+    ``token``: it is read on every call, so a rotated token is picked up without a new client.
+    """
+    if token_file is None and not token:
+        token_file = os.environ.get("CLINISYNTH_TOKEN_FILE") or None
     if isinstance(endpoints, dict):
         endpoints = Endpoints.from_dict(dict(endpoints))
     if endpoints is None:
@@ -116,6 +144,7 @@ def make_settings(
     return _Settings(
         endpoints,
         token=token,
+        token_file=token_file,
         tls=tls,
         root_certificates=root_certificates,
         timeout=timeout,

@@ -109,12 +109,49 @@ class GeneratedImage:
         return {"dicom": ".dcm", "raw": ".npy"}.get(self.format, ".png")
 
 
+@dataclass(frozen=True)
+class PacsItem:
+    """One DICOM instance in the PACS outbox: "pending", "delivered" or "failed"."""
+
+    destination: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    request_id: str
+    status: str
+    attempts: int = 0
+    last_error: str = ""
+    origin: str = ""
+    enqueued_at: float = 0.0  # seconds since the epoch
+    delivered_at: float | None = None
+
+    @classmethod
+    def from_proto(cls, m: common_pb2.PacsOutboxItem) -> PacsItem:
+        return cls(
+            destination=m.destination,
+            sop_instance_uid=m.sop_instance_uid,
+            study_instance_uid=m.study_instance_uid,
+            series_instance_uid=m.series_instance_uid,
+            request_id=m.request_id,
+            status=m.status,
+            attempts=m.attempts,
+            last_error=m.last_error,
+            origin=m.origin,
+            enqueued_at=m.enqueued_at.ToNanoseconds() / 1e9,
+            delivered_at=(
+                m.delivered_at.ToNanoseconds() / 1e9 if m.HasField("delivered_at") else None
+            ),
+        )
+
+
 @dataclass
 class GenerationResult:
     images: list[GeneratedImage]
     request_id: str
     candidates: int = 0
     provenance_ref: dict[str, Any] | None = None
+    # With ``to_pacs``: the outbox items of the series ("pending" when answered).
+    pacs: list[PacsItem] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.images)

@@ -15,6 +15,8 @@ from clinisynth_server.errors import InvalidArgument
 from clinisynth_server.imaging import decode as imdecode
 from clinisynth_server.imaging.encode import encode_raw
 from clinisynth_server.imaging.provenance import Provenance
+from clinisynth_server.pacs.outbox import STATUSES as OUTBOX_STATUSES
+from clinisynth_server.pacs.outbox import Outbox, OutboxItem
 from clinisynth_server.store.base import ArtifactStore, ObjectInfo, readable_key
 
 KIND_TO_PROTO = {
@@ -130,6 +132,7 @@ def provenance(p: Provenance) -> common_pb2.Provenance:
         created=timestamp(created),
         request_id=p.request_id,
         extra=dict(p.extra),
+        replay=p.replay,
     )
 
 
@@ -187,4 +190,41 @@ def decode_input_image(
     data = image.encoded if kind == "encoded" else image.dicom
     return imdecode.decode_image(
         data, field=f"{field}.{kind}", max_pixels=max_pixels, channels=channels
+    )
+
+
+def pacs_item(item: OutboxItem) -> common_pb2.PacsOutboxItem:
+    msg = common_pb2.PacsOutboxItem(
+        destination=item.destination,
+        sop_instance_uid=item.sop_instance_uid,
+        study_instance_uid=item.study_instance_uid,
+        series_instance_uid=item.series_instance_uid,
+        request_id=item.request_id,
+        status=item.status,
+        attempts=item.attempts,
+        last_error=item.last_error,
+        origin=item.origin,
+    )
+    msg.enqueued_at.CopyFrom(timestamp(item.enqueued_at))
+    if item.delivered_at:
+        msg.delivered_at.CopyFrom(timestamp(item.delivered_at))
+    if item.status == "pending":
+        msg.next_attempt_at.CopyFrom(timestamp(item.next_attempt_at))
+    return msg
+
+
+def answer_list_pacs_outbox(
+    outbox: Outbox | None, request: common_pb2.ListPacsOutboxRequest
+) -> common_pb2.ListPacsOutboxResponse:
+    """ListPacsOutbox of every servicer that sends to PACS: validate, list, translate."""
+    if request.status and request.status not in OUTBOX_STATUSES:
+        raise InvalidArgument.for_field("status", f"one of {OUTBOX_STATUSES} or empty")
+    if not 0 <= request.limit <= 1000:
+        raise InvalidArgument.for_field("limit", f"must be 0..1000, got {request.limit}")
+    if outbox is None:
+        return common_pb2.ListPacsOutboxResponse()
+    items = outbox.list(status=request.status, destination=request.destination)
+    return common_pb2.ListPacsOutboxResponse(
+        items=[pacs_item(i) for i in items[-(request.limit or 100) :]],
+        destinations=sorted(outbox.destinations),
     )

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pathlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from clinisynth_server.catalog import Catalog, ModelRecord
@@ -164,6 +164,7 @@ def register_folder(
     triton_parameters: Mapping[str, str] | None = None,
     extra_info: Mapping[str, Any] | None = None,
     min_version: int = 0,
+    progress: Callable[[str, str], None] | None = None,
 ) -> ModelRecord:
     """Import ``folder`` as the next version of model ``name``; load it in Triton if given.
 
@@ -171,8 +172,10 @@ def register_folder(
     options: given, each component's Triton config is rewritten with them. ``extra_info`` lands
     in the record's ``extra`` (dtype, device, size, source of an import); ``min_version`` is the
     lowest number to take (numbers of removed leftovers are not reused). The catalog record is
-    written last, so an interrupted registration leaves no catalog version.
+    written last, so an interrupted registration leaves no catalog version. ``progress(stage,
+    what)`` is told as each component is written ("write") and before each load ("load").
     """
+    report = progress or (lambda stage, what: None)
     rewrite = triton_parameters is not None
     options: dict[str, Any] = {"instance_count": instance_count, "rewrite_config": rewrite}
     folder = pathlib.Path(folder)
@@ -220,6 +223,7 @@ def register_folder(
                 triton_parameters,
                 **options,
             )
+            report("write", components[role])
         tok_prefix = f"catalog/{name}/{version:06d}/tokenizer/"
         store.upload_dir(folder / "tokenizer", tok_prefix)
         max_length = int(tok_cfg.get("model_max_length") or 0)
@@ -257,6 +261,7 @@ def register_folder(
             {**dict(meta.get("triton_parameters") or {}), **dict(triton_parameters or {})},
             **options,
         )
+        report("write", components[component])
         size = int(meta.get("width", meta.get("size", 0)))
         channels = int(meta.get("channels", 1))
         scheduler = {}
@@ -276,6 +281,7 @@ def register_folder(
             triton_parameters,
             **options,
         )
+        report("write", components["denoiser"])
         num_classes = unet_cfg.get("num_class_embeds")
         if kind == "class_conditional":
             classes = classes or meta.get("classes") or [str(i) for i in range(num_classes or 0)]
@@ -314,5 +320,6 @@ def register_folder(
     )
     if triton is not None:
         for triton_name in components.values():
+            report("load", triton_name)
             triton.load_model(triton_name)
     return catalog.put(record)

@@ -8,7 +8,6 @@ A tiny unconditional denoiser and a plain + a PGD-robust classifier are trained 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import io
 import json
 import logging
@@ -29,44 +28,8 @@ STRONG = {"steps": 60, "start_depth": 0.5, "lambda_c": 0.7}
 QUICK = {"steps": 20, "start_depth": 0.5}
 
 
-@pytest.fixture(scope="module")
-def cf_models(session_dir, catalog, store, model_repository, triton_client):
-    from clinisynth_server import registry
-    from clinisynth_server.counterfactual import guidance
-    from clinisynth_server.counterfactual.toy import build_toy_models
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        folders = build_toy_models(session_dir / "cf-toy")
-    finally:
-        torch.set_num_threads(threads)
-    common = {"catalog": catalog, "store": store, "model_repository": model_repository}
-    # The denoiser is used only inside its guidance model, so it is registered without a load.
-    records = {
-        "denoiser": registry.register_folder(folders.denoiser, "blob-denoiser", **common),
-        "robust": registry.register_folder(folders.robust, "blob-robust", **common),
-        "plain": registry.register_folder(folders.plain, "blob-plain", **common),
-    }
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:  # three loads side by side
-        jobs = [
-            pool.submit(triton_client.load_model, records[k].components["classifier"])
-            for k in ("robust", "plain")
-        ]
-        jobs.append(
-            pool.submit(
-                guidance.ensure_guidance_model,
-                records["denoiser"],
-                records["robust"],
-                records["plain"],
-                model_repository=model_repository,
-                triton=triton_client,
-                store=store,
-                parameters={"torch_threads": "1"},  # 2 shared cores: no contention
-            )
-        )
-        records["guidance"] = [j.result() for j in jobs][-1]
-    return records
+# cf_models (the toy denoiser + classifiers, registered and loaded) is session-scoped in
+# tests/conftest.py: this module, de-identification, fuzzing and read namespaces share it.
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from clinisynth.v1 import (
     reward_pb2,
     reward_pb2_grpc,
 )
-from tests.grpc.test_counterfactual import MODELS, QUICK, TARGET, cf_models, cf_server  # noqa: F401
+from tests.grpc.test_counterfactual import MODELS, QUICK, TARGET, cf_server  # noqa: F401
 from tests.unit.test_deid_profile import assert_deidentified, identified_dicom
 
 pytestmark = pytest.mark.stack

@@ -44,7 +44,6 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from clinisynth.v1 import common_pb2, counterfactual_pb2, finetune_pb2, generator_pb2, reward_pb2
-from tests.grpc.test_counterfactual import cf_models  # noqa: F401  (toy models, registered)
 from tests.unit.test_deid_profile import identified_dicom
 
 pytestmark = pytest.mark.stack
@@ -410,7 +409,7 @@ def fuzz_stack(
     session_dir,
     model_repository,
     registered_models,
-    cf_models,  # noqa: F811
+    cf_models,
     tmp_path_factory,
 ):
     from clinisynth_server import registry

@@ -107,6 +107,8 @@ BROKEN = {
     "no tokenizer": (_drop("tokenizer"), "source.tokenizer"),
     "no scheduler": (_drop("scheduler"), "source.scheduler"),
     "no text encoder": (_drop("text_encoder"), "source.text_encoder"),
+    "no vae": (_drop("vae"), "source.vae"),
+    "no unet": (_drop("unet"), "source.unet"),
     "cross attention": (
         _edit("unet/config.json", cross_attention_dim=48),
         "source.unet.cross_attention_dim",
@@ -206,7 +208,16 @@ def test_sd_folder_import_generate_alias_delete(client, folders):  # type: ignor
         progress=events.append,
     )
     files = sum(1 for p in folders["sd"].rglob("*") if p.is_file())
-    assert [e.step for e in events] == list(range(1, files + 1))
+    assert [e.step for e in events if e.stage == "upload"] == list(range(1, files + 1))
+    # Then the server's stages, as they run: each component written, then loaded in Triton.
+    stages = [(e.stage, e.message.split()[-1]) for e in events if e.stage != "upload"]
+    parts = [f"byom-sd.{r}" for r in ("denoiser", "text_encoder", "vae_decode")]
+    assert [s for s, _ in stages] == ["fetch", "validate"] + ["write"] * 3 + ["load"] * 3 + [
+        "record"
+    ]
+    assert [w for s, w in stages if s in ("write", "load")] == parts + parts
+    assert [e.step for e in events if e.stage != "upload"] == list(range(1, 10))
+    assert {e.total_steps for e in events if e.stage != "upload"} == {9}
     assert details.model.kind == "text_to_image" and details.version == "1"
     assert {c.role for c in details.components} == {"denoiser", "text_encoder", "vae_decode"}
     assert all(c.ready for c in details.components)
@@ -216,12 +227,6 @@ def test_sd_folder_import_generate_alias_delete(client, folders):  # type: ignor
 
     first = client.generate("byom-sd@1", prompt="a chest x-ray", seed=5, steps=2)
     assert first.images[0].provenance["model"]["version"] == "1"
-
-    # The same folder again: every file is already uploaded (resumed), and a new version results.
-    again: list[clinisynth.ProgressEvent] = []
-    second = client.import_model(folders["sd"], name="byom-sd", progress=again.append)
-    assert second.version == "2"
-    assert all(e.message.endswith("(already uploaded)") for e in again) and again
 
     client.alias_model("byom-sd@1", "stable")
     assert client.get_model("byom-sd@stable").version == "1"
@@ -244,14 +249,7 @@ def test_sd_folder_import_generate_alias_delete(client, folders):  # type: ignor
     # Provenance of the old image still resolves, to the same weights.
     shown = client.get_model("byom-sd@1")
     assert shown.retired and shown.model.digest == details.model.digest
-    listed = {m.version for m in client.list_models(name="byom-sd", all_versions=True)}
-    assert listed == {"2"}
-    assert (
-        client.generate("byom-sd", prompt="x", seed=1, steps=2)
-        .images[0]
-        .provenance["model"]["version"]
-        == "2"
-    )
+    assert {m.version for m in client.list_models(name="byom-sd", all_versions=True)} == set()
     with pytest.raises(clinisynth.FailedPreconditionError):
         client.alias_model("byom-sd@1", "back")
 
@@ -263,16 +261,32 @@ def _try(call: Callable[[], Any]) -> Any:
         return None
 
 
-def test_ddpm_folder_import_generate_delete(client, folders):  # type: ignore[no-untyped-def]
+def test_ddpm_folder_import_reimport_generate_delete(client, folders):  # type: ignore[no-untyped-def]
     details = client.import_model(folders["ddpm"], name="byom-ddpm", instances=1)
     assert details.model.kind == "class_conditional" and details.model.classes == ["a", "b"]
     assert [c.role for c in details.components] == ["denoiser"] and details.components[0].ready
-    image = client.generate("byom-ddpm", class_name="b", seed=2, steps=2).images[0]
-    assert image.to_numpy().shape[:2] == (16, 16)
+    image = client.generate(f"byom-ddpm@{details.version}", class_name="b", seed=2, steps=2)
+    assert image.images[0].to_numpy().shape[:2] == (16, 16)
+
+    # The same folder again: every file is already uploaded (resumed), and a new version results.
+    again: list[clinisynth.ProgressEvent] = []
+    second = client.import_model(folders["ddpm"], name="byom-ddpm", progress=again.append)
+    assert int(second.version) == int(details.version) + 1
+    uploads = [e for e in again if e.stage == "upload"]
+    assert uploads and all(e.message.endswith("(already uploaded)") for e in uploads)
+
     client.delete_model(f"byom-ddpm@{details.version}")
+    assert client.get_model(f"byom-ddpm@{details.version}").retired
+    listed = {m.version for m in client.list_models(name="byom-ddpm", all_versions=True)}
+    assert listed == {second.version}
+    served = poll(
+        lambda: _try(lambda: client.generate("byom-ddpm", class_name="a", seed=1, steps=2)),
+        "the generator serves the newer version",
+    )
+    assert served.images[0].provenance["model"]["version"] == second.version
+    client.delete_model(f"byom-ddpm@{second.version}")
     err = poll(lambda: refused(client, "byom-ddpm", class_name="a"), "every version retired")
     assert err.reason == "MODEL_RETIRED"
-    assert client.get_model(f"byom-ddpm@{details.version}").retired
 
 
 # -- durability: a killed import leaves no version; the next one succeeds --------------------------
@@ -295,23 +309,25 @@ def test_killed_import_leaves_no_version_and_reimport_succeeds(  # type: ignore[
     with open(log, "ab") as err:
         proc, address, _ = serve_process("finetune", env, stderr=err)
     outcome: list[BaseException | object] = []
+    loading = threading.Event()
+
+    def seen(event: clinisynth.ProgressEvent) -> None:
+        if event.stage == "load":
+            loading.set()
 
     def run() -> None:
         try:
             with clinisynth.Client(endpoints={"finetune": address}, timeout=300, retries=0) as c:
-                outcome.append(c.import_model(folders["ddpm"], name="byom-killed"))
+                outcome.append(c.import_model(folders["ddpm"], name="byom-killed", progress=seen))
         except BaseException as exc:  # the kill ends the call: UNAVAILABLE
             outcome.append(exc)
 
     thread = threading.Thread(target=run)
     thread.start()
     try:
-        # The first component is in the repository; the catalog record comes last.
-        poll(
-            lambda: (model_repository / "byom-killed.denoiser" / "1").is_dir() or proc.poll(),
-            "the import writes its first component",
-            timeout_s=120,
-        )
+        # Killed while Triton loads the component it wrote: the catalog record comes last.
+        assert loading.wait(120) or proc.poll() is not None, "no load event"
+        assert (model_repository / "byom-killed.denoiser" / "1").is_dir()
         proc.kill()
         proc.wait(30)
     finally:

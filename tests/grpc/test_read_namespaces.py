@@ -48,7 +48,6 @@ from tests.grpc.test_counterfactual import (  # noqa: F401 - fixtures
     cf_models,
     cf_server,
 )
-from tests.grpc.test_reward import reward_model  # noqa: F401 - fixture
 from tests.grpc.test_upload_namespaces import ESCAPES as UPLOAD_ESCAPES
 
 pytestmark = pytest.mark.stack
@@ -129,7 +128,7 @@ def planted(store) -> dict[str, bytes]:  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="module")
-def reward_stub(triton_server, store_url, session_dir, reward_model, planted):  # type: ignore[no-untyped-def]  # noqa: F811
+def reward_stub(triton_server, store_url, session_dir, reward_model, planted):  # type: ignore[no-untyped-def]
     from tests.conftest import start_service
 
     running = start_service("reward", triton_server.grpc_url, store_url, session_dir / "reads")

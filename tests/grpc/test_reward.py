@@ -16,27 +16,11 @@ from PIL import Image
 
 import clinisynth
 from clinisynth.cli import main as cli_main
+from tests.conftest import phantom_set
 
 pytestmark = pytest.mark.stack
 
 CLASSES = ["lymphocyte", "neutrophil", "eosinophil", "monocyte"]
-OBVIOUS = ("oversized", "border_crop", "missing_nucleus", "split_membrane", "extra_nucleus")
-
-
-def phantom_set(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Half real phantoms (plausible), half corrupted ones the oracle rejects."""
-    from clinisynth_server.phantoms import cells
-
-    images, labels = cells.generate(n, seed=seed)
-    rng = np.random.default_rng(seed)
-    out, aligned = [], []
-    for i, (im, lab) in enumerate(zip(images, labels, strict=True)):
-        if i % 2 == 0:
-            out.append(im)
-        else:
-            out.append(cells.corrupt(im, OBVIOUS[(i // 2) % len(OBVIOUS)], rng))
-        aligned.append(cells.oracle(out[-1], int(lab)).plausible)
-    return np.stack(out).astype(np.float32) / 255.0, labels, np.array(aligned)
 
 
 def png(arr: np.ndarray) -> bytes:
@@ -45,48 +29,8 @@ def png(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture(scope="module")
-def reward_model(session_dir, catalog, store, model_repository, triton_client):
-    import torch
-
-    from clinisynth_server import registry
-    from clinisynth_server.methods.reward_model import (
-        RewardModel,
-        RewardModelConfig,
-        train_reward_model,
-    )
-    from clinisynth_server.reward.scoring import write_reward_folder
-
-    torch.manual_seed(0)
-    x, y, a = phantom_set(240, seed=1)
-    model = RewardModel(RewardModelConfig(num_classes=4, in_channels=1, backbone_width=8))
-    train_reward_model(
-        model,
-        torch.from_numpy(x)[:, None],
-        torch.from_numpy(y),
-        torch.from_numpy(a),
-        epochs=10,
-        lr=1e-2,
-        batch_size=32,
-        weight_decay=0.0,
-    )
-    folder = write_reward_folder(
-        model,
-        session_dir / "m" / "cells-reward",
-        classes=CLASSES,
-        width=32,
-        labels={"domain": "cells"},
-    )
-    record = registry.register_folder(
-        folder,
-        "cells-reward",
-        catalog=catalog,
-        store=store,
-        model_repository=model_repository,
-        triton=triton_client,
-        max_batch_size=64,
-    )
-    return model, record
+# reward_model (cells-reward, trained on oracle-labelled phantoms) is session-scoped in
+# tests/conftest.py, shared with the read-namespace tests.
 
 
 @pytest.fixture(scope="module")

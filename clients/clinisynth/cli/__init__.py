@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "finetune",
     "benchmark",
     "demo",
+    "pacs",
 )
 
 
@@ -34,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--address", help="host running every service at its default port")
     parser.add_argument("--token", help="bearer token (default: $CLINISYNTH_TOKEN)")
+    parser.add_argument(
+        "--token-file",
+        help="file holding the bearer token, re-read on every call (default: "
+        "$CLINISYNTH_TOKEN_FILE); preferred over --token, which shows in process lists",
+    )
     parser.add_argument("--tls", action="store_true", help="use TLS")
     parser.add_argument("--timeout", type=float, default=None, help="per-call deadline, seconds")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

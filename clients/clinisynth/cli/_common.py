@@ -15,6 +15,7 @@ def client_from(ns: argparse.Namespace) -> Client:
     return Client(
         ns.address,
         token=ns.token or os.environ.get("CLINISYNTH_TOKEN"),
+        token_file=getattr(ns, "token_file", None),  # else $CLINISYNTH_TOKEN_FILE (the SDK)
         tls=ns.tls,
         timeout=ns.timeout,
     )

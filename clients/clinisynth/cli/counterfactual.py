@@ -45,7 +45,12 @@ def cmd_counterfactual(ns: argparse.Namespace) -> int:
     with client_from(ns) as client:
         for path in files:
             result = client.counterfactual(
-                path, target=ns.target, progress=not ns.quiet, timeout=ns.timeout, **_knobs(ns)
+                path,
+                target=ns.target,
+                to_pacs=ns.to_pacs,
+                progress=not ns.quiet,
+                timeout=ns.timeout,
+                **_knobs(ns),
             )
             written = result.save(out, stem=path.stem)
             print(
@@ -54,6 +59,8 @@ def cmd_counterfactual(ns: argparse.Namespace) -> int:
                 f"{result.p_target_after_plain:.3f}), distance {result.distance:.4f}  "
                 f"{written['counterfactual']}"
             )
+            for item in result.pacs:
+                print(f"pacs {item.destination}: {item.sop_instance_uid} {item.status}")
     return 0
 
 
@@ -105,6 +112,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("input", metavar="IMAGE_OR_DIR", help="PNG / JPEG / DICOM file or a folder")
     p.add_argument("--out", "-o", default="out", help="output folder")
+    p.add_argument(
+        "--to-pacs", metavar="NAME", help="also send each result as DICOM to this PACS destination"
+    )
     _common(p)
     p.set_defaults(func=cmd_counterfactual)
 

@@ -121,7 +121,17 @@ def cmd_upload(ns: argparse.Namespace) -> int:
     with client_from(ns) as client:
         try:
             report = client.finetune.upload_dataset(
-                ns.dir, ns.prefix, layout=ns.layout, progress=not ns.quiet
+                ns.dir,
+                ns.prefix,
+                layout=ns.layout,
+                shards=not ns.files,
+                shard_mb=ns.shard_mb,
+                reports_csv=ns.reports,
+                report_key=ns.report_key,
+                report_text=ns.report_text,
+                section=ns.section,
+                class_column=ns.class_column,
+                progress=not ns.quiet,
             )
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
@@ -205,10 +215,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="training data sets in the store").add_subparsers(
         dest="data_command", metavar="SUBCOMMAND", required=True
     )
-    p = data.add_parser("upload", help="validate a local folder and upload it to PREFIX")
+    p = data.add_parser(
+        "upload",
+        help="validate a local folder, upload it to PREFIX as tar shards + index.json "
+        "(resumable: a re-run skips the shards already stored)",
+    )
     p.add_argument("dir")
     p.add_argument("prefix", help="store prefix under datasets/, e.g. datasets/cells")
-    p.add_argument("--layout", choices=LAYOUTS, help="default: guessed from the folder")
+    p.add_argument(
+        "--layout",
+        choices=[*LAYOUTS, "dicom_archive"],
+        help="default: guessed from the folder; dicom_archive = a DICOM tree + --reports CSV",
+    )
+    p.add_argument("--files", action="store_true", help="one store object per file, no shards")
+    p.add_argument("--shard-mb", type=float, default=64.0, help="about this many MB a shard")
+    p.add_argument("--reports", help="dicom_archive: CSV of report text, one row per study/image")
+    p.add_argument("--report-key", default="study_id", help="CSV column matched to a folder/stem")
+    p.add_argument("--report-text", default="report", help="CSV column holding the report")
+    p.add_argument("--section", default="impression", help="report section used as the prompt")
+    p.add_argument("--class-column", help="CSV column whose value is the image's class folder")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=cmd_upload)

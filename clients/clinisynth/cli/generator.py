@@ -61,6 +61,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
             min_reward=ns.min_reward,
             best_of_n=ns.best_of_n,
             reward_model=ns.reward_model,
+            to_pacs=ns.to_pacs,
             progress=not ns.quiet,
             timeout=ns.timeout,
         )
@@ -69,6 +70,8 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         reward = f"  reward={image.reward:.3f}" if image.reward is not None else ""
         print(f"{path}  seed={image.seed}{reward}")
     print(f"{out / 'provenance.json'}")
+    for item in result.pacs:
+        print(f"pacs {item.destination}: {item.sop_instance_uid} {item.status}")
     return 0
 
 
@@ -97,6 +100,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-reward", type=float)
     p.add_argument("--best-of-n", type=int)
     p.add_argument("--reward-model")
+    p.add_argument(
+        "--to-pacs",
+        metavar="NAME",
+        help="also send the images as one DICOM series to this configured PACS destination "
+        "(queued durably; see `clinisynth pacs outbox`)",
+    )
     p.add_argument("--out", "-o", default="out", help="output folder")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)

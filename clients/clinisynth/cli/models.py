@@ -40,6 +40,8 @@ def _print_details(d: ModelDetails) -> None:
     )
     if d.source:
         print(f"  source:      {d.source}")
+    if d.base:
+        print(f"  base:        {d.base} (+ LoRA)")
     for label, value in sorted(m.labels.items()):
         print(f"  label:       {label}={value}")
     for c in d.components:
@@ -71,6 +73,7 @@ def cmd_import(ns: argparse.Namespace) -> int:
             device=ns.device,
             instances=ns.instances,
             max_batch_size=ns.max_batch,
+            base=ns.base,
             progress=not ns.quiet and not ns.json,
             timeout=ns.timeout or 1800.0,
         )
@@ -125,6 +128,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--device", choices=["cpu", "gpu"])
     q.add_argument("--instances", type=int, help="Triton instances per component")
     q.add_argument("--max-batch", type=int, help="Triton max batch size per component")
+    q.add_argument(
+        "--base",
+        metavar="NAME@VERSION",
+        help="PATH is a LoRA adapter folder: merge it into this version, serve it as --name",
+    )
     q.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     json_flag(q)
     q.set_defaults(func=cmd_import)

@@ -82,15 +82,26 @@ def cmd_feedback_agreement(ns: argparse.Namespace) -> int:
     return 0
 
 
+def review_names(folder: pathlib.Path, paths: list[pathlib.Path], label: str | None) -> list[str]:
+    """Item names shown to raters: the path inside ``folder`` (nothing above it), or with
+    ``--label`` ``LABEL-0001``... so that not even file names (often patient names) leave."""
+    if label:
+        return [f"{label}-{i:04d}" for i in range(1, len(paths) + 1)]
+    return [p.relative_to(folder).as_posix() for p in paths]
+
+
 def cmd_review_enqueue(ns: argparse.Namespace) -> int:
+    folder = pathlib.Path(ns.folder)
     paths = sorted(
-        p
-        for p in pathlib.Path(ns.folder).rglob("*")
-        if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".dcm")
+        p for p in folder.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".dcm")
     )
     with client_from(ns) as client:
         items = client.review.enqueue(
-            paths, raters_per_item=ns.raters_per_item, timeout=ns.timeout, **_cond(ns)
+            paths,
+            names=review_names(folder, paths, ns.label),
+            raters_per_item=ns.raters_per_item,
+            timeout=ns.timeout,
+            **_cond(ns),
         )
     print(f"{len(items)} review items")
     return 0
@@ -150,4 +161,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("folder")
     _add_condition(p)
     p.add_argument("--raters-per-item", type=int, default=1)
+    p.add_argument(
+        "--label",
+        help="name items LABEL-0001, LABEL-0002, ... instead of by their path in the folder",
+    )
     p.set_defaults(func=cmd_review_enqueue)

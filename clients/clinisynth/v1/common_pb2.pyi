@@ -172,7 +172,7 @@ class ImageChunk(_message.Message):
     def __init__(self, image_index: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., last: _Optional[bool] = ..., format: _Optional[_Union[ImageFormat, str]] = ...) -> None: ...
 
 class Provenance(_message.Message):
-    __slots__ = ("model", "model_digest", "seed", "sampler", "steps", "guidance_scale", "prompt", "negative_prompt", "class_name", "width", "height", "software_version", "created", "request_id", "extra")
+    __slots__ = ("model", "model_digest", "seed", "sampler", "steps", "guidance_scale", "prompt", "negative_prompt", "class_name", "width", "height", "software_version", "created", "request_id", "extra", "replay")
     class ExtraEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -195,6 +195,7 @@ class Provenance(_message.Message):
     CREATED_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     EXTRA_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_FIELD_NUMBER: _ClassVar[int]
     model: ModelRef
     model_digest: str
     seed: int
@@ -210,7 +211,8 @@ class Provenance(_message.Message):
     created: _timestamp_pb2.Timestamp
     request_id: str
     extra: _containers.ScalarMap[str, str]
-    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., model_digest: _Optional[str] = ..., seed: _Optional[int] = ..., sampler: _Optional[str] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., class_name: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., software_version: _Optional[str] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., extra: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    replay: str
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., model_digest: _Optional[str] = ..., seed: _Optional[int] = ..., sampler: _Optional[str] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., class_name: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., software_version: _Optional[str] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., extra: _Optional[_Mapping[str, str]] = ..., replay: _Optional[str] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("stage", "step", "total_steps", "fraction", "message")
@@ -233,3 +235,49 @@ class Condition(_message.Message):
     class_name: str
     prompt: str
     def __init__(self, class_name: _Optional[str] = ..., prompt: _Optional[str] = ...) -> None: ...
+
+class PacsOutboxItem(_message.Message):
+    __slots__ = ("destination", "sop_instance_uid", "study_instance_uid", "series_instance_uid", "request_id", "status", "attempts", "last_error", "enqueued_at", "delivered_at", "next_attempt_at", "origin")
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    SOP_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
+    STUDY_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
+    SERIES_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    ENQUEUED_AT_FIELD_NUMBER: _ClassVar[int]
+    DELIVERED_AT_FIELD_NUMBER: _ClassVar[int]
+    NEXT_ATTEMPT_AT_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    destination: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    request_id: str
+    status: str
+    attempts: int
+    last_error: str
+    enqueued_at: _timestamp_pb2.Timestamp
+    delivered_at: _timestamp_pb2.Timestamp
+    next_attempt_at: _timestamp_pb2.Timestamp
+    origin: str
+    def __init__(self, destination: _Optional[str] = ..., sop_instance_uid: _Optional[str] = ..., study_instance_uid: _Optional[str] = ..., series_instance_uid: _Optional[str] = ..., request_id: _Optional[str] = ..., status: _Optional[str] = ..., attempts: _Optional[int] = ..., last_error: _Optional[str] = ..., enqueued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., delivered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_attempt_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., origin: _Optional[str] = ...) -> None: ...
+
+class ListPacsOutboxRequest(_message.Message):
+    __slots__ = ("status", "destination", "limit")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    status: str
+    destination: str
+    limit: int
+    def __init__(self, status: _Optional[str] = ..., destination: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ListPacsOutboxResponse(_message.Message):
+    __slots__ = ("items", "destinations")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    DESTINATIONS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[PacsOutboxItem]
+    destinations: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, items: _Optional[_Iterable[_Union[PacsOutboxItem, _Mapping]]] = ..., destinations: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -29,7 +29,7 @@ DISTANCE_KIND_L2: DistanceKind
 DISTANCE_KIND_L1: DistanceKind
 
 class CounterfactualRequest(_message.Message):
-    __slots__ = ("image", "target_class", "diffusion_model", "robust_classifier", "plain_classifier", "start_depth", "steps", "lambda_c", "cone_angle_deg", "distance", "lambda_d", "seed", "mode", "resize", "format", "store_outputs", "request_id")
+    __slots__ = ("image", "target_class", "diffusion_model", "robust_classifier", "plain_classifier", "start_depth", "steps", "lambda_c", "cone_angle_deg", "distance", "lambda_d", "seed", "mode", "resize", "format", "store_outputs", "request_id", "to_pacs")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     TARGET_CLASS_FIELD_NUMBER: _ClassVar[int]
     DIFFUSION_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,7 @@ class CounterfactualRequest(_message.Message):
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     STORE_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TO_PACS_FIELD_NUMBER: _ClassVar[int]
     image: _common_pb2.Image
     target_class: str
     diffusion_model: _common_pb2.ModelRef
@@ -64,7 +65,8 @@ class CounterfactualRequest(_message.Message):
     format: _common_pb2.ImageFormat
     store_outputs: bool
     request_id: str
-    def __init__(self, image: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., target_class: _Optional[str] = ..., diffusion_model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., robust_classifier: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., plain_classifier: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., start_depth: _Optional[float] = ..., steps: _Optional[int] = ..., lambda_c: _Optional[float] = ..., cone_angle_deg: _Optional[float] = ..., distance: _Optional[_Union[DistanceKind, str]] = ..., lambda_d: _Optional[float] = ..., seed: _Optional[int] = ..., mode: _Optional[_Union[GuidanceMode, str]] = ..., resize: _Optional[bool] = ..., format: _Optional[_Union[_common_pb2.ImageFormat, str]] = ..., store_outputs: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
+    to_pacs: str
+    def __init__(self, image: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., target_class: _Optional[str] = ..., diffusion_model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., robust_classifier: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., plain_classifier: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., start_depth: _Optional[float] = ..., steps: _Optional[int] = ..., lambda_c: _Optional[float] = ..., cone_angle_deg: _Optional[float] = ..., distance: _Optional[_Union[DistanceKind, str]] = ..., lambda_d: _Optional[float] = ..., seed: _Optional[int] = ..., mode: _Optional[_Union[GuidanceMode, str]] = ..., resize: _Optional[bool] = ..., format: _Optional[_Union[_common_pb2.ImageFormat, str]] = ..., store_outputs: _Optional[bool] = ..., request_id: _Optional[str] = ..., to_pacs: _Optional[str] = ...) -> None: ...
 
 class TrajectoryPoint(_message.Message):
     __slots__ = ("step", "p_target_robust", "p_target_plain", "gradient_angle_deg")
@@ -79,7 +81,7 @@ class TrajectoryPoint(_message.Message):
     def __init__(self, step: _Optional[int] = ..., p_target_robust: _Optional[float] = ..., p_target_plain: _Optional[float] = ..., gradient_angle_deg: _Optional[float] = ...) -> None: ...
 
 class CounterfactualResponse(_message.Message):
-    __slots__ = ("counterfactual", "difference", "overlay", "p_target_before_robust", "p_target_after_robust", "p_target_before_plain", "p_target_after_plain", "trajectory", "distance", "target_class", "provenance", "already_target", "flipped")
+    __slots__ = ("counterfactual", "difference", "overlay", "p_target_before_robust", "p_target_after_robust", "p_target_before_plain", "p_target_after_plain", "trajectory", "distance", "target_class", "provenance", "already_target", "flipped", "pacs")
     COUNTERFACTUAL_FIELD_NUMBER: _ClassVar[int]
     DIFFERENCE_FIELD_NUMBER: _ClassVar[int]
     OVERLAY_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +95,7 @@ class CounterfactualResponse(_message.Message):
     PROVENANCE_FIELD_NUMBER: _ClassVar[int]
     ALREADY_TARGET_FIELD_NUMBER: _ClassVar[int]
     FLIPPED_FIELD_NUMBER: _ClassVar[int]
+    PACS_FIELD_NUMBER: _ClassVar[int]
     counterfactual: _common_pb2.Image
     difference: _common_pb2.Image
     overlay: _common_pb2.Image
@@ -106,7 +109,8 @@ class CounterfactualResponse(_message.Message):
     provenance: _common_pb2.Provenance
     already_target: bool
     flipped: bool
-    def __init__(self, counterfactual: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., difference: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., overlay: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., p_target_before_robust: _Optional[float] = ..., p_target_after_robust: _Optional[float] = ..., p_target_before_plain: _Optional[float] = ..., p_target_after_plain: _Optional[float] = ..., trajectory: _Optional[_Iterable[_Union[TrajectoryPoint, _Mapping]]] = ..., distance: _Optional[float] = ..., target_class: _Optional[str] = ..., provenance: _Optional[_Union[_common_pb2.Provenance, _Mapping]] = ..., already_target: _Optional[bool] = ..., flipped: _Optional[bool] = ...) -> None: ...
+    pacs: _containers.RepeatedCompositeFieldContainer[_common_pb2.PacsOutboxItem]
+    def __init__(self, counterfactual: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., difference: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., overlay: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., p_target_before_robust: _Optional[float] = ..., p_target_after_robust: _Optional[float] = ..., p_target_before_plain: _Optional[float] = ..., p_target_after_plain: _Optional[float] = ..., trajectory: _Optional[_Iterable[_Union[TrajectoryPoint, _Mapping]]] = ..., distance: _Optional[float] = ..., target_class: _Optional[str] = ..., provenance: _Optional[_Union[_common_pb2.Provenance, _Mapping]] = ..., already_target: _Optional[bool] = ..., flipped: _Optional[bool] = ..., pacs: _Optional[_Iterable[_Union[_common_pb2.PacsOutboxItem, _Mapping]]] = ...) -> None: ...
 
 class CounterfactualEvent(_message.Message):
     __slots__ = ("point", "progress", "done")

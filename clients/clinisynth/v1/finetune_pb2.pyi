@@ -275,6 +275,18 @@ class ValidateDatasetRequest(_message.Message):
     layout: str
     def __init__(self, prefix: _Optional[str] = ..., layout: _Optional[str] = ...) -> None: ...
 
+class ListDatasetFilesRequest(_message.Message):
+    __slots__ = ("prefix",)
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    prefix: str
+    def __init__(self, prefix: _Optional[str] = ...) -> None: ...
+
+class ListDatasetFilesResponse(_message.Message):
+    __slots__ = ("files",)
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    files: _containers.RepeatedCompositeFieldContainer[_common_pb2.ArtifactRef]
+    def __init__(self, files: _Optional[_Iterable[_Union[_common_pb2.ArtifactRef, _Mapping]]] = ...) -> None: ...
+
 class DatasetReport(_message.Message):
     __slots__ = ("prefix", "layout", "images", "classes", "per_class", "problems")
     class PerClassEntry(_message.Message):
@@ -311,7 +323,7 @@ class ListModelUploadResponse(_message.Message):
     def __init__(self, files: _Optional[_Iterable[_Union[_common_pb2.ArtifactRef, _Mapping]]] = ...) -> None: ...
 
 class ImportModelRequest(_message.Message):
-    __slots__ = ("source", "name", "description", "labels", "dtype", "device", "instances", "max_batch_size")
+    __slots__ = ("source", "name", "description", "labels", "dtype", "device", "instances", "max_batch_size", "base")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -327,6 +339,7 @@ class ImportModelRequest(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BASE_FIELD_NUMBER: _ClassVar[int]
     source: str
     name: str
     description: str
@@ -335,7 +348,22 @@ class ImportModelRequest(_message.Message):
     device: str
     instances: int
     max_batch_size: int
-    def __init__(self, source: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., instances: _Optional[int] = ..., max_batch_size: _Optional[int] = ...) -> None: ...
+    base: _common_pb2.ModelRef
+    def __init__(self, source: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., instances: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., base: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ...) -> None: ...
+
+class ImportModelEvent(_message.Message):
+    __slots__ = ("stage", "step", "total_steps", "message", "details")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    stage: str
+    step: int
+    total_steps: int
+    message: str
+    details: ModelDetails
+    def __init__(self, stage: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., message: _Optional[str] = ..., details: _Optional[_Union[ModelDetails, _Mapping]] = ...) -> None: ...
 
 class ModelComponent(_message.Message):
     __slots__ = ("role", "triton_model", "triton_version", "ready")
@@ -350,7 +378,7 @@ class ModelComponent(_message.Message):
     def __init__(self, role: _Optional[str] = ..., triton_model: _Optional[str] = ..., triton_version: _Optional[int] = ..., ready: _Optional[bool] = ...) -> None: ...
 
 class ModelDetails(_message.Message):
-    __slots__ = ("model", "components", "dtype", "device", "instances", "max_batch_size", "size_bytes", "retired", "aliases", "source", "scheduler")
+    __slots__ = ("model", "components", "dtype", "device", "instances", "max_batch_size", "size_bytes", "retired", "aliases", "source", "scheduler", "base")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     COMPONENTS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -362,6 +390,7 @@ class ModelDetails(_message.Message):
     ALIASES_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     SCHEDULER_FIELD_NUMBER: _ClassVar[int]
+    BASE_FIELD_NUMBER: _ClassVar[int]
     model: _common_pb2.ModelInfo
     components: _containers.RepeatedCompositeFieldContainer[ModelComponent]
     dtype: str
@@ -373,7 +402,8 @@ class ModelDetails(_message.Message):
     aliases: _containers.RepeatedScalarFieldContainer[str]
     source: str
     scheduler: str
-    def __init__(self, model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., components: _Optional[_Iterable[_Union[ModelComponent, _Mapping]]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., instances: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., size_bytes: _Optional[int] = ..., retired: _Optional[bool] = ..., aliases: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ..., scheduler: _Optional[str] = ...) -> None: ...
+    base: str
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., components: _Optional[_Iterable[_Union[ModelComponent, _Mapping]]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., instances: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., size_bytes: _Optional[int] = ..., retired: _Optional[bool] = ..., aliases: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ..., scheduler: _Optional[str] = ..., base: _Optional[str] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
     __slots__ = ("model",)

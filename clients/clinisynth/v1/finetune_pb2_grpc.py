@@ -85,6 +85,11 @@ class FinetuneServiceStub:
                 request_serializer=clinisynth_dot_v1_dot_finetune__pb2.ValidateDatasetRequest.SerializeToString,
                 response_deserializer=clinisynth_dot_v1_dot_finetune__pb2.DatasetReport.FromString,
                 _registered_method=True)
+        self.ListDatasetFiles = channel.unary_unary(
+                '/clinisynth.v1.FinetuneService/ListDatasetFiles',
+                request_serializer=clinisynth_dot_v1_dot_finetune__pb2.ListDatasetFilesRequest.SerializeToString,
+                response_deserializer=clinisynth_dot_v1_dot_finetune__pb2.ListDatasetFilesResponse.FromString,
+                _registered_method=True)
         self.UploadModelFile = channel.stream_unary(
                 '/clinisynth.v1.FinetuneService/UploadModelFile',
                 request_serializer=clinisynth_dot_v1_dot_finetune__pb2.UploadChunk.SerializeToString,
@@ -99,6 +104,11 @@ class FinetuneServiceStub:
                 '/clinisynth.v1.FinetuneService/ImportModel',
                 request_serializer=clinisynth_dot_v1_dot_finetune__pb2.ImportModelRequest.SerializeToString,
                 response_deserializer=clinisynth_dot_v1_dot_finetune__pb2.ModelDetails.FromString,
+                _registered_method=True)
+        self.ImportModelStream = channel.unary_stream(
+                '/clinisynth.v1.FinetuneService/ImportModelStream',
+                request_serializer=clinisynth_dot_v1_dot_finetune__pb2.ImportModelRequest.SerializeToString,
+                response_deserializer=clinisynth_dot_v1_dot_finetune__pb2.ImportModelEvent.FromString,
                 _registered_method=True)
         self.GetModel = channel.unary_unary(
                 '/clinisynth.v1.FinetuneService/GetModel',
@@ -198,6 +208,15 @@ class FinetuneServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListDatasetFiles(self, request, context):
+        """Files stored under a data set prefix with their sha256, so an interrupted sharded upload
+        (`clinisynth data upload`) resumes where it stopped. Errors: INVALID_ARGUMENT (prefix
+        outside the caller's namespaces: `prefix`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def UploadModelFile(self, request_iterator, context):
         """-- bring your own model ------------------------------------------------------------------
         Upload one file of a model folder (client stream of chunks of one file). Only keys under
@@ -223,6 +242,16 @@ class FinetuneServiceServicer:
         Errors: INVALID_ARGUMENT (every problem of the folder or the options as a field violation:
         "source.tokenizer", "source.unet.cross_attention_dim", "dtype", ...), FAILED_PRECONDITION
         (no model repository here, Triton cannot load a component), UNAVAILABLE (store / Triton down).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportModelStream(self, request, context):
+        """ImportModel with progress: an event as the folder is fetched, merged (LoRA), validated,
+        each component written and loaded in Triton, and the record written; the last event
+        carries the new version. Same errors as ImportModel (the stream ends with the status).
+        A call cancelled midway stops at the next stage and leaves no catalog version.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -309,6 +338,11 @@ def add_FinetuneServiceServicer_to_server(servicer, server):
                     request_deserializer=clinisynth_dot_v1_dot_finetune__pb2.ValidateDatasetRequest.FromString,
                     response_serializer=clinisynth_dot_v1_dot_finetune__pb2.DatasetReport.SerializeToString,
             ),
+            'ListDatasetFiles': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDatasetFiles,
+                    request_deserializer=clinisynth_dot_v1_dot_finetune__pb2.ListDatasetFilesRequest.FromString,
+                    response_serializer=clinisynth_dot_v1_dot_finetune__pb2.ListDatasetFilesResponse.SerializeToString,
+            ),
             'UploadModelFile': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadModelFile,
                     request_deserializer=clinisynth_dot_v1_dot_finetune__pb2.UploadChunk.FromString,
@@ -323,6 +357,11 @@ def add_FinetuneServiceServicer_to_server(servicer, server):
                     servicer.ImportModel,
                     request_deserializer=clinisynth_dot_v1_dot_finetune__pb2.ImportModelRequest.FromString,
                     response_serializer=clinisynth_dot_v1_dot_finetune__pb2.ModelDetails.SerializeToString,
+            ),
+            'ImportModelStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.ImportModelStream,
+                    request_deserializer=clinisynth_dot_v1_dot_finetune__pb2.ImportModelRequest.FromString,
+                    response_serializer=clinisynth_dot_v1_dot_finetune__pb2.ImportModelEvent.SerializeToString,
             ),
             'GetModel': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModel,
@@ -621,6 +660,33 @@ class FinetuneService:
             _registered_method=True)
 
     @staticmethod
+    def ListDatasetFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clinisynth.v1.FinetuneService/ListDatasetFiles',
+            clinisynth_dot_v1_dot_finetune__pb2.ListDatasetFilesRequest.SerializeToString,
+            clinisynth_dot_v1_dot_finetune__pb2.ListDatasetFilesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def UploadModelFile(request_iterator,
             target,
             options=(),
@@ -691,6 +757,33 @@ class FinetuneService:
             '/clinisynth.v1.FinetuneService/ImportModel',
             clinisynth_dot_v1_dot_finetune__pb2.ImportModelRequest.SerializeToString,
             clinisynth_dot_v1_dot_finetune__pb2.ModelDetails.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportModelStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/clinisynth.v1.FinetuneService/ImportModelStream',
+            clinisynth_dot_v1_dot_finetune__pb2.ImportModelRequest.SerializeToString,
+            clinisynth_dot_v1_dot_finetune__pb2.ImportModelEvent.FromString,
             options,
             channel_credentials,
             insecure,

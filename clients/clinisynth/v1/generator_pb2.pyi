@@ -30,7 +30,7 @@ class DicomOptions(_message.Message):
     def __init__(self, modality: _Optional[str] = ..., patient_id: _Optional[str] = ..., series_description: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "negative_prompt", "class_name", "num_images", "width", "height", "steps", "guidance_scale", "sampler", "seed", "eta", "format", "dicom", "store_outputs", "output_prefix", "preview_every", "reward_filter", "request_id")
+    __slots__ = ("model", "prompt", "negative_prompt", "class_name", "num_images", "width", "height", "steps", "guidance_scale", "sampler", "seed", "eta", "format", "dicom", "store_outputs", "output_prefix", "preview_every", "reward_filter", "request_id", "to_pacs")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +50,7 @@ class GenerateRequest(_message.Message):
     PREVIEW_EVERY_FIELD_NUMBER: _ClassVar[int]
     REWARD_FILTER_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TO_PACS_FIELD_NUMBER: _ClassVar[int]
     model: _common_pb2.ModelRef
     prompt: str
     negative_prompt: str
@@ -69,7 +70,8 @@ class GenerateRequest(_message.Message):
     preview_every: int
     reward_filter: RewardFilter
     request_id: str
-    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., class_name: _Optional[str] = ..., num_images: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., sampler: _Optional[str] = ..., seed: _Optional[int] = ..., eta: _Optional[float] = ..., format: _Optional[_Union[_common_pb2.ImageFormat, str]] = ..., dicom: _Optional[_Union[DicomOptions, _Mapping]] = ..., store_outputs: _Optional[bool] = ..., output_prefix: _Optional[str] = ..., preview_every: _Optional[int] = ..., reward_filter: _Optional[_Union[RewardFilter, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    to_pacs: str
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., class_name: _Optional[str] = ..., num_images: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., sampler: _Optional[str] = ..., seed: _Optional[int] = ..., eta: _Optional[float] = ..., format: _Optional[_Union[_common_pb2.ImageFormat, str]] = ..., dicom: _Optional[_Union[DicomOptions, _Mapping]] = ..., store_outputs: _Optional[bool] = ..., output_prefix: _Optional[str] = ..., preview_every: _Optional[int] = ..., reward_filter: _Optional[_Union[RewardFilter, _Mapping]] = ..., request_id: _Optional[str] = ..., to_pacs: _Optional[str] = ...) -> None: ...
 
 class GeneratedImage(_message.Message):
     __slots__ = ("index", "image", "provenance", "reward")
@@ -84,16 +86,18 @@ class GeneratedImage(_message.Message):
     def __init__(self, index: _Optional[int] = ..., image: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., provenance: _Optional[_Union[_common_pb2.Provenance, _Mapping]] = ..., reward: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("images", "request_id", "candidates", "provenance_ref")
+    __slots__ = ("images", "request_id", "candidates", "provenance_ref", "pacs")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     PROVENANCE_REF_FIELD_NUMBER: _ClassVar[int]
+    PACS_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[GeneratedImage]
     request_id: str
     candidates: int
     provenance_ref: _common_pb2.ArtifactRef
-    def __init__(self, images: _Optional[_Iterable[_Union[GeneratedImage, _Mapping]]] = ..., request_id: _Optional[str] = ..., candidates: _Optional[int] = ..., provenance_ref: _Optional[_Union[_common_pb2.ArtifactRef, _Mapping]] = ...) -> None: ...
+    pacs: _containers.RepeatedCompositeFieldContainer[_common_pb2.PacsOutboxItem]
+    def __init__(self, images: _Optional[_Iterable[_Union[GeneratedImage, _Mapping]]] = ..., request_id: _Optional[str] = ..., candidates: _Optional[int] = ..., provenance_ref: _Optional[_Union[_common_pb2.ArtifactRef, _Mapping]] = ..., pacs: _Optional[_Iterable[_Union[_common_pb2.PacsOutboxItem, _Mapping]]] = ...) -> None: ...
 
 class Preview(_message.Message):
     __slots__ = ("step", "index", "png")

@@ -50,6 +50,11 @@ class GeneratorServiceStub:
                 request_serializer=clinisynth_dot_v1_dot_common__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=clinisynth_dot_v1_dot_common__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.ListPacsOutbox = channel.unary_unary(
+                '/clinisynth.v1.GeneratorService/ListPacsOutbox',
+                request_serializer=clinisynth_dot_v1_dot_common__pb2.ListPacsOutboxRequest.SerializeToString,
+                response_deserializer=clinisynth_dot_v1_dot_common__pb2.ListPacsOutboxResponse.FromString,
+                _registered_method=True)
 
 
 class GeneratorServiceServicer:
@@ -81,6 +86,13 @@ class GeneratorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListPacsOutbox(self, request, context):
+        """The PACS outbox shared by the services: what is pending, delivered or failed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GeneratorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -98,6 +110,11 @@ def add_GeneratorServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=clinisynth_dot_v1_dot_common__pb2.ListModelsRequest.FromString,
                     response_serializer=clinisynth_dot_v1_dot_common__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'ListPacsOutbox': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPacsOutbox,
+                    request_deserializer=clinisynth_dot_v1_dot_common__pb2.ListPacsOutboxRequest.FromString,
+                    response_serializer=clinisynth_dot_v1_dot_common__pb2.ListPacsOutboxResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -181,6 +198,33 @@ class GeneratorService:
             '/clinisynth.v1.GeneratorService/ListModels',
             clinisynth_dot_v1_dot_common__pb2.ListModelsRequest.SerializeToString,
             clinisynth_dot_v1_dot_common__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPacsOutbox(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clinisynth.v1.GeneratorService/ListPacsOutbox',
+            clinisynth_dot_v1_dot_common__pb2.ListPacsOutboxRequest.SerializeToString,
+            clinisynth_dot_v1_dot_common__pb2.ListPacsOutboxResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -16,6 +16,7 @@ from clinisynth.v1 import counterfactual_pb2, counterfactual_pb2_grpc
 from clinisynth_server.catalog import Catalog
 from clinisynth_server.counterfactual.service import Counterfactuals
 from clinisynth_server.counterfactual.servicer import CounterfactualServicer
+from clinisynth_server.pacs.outbox import open_outbox
 from clinisynth_server.runtime.config import ServiceConfig
 from clinisynth_server.runtime.dependencies import Dependencies
 from clinisynth_server.runtime.metrics import ServiceMetrics
@@ -34,6 +35,7 @@ def create(config: ServiceConfig) -> Callable[[grpc.Server, ServiceMetrics], Seq
             model_repository=config.get("model_repository") or None,
             instance_kind=config.get("instance_kind", "cpu"),
             metrics=metrics.counterfactual,
+            outbox=open_outbox(config, deps.store),
         )
         counterfactual_pb2_grpc.add_CounterfactualServiceServicer_to_server(
             CounterfactualServicer(counterfactuals, catalog, deps.store), server

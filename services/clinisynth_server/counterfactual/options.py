@@ -53,6 +53,8 @@ class CounterfactualOptions:
     store_outputs: bool = False
     output_prefix: str = ""
     request_id: str = ""
+    # A [pacs.NAME] destination the counterfactual also goes to, as DICOM ("" = none).
+    to_pacs: str = ""
 
 
 @dataclass(frozen=True)

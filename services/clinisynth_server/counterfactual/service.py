@@ -53,6 +53,8 @@ from clinisynth_server.imaging import deid, encode
 from clinisynth_server.imaging.deid import safe_log_repr
 from clinisynth_server.imaging.provenance import Provenance
 from clinisynth_server.methods import counterfactual as cf
+from clinisynth_server.pacs.config import check_destination
+from clinisynth_server.pacs.outbox import Outbox, OutboxItem
 from clinisynth_server.runtime.metrics import CounterfactualMetrics
 from clinisynth_server.store.base import (
     ArtifactStore,
@@ -110,6 +112,8 @@ class CounterfactualOutcome:
     provenance: Provenance
     request_id: str
     stored: dict[str, ObjectInfo] = field(default_factory=dict)
+    # With ``to_pacs``: the outbox item of the counterfactual (pending when answered).
+    pacs: list[OutboxItem] = field(default_factory=list)
 
     @property
     def verdict(self) -> cf.FlipVerdict:
@@ -362,7 +366,9 @@ class Counterfactuals:
         model_repository: str | pathlib.Path | None = None,
         instance_kind: str = "cpu",
         metrics: CounterfactualMetrics | None = None,
+        outbox: Outbox | None = None,
     ) -> None:
+        self.outbox = outbox
         self.catalog = catalog
         self.triton = triton
         self.store = store
@@ -544,8 +550,11 @@ class Counterfactuals:
     ) -> CounterfactualOutcome:
         difference = (image - source).astype(np.float32)
         if fmt == "dicom":
-            bits = 8 if plan.denoiser.channels == 3 else 16
-            data = derived_dicom(encode.encode_dicom(image, provenance, bits=bits))
+            data = derived_dicom(
+                encode.encode_dicom(
+                    image, provenance, bits=8 if plan.denoiser.channels == 3 else 16
+                )
+            )
         elif fmt == "raw":
             data = b""
         else:
@@ -587,6 +596,8 @@ class Counterfactuals:
         source_repr: str = "",
     ) -> CounterfactualOutcome:
         plan = validate(options, self.catalog)  # 1.
+        if options.to_pacs:
+            check_destination(options.to_pacs, self.outbox.destinations if self.outbox else {})
         source, resized = prepare_input(pixels, plan.denoiser, resize=options.resize)  # 2.
         request_id = options.request_id or uuid.uuid4().hex
         log.info(
@@ -629,8 +640,17 @@ class Counterfactuals:
                 options.output_prefix or time.strftime("counterfactuals/%Y/%m/%d/") + request_id
             )
             outcome.stored = self._store(dir_prefix(prefix, "output_prefix"), "", outcome)
+        if options.to_pacs:
+            assert self.outbox is not None  # checked with the options
+            data = outcome.data if outcome.format == "dicom" else self._dicom(plan, outcome)
+            outcome.pacs = self.outbox.enqueue(options.to_pacs, request_id, [data])
         self._observe(plan, outcome, started)
         return outcome
+
+    @staticmethod
+    def _dicom(plan: Plan, outcome: CounterfactualOutcome) -> bytes:
+        bits = 8 if plan.denoiser.channels == 3 else 16
+        return derived_dicom(encode.encode_dicom(outcome.image, outcome.provenance, bits=bits))
 
     def _store(
         self, prefix: str, stem: str, outcome: CounterfactualOutcome

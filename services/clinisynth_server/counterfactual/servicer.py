@@ -60,6 +60,7 @@ def options_from(
         format=protoconv.FORMAT_NAMES[req.format],
         store_outputs=req.store_outputs,
         request_id=req.request_id,
+        to_pacs=req.to_pacs,
     )
 
 
@@ -125,6 +126,7 @@ class CounterfactualServicer(counterfactual_pb2_grpc.CounterfactualServiceServic
             provenance=protoconv.provenance(out.provenance),
             already_target=out.already_target,
             flipped=out.flipped,
+            pacs=[protoconv.pacs_item(i) for i in out.pacs],
         )
 
     # -- RPCs ---------------------------------------------------------------------------------
@@ -161,6 +163,10 @@ class CounterfactualServicer(counterfactual_pb2_grpc.CounterfactualServiceServic
         opts = options_from(request.options, prefix="options.")
         if request.limit < 0:
             raise InvalidArgument.for_field("limit", f"must be >= 0, got {request.limit}")
+        if opts.to_pacs:
+            raise InvalidArgument.for_field(
+                "options.to_pacs", "batches write to the store; send single requests to a PACS"
+            )
         token = cancel_token(context)
         for kind, item in stream_events(
             lambda sink: self.cf.batch(

@@ -16,6 +16,12 @@ Images: PNG, JPEG or DICOM (``.dcm``). DICOM is converted with the windowing of
 first WindowCenter / WindowWidth (VOI LUT function honoured), else min–max; MONOCHROME1 is
 inverted so 1.0 is white. Every image is decoded during validation, so an unreadable file fails
 the job before training starts. Files and folders starting with ``.`` are ignored.
+
+A sharded set (``index.json`` + ``shards/*.tar``, see :mod:`clinisynth_server.finetune.shards`)
+reads like the folder it was made from: :class:`StoreSource` finds its index and serves every
+member through a bounded local shard cache. Creating a job checks its index only (image shapes
+come from it); ``ValidateDataset`` decodes every member, one shard at a time; training streams it
+(:mod:`clinisynth_server.finetune.shards_loader`) where the kind supports that.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from clinisynth_server.errors import ClinisynthError, InvalidArgument
+from clinisynth_server.finetune import shards
 from clinisynth_server.phantoms.datasets import (
     IMAGE_FIELDS,
     TEXT_FIELDS,
@@ -111,15 +118,94 @@ class Source:
 
 
 class StoreSource(Source):
+    """A store prefix; a sharded set under it is read through a :class:`ShardSource`."""
+
     def __init__(self, store: ArtifactStore, prefix: str) -> None:
         self.store = store
         self.prefix = dir_prefix(prefix, "dataset")
+        self._sharded: ShardSource | None = None
+        self._looked = False
+
+    @property
+    def sharded(self) -> ShardSource | None:
+        if not self._looked:
+            self._looked = True
+            if self.store.exists(self.prefix + shards.INDEX_NAME):
+                self._sharded = ShardSource(self.store, self.prefix)
+        return self._sharded
 
     def names(self) -> list[str]:
+        if self.sharded is not None:
+            return self.sharded.names()
         return [info.key[len(self.prefix) :] for info in self.store.list(self.prefix)]
 
     def read(self, name: str) -> bytes:
+        if self.sharded is not None:
+            return self.sharded.read(name)
         return self.store.get_bytes(self.prefix + name)
+
+
+class ShardSource(Source):
+    """A sharded set: the layout's plain files plus every shard member, by relative path.
+
+    Members are read through a :class:`~clinisynth_server.finetune.shards.ShardCache` of at
+    most ``cache_shards`` shards in ``cache_dir`` (a private temporary folder by default).
+    """
+
+    def __init__(
+        self,
+        store: ArtifactStore,
+        prefix: str,
+        cache_dir: str | pathlib.Path | None = None,
+        *,
+        cache_shards: int = 2,
+    ) -> None:
+        import tempfile
+
+        self.store = store
+        self.prefix = dir_prefix(prefix, "dataset")
+        self.index = shards.parse_index(store.get_bytes(self.prefix + shards.INDEX_NAME))
+        if cache_dir is None:  # removed with this object
+            self._tmp = tempfile.TemporaryDirectory(prefix="clinisynth-shards-")
+            cache_dir = self._tmp.name
+        self.cache_dir = pathlib.Path(cache_dir)
+        self.cache = shards.ShardCache(self.fetch, self.cache_dir / "main", max_shards=cache_shards)
+        skip = (shards.INDEX_NAME, shards.SHARDS_DIR)
+        self._plain = [
+            name
+            for name in (info.key[len(self.prefix) :] for info in store.list(self.prefix))
+            if not name.startswith(skip)
+        ]
+
+    def fetch(self, name: str, dest: pathlib.Path) -> None:
+        self.store.get_file(self.prefix + name, dest)
+
+    def names(self) -> list[str]:
+        return sorted([*self._plain, *self.index.where])
+
+    def read(self, name: str) -> bytes:
+        number = self.index.where.get(name)
+        if number is None:
+            return self.store.get_bytes(self.prefix + name)
+        return self.cache.read(self.index.shards[number], name)
+
+    def shapes(self) -> dict[str, tuple[int, int, int]]:
+        """Member path → (height, width, channels) as the uploader read it from the header."""
+        out = {}
+        for shard in self.index.shards:
+            for path, shape in zip(shard.paths, shard.shapes, strict=False):
+                if shape is not None:
+                    out[path] = shape
+        return out
+
+
+def sharded(source: Source) -> ShardSource | None:
+    """The shard reader behind ``source``, if it is a sharded set."""
+    if isinstance(source, ShardSource):
+        return source
+    if isinstance(source, StoreSource):
+        return source.sharded
+    return None
 
 
 class FolderSource(Source):
@@ -158,9 +244,19 @@ def decode(data: bytes, name: str) -> np.ndarray:
 
 
 def validate(
-    source: Source, prefix: str, layout: str, *, decode_images: bool = True
+    source: Source,
+    prefix: str,
+    layout: str,
+    *,
+    decode_images: bool = True,
+    decode_shards: bool = False,
 ) -> DatasetReport:
-    """Read the layout's index, check every file exists and decodes; list every problem."""
+    """Read the layout's index, check every file exists and decodes; list every problem.
+
+    A sharded set's members are decoded only with ``decode_shards`` (ValidateDataset, one
+    shard at a time); otherwise their shapes come from its index, so creating a job on a large
+    archive reads one small file, and unreadable members are the job's ``on_bad_image`` concern.
+    """
     report = DatasetReport(prefix=prefix, layout=layout)
     if layout not in LAYOUTS:
         report.problem(f"unknown layout {layout!r}; one of {', '.join(LAYOUTS)}")
@@ -170,6 +266,7 @@ def validate(
     except ClinisynthError as exc:
         report.problem(f"cannot list {prefix!r}: {exc.message}")
         return report.finish()
+
     if not names:
         report.problem(f"no files under {prefix!r} (empty or missing data set)")
         return report.finish()
@@ -194,6 +291,16 @@ def validate(
         if entry.class_name:
             report.per_class[entry.class_name] = report.per_class.get(entry.class_name, 0) + 1
     report.classes = sorted(report.per_class)
+    reader = sharded(source)
+    if decode_images and reader is not None and not decode_shards:
+        decode_images = False
+        known = reader.shapes()
+        unknown = [e.path for e in report.entries if e.path not in known]
+        known.update(_header_shapes(reader, unknown[:HEADER_SAMPLE]))
+        for entry in report.entries:
+            shape = known.get(entry.path)
+            if shape is not None:
+                report.shapes[shape] = report.shapes.get(shape, 0) + 1
     if decode_images:
         for path in sorted({e.path for e in report.entries}):
             try:
@@ -207,6 +314,24 @@ def validate(
             shape = (arr.shape[0], arr.shape[1], 1 if arr.ndim == 2 else arr.shape[2])
             report.shapes[shape] = report.shapes.get(shape, 0) + 1
     return report.finish()
+
+
+#: Images whose headers are read when a sharded set's index lacks their shapes (an uploader
+#: without pydicom records none for DICOM): enough to find the common size, a shard or two read.
+HEADER_SAMPLE = 32
+
+
+def _header_shapes(source: Source, paths: list[str]) -> dict[str, tuple[int, int, int]]:
+    from clinisynth_server.imaging.decode import inspect_image
+
+    out = {}
+    for path in paths:
+        try:
+            head = inspect_image(source.read(path), field=path)
+        except ClinisynthError:
+            continue  # training's on_bad_image decides about it
+        out[path] = (head.height, head.width, 3 if head.samples >= 3 else 1)
+    return out
 
 
 def _read_index(
@@ -301,21 +426,11 @@ def load_images(
     progress: Callable[[int], Any] | None = None,
 ) -> np.ndarray:
     """Decode and resize to ``(N, channels, size, size)`` float32 in [0, 1]."""
-    from clinisynth_server.imaging.decode import resize_to
+    from clinisynth_server.finetune.shards_loader import to_sample
 
     out = []
     for i, path in enumerate(paths):
-        arr = decode(source.read(path), path)
-        if arr.ndim == 2 and channels == 3:
-            arr = np.repeat(arr[:, :, None], 3, axis=2)
-        elif arr.ndim == 3 and channels == 1:
-            arr = arr.mean(axis=2)
-        if arr.shape[0] != arr.shape[1]:  # centre crop to square
-            side = min(arr.shape[:2])
-            top, left = (arr.shape[0] - side) // 2, (arr.shape[1] - side) // 2
-            arr = arr[top : top + side, left : left + side]
-        arr = resize_to(arr, (size, size), resample="area" if arr.shape[0] > size else "bilinear")
-        out.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
+        out.append(to_sample(decode(source.read(path), path), size, channels))
         if progress is not None:
             progress(i)
-    return np.clip(np.stack(out).astype(np.float32), 0.0, 1.0)
+    return np.stack(out).astype(np.float32)

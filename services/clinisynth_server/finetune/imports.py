@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,7 @@ from clinisynth_server.errors import (
     NotFound,
     ValidationErrors,
 )
+from clinisynth_server.finetune import lora
 from clinisynth_server.store.base import (
     IMPORTS_NAMESPACE,
     ArtifactStore,
@@ -75,6 +76,21 @@ class ImportOptions:
     device: str = ""
     instances: int = 0
     max_batch_size: int = 0
+    #: A LoRA adapter import: the served version (``NAME``, ``NAME@V`` or ``NAME@ALIAS``) the
+    #: adapter is merged into; the merged weights become the new version of ``name``.
+    base_name: str = ""
+    base_version: str = ""
+
+
+@dataclass(frozen=True)
+class ImportProgress:
+    """One stage of an import: fetch, merge (LoRA), validate, write / load each component,
+    record. ``total`` is known once the folder is fetched (its components decide it)."""
+
+    stage: str
+    step: int
+    total: int
+    message: str
 
 
 @dataclass(frozen=True)
@@ -327,7 +343,14 @@ class ModelImports:
         return out
 
     # import
-    def import_model(self, options: ImportOptions) -> ModelView:
+    def import_model(
+        self, options: ImportOptions, progress: Callable[[ImportProgress], None] | None = None
+    ) -> ModelView:
+        """Fetch, (merge,) validate, write and load the components, then write the record.
+
+        ``progress`` hears each stage as it starts; raising from it (a cancelled call) stops
+        the import there, which leaves no catalog version (the record is written last).
+        """
         source, errors = check_options(options)
         errors.raise_if_any()
         repo = self.settings.model_repository
@@ -339,12 +362,40 @@ class ModelImports:
             )
         from clinisynth_server import registry
 
+        steps = {"done": 0, "total": 0}
+
+        def report(stage: str, message: str) -> None:
+            steps["done"] += 1
+            if progress is not None:
+                total = max(steps["total"], steps["done"])
+                progress(ImportProgress(stage, steps["done"], total, message))
+
         prefix = source + "/"
         with tempfile.TemporaryDirectory(prefix="import-") as tmp:
             folder = pathlib.Path(tmp) / "model"
             files = self.store.download_dir(prefix, folder)
             if not files:
                 raise InvalidArgument.for_field("source", f"no files under {prefix!r}")
+            adapter = bool(options.base_name or options.base_version)
+            parts = 3 if adapter or (folder / "text_encoder").is_dir() else 1
+            # fetch, (merge,) validate, write + load per component, record
+            steps["total"] = 3 + int(adapter) + 2 * parts
+            report("fetch", f"{len(files)} files from {source}")
+            extra: dict[str, Any] = {}
+            if adapter:
+                base = self.catalog.get(options.base_name, options.base_version, field_name="base")
+                report("merge", f"merging the LoRA adapter into {base.ref}")
+                folder = self._merge_adapter(folder, base, pathlib.Path(tmp))
+                extra["base"] = base.ref
+                parts = 3 if (folder / "text_encoder").is_dir() else 1
+                steps["total"] = 4 + 2 * parts
+            elif lora.is_adapter_folder(folder):
+                raise InvalidArgument.for_field(
+                    "base",
+                    f"{lora.ADAPTER_FILE}: a LoRA adapter is imported onto a base model; "
+                    "name it (base=NAME@VERSION, --base)",
+                )
+            report("validate", "checking every component before anything reaches Triton")
             ValidationErrors(
                 validate_folder(folder, allow_pickle=self.settings.allow_pickle_weights)
             ).raise_if_any()
@@ -376,15 +427,93 @@ class ModelImports:
                             "max_batch_size": max_batch,
                             "size_bytes": _size_bytes(folder),
                             "source": source,
+                            **extra,
                         },
                         min_version=floor,
+                        progress=lambda stage, what: report(
+                            stage, f"{'writing' if stage == 'write' else 'loading'} {what}"
+                        ),
                     )
                 except NotFound as exc:
                     raise FailedPrecondition(
                         f"cannot serve this folder: {exc.message}", reason="TRITON_ROLE_MISSING"
                     ) from exc
+                steps["total"] = steps["done"] + 1
+                report("record", f"{record.ref} is in the catalog")
         log.info("imported %s from %s", record.ref, source)
         return self.view(record)
+
+    def _merge_adapter(
+        self, adapter: pathlib.Path, base: ModelRecord, tmp: pathlib.Path
+    ) -> pathlib.Path:
+        """The base version's folder with the adapter merged in (validated first, by module)."""
+        if not lora.is_adapter_folder(adapter):
+            raise InvalidArgument.for_field(
+                "source", f"an import with a base needs {lora.ADAPTER_FILE} (a LoRA adapter)"
+            )
+        base_dir = self._base_folder(base, tmp / "base")
+        updates, violations = lora.plan(adapter, base_dir)
+        ValidationErrors(violations).raise_if_any()
+        merged = tmp / "merged"
+        lora.merge(adapter, base_dir, merged, updates)
+        log.info("merged %d LoRA modules into %s", len(updates), base.ref)
+        return merged
+
+    def _base_folder(self, record: ModelRecord, out: pathlib.Path) -> pathlib.Path:
+        """Rebuild a served version's checkpoint folder from the repository and the store.
+
+        The Triton model repository holds each component's weights as imported; the tokenizer
+        and the scheduler config are in the catalog. The folder registers like the original.
+        """
+        repo = pathlib.Path(self.settings.model_repository)
+        if "denoiser" not in record.components:
+            raise InvalidArgument.for_field(
+                "base", f"{record.ref} is a {record.kind} model: a LoRA adapter needs a denoiser"
+            )
+        for role, sub in (
+            ("denoiser", "unet"),
+            ("text_encoder", "text_encoder"),
+            ("vae_decode", "vae"),
+        ):
+            if role not in record.components:
+                continue
+            version = record.component_versions.get(role, record.version)
+            weights = repo / record.components[role] / str(version) / "weights"
+            if not weights.is_dir():
+                raise FailedPrecondition(
+                    f"{record.ref}: {weights.parent.name} of {record.components[role]} is not in "
+                    "this service's model repository",
+                    reason="BASE_WEIGHTS_MISSING",
+                )
+            shutil.copytree(weights, out / sub)
+        text_to_image = record.kind == "text_to_image"
+        if text_to_image:
+            self.store.download_dir(str(record.extra["tokenizer_prefix"]), out / "tokenizer")
+        scheduler = out / "scheduler"
+        scheduler.mkdir(parents=True)
+        (scheduler / "scheduler_config.json").write_text(json.dumps(record.scheduler))
+        scheduler_class = str(record.scheduler.get("_class_name", "DDPMScheduler"))
+        if text_to_image:
+            from clinisynth_server.builders import sd_model_index
+
+            index: dict[str, Any] = sd_model_index(scheduler_class)
+        else:
+            index = {
+                "_class_name": "DDPMPipeline",
+                "unet": ["diffusers", "UNet2DModel"],
+                "scheduler": ["diffusers", scheduler_class],
+            }
+        (out / "model_index.json").write_text(json.dumps(index))
+        meta = {
+            "classes": record.classes,
+            "default_sampler": record.default_sampler,
+            "default_steps": record.default_steps,
+            "default_guidance_scale": record.default_guidance_scale,
+            "max_images": record.max_images,
+            "height": record.height,
+        }
+        (out / "clinisynth.json").write_text(json.dumps(meta))
+        return out
 
     def _remove_leftovers(self, name: str) -> int:
         """Remove component versions of ``name`` no record cites (an import killed midway).

@@ -38,7 +38,7 @@ from clinisynth_server.errors import (
     NotFound,
     ValidationErrors,
 )
-from clinisynth_server.finetune import datasets
+from clinisynth_server.finetune import datasets, shards
 from clinisynth_server.finetune.kinds import NAMES, load
 from clinisynth_server.finetune.kinds.base import CheckContext, KindSpec
 from clinisynth_server.finetune.params import parse_params, world_size_violations
@@ -613,12 +613,45 @@ class FinetuneService:
                     f"{digest.hexdigest()} ({size} bytes); nothing was stored",
                 )
             spool.seek(0)
+            if namespace == DATASETS_NAMESPACE and shards.is_shard_key(key):
+                return self._store_shard(key, spool, digest.hexdigest())
             if namespace == DATASETS_NAMESPACE and _is_dicom(key, spool):
                 return self.store.put_bytes(
                     key, self._deidentify(key, spool, size), content_type="application/dicom"
                 )
             spool.seek(0)
             return self.store.put_stream(key, spool)
+
+    def _store_shard(self, key: str, spool: IO[bytes], sent_sha256: str) -> ObjectInfo:
+        """A data-set shard: named by its digest, every member checked, DICOM de-identified.
+
+        The name ``<nnnnnn>-<first 16 hex of the sha256 sent>.tar`` makes a stored shard its
+        own proof of a complete, verified upload, so a resumed upload skips it by name.
+        """
+        name = key.rsplit("/", 1)[-1]
+        if not _SHARD_NAME_RE.match(name) or name[7:23] != sent_sha256[:16]:
+            raise InvalidArgument.for_field(
+                "key", f"a shard is named <6 digits>-<first 16 hex of its sha256>.tar; got {name!r}"
+            )
+
+        def deidentify(member: str, data: bytes) -> bytes:
+            with tempfile.TemporaryFile() as one:
+                one.write(data)
+                return self._deidentify(key, one, len(data))
+
+        with shards.sanitize(spool, deidentify) as clean:
+            return self.store.put_stream(key, clean)
+
+    def list_dataset_files(self, prefix: str) -> builtins.list[ObjectInfo]:
+        """Files under a data set prefix, each with its sha256 (a resumed upload's check)."""
+        prefix = prefix.strip().strip("/")
+        if not prefix:
+            raise InvalidArgument.for_field("prefix", "required")
+        outside_service_namespaces(prefix, "prefix")
+        return [
+            info if info.sha256 else self.store.stat(info.key)
+            for info in self.store.list(prefix + "/")
+        ]
 
     def _deidentify(self, key: str, spool: IO[bytes], size: int) -> bytes:
         """PS3.15 basic profile on an uploaded DICOM, consistent across one data set.
@@ -676,7 +709,7 @@ class FinetuneService:
                 if datasets.LABELS in names
                 else "image_folder"
             )
-        return datasets.validate(source, prefix, layout)
+        return datasets.validate(source, prefix, layout, decode_shards=True)
 
     # -- the scheduler ------------------------------------------------------------------------
     def tick(self) -> None:
@@ -848,6 +881,9 @@ class FinetuneService:
 def _under(files: dict[str, str], folder: str) -> dict[str, str]:
     """The entries of a checkpoint file list under ``folder``, relative to it."""
     return {k[len(folder) :]: v for k, v in files.items() if k.startswith(folder)}
+
+
+_SHARD_NAME_RE = re.compile(r"^[0-9]{6}-[0-9a-f]{16}\.tar$")
 
 
 def _is_dicom(key: str, spool: IO[bytes]) -> bool:

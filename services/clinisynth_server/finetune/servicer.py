@@ -107,6 +107,22 @@ def model_details(view: imports.ModelView) -> finetune_pb2.ModelDetails:
         aliases=view.aliases,
         source=str(r.extra.get("source", "")),
         scheduler=str(r.scheduler.get("_class_name", "")),
+        base=str(r.extra.get("base", "")),
+    )
+
+
+def import_options(request: finetune_pb2.ImportModelRequest) -> imports.ImportOptions:
+    return imports.ImportOptions(
+        source=request.source,
+        name=request.name,
+        description=request.description,
+        labels=dict(request.labels),
+        dtype=request.dtype,
+        device=request.device,
+        instances=request.instances,
+        max_batch_size=request.max_batch_size,
+        base_name=request.base.name,
+        base_version=request.base.version,
     )
 
 
@@ -216,6 +232,14 @@ class FinetuneServicer(finetune_pb2_grpc.FinetuneServiceServicer):
             problems=report.problems,
         )
 
+    def ListDatasetFiles(self, request, context):
+        return finetune_pb2.ListDatasetFilesResponse(
+            files=[
+                protoconv.artifact_ref(i, self.service.store, presign=False)
+                for i in self.service.list_dataset_files(request.prefix)
+            ]
+        )
+
     # -- bring your own model ------------------------------------------------------------------
     def UploadModelFile(self, request_iterator, context):
         chunks = self.models.upload_chunks(svc.iter_upload(request_iterator))
@@ -231,17 +255,25 @@ class FinetuneServicer(finetune_pb2_grpc.FinetuneServiceServicer):
         )
 
     def ImportModel(self, request, context):
-        options = imports.ImportOptions(
-            source=request.source,
-            name=request.name,
-            description=request.description,
-            labels=dict(request.labels),
-            dtype=request.dtype,
-            device=request.device,
-            instances=request.instances,
-            max_batch_size=request.max_batch_size,
-        )
-        return model_details(self.models.import_model(options))
+        return model_details(self.models.import_model(import_options(request)))
+
+    def ImportModelStream(self, request, context) -> Iterator[finetune_pb2.ImportModelEvent]:
+        options = import_options(request)
+        token = cancel_token(context)
+        for kind, item in stream_events(
+            lambda sink: self.models.import_model(options, sink), token
+        ):
+            if kind == "event":
+                yield finetune_pb2.ImportModelEvent(
+                    stage=item.stage,
+                    step=item.step,
+                    total_steps=item.total,
+                    message=item.message,
+                )
+            else:
+                yield finetune_pb2.ImportModelEvent(
+                    stage="done", step=0, total_steps=0, details=model_details(item)
+                )
 
     def GetModel(self, request, context):
         return model_details(self.models.get(request.model.name, request.model.version))

@@ -273,13 +273,17 @@ class Worker:
         )
 
         # 1. Data: the prefix copied to local scratch once per attempt, then read locally.
+        # A sharded set is never copied: it streams through a bounded cache per process.
         data_dir = self.workdir / "data"
-        if accelerator is None or accelerator.is_local_main_process:  # one copy per machine
-            shutil.rmtree(data_dir, ignore_errors=True)
-            self.store.download_dir(self.record.dataset, data_dir)
-        if accelerator is not None:
-            accelerator.wait_for_everyone()
-        source = datasets.FolderSource(data_dir)
+        store_source = datasets.StoreSource(self.store, self.record.dataset)
+        source: datasets.Source | None = datasets.sharded(store_source)
+        if source is None:
+            if accelerator is None or accelerator.is_local_main_process:  # one copy per machine
+                shutil.rmtree(data_dir, ignore_errors=True)
+                self.store.download_dir(self.record.dataset, data_dir)
+            if accelerator is not None:
+                accelerator.wait_for_everyone()
+            source = datasets.FolderSource(data_dir)
         report = datasets.validate(
             source, self.record.dataset, spec.dataset_layout, decode_images=False
         )

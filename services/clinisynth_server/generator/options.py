@@ -60,6 +60,8 @@ class GenerateOptions:
     preview_every: int = 0
     reward: RewardFilter = RewardFilter()
     request_id: str = ""
+    # A [pacs.NAME] destination the images also go to, as one DICOM series ("" = none).
+    to_pacs: str = ""
 
 
 def validate(options: GenerateOptions, catalog: Catalog) -> tuple[ModelRecord, GenerateOptions]:

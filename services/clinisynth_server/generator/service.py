@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -36,11 +36,15 @@ from clinisynth_server.catalog import Catalog, ModelRecord
 from clinisynth_server.errors import InvalidArgument
 from clinisynth_server.generator.options import GenerateOptions, validate
 from clinisynth_server.imaging import encode
-from clinisynth_server.imaging.provenance import Provenance
+from clinisynth_server.imaging.provenance import Provenance, replay_statement
 from clinisynth_server.methods import sampling
 from clinisynth_server.methods.schedulers import make_scheduler
+from clinisynth_server.pacs.config import check_destination
+from clinisynth_server.pacs.outbox import Outbox, OutboxItem
 from clinisynth_server.runtime.metrics import GeneratorMetrics
 from clinisynth_server.store.base import ArtifactStore, ObjectInfo
+from clinisynth_server.triton.backends._base import batch_invariant
+from clinisynth_server.triton.backends._entry import model_parameters
 from clinisynth_server.triton.client import TritonClient
 
 # Triton's max_batch_size for denoisers written by the registry; larger batches are split.
@@ -49,6 +53,8 @@ MAX_TRITON_BATCH = 16
 INLINE_LIMIT = 3 * 1024 * 1024
 CHUNK = 1024 * 1024
 PREVIEW_SIZE = 64
+# How long a component's batch_invariant / device mode is trusted before Triton is asked again.
+REPLAY_TTL_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,8 @@ class GenerateResult:
     request_id: str
     candidates: int
     provenance_ref: ObjectInfo | None = None
+    # With ``to_pacs``: the outbox items of the series (pending when answered).
+    pacs: list[OutboxItem] = field(default_factory=list)
 
 
 Event = Progress | Preview | GeneratedImage
@@ -201,13 +209,40 @@ class Generator:
         cache_dir: pathlib.Path,
         metrics: GeneratorMetrics | None = None,
         reward_scorer: RewardScorer | None = None,
+        outbox: Outbox | None = None,
     ) -> None:
+        self.outbox = outbox
         self.catalog = catalog
         self.triton = triton
         self.store = store
         self.metrics = metrics
         self.tokenizers = Tokenizers(store, cache_dir / "tokenizers")
         self.reward_scorer = reward_scorer
+        # (Triton model, version) → (when read, batch_invariant, on GPU).
+        self._replay: dict[tuple[str, int], tuple[float, bool, bool]] = {}
+
+    def replay(self, record: ModelRecord) -> str:
+        """The provenance ``replay`` guarantee, from the serving components' Triton configs.
+
+        Exact only when every pixel-producing component runs ``batch_invariant``. Read at most
+        every ``REPLAY_TTL_S`` per component: an operator may edit and reload a config.
+        """
+        modes = []
+        for role in ("text_encoder", "denoiser", "vae_decode"):
+            if role not in record.components:
+                continue
+            key = (record.components[role], int(record.component_versions[role]))
+            known = self._replay.get(key)
+            if known is None or time.monotonic() - known[0] > REPLAY_TTL_S:
+                config = self.triton.model_config(key[0], str(key[1]))
+                groups = config.get("instance_group") or [{}]
+                gpu = any(str(g.get("kind", "")).endswith("GPU") for g in groups)
+                exact = batch_invariant(model_parameters(config))
+                known = self._replay[key] = (time.monotonic(), exact, gpu)
+            modes.append(known[1:])
+        return replay_statement(
+            batch_invariant=all(m[0] for m in modes), gpu=any(m[1] for m in modes)
+        )
 
     # -- stage 2 --------------------------------------------------------------------------
     def encode_prompts(self, record: ModelRecord, prompts: list[str]) -> torch.Tensor:
@@ -319,6 +354,8 @@ class Generator:
         sink: EventSink | None = None,
     ) -> GenerateResult:
         record, opts = validate(options, self.catalog)  # 1.
+        if opts.to_pacs:
+            check_destination(opts.to_pacs, self.outbox.destinations if self.outbox else {})
         request_id = opts.request_id or uuid.uuid4().hex
         opts = replace(opts, request_id=request_id)
         started = time.perf_counter()
@@ -330,6 +367,7 @@ class Generator:
             )
             images = self._encode(record, opts, pixels, seeds, rewards)  # 6.
             provenance_ref = self._store(opts, images) if opts.store_outputs else None
+            pacs = self._to_pacs(record, opts, images) if opts.to_pacs else []
             if sink is not None:
                 for image in images:
                     sink(image)
@@ -338,7 +376,7 @@ class Generator:
                 self.metrics.request_duration.labels(record.name).observe(
                     time.perf_counter() - started
                 )
-            return GenerateResult(images, request_id, candidates, provenance_ref)
+            return GenerateResult(images, request_id, candidates, provenance_ref, pacs)
         finally:
             if self.metrics is not None:
                 self.metrics.queue_depth.dec()
@@ -401,6 +439,7 @@ class Generator:
         seeds: list[int],
         rewards: list[float | None],
     ) -> list[GeneratedImage]:
+        replay = self.replay(record)
         provenances = [
             Provenance(
                 model_name=record.name,
@@ -416,6 +455,7 @@ class Generator:
                 negative_prompt=opts.negative_prompt,
                 class_name=opts.class_name,
                 software_version=__version__,
+                replay=replay,
                 extra={
                     k: v
                     for k, v in {
@@ -430,14 +470,7 @@ class Generator:
             for seed, reward in zip(seeds, rewards, strict=True)
         ]
         if opts.format == "dicom":
-            bits = 8 if record.channels == 3 else 16
-            blobs = encode.encode_dicom_series(
-                pixels,
-                provenances,
-                bits=bits,
-                modality=opts.modality or "OT",
-                patient_id=opts.patient_id or None,
-            )
+            blobs = self._dicom_series(record, opts, pixels, provenances)
         elif opts.format == "raw":
             blobs = [b"" for _ in pixels]
         else:
@@ -452,6 +485,35 @@ class Generator:
                 zip(pixels, blobs, provenances, rewards, strict=True)
             )
         ]
+
+    @staticmethod
+    def _dicom_series(
+        record: ModelRecord,
+        opts: GenerateOptions,
+        pixels: list[np.ndarray],
+        provenances: list[Provenance],
+    ) -> list[bytes]:
+        return encode.encode_dicom_series(
+            pixels,
+            provenances,
+            bits=8 if record.channels == 3 else 16,
+            modality=opts.modality or "OT",
+            patient_id=opts.patient_id or None,
+            series_description=opts.series_description or None,
+        )
+
+    def _to_pacs(
+        self, record: ModelRecord, opts: GenerateOptions, images: list[GeneratedImage]
+    ) -> list[OutboxItem]:
+        """The request's series, durable in the outbox before the reply (delivered later)."""
+        assert self.outbox is not None  # checked with the options
+        if opts.format == "dicom":
+            blobs = [image.data for image in images]
+        else:
+            blobs = self._dicom_series(
+                record, opts, [i.pixels for i in images], [i.provenance for i in images]
+            )
+        return self.outbox.enqueue(opts.to_pacs, opts.request_id, blobs)
 
     def store_if_too_large(self, opts: GenerateOptions, result: GenerateResult) -> None:
         """A unary reply over ``INLINE_LIMIT`` is stored and answered with references instead."""

@@ -10,6 +10,7 @@ from clinisynth_server.catalog import Catalog
 from clinisynth_server.errors import InvalidArgument
 from clinisynth_server.generator import service as svc
 from clinisynth_server.generator.options import GenerateOptions, RewardFilter
+from clinisynth_server.pacs.outbox import Outbox
 from clinisynth_server.runtime.streaming import cancel_token, stream_events
 from clinisynth_server.store.base import ArtifactStore
 
@@ -47,11 +48,19 @@ def options_from(req: generator_pb2.GenerateRequest) -> GenerateOptions:
             max_candidates=rf.max_candidates,
         ),
         request_id=req.request_id,
+        to_pacs=req.to_pacs,
     )
 
 
 class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
-    def __init__(self, generator: svc.Generator, catalog: Catalog, store: ArtifactStore) -> None:
+    def __init__(
+        self,
+        generator: svc.Generator,
+        catalog: Catalog,
+        store: ArtifactStore,
+        outbox: Outbox | None = None,
+    ) -> None:
+        self.outbox = outbox
         self.generator = generator
         self.catalog = catalog
         self.store = store
@@ -86,6 +95,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             images=[self._image(i, inline=True) for i in result.images],
             request_id=result.request_id,
             candidates=result.candidates,
+            pacs=[protoconv.pacs_item(i) for i in result.pacs],
         )
         if result.provenance_ref is not None:
             resp.provenance_ref.CopyFrom(protoconv.artifact_ref(result.provenance_ref, self.store))
@@ -99,7 +109,9 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         ):
             if kind == "result":
                 done = generator_pb2.GenerateResponse(
-                    request_id=item.request_id, candidates=item.candidates
+                    request_id=item.request_id,
+                    candidates=item.candidates,
+                    pacs=[protoconv.pacs_item(i) for i in item.pacs],
                 )
                 if item.provenance_ref is not None:
                     done.provenance_ref.CopyFrom(
@@ -144,3 +156,6 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         if request.kind and not kind:
             raise InvalidArgument.for_field("kind", f"unknown model kind {request.kind}")
         return protoconv.answer_list_models(self.catalog, request, kind=kind)
+
+    def ListPacsOutbox(self, request, context):
+        return protoconv.answer_list_pacs_outbox(self.outbox, request)

@@ -46,8 +46,27 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
+from pydicom.pixels.decoders.base import get_decoder
 from pydicom.tag import BaseTag
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
 
 from clinisynth_server.errors import InvalidArgument
 
@@ -75,6 +94,43 @@ _PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # IHDR colour type → samples pe
 RAW_DTYPES: dict[str, str] = {"float32": "<f4", "float16": "<f2", "float64": "<f8"}
 
 Channels = Literal[1, 3] | None
+
+#: Transfer syntaxes decoded (compressed ones through the pylibjpeg / pyjpegls plug-ins of the
+#: server extra): what hospital PACS send. Anything else is refused by name before decoding.
+TRANSFER_SYNTAXES: tuple[UID, ...] = (
+    ImplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    HTJ2K,
+    RLELossless,
+)
+
+#: Raised through untouched when decoding client bytes; anything else is the client's fault.
+_FATAL = (MemoryError, KeyboardInterrupt, SystemExit, GeneratorExit)
+
+#: Pixel module elements (PS3.3 C.7.6.3) every PixelData image must carry, with their tags.
+_PIXEL_MODULE = {
+    "Rows": "(0028,0010)",
+    "Columns": "(0028,0011)",
+    "SamplesPerPixel": "(0028,0002)",
+    "PhotometricInterpretation": "(0028,0004)",
+    "BitsAllocated": "(0028,0100)",
+    "BitsStored": "(0028,0101)",
+    "PixelRepresentation": "(0028,0103)",
+}
+_ONE_SAMPLE = frozenset({"MONOCHROME1", "MONOCHROME2", "PALETTE COLOR"})
+_THREE_SAMPLES = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"})
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -183,10 +239,9 @@ def inspect_image(data: bytes, *, field: str, max_pixels: int = DEFAULT_MAX_PIXE
     elif kind == "jpeg":
         header = _jpeg_header(data, field)
     elif kind == "dicom":
-        header = dicom_header(
-            read_dicom(data, field=field, stop_before_pixels=True, max_pixels=max_pixels),
-            field=field,
-        )
+        ds = read_dicom(data, field=field, stop_before_pixels=True, max_pixels=max_pixels)
+        check_transfer_syntax(ds, field=field)
+        header = dicom_header(ds, field=field)
     else:
         raise InvalidArgument.for_field(
             field,
@@ -476,16 +531,44 @@ def read_dicom(
             dataset = read_dataset(
                 io.BytesIO(body), False, True, stop_when=_at_pixels if stop_before_pixels else None
             )
-            return FileDataset("", dataset, preamble, file_meta, False, True)
-        return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=stop_before_pixels)
-    except InvalidArgument:
+            ds: Dataset = FileDataset("", dataset, preamble, file_meta, False, True)
+        else:
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=stop_before_pixels)
+        _check_not_truncated(ds, field)
+        return ds
+    except (InvalidArgument, MemoryError):
         raise
     except InvalidDicomError as exc:
         raise InvalidArgument.for_field(
             field, "not a DICOM Part 10 file (no 128-byte preamble + 'DICM')"
         ) from exc
-    except (OSError, ValueError, EOFError, KeyError, TypeError, struct.error, zlib.error) as exc:
-        raise InvalidArgument.for_field(field, f"malformed DICOM: {exc}") from exc
+    except Exception as exc:  # pydicom raises many types on hostile bytes (unknown VR: NotImpl.)
+        raise InvalidArgument.for_field(
+            field, f"malformed DICOM: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _check_not_truncated(ds: Dataset, field: str) -> None:
+    """A file cut inside an element's value: pydicom keeps the short value, we refuse it.
+
+    Why: a file one byte short would otherwise be re-saved padded (de-identification) and
+    decode as a different image.
+    """
+    for tag in (0x7FE00008, 0x7FE00009, 0x7FE00010):
+        raw = ds._dict.get(BaseTag(tag))  # the raw element: declared length, value as read
+        length = getattr(raw, "length", None)
+        value = getattr(raw, "value", None)
+        if (
+            isinstance(length, int)
+            and length != 0xFFFFFFFF
+            and isinstance(value, bytes)
+            and len(value) < length
+        ):
+            raise InvalidArgument.for_field(
+                field,
+                f"DICOM file is truncated: element ({tag >> 16:04X},{tag & 0xFFFF:04X}) "
+                f"declares {length} bytes, the file holds {len(value)}",
+            )
 
 
 def _at_pixels(tag: BaseTag, vr: str | None, length: int) -> bool:
@@ -526,6 +609,77 @@ def _inflate_bounded(body: memoryview, field: str, max_pixels: int, header_only:
                 f"{declared.describe()} ({declared.nbytes} bytes of pixel data) needs; refused",
             )
     return bytes(out)
+
+
+def check_transfer_syntax(ds: Dataset, *, field: str) -> UID:
+    """The file's transfer syntax, refused by name unless this server can decode its pixels.
+
+    Why: pydicom's own error for an unknown syntax is a plug-in hint meant for developers; the
+    caller needs to know which syntax to transcode to.
+    """
+    meta = getattr(ds, "file_meta", None)
+    raw = meta.get("TransferSyntaxUID") if meta is not None else None
+    if not raw:
+        raise InvalidArgument.for_field(
+            field, "DICOM file meta has no TransferSyntaxUID (0002,0010); cannot read the pixels"
+        )
+    syntax = UID(str(raw).strip().rstrip("\x00"))
+    supported = ", ".join(f"{uid.name} ({uid})" for uid in TRANSFER_SYNTAXES)
+    if syntax not in TRANSFER_SYNTAXES:
+        label = f"{syntax.name} ({syntax})" if syntax.name != str(syntax) else str(syntax)
+        raise InvalidArgument.for_field(
+            field,
+            f"unsupported transfer syntax {label}; transcode to one of: {supported}",
+        )
+    if syntax.is_compressed:
+        try:
+            available = get_decoder(syntax).is_available
+        except NotImplementedError:
+            available = False
+        if not available:  # server extra installed without its pixel-data plug-ins
+            raise InvalidArgument.for_field(
+                field,
+                f"transfer syntax {syntax.name} ({syntax}) cannot be decoded by this server "
+                "(no pixel-data plug-in installed); send an uncompressed syntax",
+            )
+    return syntax
+
+
+def _check_pixel_module(ds: Dataset, field: str) -> None:
+    """Every required pixel module element present and readable, named when not."""
+    missing: list[str] = []
+    for keyword, tag in _PIXEL_MODULE.items():
+        try:
+            value = ds.get(keyword)
+        except Exception as exc:  # a bad VR / length surfaces when the element is parsed
+            raise InvalidArgument.for_field(
+                field, f"DICOM element {keyword} {tag} is malformed: {exc}"
+            ) from exc
+        if value is None or value == "":
+            missing.append(f"{keyword} {tag}")
+    if missing:
+        raise InvalidArgument.for_field(
+            field, f"DICOM image pixel module is missing {', '.join(missing)}"
+        )
+
+
+def _check_native_size(ds: Dataset, declared: ImageHeader, bits: int, field: str) -> None:
+    """Uncompressed PixelData holds at least what the header declares (truncated files)."""
+    expected = math.ceil(declared.pixels * declared.frames * declared.samples * bits / 8)
+    try:
+        got = len(ds.PixelData)
+    except Exception as exc:
+        raise InvalidArgument.for_field(
+            field, f"DICOM element PixelData (7FE0,0010) is malformed: {exc}"
+        ) from exc
+    if got < expected:
+        raise InvalidArgument.for_field(
+            field,
+            f"DICOM PixelData holds {got} bytes but Rows x Columns x SamplesPerPixel x "
+            f"NumberOfFrames x BitsAllocated ({declared.height} x {declared.width} x "
+            f"{declared.samples} x {declared.frames} x {bits}) declare {expected}: the file is "
+            "truncated or its sizes are inconsistent",
+        )
 
 
 def dicom_header(ds: Dataset, *, field: str) -> ImageHeader:
@@ -678,13 +832,41 @@ def decode_dicom_dataset(
     window: tuple[float, float] | None = None,
     budget: PixelBudget | None = None,
 ) -> np.ndarray:
-    """As :func:`decode_dicom`, for an already parsed dataset."""
+    """As :func:`decode_dicom`, for an already parsed dataset.
+
+    Elements are parsed lazily, so a malformed one can surface anywhere below: whatever the
+    client's dataset makes pydicom or a plug-in raise is INVALID_ARGUMENT on ``field``.
+    """
+    try:
+        return _decode_dicom_dataset(ds, field, max_pixels, channels, frame, window, budget)
+    except (InvalidArgument, *_FATAL):
+        raise
+    except BaseException as exc:
+        raise InvalidArgument.for_field(
+            field, f"malformed DICOM: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _decode_dicom_dataset(
+    ds: Dataset,
+    field: str,
+    max_pixels: int,
+    channels: Channels,
+    frame: int,
+    window: tuple[float, float] | None,
+    budget: PixelBudget | None,
+) -> np.ndarray:
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         sop = getattr(ds, "SOPClassUID", None)
         kind = f" ({sop.name})" if sop is not None and hasattr(sop, "name") else ""
         raise InvalidArgument.for_field(
-            field, f"DICOM object{kind} has no PixelData: it is not an image"
+            field,
+            f"DICOM object{kind} has no PixelData (7FE0,0010): it is not an image, or the file "
+            "is truncated before its pixel data",
         )
+    syntax = check_transfer_syntax(ds, field=field)
+    if "PixelData" in ds:
+        _check_pixel_module(ds, field)
     declared = dicom_header(ds, field=field)
     try:
         photometric = str(ds.PhotometricInterpretation).strip().upper()
@@ -693,6 +875,20 @@ def decode_dicom_dataset(
             field, f"DICOM image pixel module is incomplete: {exc}"
         ) from exc
     samples, frames = declared.samples, declared.frames
+    if (photometric in _ONE_SAMPLE and samples != 1) or (
+        photometric in _THREE_SAMPLES and samples != 3
+    ):
+        raise InvalidArgument.for_field(
+            field,
+            f"DICOM PhotometricInterpretation {photometric} needs SamplesPerPixel "
+            f"{1 if photometric in _ONE_SAMPLE else 3}, the file declares {samples}",
+        )
+    if photometric not in _ONE_SAMPLE | _THREE_SAMPLES:
+        raise InvalidArgument.for_field(
+            field,
+            f"unsupported PhotometricInterpretation {photometric!r}; send one of "
+            f"{', '.join(sorted(_ONE_SAMPLE | _THREE_SAMPLES))}",
+        )
     _check_header(field, declared, max_pixels)
     if budget is not None:
         budget.charge(field, declared)
@@ -700,13 +896,17 @@ def decode_dicom_dataset(
         raise InvalidArgument.for_field(
             field, f"frame {frame} requested but the file has {frames} frame(s)"
         )
-    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if "PixelData" in ds and not syntax.is_compressed:
+        _check_native_size(ds, declared, int(ds.BitsAllocated), field)
     try:
         stored = pixel_array(ds, index=frame if frames > 1 else None)
-    except Exception as exc:
-        name = getattr(syntax, "name", syntax)
+    except _FATAL:
+        raise
+    except BaseException as exc:  # plug-ins raise many types; Rust ones panic (BaseException)
         raise InvalidArgument.for_field(
-            field, f"cannot decode the DICOM pixel data (transfer syntax {name}): {exc}"
+            field,
+            f"cannot decode the DICOM pixel data (transfer syntax {syntax.name}, {syntax}): "
+            f"{'corrupt or truncated codestream: ' if syntax.is_compressed else ''}{exc}",
         ) from exc
     if frames > 1 and stored.ndim == (4 if samples > 1 else 3):
         stored = stored[frame]

@@ -8,7 +8,8 @@ Arrays handed to these encoders are produced by the server itself, so a bad arra
 bug, not bad client input: it raises ``ValueError`` (mapped to INTERNAL). Services validate the
 client's choice of format before any model work.
 
-DICOM output is a Secondary Capture Image (1.2.840.10008.5.1.4.1.1.7) that ``dciodvfy`` accepts
+DICOM output is a Secondary Capture Image (1.2.840.10008.5.1.4.1.1.7), built with highdicom's
+``SCImage``, that ``dciodvfy`` accepts
 without errors, unmistakably marked synthetic: ImageType ``DERIVED\\SECONDARY``, ConversionType
 ``SYN``, a DerivationDescription and ImageComments saying so, the model in
 ContributingEquipmentSequence, the full provenance JSON in a private block (creator
@@ -27,19 +28,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import highdicom as hd
 import numpy as np
 import pydicom
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filewriter import dcmwrite
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import (
-    PYDICOM_IMPLEMENTATION_UID,
-    ExplicitVRLittleEndian,
-    SecondaryCaptureImageStorage,
-    generate_uid,
-)
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from clinisynth_server.errors import InvalidArgument
 from clinisynth_server.imaging.provenance import Provenance
@@ -236,6 +233,7 @@ def encode_dicom(
     body_part: str | None = None,
     laterality: str | None = None,
     patient_id: str | None = None,
+    series_description: str | None = None,
 ) -> bytes:
     """A DICOM Part 10 Secondary Capture file (Explicit VR Little Endian) for a synthetic image.
 
@@ -260,16 +258,30 @@ def encode_dicom(
     date = created.strftime("%Y%m%d")
     time = created.strftime("%H%M%S.%f")
     sop_uid = generate_uid()
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = _clip_text(f"CLINISYNTH_{provenance.software_version}", 16)
-
-    ds = Dataset()
-    ds.file_meta = meta
+    # highdicom builds the Secondary Capture IOD (modules, file meta, pixel module, its own
+    # Processing Equipment item); the synthetic marking and provenance are laid over it.
+    ds: Dataset = hd.sc.SCImage(
+        pixel_array=pixels,
+        photometric_interpretation="RGB" if rgb else "MONOCHROME2",
+        bits_allocated=bits,
+        coordinate_system="PATIENT",
+        # Required by highdicom for PATIENT; a synthetic image has no orientation, so the
+        # Type 2 attribute is emptied below.
+        patient_orientation=("L", "F"),
+        study_instance_uid=study_uid or generate_uid(),
+        series_instance_uid=series_uid or generate_uid(),
+        series_number=series_number,
+        sop_instance_uid=sop_uid,
+        instance_number=instance_number,
+        manufacturer=_MANUFACTURER,
+        patient_id=patient_id or synthetic_patient_id(provenance.request_id),
+        patient_name=_SYNTHETIC_PATIENT_NAME,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+    )
+    ds.file_meta.ImplementationVersionName = _clip_text(
+        f"CLINISYNTH_{provenance.software_version}", 16
+    )
+    library_equipment = list(ds.get("ContributingEquipmentSequence", []))
     # SOP Common
     ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: prompts may be in any language
     ds.SOPClassUID = SecondaryCaptureImageStorage
@@ -293,7 +305,7 @@ def encode_dicom(
         f"(seed {provenance.seed}, {provenance.sampler}, {provenance.steps} steps)",
         1024,
     )
-    ds.ContributingEquipmentSequence = DicomSequence([equipment])
+    ds.ContributingEquipmentSequence = DicomSequence([equipment, *library_equipment])
     # Patient: synthetic, derived from the request so a batch shares a patient
     ds.PatientName = _SYNTHETIC_PATIENT_NAME
     ds.PatientID = patient_id or synthetic_patient_id(provenance.request_id)
@@ -301,7 +313,6 @@ def encode_dicom(
     ds.PatientBirthDate = ""
     ds.PatientSex = ""
     # General Study
-    ds.StudyInstanceUID = study_uid or generate_uid()
     ds.StudyDate = date
     ds.StudyTime = time
     ds.ReferringPhysicianName = ""
@@ -310,14 +321,14 @@ def encode_dicom(
     ds.StudyDescription = _clip_text(f"SYNTHETIC {provenance.model_name}", 64)
     # General Series
     ds.Modality = modality
-    ds.SeriesInstanceUID = series_uid or generate_uid()
-    ds.SeriesNumber = series_number
     if laterality not in (None, "R", "L"):
         raise ValueError(f"laterality must be 'R', 'L' or None, got {laterality!r}")
     # Type 2C that dciodvfy cannot evaluate: empty means "unknown" (a warning, not an error).
     ds.Laterality = laterality or ""
+    # Always starts with SYNTHETIC, whatever the caller's description.
+    described = f" {series_description}" if series_description else ""
     ds.SeriesDescription = _clip_text(
-        f"SYNTHETIC {provenance.model_name} {provenance.model_version}", 64
+        f"SYNTHETIC {provenance.model_name} {provenance.model_version}{described}", 64
     )
     if body_part:
         ds.BodyPartExamined = _clip_text(body_part.upper(), 16)
@@ -333,7 +344,6 @@ def encode_dicom(
     ds.DateOfSecondaryCapture = date
     ds.TimeOfSecondaryCapture = time
     # General Image
-    ds.InstanceNumber = instance_number
     ds.PatientOrientation = ""
     ds.ContentDate = date
     ds.ContentTime = time
@@ -347,21 +357,11 @@ def encode_dicom(
     ds.RecognizableVisualFeatures = "NO"
     ds.LossyImageCompression = "00"
     ds.ImageComments = _clip_text(_describe(provenance), 10240)
-    # Image Pixel
-    ds.Rows, ds.Columns = int(pixels.shape[0]), int(pixels.shape[1])
-    ds.SamplesPerPixel = 3 if rgb else 1
-    ds.PhotometricInterpretation = "RGB" if rgb else "MONOCHROME2"
-    if rgb:
-        ds.PlanarConfiguration = 0
-    ds.BitsAllocated = bits
-    ds.BitsStored = bits
-    ds.HighBit = bits - 1
-    ds.PixelRepresentation = 0
+    # Image Pixel (rows, samples, bits, pixel data: highdicom)
     if not rgb:
         # Full-range linear window: stored 0 -> black, 2**bits - 1 -> white.
         ds.WindowCenter = 1 << (bits - 1)
         ds.WindowWidth = 1 << bits
-    ds.PixelData = np.ascontiguousarray(pixels, dtype="<u1" if bits == 8 else "<u2").tobytes()
     ds["PixelData"].VR = "OB" if bits == 8 else "OW"
     # Private block: the whole provenance, machine-readable
     block = ds.private_block(DICOM_PRIVATE_GROUP, DICOM_PRIVATE_CREATOR, create=True)

@@ -46,13 +46,37 @@ def _parse_utc(text: str) -> datetime:
     return moment
 
 
+#: ``replay`` values: what re-running the same request (same seed, settings and model version)
+#: is guaranteed to give. README "Replay contract" explains each.
+REPLAY_EXACT_CPU = (
+    "bit-identical: the same request, seed and model version give these pixels whatever else "
+    "was batched, on the same CPU class (ISA), software build and Triton thread settings"
+)
+REPLAY_EXACT_GPU = (
+    "bit-identical intended, not verified: rows computed alone with deterministic CUDA "
+    "algorithms; needs the same GPU model, driver, software build and settings"
+)
+REPLAY_BATCHED = (
+    "close: rows share batched kernels with other requests, so float pixels may differ by "
+    "rounding (~1e-5) and encoded pixels by one level between runs"
+)
+
+
+def replay_statement(*, batch_invariant: bool, gpu: bool) -> str:
+    """The ``replay`` guarantee of an image served by components in these modes."""
+    if not batch_invariant:
+        return REPLAY_BATCHED
+    return REPLAY_EXACT_GPU if gpu else REPLAY_EXACT_CPU
+
+
 @dataclass(frozen=True)
 class Provenance:
     """Everything needed to reproduce (or at least identify the origin of) one generated image.
 
     ``size`` is ``(height, width)`` of the image as generated. ``created`` is normalised to
     ``YYYY-MM-DDTHH:MM:SS.ffffffZ``. ``extra`` holds free string pairs (e.g. the digest of the
-    source image of a counterfactual) that do not deserve a field of their own.
+    source image of a counterfactual) that do not deserve a field of their own. ``replay`` says
+    what a re-run reproduces (:func:`replay_statement`; empty = not stated).
     """
 
     model_name: str
@@ -71,6 +95,7 @@ class Provenance:
     software_version: str = __version__
     created: str = field(default_factory=utc_now_iso)
     extra: Mapping[str, str] = field(default_factory=dict, hash=False)
+    replay: str = ""
 
     def __post_init__(self) -> None:
         for name in (
@@ -84,6 +109,7 @@ class Provenance:
             "class_name",
             "software_name",
             "software_version",
+            "replay",
         ):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
@@ -138,6 +164,7 @@ class Provenance:
             "created": self.created,
             "request_id": self.request_id,
             "extra": dict(self.extra),
+            "replay": self.replay,
         }
 
     @classmethod
@@ -172,6 +199,7 @@ class Provenance:
             "software_version",
             "created",
             "extra",
+            "replay",
         )
         kwargs: dict[str, Any] = {key: data[key] for key in required}
         kwargs.update({key: data[key] for key in optional if key in data})

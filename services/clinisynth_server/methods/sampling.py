@@ -13,14 +13,19 @@ Legend (DDPM / DDIM notation)
     s        classifier-free guidance scale: ε̂ = ε̂(x_t, ∅) + s·(ε̂(x_t, c) − ε̂(x_t, ∅))
     η        DDIM stochasticity (0 = deterministic, 1 = DDPM-like)
 
-Determinism: every image owns a CPU ``torch.Generator`` seeded with its own seed; its initial
-noise and any per-step noise (DDPM, Euler ancestral, DDIM with η > 0) come from that generator
-alone, so an image's pixels depend on its seed and the settings, not on which other images share
-the batch.
+Determinism (the replay contract, README "Replay contract"): every image owns a CPU
+``torch.Generator`` seeded with its own seed; its initial noise and any per-step noise (DDPM,
+Euler ancestral, DDIM with η > 0) come from that generator alone. Every image also owns its
+scheduler, and the guidance combination and scheduler update run on that image's rows alone, so
+each of those ops sees shape ``(1, C, H, W)`` whatever the batch: SIMD body / scalar tail splits
+and any reduction order are those of the image alone. With a row-local denoiser and decoder
+(:func:`per_row_eps` / :func:`per_row_decode` in process; the Triton backends' ``batch_invariant``
+mode) an image's pixels are then bit-identical alone or in a crowd, not merely close.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -177,6 +182,30 @@ def vae_decode_fn(vae: AutoencoderKL) -> DecodeFn:
     return decode
 
 
+def per_row_eps(eps_fn: EpsFn) -> EpsFn:
+    """``eps_fn`` evaluated one row at a time: each row sees the kernels and shapes of a batch
+    of one, so its output cannot depend on its batch-mates (batched GEMM / conv blockings round
+    differently per batch size). For in-process sampling that must replay bit for bit."""
+
+    def eps(x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        rows = [
+            eps_fn(x_t[i : i + 1].clone(), t[i : i + 1].clone(), cond.select(slice(i, i + 1)))
+            for i in range(x_t.shape[0])
+        ]
+        return torch.cat(rows)
+
+    return eps
+
+
+def per_row_decode(decode_fn: DecodeFn) -> DecodeFn:
+    """``decode_fn`` one latent at a time, for the same reason as :func:`per_row_eps`."""
+
+    def decode(z: Tensor) -> Tensor:
+        return torch.cat([decode_fn(z[i : i + 1].clone()) for i in range(z.shape[0])])
+
+    return decode
+
+
 def _x0_from_output(scheduler: Any, model_input: Tensor, out: Tensor, t: Tensor) -> Tensor:
     """x̂₀ for previews when the scheduler's step does not report one (DPM-Solver)."""
     ab = scheduler.alphas_cumprod.to(model_input.device)[int(t)].to(model_input.dtype)
@@ -241,50 +270,63 @@ def sample(
     timesteps = scheduler.timesteps
     total = len(timesteps)
 
-    # 3. x_T: per-image noise from per-image generators, scaled by the scheduler's σ_max.
+    # 3. One scheduler per image (multistep ones keep per-run state), x_T from the image's own
+    #    generator scaled by σ_max. From here on every update is computed per image, on tensors
+    #    of the image's own shape, so the batch cannot change an image's rounding.
     generators = make_generators(seeds)
-    x = initial_noise(generators, shape, device=device, dtype=dtype) * scheduler.init_noise_sigma
-    batch = x.shape[0]
+    batch = len(generators)
+    schedulers = [scheduler, *(copy.deepcopy(scheduler) for _ in range(batch - 1))]
+    xs = [
+        initial_noise([g], shape, device=device, dtype=dtype) * s.init_noise_sigma
+        for g, s in zip(generators, schedulers, strict=True)
+    ]
 
     step_params = inspect.signature(scheduler.step).parameters
-    step_kwargs: dict[str, Any] = {}
-    if "eta" in step_params:
-        step_kwargs["eta"] = eta
-    if "generator" in step_params:
-        # A list: diffusers draws per-step noise image by image from each image's own generator.
-        step_kwargs["generator"] = generators if len(generators) > 1 else generators[0]
+    takes_eta = "eta" in step_params
+    takes_generator = "generator" in step_params
 
     # 4. The reverse chain.
     for i, t in enumerate(timesteps):
         # 4a. Model input (Euler rescales x_t by 1/√(σ²+1); identity for DDIM/DDPM/DPM).
-        x_in = scheduler.scale_model_input(x, t)
-        if do_cfg:
-            x_in = torch.cat([x_in, x_in], dim=0)
+        x_ins = [s.scale_model_input(x, t) for s, x in zip(schedulers, xs, strict=True)]
+        x_in = torch.cat(x_ins + x_ins if do_cfg else x_ins)
         t_batch = t.reshape(1).expand(x_in.shape[0]).to(device)
 
-        # 4b. ε̂ = ε_θ(x_t, t, c), with guidance ε̂ = ε̂_∅ + s·(ε̂_c − ε̂_∅).
+        # 4b. ε̂ = ε_θ(x_t, t, c) for the whole batch (one denoiser call).
         out = eps_fn(x_in, t_batch, model_cond).to(dtype)
-        if do_cfg:
-            eps_c, eps_u = out.chunk(2)
-            out = eps_u + guidance_scale * (eps_c - eps_u)
 
-        # 4c. x_{t-1} from the scheduler's update rule; x̂₀ for previews.
-        step = scheduler.step(out, t, x, **step_kwargs)
-        x0_pred = getattr(step, "pred_original_sample", None)
-        if x0_pred is None:
-            x0_pred = _x0_from_output(scheduler, x_in[:batch], out, t)
-        x = step.prev_sample
+        # 4c. Per image: guidance ε̂ = ε̂_∅ + s·(ε̂_c − ε̂_∅), x_{t-1} from the scheduler's update
+        #     rule (per-step noise from the image's own generator), x̂₀ for previews.
+        x0_preds = []
+        for k, sched in enumerate(schedulers):
+            eps = out[k : k + 1].clone()
+            if do_cfg:
+                eps_u = out[batch + k : batch + k + 1].clone()
+                eps = eps_u + guidance_scale * (eps - eps_u)
+            step_kwargs: dict[str, Any] = {}
+            if takes_eta:
+                step_kwargs["eta"] = eta
+            if takes_generator:
+                step_kwargs["generator"] = generators[k]
+            step = sched.step(eps, t, xs[k], **step_kwargs)
+            x0_pred = getattr(step, "pred_original_sample", None)
+            if x0_pred is None:
+                x0_pred = _x0_from_output(sched, x_ins[k], eps, t)
+            x0_preds.append(x0_pred)
+            xs[k] = step.prev_sample
 
         # 4d. Progress / previews / cancellation.
         if on_step is not None:
-            keep_going = on_step(StepInfo(i, total, int(t), x, x0_pred))
+            info = StepInfo(i, total, int(t), torch.cat(xs), torch.cat(x0_preds))
+            keep_going = on_step(info)
             if keep_going is False:
                 raise Cancelled(
                     f"sampling stopped by the caller after step {i + 1} of {total}",
                     metadata={"step": str(i + 1), "total": str(total)},
                 )
 
-    # 5. Decode (latent models) and map [-1, 1] → [0, 1].
+    # 5. Decode (latent models) and map [-1, 1] → [0, 1] (elementwise, correctly rounded ops).
+    x = torch.cat(xs)
     pixels = decode_fn(x) if decode_fn is not None else x
     images = (pixels.float() / 2 + 0.5).clamp(0, 1)
     return SampleResult(

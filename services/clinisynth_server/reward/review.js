@@ -224,8 +224,17 @@ async function submit() {
   }
 }
 
+// With identities (JWT / service accounts) the rater is whoever signed in: the server refuses
+// another name, so the field shows the principal and cannot be edited.
+async function loadIdentity() {
+  const me = await api("/api/whoami");
+  if (me.rater) { $("rater").value = me.rater; $("rater").readOnly = true; }
+  else $("rater").readOnly = false;
+}
+
 async function start() {
   try {
+    await loadIdentity();
     await loadConditions();
     hideSignin();
     await loadChecklist();

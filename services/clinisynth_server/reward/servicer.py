@@ -13,6 +13,8 @@ from clinisynth_server.reward import service as svc
 from clinisynth_server.reward.feedback import FeedbackRecord
 from clinisynth_server.reward.images import ImageInput
 from clinisynth_server.reward.scoring import Condition
+from clinisynth_server.runtime.auth import principal_of
+from clinisynth_server.runtime.roles import bind_rater
 from clinisynth_server.runtime.streaming import cancel_token, stream_events
 from clinisynth_server.store.base import ArtifactStore
 
@@ -188,7 +190,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         f = request.feedback
         draft = svc.FeedbackDraft(
             client_request_id=f.client_request_id,
-            rater_id=f.rater_id,
+            rater_id=bind_rater(principal_of(context), f.rater_id, "feedback.rater_id"),
             plausible=f.plausible,
             item_id=f.item_id,
             image=image_from(f.image) if f.HasField("image") else None,
@@ -248,7 +250,9 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
 
     def NextReviewItems(self, request, context):
         items, pending = self.reward.next_items(
-            request.rater_id, condition=condition_from(request.condition), limit=request.limit
+            bind_rater(principal_of(context), request.rater_id, "rater_id"),
+            condition=condition_from(request.condition),
+            limit=request.limit,
         )
         return reward_pb2.NextReviewItemsResponse(
             items=[self._item_msg(q) for q in items], pending=pending

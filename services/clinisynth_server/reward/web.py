@@ -11,6 +11,7 @@ Routes:
 - ``GET  /api/checklist?class_name=|prompt=``
 - ``POST /api/feedback``            a judgement (JSON; same validation and storage as gRPC)
 - ``GET  /api/agreement?class_name=|prompt=``
+- ``GET  /api/whoami``              the signed-in principal (the page fills the rater from it)
 
 Errors come back as ``{"error": {"code", "message", "violations": [{field, description}]}}``
 with HTTP 400 / 401 / 403 / 404 / 411 / 415 / 503 — never a 500 for anything a caller sent.
@@ -20,16 +21,19 @@ Why it is built this way (every value on the page is someone else's input):
 - Every response carries a Content-Security-Policy of ``default-src 'self'`` (images also from
   ``blob:``, which is how the page shows images it fetched with its bearer header), no framing,
   ``nosniff`` and ``Referrer-Policy: no-referrer``; the page renders data with ``textContent``.
-- With bearer tokens configured the API wants ``Authorization: Bearer <t>``; the page asks for
-  the token in a form and keeps it in ``sessionStorage``. A ``token`` query parameter is refused
-  (400): a URL with a secret ends up in access logs, history and ``Referer`` headers.
+- With authentication configured the API wants ``Authorization: Bearer <t>`` (a JWT or a static
+  token, verified by the same authenticator as gRPC; each route is checked against the role of
+  the RPC it stands for in :mod:`clinisynth_server.runtime.roles`); the page asks for the token
+  in a form and keeps it in ``sessionStorage``. The rater is the signed-in principal: a
+  ``rater`` / ``rater_id`` naming someone else is refused (403). A ``token`` query parameter
+  is refused (400): a URL with a secret ends up in access logs, history and ``Referer``
+  headers.
 - POSTs must be ``Content-Type: application/json`` (else 415) and, when the browser says where
   they come from, from this origin (else 403): an HTML form on another site can send neither.
 """
 
 from __future__ import annotations
 
-import hmac
 import importlib.resources
 import json
 import logging
@@ -45,6 +49,8 @@ from clinisynth_server.errors import ClinisynthError, InvalidArgument, Validatio
 from clinisynth_server.reward import service as svc
 from clinisynth_server.reward.images import ImageInput
 from clinisynth_server.reward.scoring import Condition
+from clinisynth_server.runtime.auth import AllowAll, Authenticator
+from clinisynth_server.runtime.roles import Principal, authorize, bind_rater
 
 log = logging.getLogger(__name__)
 MAX_BODY = 64 * 1024
@@ -73,6 +79,16 @@ SECURITY_HEADERS = (
     ("Cross-Origin-Resource-Policy", "same-origin"),
     ("Cache-Control", "no-store"),
 )
+_RPC = "/clinisynth.v1.RewardService/"
+# Each API route is authorized as the RPC it stands for (one role table for both doors).
+ROUTE_RPC = {
+    "/api/conditions": _RPC + "NextReviewItems",
+    "/api/next": _RPC + "NextReviewItems",
+    "/api/image/": _RPC + "NextReviewItems",
+    "/api/checklist": _RPC + "GetChecklist",
+    "/api/agreement": _RPC + "GetAgreement",
+    "/api/feedback": _RPC + "SubmitFeedback",
+}
 _STATIC = {
     "/": ("review.html", "text/html; charset=utf-8"),
     "/review": ("review.html", "text/html; charset=utf-8"),
@@ -222,10 +238,10 @@ class ReviewWeb:
     """The HTTP server of the review page; ``url`` is where the page is."""
 
     def __init__(
-        self, reward: svc.Reward, host: str, port: int, tokens: Sequence[str] = ()
+        self, reward: svc.Reward, host: str, port: int, auth: Authenticator | None = None
     ) -> None:
         self.reward = reward
-        self.tokens = tuple(tokens)
+        self.auth: Authenticator = auth or AllowAll()
         handler = type("Handler", (_Handler,), {"web": self})
         self.httpd = ThreadingHTTPServer((host, port), handler)
         self.httpd.daemon_threads = True
@@ -248,14 +264,14 @@ class ReviewWeb:
         self.httpd.shutdown()
         self.httpd.server_close()
 
-    def authorised(self, header: str) -> bool:
-        if not self.tokens:
-            return True
-        scheme, _, given = header.strip().partition(" ")
-        if scheme.lower() != "bearer":
-            return False
-        given = given.strip()
-        return any(hmac.compare_digest(given.encode(), t.encode()) for t in self.tokens)
+    def principal(self, path: str, header: str | None) -> Principal:
+        """Authenticate the request, then authorize it as the RPC ``path`` stands for."""
+        rpc = ROUTE_RPC.get("/api/image/" if path.startswith("/api/image/") else path)
+        metadata = [("authorization", header)] if header else []
+        principal = self.auth.authenticate(rpc or _RPC + "whoami", metadata)
+        if rpc is not None:
+            authorize(rpc, principal)
+        return principal
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -323,9 +339,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             if not path.startswith("/api/"):
                 raise HttpError(404, "NOT_FOUND", path[:200])
-            if not self.web.authorised(self.headers.get("Authorization", "")):
-                raise HttpError(401, "UNAUTHENTICATED", "send Authorization: Bearer <token>")
-            self._api(method, path, query)
+            principal = self.web.principal(path, self.headers.get("Authorization"))
+            self._api(method, path, query, principal)
         except ClinisynthError as err:
             status = _STATUS.get(err.code, HTTPStatus.INTERNAL_SERVER_ERROR)
             self._fail(status, err.code, err.message, err.violations)
@@ -337,9 +352,19 @@ class _Handler(BaseHTTPRequestHandler):
             log.exception("review page request failed")
             self._fail(500, "INTERNAL", "internal error")
 
-    def _api(self, method: str, path: str, query: dict[str, list[str]]) -> None:
+    def _api(
+        self, method: str, path: str, query: dict[str, list[str]], principal: Principal
+    ) -> None:
         reward = self.web.reward
-        if method == "GET" and path == "/api/conditions":
+        if method == "GET" and path == "/api/whoami":
+            self._json(
+                {
+                    "name": principal.name,
+                    "roles": sorted(principal.roles),
+                    "rater": principal.name if principal.personal else "",
+                }
+            )
+        elif method == "GET" and path == "/api/conditions":
             pending = reward.pending_by_condition()
             self._json(
                 {
@@ -353,9 +378,8 @@ class _Handler(BaseHTTPRequestHandler):
         elif method == "GET" and path == "/api/next":
             limit = _int_param(query, "limit", 10, 1, MAX_LIMIT)
             condition = _condition(reward, query)
-            items, left = reward.next_items(
-                _param(query, "rater"), condition=condition, limit=limit
-            )
+            rater = bind_rater(principal, _param(query, "rater"), "rater")
+            items, left = reward.next_items(rater, condition=condition, limit=limit)
             self._json({"items": [item_json(q) for q in items], "pending": left})
         elif method == "GET" and path.startswith("/api/image/"):
             self._send(200, reward.item_png(path.rsplit("/", 1)[1]), "image/png")
@@ -367,7 +391,9 @@ class _Handler(BaseHTTPRequestHandler):
         elif method == "GET" and path == "/api/agreement":
             self._json(agreement_json(reward.agreement(_condition(reward, query))))
         elif method == "POST" and path == "/api/feedback":
-            record, duplicate = reward.submit(feedback_draft(self._body()))
+            body = self._body()
+            body["rater_id"] = bind_rater(principal, _string(body, "rater_id"), "rater_id")
+            record, duplicate = reward.submit(feedback_draft(body))
             self._json({"feedback": {**record.to_json()}, "duplicate": duplicate})
         elif path in (
             "/api/conditions",
@@ -375,6 +401,7 @@ class _Handler(BaseHTTPRequestHandler):
             "/api/checklist",
             "/api/agreement",
             "/api/feedback",
+            "/api/whoami",
         ) or path.startswith("/api/image/"):
             raise HttpError(405, "METHOD_NOT_ALLOWED", f"{method} {path}")
         else:

@@ -46,8 +46,22 @@ class ServiceConfig:
     triton_key_file: str = ""
     # Artifact store URL: a folder path / file:// URL, or s3://bucket[/prefix].
     store_url: str = ""
-    # Static bearer tokens; empty = authentication off.
+    # Authentication (docs/SECURITY.md); nothing set = authentication off.
+    # Static bearer tokens; one without a service-account entry has every role (legacy).
     auth_tokens: tuple[str, ...] = ()
+    # TOML file of service accounts: [[accounts]] name, roles, tenant, token_sha256.
+    auth_service_accounts: str = ""
+    # The OIDC issuer's signing keys: a JWKS file or an https URL; enables JWT bearer tokens.
+    auth_jwks: str = ""
+    auth_issuer: str = ""
+    auth_audience: str = ""
+    auth_algorithms: tuple[str, ...] = ("RS256", "ES256")
+    auth_roles_claim: str = "clinisynth_roles"
+    auth_tenant_claim: str = "clinisynth_tenant"
+    # Seconds of clock difference tolerated on exp / nbf / iat.
+    auth_clock_skew_s: float = 30.0
+    auth_jwks_timeout_s: float = 5.0
+    auth_jwks_cache_s: float = 300.0
     tls_cert: str = ""
     tls_key: str = ""
     log_format: str = "text"
@@ -61,6 +75,9 @@ class ServiceConfig:
     workers: int = 16
     # Seconds to let in-flight calls finish on shutdown.
     grace_s: float = 5.0
+    # The TOML file this config was read from (``CLINISYNTH_CONFIG``); tables such as
+    # ``[pacs.NAME]`` that are not plain settings are read from it by their owners.
+    config_file: str = ""
     # Service-specific settings (``CLINISYNTH_<SERVICE>_<KEY>`` not listed above).
     extra: Mapping[str, str] = field(default_factory=dict)
 
@@ -74,6 +91,16 @@ _SHARED = {
     "triton_key_file",
     "store_url",
     "auth_tokens",
+    "auth_service_accounts",
+    "auth_jwks",
+    "auth_issuer",
+    "auth_audience",
+    "auth_algorithms",
+    "auth_roles_claim",
+    "auth_tenant_claim",
+    "auth_clock_skew_s",
+    "auth_jwks_timeout_s",
+    "auth_jwks_cache_s",
     "tls_cert",
     "tls_key",
     "log_format",
@@ -132,6 +159,8 @@ def load_config(
             raw = file_values.get(name)
         if raw is not None:
             values[name] = _coerce(prefix + name.upper(), raw, kind)
+    if cfg_path:
+        values.setdefault("config_file", cfg_path)
     values.setdefault("port", DEFAULT_PORTS[service])
     values.setdefault("metrics_port", DEFAULT_METRICS_PORTS[service])
     values.setdefault("store_url", str(default_home() / "store"))

@@ -1,8 +1,10 @@
 """The server interceptor chain: authentication, metrics, access log and the error mapping.
 
-One interceptor wraps each handler so the order is explicit: authenticate → count in-flight →
-call → map ClinisynthError to a status with details (anything else → INTERNAL with an incident
-id) → record latency by method and final code. Streams are timed until they end.
+One interceptor wraps each handler so the order is explicit: count in-flight → authenticate
+(a :class:`~.roles.Principal`, attached to the context for :func:`~.auth.principal_of`) →
+authorize against the one role table (:mod:`.roles`) → call → map ClinisynthError to a status
+with details (anything else → INTERNAL with an incident id) → record latency by method and final
+code. Streams are timed until they end.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from typing import Any
 import grpc
 
 from clinisynth_server.errors import ClinisynthError
-from clinisynth_server.runtime.auth import Authenticator
+from clinisynth_server.runtime.auth import Authenticator, attach
 from clinisynth_server.runtime.errors_map import internal_status, to_status
 from clinisynth_server.runtime.metrics import ServiceMetrics
+from clinisynth_server.runtime.roles import authorize
 
 log = logging.getLogger("clinisynth.access")
 _SKIP_METRICS = ("/grpc.reflection.",)
@@ -57,10 +60,12 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         metadata = tuple(details.invocation_metadata or ())
         observe = not method.startswith(_SKIP_METRICS)
 
-        def begin() -> float:
+        def begin(context: grpc.ServicerContext) -> float:
             if observe:
                 self.metrics.grpc.in_flight.labels(self.service, short).inc()
-            self.auth.authenticate(method, metadata)
+            principal = self.auth.authenticate(method, metadata)
+            authorize(method, principal)
+            attach(context, principal)
             return time.perf_counter()
 
         def finish(start: float, code: str, context: grpc.ServicerContext) -> None:
@@ -105,7 +110,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
                 start = time.perf_counter()
                 code = "OK"
                 try:
-                    start = begin()
+                    start = begin(context)
                     response = behavior(request, context)
                     code = _final_code(context)
                     return response
@@ -123,7 +128,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
                 start = time.perf_counter()
                 code = "OK"
                 try:
-                    start = begin()
+                    start = begin(context)
                     yield from behavior(request, context)
                     code = _final_code(context)
                 except GeneratorExit:

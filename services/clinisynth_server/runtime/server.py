@@ -298,7 +298,7 @@ def start_server(
 ) -> RunningServer:
     """Start the gRPC server of ``config.service`` on ``config.host:config.port`` (0 = any)."""
     metrics = metrics or create_metrics(config.service)
-    interceptor = ServiceInterceptor(config.service, metrics, authenticator_for(config.auth_tokens))
+    interceptor = ServiceInterceptor(config.service, metrics, authenticator_for(config))
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),

@@ -120,6 +120,7 @@ SERVICE_NAMESPACES: tuple[str, ...] = (
     "checkpoints/",
     "triton-models/",
     "model-repository/",
+    "pacs-outbox/",
     IMPORTS_NAMESPACE,
 )
 

@@ -220,6 +220,106 @@ class EpochSampler:
         self.epoch, self.offset, self._perm = int(state["epoch"]), int(state["offset"]), None
 
 
+#: Data-loading parameters of the kinds that stream sharded sets (diffusion_pretrain, classifier).
+STREAM_PARAMS = (
+    Param(
+        "streaming",
+        "choice",
+        "auto",
+        "read a sharded data set through a DataLoader with worker processes (auto: when the "
+        "set is sharded; off: decode it all into memory first)",
+        choices=("auto", "off"),
+    ),
+    Param(
+        "data_workers",
+        "int",
+        "2",
+        "DataLoader worker processes per training process (0 = decode in the training process)",
+        minimum=0,
+        maximum=32,
+    ),
+    Param(
+        "shard_cache",
+        "int",
+        "2",
+        "shards each reading process keeps on local disk",
+        minimum=1,
+        maximum=1024,
+    ),
+    Param("augment", "choice", "none", "random horizontal flips", choices=("none", "hflip")),
+    Param(
+        "on_bad_image",
+        "choice",
+        "fail",
+        "an image that cannot be decoded during training fails the job (fail) or is skipped, "
+        "counted and named in the job's events (skip)",
+        choices=("fail", "skip"),
+    ),
+)
+
+
+def stream_batches(
+    ctx: TrainContext,
+    *,
+    size: int,
+    channels: int,
+    labels: Mapping[str, int],
+    exclude: frozenset[str] = frozenset(),
+) -> Any:
+    """This rank's endless batches of a sharded set, or None when the kind reads it in memory.
+
+    The local batch is ``batch_size / world_size`` rows; ranks read disjoint shard ranges (see
+    :mod:`clinisynth_server.finetune.shards_loader`). Skipped images go to the job's events.
+    """
+    from clinisynth_server.finetune import datasets, shards
+    from clinisynth_server.finetune.shards_loader import (
+        Batches,
+        ShardStream,
+        StreamConfig,
+        cache_factory,
+    )
+
+    p = ctx.params
+    reader = datasets.sharded(ctx.source)
+    if reader is None or p.get("streaming", "off") == "off":
+        return None
+    fetch = shards.store_fetch(reader.store.uri(), reader.prefix)
+    folder = ctx.workdir / "shard-cache" / f"rank-{ctx.rank}"
+    label_map = dict(labels)
+
+    def make(start_batch: int) -> ShardStream:
+        config = StreamConfig(
+            size=size,
+            channels=channels,
+            batch_size=p["batch_size"] // ctx.world_size,
+            seed=p["seed"],
+            rank=ctx.rank,
+            world=ctx.world_size,
+            num_workers=p["data_workers"],
+            cache_shards=p["shard_cache"],
+            augment=p["augment"],
+            on_bad_image=p["on_bad_image"],
+            start_batch=start_batch,
+        )
+        return ShardStream(
+            reader.index, config, cache_factory(fetch, folder, p["shard_cache"]), label_map, exclude
+        )
+
+    def on_skip(paths: list[str]) -> None:
+        ctx.log(
+            f"on_bad_image=skip: skipped {len(paths)} unreadable image(s) "
+            f"({batches.skipped} so far): {', '.join(paths)}"
+        )
+
+    batches = Batches(make, num_workers=p["data_workers"], on_skip=on_skip)
+    ctx.log(
+        f"streaming {reader.index.samples - len(exclude)} images from "
+        f"{len(reader.index.shards)} shards: {p['data_workers']} loader worker(s) per process, "
+        f"{p['shard_cache']} cached shard(s) each"
+    )
+    return batches
+
+
 def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
     """Linear warm-up, then constant / cosine / linear decay to 0 at ``total``."""
 

@@ -17,17 +17,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from clinisynth_server.errors import FieldViolation
+from clinisynth_server.errors import FieldViolation, InvalidArgument
 from clinisynth_server.finetune.datasets import DatasetReport, load_images
 from clinisynth_server.finetune.kinds.base import (
+    STREAM_PARAMS,
     CheckContext,
     EpochSampler,
     KindSpec,
     TrainContext,
     make_optimizer,
+    stream_batches,
     sync_batchnorm,
 )
 from clinisynth_server.finetune.params import Param, common_params
+from clinisynth_server.finetune.shards_loader import holdout
 from clinisynth_server.methods._training import split_indices
 from clinisynth_server.methods.backbones import BACKBONES
 from clinisynth_server.methods.classifier import (
@@ -75,7 +78,11 @@ PARAMS = (
     Param("calibrate", "bool", "true", "fit the temperature T on the validation split"),
     Param("size", "int", "0", "image side (0 = the data's)", minimum=0, maximum=1024),
     Param("channels", "int", "0", "1 or 3 (0 = from the data)", minimum=0, maximum=3),
+    *STREAM_PARAMS,
 )
+
+#: Validation images a streamed set holds in memory (a hash split of the set, capped).
+STREAM_VAL_LIMIT = 1024
 
 
 def check(params: dict[str, Any], report: DatasetReport, ctx: CheckContext) -> list[FieldViolation]:
@@ -134,14 +141,31 @@ class ClassifierTrainer:
         self.classes = report.classes
         self.size = p["size"] or report.size
         self.channels = p["channels"] or report.channels
-        images = load_images(
-            ctx.source, [e.path for e in report.entries], size=self.size, channels=self.channels
+        label_of = {e.path: self.classes.index(e.class_name) for e in report.entries}
+        # A sharded set streams its training split; its validation split (a stable hash split,
+        # at most STREAM_VAL_LIMIT images) is held in memory for evaluation and calibration.
+        val_paths = holdout(list(label_of), p["val_fraction"], p["seed"], STREAM_VAL_LIMIT)
+        self.stream = stream_batches(
+            ctx,
+            size=self.size,
+            channels=self.channels,
+            labels=label_of,
+            exclude=frozenset(val_paths),
         )
-        labels = torch.tensor([self.classes.index(e.class_name) for e in report.entries])
-        x = torch.from_numpy(images)
-        train_idx, val_idx = split_indices(len(x), p["val_fraction"], p["seed"])
-        self.x_tr, self.y_tr = x[train_idx], labels[train_idx]
-        self.x_val, self.y_val = x[val_idx], labels[val_idx]
+        if self.stream is not None:
+            val_paths = self._readable(val_paths)
+            self.x_val = torch.from_numpy(self._load(val_paths))
+            self.y_val = torch.tensor([label_of[v] for v in val_paths], dtype=torch.long)
+        else:
+            paths = [e.path for e in report.entries]
+            x = torch.from_numpy(self._load(paths))
+            labels = torch.tensor([label_of[path] for path in paths])
+            train_idx, val_idx = split_indices(len(x), p["val_fraction"], p["seed"])
+            self.x_tr, self.y_tr = x[train_idx], labels[train_idx]
+            self.x_val, self.y_val = x[val_idx], labels[val_idx]
+            self.sampler = EpochSampler(
+                len(self.x_tr), p["batch_size"], p["seed"], rank=ctx.rank, world=ctx.world_size
+            )
         self.net = Classifier(
             ClassifierConfig(
                 num_classes=len(self.classes),
@@ -154,11 +178,35 @@ class ClassifierTrainer:
         self.net = sync_batchnorm(self.net, ctx)
         self.optimizer, self.lr = make_optimizer(self.net.parameters(), p)
         self.model, self.optimizer = ctx.prepare(RawLogits(self.net), self.optimizer)
-        self.sampler = EpochSampler(
-            len(self.x_tr), p["batch_size"], p["seed"], rank=ctx.rank, world=ctx.world_size
-        )
         self.gen = torch.Generator().manual_seed(p["seed"] + 2)
         self.step_size = p["attack_step_size"] or 2.5 * p["eps"] / p["attack_steps"]
+
+    def _readable(self, paths: list[str]) -> list[str]:
+        """The validation paths that decode; the others fail the job or are skipped and named."""
+        from clinisynth_server.errors import ClinisynthError
+        from clinisynth_server.finetune.datasets import decode
+
+        bad = []
+        for path in paths:
+            try:
+                decode(self.ctx.source.read(path), path)
+            except ClinisynthError as exc:
+                if self.p["on_bad_image"] != "skip":
+                    raise InvalidArgument.for_field(
+                        "dataset", f"{path}: unreadable image ({exc.message})"
+                    ) from None
+                bad.append(path)
+        if bad:
+            self.ctx.log(
+                f"on_bad_image=skip: skipped {len(bad)} unreadable validation image(s): "
+                + ", ".join(bad)
+            )
+        return [p for p in paths if p not in bad]
+
+    def _load(self, paths: list[str]) -> Any:
+        if not paths:
+            return torch.zeros((0, self.channels, self.size, self.size)).numpy()
+        return load_images(self.ctx.source, paths, size=self.size, channels=self.channels)
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         p, model = self.p, self.model
@@ -204,8 +252,12 @@ class ClassifierTrainer:
         return net
 
     def step(self, step: int) -> dict[str, float]:
-        idx = self.sampler.next()
-        x, y = self.x_tr[idx].to(self.ctx.device), self.y_tr[idx].to(self.ctx.device)
+        if self.stream is not None:
+            images, labels = self.stream.next()
+            x, y = images.to(self.ctx.device), labels.to(self.ctx.device)
+        else:
+            idx = self.sampler.next()
+            x, y = self.x_tr[idx].to(self.ctx.device), self.y_tr[idx].to(self.ctx.device)
         loss = self._loss(x, y)
         self.ctx.update(
             loss, self.model.parameters(), self.optimizer, self.lr, self.p["max_grad_norm"]
@@ -246,7 +298,7 @@ class ClassifierTrainer:
             "model": self._net().state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "lr": self.lr.state_dict(),
-            "sampler": self.sampler.state(),
+            "sampler": (self.stream or self.sampler).state(),
             "gen": self.gen.get_state(),
         }
 
@@ -254,7 +306,7 @@ class ClassifierTrainer:
         self._net().load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr.load_state_dict(state["lr"])
-        self.sampler.load_state(state["sampler"])
+        (self.stream or self.sampler).load_state(state["sampler"])
         self.gen.set_state(state["gen"])
 
     def save_model(self, folder: pathlib.Path) -> None:

@@ -19,11 +19,13 @@ from clinisynth_server.finetune import models
 from clinisynth_server.finetune.datasets import DatasetReport, check_classes, load_images
 from clinisynth_server.finetune.kinds.base import (
     EMA,
+    STREAM_PARAMS,
     CheckContext,
     EpochSampler,
     KindSpec,
     TrainContext,
     make_optimizer,
+    stream_batches,
 )
 from clinisynth_server.finetune.params import Param, common_params
 from clinisynth_server.methods.losses import diffusion_loss
@@ -84,6 +86,7 @@ PARAMS = (
     Param("ema", "bool", "false", "keep EMA weights (promoted folders hold them)"),
     Param("ema_decay", "float", "0.999", "EMA decay per step", minimum=0.0, maximum=1.0),
     Param("base_model", "str", "", "continue from a pixel model (catalog name or store prefix)"),
+    *STREAM_PARAMS,
 )
 
 
@@ -216,15 +219,19 @@ class DiffusionTrainer:
         self.noise_scheduler = DDPMScheduler.from_config(self.scheduler_config)
         self.size, self.channels = size, channels
 
-        # Data: the whole (small) set in memory, in [-1, 1].
+        # Data: a sharded set streams; otherwise the whole (small) set in memory, in [-1, 1].
         entries = report.entries
-        images = load_images(ctx.source, [e.path for e in entries], size=size, channels=channels)
-        self.x = torch.from_numpy(images) * 2 - 1
         index = {c: i for i, c in enumerate(self.classes)}
-        self.y = torch.tensor([index.get(e.class_name, 0) for e in entries], dtype=torch.long)
-        self.sampler = EpochSampler(
-            len(entries), p["batch_size"], p["seed"], rank=ctx.rank, world=ctx.world_size
-        )
+        labels = {e.path: index.get(e.class_name, 0) for e in entries}
+        self.stream = stream_batches(ctx, size=size, channels=channels, labels=labels)
+        if self.stream is None:
+            paths = [e.path for e in entries]
+            images = load_images(ctx.source, paths, size=size, channels=channels)
+            self.x = torch.from_numpy(images) * 2 - 1
+            self.y = torch.tensor([labels[path] for path in paths], dtype=torch.long)
+            self.sampler = EpochSampler(
+                len(entries), p["batch_size"], p["seed"], rank=ctx.rank, world=ctx.world_size
+            )
         self.gen = torch.Generator().manual_seed(p["seed"] + 1)
 
         self.ema = EMA(self.unet, p["ema_decay"]) if p["ema"] else None
@@ -235,9 +242,13 @@ class DiffusionTrainer:
         self.T = int(self.noise_scheduler.config.num_train_timesteps)
 
     def step(self, step: int) -> dict[str, float]:
-        idx = self.sampler.next()
-        x0 = self.x[idx].to(self.ctx.device)
-        cond = Cond(class_labels=self.y[idx].to(self.ctx.device)) if self.conditional else Cond()
+        if self.stream is not None:
+            images, y = self.stream.next()
+            x0 = (images * 2 - 1).to(self.ctx.device)
+        else:
+            idx = self.sampler.next()
+            x0, y = self.x[idx].to(self.ctx.device), self.y[idx]
+        cond = Cond(class_labels=y.to(self.ctx.device)) if self.conditional else Cond()
         # Drawn for the global batch, then sharded: the same numbers on 1 or W processes.
         rows = self.p["batch_size"]
         noise = self.ctx.shard(torch.randn((rows, *x0.shape[1:]), generator=self.gen))
@@ -260,7 +271,7 @@ class DiffusionTrainer:
             "optimizer": self.optimizer.state_dict(),
             "lr": self.lr.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
-            "sampler": self.sampler.state(),
+            "sampler": (self.stream or self.sampler).state(),
             "gen": self.gen.get_state(),
         }
 
@@ -270,7 +281,7 @@ class DiffusionTrainer:
         self.lr.load_state_dict(state["lr"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
-        self.sampler.load_state(state["sampler"])
+        (self.stream or self.sampler).load_state(state["sampler"])
         self.gen.set_state(state["gen"])
 
     def save_model(self, folder: pathlib.Path) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -92,6 +92,50 @@ def configure_torch_threads(parameters: Mapping[str, str], instance_count: int =
     torch.set_num_threads(threads)
     with contextlib.suppress(RuntimeError):  # interop threads can only be set once
         torch.set_num_interop_threads(1)
+
+
+def batch_invariant(parameters: Mapping[str, str]) -> bool:
+    """The ``batch_invariant`` parameter (default ``true``): run every batch row on its own.
+
+    A batched GEMM / conv picks other blockings per batch size, so a row's float32 output can
+    move by ~1e-6 with its batch-mates; one forward per row gives each request the kernels and
+    shapes of a batch of one whatever Triton's dynamic batcher merged (the replay contract).
+    ``false`` trades that for batched throughput.
+    """
+    value = parameters.get("batch_invariant", "true").strip().lower()
+    if value not in ("true", "false"):
+        raise ValueError(f"batch_invariant parameter must be 'true' or 'false', got {value!r}")
+    return value == "true"
+
+
+def configure_gpu_determinism(device: str, parameters: Mapping[str, str]) -> None:
+    """On a GPU in ``batch_invariant`` mode, ask for deterministic cuDNN / cuBLAS algorithms.
+
+    A batch of one fixes the shapes, but cuDNN autotuning and atomics-based kernels can still
+    pick or order work differently per run there. Not exercised by the CPU test suite.
+    """
+    if not device.startswith("cuda") or not batch_invariant(parameters):
+        return
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def forward_rows(
+    forward: Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]],
+    inputs: Mapping[str, np.ndarray],
+    *,
+    invariant: bool,
+) -> dict[str, np.ndarray]:
+    """``forward(inputs)``, or with ``invariant`` one ``forward`` per batch row, concatenated."""
+    if not invariant:
+        return forward(inputs)
+    size = next(iter(inputs.values())).shape[0]
+    rows = [forward({n: a[i : i + 1] for n, a in inputs.items()}) for i in range(size)]
+    return {n: np.concatenate([row[n] for row in rows]) for n in rows[0]}
 
 
 def torch_dtype(parameters: Mapping[str, str]) -> Any:

@@ -16,7 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from clinisynth_server.triton.backends._base import BackendInputError, configure_torch_threads
+from clinisynth_server.triton.backends._base import (
+    BackendInputError,
+    configure_gpu_determinism,
+    configure_torch_threads,
+)
 
 
 def model_parameters(model_config: Mapping[str, Any]) -> dict[str, str]:
@@ -71,6 +75,7 @@ def python_model(module_path: str) -> type:
             device = "cpu"
             if args.get("model_instance_kind") == "GPU":
                 device = f"cuda:{args['model_instance_device_id']}"
+            configure_gpu_determinism(device, parameters)
             weights = weights_dir_for(
                 Path(args["model_repository"]), args["model_version"], parameters
             )

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from clinisynth_server.triton.backends._base import read_json, torch_dtype
+from clinisynth_server.triton.backends._base import batch_invariant, read_json, torch_dtype
 
 
 class VaeBase:
@@ -26,6 +26,7 @@ class VaeBase:
         self.model.to(device)
         self.scaling_factor = float(self.model.config.scaling_factor or 1.0)
         self.shift_factor = float(getattr(self.model.config, "shift_factor", None) or 0.0)
+        self.batch_invariant = batch_invariant(parameters)
 
 
 def vae_channels(weights_dir: Path) -> tuple[int, int]:

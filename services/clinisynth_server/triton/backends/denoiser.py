@@ -10,6 +10,9 @@ Checkpoints: diffusers ``UNet2DModel`` (unconditional, or class-conditional thro
 - ``encoder_hidden_states`` FP32 [B, L, D] for ``UNet2DConditionModel``.
 
 Output ``noise_pred`` FP32 [B, C_out, H, W].
+
+With the ``batch_invariant`` parameter (default ``true``) each row is its own forward, so a
+request's output does not depend on what the dynamic batcher merged it with (see ``_base``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from clinisynth_server.triton.backends._base import (
     BackendInputError,
     ModelSpec,
     TensorSpec,
+    batch_invariant,
+    forward_rows,
     read_json,
     require,
     torch_dtype,
@@ -71,8 +76,12 @@ class Backend:
         self.device = device
         self.model = load_model(cls, Path(weights_dir), parameters, self.dtype).to(device)
         self.class_conditional = _has_class_embedding(config)
+        self.batch_invariant = batch_invariant(parameters)
 
     def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return forward_rows(self._forward, inputs, invariant=self.batch_invariant)
+
+    def _forward(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
         sample = require(inputs, "sample", 4)
@@ -85,8 +94,12 @@ class Backend:
             kwargs["class_labels"] = torch.from_numpy(labels.astype(np.int64)).to(self.device)
         if self.kind == CONDITION_CLASS:
             ehs = require(inputs, "encoder_hidden_states", 3)
-            kwargs["encoder_hidden_states"] = torch.from_numpy(ehs).to(self.device, self.dtype)
-        x = torch.from_numpy(sample).to(self.device, self.dtype)
+            kwargs["encoder_hidden_states"] = torch.from_numpy(ehs).to(
+                self.device, self.dtype, copy=True
+            )
+        # Copies into torch's (64-byte aligned) allocator: the same layout whatever buffer
+        # Triton handed in, so no alignment-dependent kernel path differs between calls.
+        x = torch.from_numpy(sample).to(self.device, self.dtype, copy=True)
         t = torch.from_numpy(timestep).to(self.device)
         with torch.inference_mode():
             out = self.model(x, t, return_dict=False, **kwargs)[0]

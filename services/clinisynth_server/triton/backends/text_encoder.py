@@ -3,7 +3,8 @@
 
 Input ``input_ids`` INT64 [B, L] (the service tokenizes; L variable, batched requests must
 share L — pad to ``max_position_embeddings`` as Stable Diffusion does). Outputs
-``last_hidden_state`` FP32 [B, L, D] and ``pooler_output`` FP32 [B, D].
+``last_hidden_state`` FP32 [B, L, D] and ``pooler_output`` FP32 [B, D]. One forward per row
+unless ``batch_invariant`` is ``false`` (see ``_base``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import numpy as np
 from clinisynth_server.triton.backends._base import (
     ModelSpec,
     TensorSpec,
+    batch_invariant,
+    forward_rows,
     read_json,
     require,
     torch_dtype,
@@ -44,8 +47,12 @@ class Backend:
         self.device = device
         self.model = load_model(CLIPTextModel, Path(weights_dir), parameters, self.dtype)
         self.model.to(device)
+        self.batch_invariant = batch_invariant(parameters)
 
     def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return forward_rows(self._forward, inputs, invariant=self.batch_invariant)
+
+    def _forward(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
         ids = torch.from_numpy(require(inputs, "input_ids", 2).astype(np.int64)).to(self.device)

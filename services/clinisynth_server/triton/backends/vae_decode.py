@@ -8,7 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from clinisynth_server.triton.backends._base import ModelSpec, TensorSpec, require
+from clinisynth_server.triton.backends._base import (
+    ModelSpec,
+    TensorSpec,
+    forward_rows,
+    require,
+)
 from clinisynth_server.triton.backends._vae import VaeBase, vae_channels
 
 
@@ -22,9 +27,12 @@ def model_spec(weights_dir: Path, parameters: Mapping[str, str]) -> ModelSpec:
 
 class Backend(VaeBase):
     def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return forward_rows(self._forward, inputs, invariant=self.batch_invariant)
+
+    def _forward(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        z = torch.from_numpy(require(inputs, "latents", 4)).to(self.device, self.dtype)
+        z = torch.from_numpy(require(inputs, "latents", 4)).to(self.device, self.dtype, copy=True)
         z = z / self.scaling_factor + self.shift_factor
         with torch.inference_mode():
             image = self.model.decode(z, return_dict=False)[0]

@@ -12,7 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from clinisynth_server.triton.backends._base import ModelSpec, TensorSpec, require
+from clinisynth_server.triton.backends._base import (
+    ModelSpec,
+    TensorSpec,
+    forward_rows,
+    require,
+)
 from clinisynth_server.triton.backends._vae import VaeBase, vae_channels
 
 
@@ -29,9 +34,12 @@ def model_spec(weights_dir: Path, parameters: Mapping[str, str]) -> ModelSpec:
 
 class Backend(VaeBase):
     def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return forward_rows(self._forward, inputs, invariant=self.batch_invariant)
+
+    def _forward(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        x = torch.from_numpy(require(inputs, "image", 4)).to(self.device, self.dtype)
+        x = torch.from_numpy(require(inputs, "image", 4)).to(self.device, self.dtype, copy=True)
         with torch.inference_mode():
             dist = self.model.encode(x, return_dict=False)[0]
         mean = (dist.mean - self.shift_factor) * self.scaling_factor
