@@ -45,7 +45,6 @@ from tests.grpc.test_counterfactual import (  # noqa: F401 - fixtures
     QUICK,
     TARGET,
     _healthy,
-    cf_models,
     cf_server,
 )
 from tests.grpc.test_upload_namespaces import ESCAPES as UPLOAD_ESCAPES
