@@ -5,6 +5,7 @@ resumes and when it is promoted; an untampered checkpoint of the same job promot
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -126,7 +127,10 @@ def test_tampered_checkpoint_refused_on_resume_and_promotion_untampered_one_serv
                     jobs(store_url).get(job.id).checkpoints == recorded
                 )  # the forgery changed nothing
             finally:
-                os.kill(pid, signal.SIGKILL)
+                # On a loaded host the frozen worker may already have been declared lost (no
+                # heartbeat for heartbeat_timeout_s) and killed by the service: the same restart.
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             done = client.finetune.wait(job.id, timeout=400)
             assert done.state == "succeeded" and done.restarts == 1, done.failure_reason
             messages = [e.message for e in client.finetune.watch(job.id)]

@@ -43,7 +43,9 @@ BAD = {name: data for name, data, _ in CORRUPTIONS if name in CASES}
 
 
 @pytest.fixture(scope="module")
-def services(triton_server, store_url, session_dir):  # type: ignore[no-untyped-def]
+def services(triton_server, store_url, session_dir, reward_model):  # type: ignore[no-untyped-def]
+    """Reward and counterfactual services; a reward model for the class is registered, so
+    Score reaches the image (without one it stops at ``model.name`` first)."""
     from tests.conftest import start_service
 
     home = session_dir / "dicom-inputs"

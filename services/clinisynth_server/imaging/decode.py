@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import struct
 import threading
 import warnings
@@ -41,6 +42,7 @@ from typing import Literal
 import numpy as np
 import pydicom
 from PIL import Image, UnidentifiedImageError
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
@@ -506,6 +508,24 @@ def decode_raw(
 # --------------------------------------------------------------------------------------------
 
 
+_TAG_IN_TEXT = re.compile(r"\(([0-9A-Fa-f]{4}),\s*([0-9A-Fa-f]{4})\)")
+
+
+def describe_error(exc: BaseException) -> str:
+    """A pydicom error as one short line, each ``(gggg,eeee)`` tag followed by its keyword.
+
+    Why: pydicom names elements by tag number ("tag (0028,0010)"); a caller fixing a file looks
+    for "Rows".
+    """
+
+    def named(match: re.Match[str]) -> str:
+        keyword = keyword_for_tag(int(match.group(1) + match.group(2), 16))
+        return f"{match.group(0)} {keyword}" if keyword else match.group(0)
+
+    text = _TAG_IN_TEXT.sub(named, " ".join(str(exc).split())[:200])
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def read_dicom(
     data: bytes,
     *,
@@ -543,9 +563,7 @@ def read_dicom(
             field, "not a DICOM Part 10 file (no 128-byte preamble + 'DICM')"
         ) from exc
     except Exception as exc:  # pydicom raises many types on hostile bytes (unknown VR: NotImpl.)
-        raise InvalidArgument.for_field(
-            field, f"malformed DICOM: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise InvalidArgument.for_field(field, f"malformed DICOM: {describe_error(exc)}") from exc
 
 
 def _check_not_truncated(ds: Dataset, field: str) -> None:
@@ -691,7 +709,7 @@ def dicom_header(ds: Dataset, *, field: str) -> ImageHeader:
         bits = int(ds.get("BitsAllocated", 8) or 8)
     except (AttributeError, ValueError, TypeError, KeyError, NotImplementedError) as exc:
         raise InvalidArgument.for_field(
-            field, f"DICOM image pixel module is incomplete: {exc}"
+            field, f"DICOM image pixel module is incomplete: {describe_error(exc)}"
         ) from exc
     if frames < 1 or samples < 1 or bits < 1:
         raise InvalidArgument.for_field(
@@ -842,9 +860,7 @@ def decode_dicom_dataset(
     except (InvalidArgument, *_FATAL):
         raise
     except BaseException as exc:
-        raise InvalidArgument.for_field(
-            field, f"malformed DICOM: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise InvalidArgument.for_field(field, f"malformed DICOM: {describe_error(exc)}") from exc
 
 
 def _decode_dicom_dataset(
@@ -872,7 +888,7 @@ def _decode_dicom_dataset(
         photometric = str(ds.PhotometricInterpretation).strip().upper()
     except (AttributeError, ValueError, TypeError, KeyError, NotImplementedError) as exc:
         raise InvalidArgument.for_field(
-            field, f"DICOM image pixel module is incomplete: {exc}"
+            field, f"DICOM image pixel module is incomplete: {describe_error(exc)}"
         ) from exc
     samples, frames = declared.samples, declared.frames
     if (photometric in _ONE_SAMPLE and samples != 1) or (

@@ -44,7 +44,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID
 
 from clinisynth_server.errors import InvalidArgument
-from clinisynth_server.imaging.decode import read_dicom
+from clinisynth_server.imaging.decode import describe_error, read_dicom
 
 #: Attributes removed outright (basic profile "X" actions and identifying free text).
 REMOVED_ATTRIBUTES: tuple[str, ...] = (
@@ -479,9 +479,8 @@ def deidentify_input(data: bytes, *, field: str) -> bytes:
 
 
 def _reason(exc: BaseException) -> str:
-    """An exception as a short reason (type and first 200 characters, one line)."""
-    text = " ".join(str(exc).split())[:200]
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    """An exception as a short reason (type, first 200 characters, tags named)."""
+    return describe_error(exc)
 
 
 def date_shift_for(key: str, *, secret: str, max_days: int = 3650) -> int:
