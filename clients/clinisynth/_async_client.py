@@ -19,6 +19,7 @@ from typing import Any
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from clinisynth import _audit as au
 from clinisynth import _counterfactual as cf
 from clinisynth import _finetune as ft
 from clinisynth import _generator as gen
@@ -54,7 +55,7 @@ from clinisynth._reward import (
 )
 from clinisynth._rpc import ProgressCallback, Rpc, progress_sink
 from clinisynth._transport import DEFAULT_TIMEOUT, AsyncTransport, make_settings
-from clinisynth._types import GenerationResult, ModelInfo, PacsItem, ProgressEvent
+from clinisynth._types import AuditEntry, GenerationResult, ModelInfo, PacsItem, ProgressEvent
 from clinisynth.v1 import common_pb2, counterfactual_pb2, finetune_pb2, reward_pb2
 
 Condition = str | dict[str, str] | None
@@ -1026,3 +1027,36 @@ class AsyncClient:
         """Point ``alias`` at ``NAME@VERSION``; ``generate("NAME@ALIAS")`` then resolves it."""
         req = md.alias_request(model, alias)
         return ModelDetails.from_proto(await self._t.call(md.SET_MODEL_ALIAS, req, timeout=timeout))
+
+    # -- audit ----------------------------------------------------------------------------------
+    async def audit(
+        self,
+        *,
+        since: au.TimeLike = None,
+        until: au.TimeLike = None,
+        principal: str | None = None,
+        method: str | None = None,
+        limit: int | None = None,
+        page_size: int = 500,
+        timeout: float | None = None,
+    ) -> list[AuditEntry]:
+        """The audit trail, oldest first (admins only): one entry per call to any service.
+
+        ``since`` / ``until``: a datetime, Unix seconds, an ISO-8601 string or a span back from
+        now ("15m", "2h", "7d"); calls started in [since, until). ``principal``: one caller's
+        name; ``method``: a full RPC name or its short name ("SubmitFeedback"). ``limit``: at
+        most this many entries (the oldest); default every page.
+        """
+        start = au.to_seconds(since, "since")
+        end = au.to_seconds(until, "until")
+        rpc = au.list_rpc(self.endpoints)
+        out: list[AuditEntry] = []
+        token = ""
+        while True:
+            size = page_size if limit is None else max(1, min(page_size, limit - len(out)))
+            req = au.list_request(start, end, principal, method, size, token)
+            resp = await self._t.call(rpc, req, timeout=timeout)
+            out += [au.entry_from(r) for r in resp.records]
+            token = resp.next_page_token
+            if not token or (limit is not None and len(out) >= limit):
+                return out if limit is None else out[:limit]

@@ -180,3 +180,44 @@ class ProgressEvent:
     fraction: float
     message: str = ""
     preview_png: bytes | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class AuditModel:
+    """A model an audited call named (``field``: the request field) or was served by."""
+
+    name: str
+    version: str
+    digest: str
+    field: str
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One call in the audit trail (``client.audit()``): who, what, on which model, outcome,
+    sizes. It holds no request content (no pixels, prompts or patient identifiers)."""
+
+    id: str
+    time: float  # Unix seconds, when the call started
+    service: str
+    principal: str
+    tenant: str
+    via: str
+    method: str
+    code: str
+    request_id: str
+    models: list[AuditModel]
+    request_bytes: int
+    response_bytes: int
+    request_messages: int
+    response_messages: int
+    duration_ms: float
+    peer: str
+
+    @property
+    def rpc(self) -> str:
+        """The method's short name (``"Generate"``)."""
+        return self.method.rsplit("/", 1)[-1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -373,6 +373,29 @@ def overview() -> dict[str, Any]:
             8,
         )
     )
+    p.append(
+        g.place(
+            timeseries(
+                "Audit records by outcome (and records not written)",
+                [
+                    target(
+                        f"sum by (service, outcome) (rate(clinisynth_audit_records_total{svc}[$__rate_interval]))",
+                        "{{service}} {{outcome}}",
+                    ),
+                    target(
+                        f"sum by (service) (rate(clinisynth_audit_failures_total{svc}[$__rate_interval]))",
+                        "{{service}} NOT WRITTEN",
+                        ref="B",
+                    ),
+                ],
+                unit="reqps",
+                description="One audit record per call (health probes excluded). A record that cannot be written turns a successful call into UNAVAILABLE: any NOT WRITTEN series means callers are being refused.",
+                stack=True,
+            ),
+            24,
+            8,
+        )
+    )
 
     p.append(g.row("Generator"))
     p.append(

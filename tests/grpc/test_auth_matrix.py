@@ -74,6 +74,10 @@ def _methods() -> list[tuple[str, Any]]:
         module = importlib.import_module(f"clinisynth.v1.{name}_pb2")
         for service in module.DESCRIPTOR.services_by_name.values():
             out += [(name, m) for m in service.methods]
+    # AuditService is served by every service: call it on the finetune service's channel.
+    audit = importlib.import_module("clinisynth.v1.audit_pb2")
+    for service in audit.DESCRIPTOR.services_by_name.values():
+        out += [("finetune", m) for m in service.methods]
     return out
 
 

@@ -194,7 +194,11 @@ def snapshot(home: pathlib.Path) -> dict[str, bytes]:
     return {
         p.relative_to(home).as_posix(): p.read_bytes()
         for p in sorted(home.rglob("*"))
-        if p.is_file() and not p.relative_to(home).as_posix().startswith(("work/", "cache/"))
+        if p.is_file()
+        # the audit trail records every call, refused ones too: not an upload's effect
+        and not p.relative_to(home)
+        .as_posix()
+        .startswith(("work/", "cache/", "store/audit/", "store/.clinisynth/meta/audit/"))
     }
 
 

@@ -38,7 +38,7 @@ from clinisynth_server.runtime.config import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 ISS, AUD = "https://idp.test", "clinisynth"
-PROTO_MODULES = ("generator", "reward", "counterfactual", "finetune", "common")
+PROTO_MODULES = ("generator", "reward", "counterfactual", "finetune", "common", "audit")
 
 
 def _proto_rpcs() -> set[str]:

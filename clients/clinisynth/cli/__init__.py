@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "benchmark",
     "demo",
     "pacs",
+    "audit",
 )
 
 

@@ -1,7 +1,8 @@
 """Every Prometheus metric clinisynth exports, in one place.
 
 Names follow ``clinisynth_<service>_<what>_<unit>``; labels are bounded (service, method, code,
-model, version, condition, state, kind; ``job`` only for live jobs, removed when they end).
+outcome (a status code name), model, version, condition, state, kind; ``job`` only for live jobs,
+removed when they end).
 Each service process gets its own registry so several can share a process in tests.
 ``deploy/prometheus/metrics.yaml`` lists the same catalogue for dashboards and alerts.
 """
@@ -64,6 +65,12 @@ class FinetuneMetrics:
 
 
 @dataclass
+class AuditMetrics:
+    records: Counter
+    failures: Counter
+
+
+@dataclass
 class ServiceMetrics:
     service: str
     registry: CollectorRegistry
@@ -73,6 +80,7 @@ class ServiceMetrics:
     counterfactual: CounterfactualMetrics | None = None
     finetune: FinetuneMetrics | None = None
     store_corrupt_records: Counter | None = None
+    audit: AuditMetrics | None = None
 
 
 def create_metrics(service: str) -> ServiceMetrics:
@@ -118,6 +126,20 @@ def create_metrics(service: str) -> ServiceMetrics:
         "Stored records skipped by a listing because they cannot be read.",
         ["service", "namespace"],
         registry=reg,
+    )
+    m.audit = AuditMetrics(
+        records=Counter(
+            "clinisynth_audit_records_total",
+            "Audit records written, by the outcome (final status code) of the call they record.",
+            ["service", "outcome"],
+            registry=reg,
+        ),
+        failures=Counter(
+            "clinisynth_audit_failures_total",
+            "Audit records that could not be written (the call answered UNAVAILABLE instead).",
+            ["service"],
+            registry=reg,
+        ),
     )
     if service == "generator":
         m.generator = GeneratorMetrics(

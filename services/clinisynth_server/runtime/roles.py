@@ -20,7 +20,7 @@ REQUESTER = "requester"  # generate, counterfactuals
 SCORER = "scorer"  # score images with reward models
 EXPERT = "expert"  # judge images: feedback, the review queue
 TRAINER = "trainer"  # data sets, fine-tuning jobs, promotion, exports
-ADMIN = "admin"  # models (import / delete / alias) and everything else
+ADMIN = "admin"  # models (import / delete / alias), the audit trail and everything else
 ROLES: tuple[str, ...] = (REQUESTER, SCORER, EXPERT, TRAINER, ADMIN)
 ALL_ROLES: frozenset[str] = frozenset(ROLES)
 
@@ -32,6 +32,7 @@ _G = "/clinisynth.v1.GeneratorService/"
 _C = "/clinisynth.v1.CounterfactualService/"
 _R = "/clinisynth.v1.RewardService/"
 _F = "/clinisynth.v1.FinetuneService/"
+_A = "/clinisynth.v1.AuditService/"  # served by every service
 
 # ``admin`` is added to every entry by :func:`roles_for`; listed here: the other roles allowed.
 RPC_ROLES: Mapping[str, frozenset[str]] = {
@@ -72,6 +73,7 @@ RPC_ROLES: Mapping[str, frozenset[str]] = {
     _F + "GetModel": _ANY,
     _F + "DeleteModel": frozenset(),
     _F + "SetModelAlias": frozenset(),
+    _A + "ListAudit": frozenset(),  # who did what: admins only
 }
 
 

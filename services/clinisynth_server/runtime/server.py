@@ -7,6 +7,11 @@ adds graceful shutdown on SIGTERM / SIGINT.
 Health answers within milliseconds whatever the load (:class:`Admission`): gRPC Python runs every
 call of a server on one thread pool, so a pool busy with long generations used to queue health
 checks behind them (seconds), and a probe that times out restarts a healthy service.
+
+Every server also serves ``AuditService`` over the audit trail (:mod:`.audit`) its interceptor
+writes into the service's own store (the one its ``register`` opened): each service writes its
+records to the shared store and any one lists all of them. A server whose ``register`` opened no
+store (a bare test server) audits nothing and does not serve it.
 """
 
 from __future__ import annotations
@@ -24,7 +29,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from clinisynth.v1 import audit_pb2_grpc
 from clinisynth_server.errors import InvalidArgument, ResourceExhausted
+from clinisynth_server.runtime import dependencies
+from clinisynth_server.runtime.audit import SERVICE_NAME as AUDIT_SERVICE_NAME
+from clinisynth_server.runtime.audit import AuditLog, AuditServicer
 from clinisynth_server.runtime.auth import authenticator_for
 from clinisynth_server.runtime.config import ServiceConfig
 from clinisynth_server.runtime.interceptors import ServiceInterceptor
@@ -298,7 +307,8 @@ def start_server(
 ) -> RunningServer:
     """Start the gRPC server of ``config.service`` on ``config.host:config.port`` (0 = any)."""
     metrics = metrics or create_metrics(config.service)
-    interceptor = ServiceInterceptor(config.service, metrics, authenticator_for(config))
+    trail = AuditLog(config.service, metrics=metrics.audit)
+    interceptor = ServiceInterceptor(config.service, metrics, authenticator_for(config), trail)
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
@@ -312,6 +322,13 @@ def start_server(
         maximum_concurrent_rpcs=admission.maximum_concurrent_rpcs,
     )
     names = list(register(server, metrics))
+    # The store the service opened (one store per process, shared with its domain code); the
+    # interceptor only runs once the server starts, below, so binding it now loses no call.
+    deps = dependencies._OPENED.get(id(config))
+    if deps is not None:
+        trail.bind(deps.store)
+        audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(trail), server)
+        names.append(AUDIT_SERVICE_NAME)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     admission.serve_watch(health_servicer)

@@ -121,6 +121,7 @@ SERVICE_NAMESPACES: tuple[str, ...] = (
     "triton-models/",
     "model-repository/",
     "pacs-outbox/",
+    "audit/",
     IMPORTS_NAMESPACE,
 )
 
