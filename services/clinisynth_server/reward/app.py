@@ -26,6 +26,7 @@ from clinisynth_server.reward.queue import strategy_named
 from clinisynth_server.reward.service import DEFAULT_REFRESH_S, Reward
 from clinisynth_server.reward.servicer import RewardServicer
 from clinisynth_server.reward.web import ReviewWeb
+from clinisynth_server.runtime.audit import AuditLog
 from clinisynth_server.runtime.auth import authenticator_for
 from clinisynth_server.runtime.config import ServiceConfig
 from clinisynth_server.runtime.dependencies import Dependencies
@@ -97,13 +98,14 @@ def create(config: ServiceConfig) -> Callable[[grpc.Server, ServiceMetrics], Seq
         )
         port = _int(config, "http_port", DEFAULT_HTTP_PORT)
         auth = authenticator_for(config)  # the page checks callers as gRPC does
+        trail = AuditLog(config.service, deps.store, metrics.audit)  # the page's calls too
         try:
-            web = ReviewWeb(reward, config.host, port, auth).start()
+            web = ReviewWeb(reward, config.host, port, auth, trail).start()
         except OSError:
             if "http_port" in config.extra:
                 raise  # a port the operator chose: fail loudly
             log.warning("review page: port %s is taken; using a free port", port)
-            web = ReviewWeb(reward, config.host, 0, auth).start()
+            web = ReviewWeb(reward, config.host, 0, auth, trail).start()
         app.reward, app.web = reward, web
         print(f"REVIEW {web.url}", flush=True)
         sys.stdout.flush()

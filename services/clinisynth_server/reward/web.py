@@ -30,6 +30,9 @@ Why it is built this way (every value on the page is someone else's input):
   headers.
 - POSTs must be ``Content-Type: application/json`` (else 415) and, when the browser says where
   they come from, from this origin (else 403): an HTML form on another site can send neither.
+- Every ``/api/`` request has its audit record (the same trail as gRPC calls, under the RPC the
+  route stands for, peer ``review-page http:<address>``) written before the response goes out;
+  when it cannot be written the response is 503 instead (nothing acknowledged without it).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from clinisynth_server.errors import ClinisynthError, InvalidArgument, Validatio
 from clinisynth_server.reward import service as svc
 from clinisynth_server.reward.images import ImageInput
 from clinisynth_server.reward.scoring import Condition
+from clinisynth_server.runtime.audit import AuditLog, CallAudit
 from clinisynth_server.runtime.auth import AllowAll, Authenticator
 from clinisynth_server.runtime.roles import Principal, authorize, bind_rater
 
@@ -234,14 +238,27 @@ def feedback_draft(body: dict[str, Any]) -> svc.FeedbackDraft:
     )
 
 
+def _content_length(headers: Any) -> int:
+    try:
+        return max(0, int(headers.get("Content-Length") or 0))
+    except ValueError:
+        return 0
+
+
 class ReviewWeb:
     """The HTTP server of the review page; ``url`` is where the page is."""
 
     def __init__(
-        self, reward: svc.Reward, host: str, port: int, auth: Authenticator | None = None
+        self,
+        reward: svc.Reward,
+        host: str,
+        port: int,
+        auth: Authenticator | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.reward = reward
         self.auth: Authenticator = auth or AllowAll()
+        self.audit = audit
         handler = type("Handler", (_Handler,), {"web": self})
         self.httpd = ThreadingHTTPServer((host, port), handler)
         self.httpd.daemon_threads = True
@@ -264,26 +281,52 @@ class ReviewWeb:
         self.httpd.shutdown()
         self.httpd.server_close()
 
-    def principal(self, path: str, header: str | None) -> Principal:
-        """Authenticate the request, then authorize it as the RPC ``path`` stands for."""
+    def principal(self, path: str, header: str | None, call: CallAudit | None = None) -> Principal:
+        """Authenticate the request, then authorize it as the RPC ``path`` stands for (the
+        audit record names the principal even when it is refused)."""
         rpc = ROUTE_RPC.get("/api/image/" if path.startswith("/api/image/") else path)
         metadata = [("authorization", header)] if header else []
         principal = self.auth.authenticate(rpc or _RPC + "whoami", metadata)
+        if call is not None:
+            call.principal = principal
         if rpc is not None:
             authorize(rpc, principal)
         return principal
+
+    def begin_audit(self, path: str, peer: str, request_bytes: int) -> CallAudit | None:
+        """The audit record of one API request, under the RPC its route stands for."""
+        if self.audit is None:
+            return None
+        rpc = ROUTE_RPC.get("/api/image/" if path.startswith("/api/image/") else path)
+        call = self.audit.begin(rpc or _RPC + "whoami", [])
+        if call is not None:
+            call.peer = f"review-page http:{peer}"
+            call.request_messages, call.request_bytes = 1, request_bytes
+        return call
 
 
 class _Handler(BaseHTTPRequestHandler):
     web: ReviewWeb
     server_version = "clinisynth-review"
     sys_version = ""
+    _audit: CallAudit | None = None
+    _audit_code = "OK"
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("review http: " + format, *args)
 
     # -- plumbing -------------------------------------------------------------------------------
     def _send(self, status: int, body: bytes, ctype: str) -> None:
+        call, self._audit = self._audit, None
+        if call is not None and self.web.audit is not None:
+            call.response_messages, call.response_bytes = 1, len(body)
+            try:
+                self.web.audit.commit(call, self._audit_code if status >= 400 else "OK")
+            except ClinisynthError as err:  # not acknowledged without its record
+                status, ctype = HTTPStatus.SERVICE_UNAVAILABLE, "application/json"
+                body = json.dumps(
+                    {"error": {"code": err.code, "message": err.message, "violations": []}}
+                ).encode()
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -297,6 +340,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(_finite(obj)).encode(), "application/json")
 
     def _fail(self, status: int, code: str, message: str, violations: Sequence[Any] = ()) -> None:
+        self._audit_code = code
         self._json(
             {
                 "error": {
@@ -339,7 +383,11 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             if not path.startswith("/api/"):
                 raise HttpError(404, "NOT_FOUND", path[:200])
-            principal = self.web.principal(path, self.headers.get("Authorization"))
+            self._audit_code = "OK"
+            self._audit = self.web.begin_audit(
+                path, str(self.client_address[0]), _content_length(self.headers)
+            )
+            principal = self.web.principal(path, self.headers.get("Authorization"), self._audit)
             self._api(method, path, query, principal)
         except ClinisynthError as err:
             status = _STATUS.get(err.code, HTTPStatus.INTERNAL_SERVER_ERROR)
