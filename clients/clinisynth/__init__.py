@@ -52,7 +52,14 @@ from clinisynth._reward import (
     ReviewItem,
     ScoreSummary,
 )
-from clinisynth._types import GeneratedImage, GenerationResult, ModelInfo, PacsItem, ProgressEvent
+from clinisynth._types import (
+    AuditEntry,
+    GeneratedImage,
+    GenerationResult,
+    ModelInfo,
+    PacsItem,
+    ProgressEvent,
+)
 
 __version__ = "0.1.0"
 
@@ -61,6 +68,7 @@ __all__ = [
     "AlreadyExistsError",
     "AsyncClient",
     "AsyncScoreStream",
+    "AuditEntry",
     "CancelledError",
     "Checkpoint",
     "Client",

@@ -138,10 +138,15 @@ class Dependencies:
         self.store.close()
 
 
+def opened_for(config: ServiceConfig) -> Dependencies | None:
+    """The dependencies a service's ``register`` opened with ``config`` (None: it opened none)."""
+    return _OPENED.get(id(config))
+
+
 def bind_health(config: ServiceConfig, set_serving: Callable[[bool], None]) -> bool:
     """Hand the health setter of the server started with ``config`` to its dependencies (the
     server's ``set_serving``); False when this process opened none for that config."""
-    deps = _OPENED.get(id(config))
+    deps = opened_for(config)
     if deps is None:
         return False
     deps.bind_health(set_serving)

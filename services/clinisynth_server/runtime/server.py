@@ -324,7 +324,7 @@ def start_server(
     names = list(register(server, metrics))
     # The store the service opened (one store per process, shared with its domain code); the
     # interceptor only runs once the server starts, below, so binding it now loses no call.
-    deps = dependencies._OPENED.get(id(config))
+    deps = dependencies.opened_for(config)
     if deps is not None:
         trail.bind(deps.store)
         audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(trail), server)
