@@ -3,6 +3,7 @@ services started in-process on port 0 against that Triton and a store in a temp 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import shutil
@@ -140,6 +141,28 @@ def sdk_client(generator_server):  # type: ignore[no-untyped-def]
 
     with clinisynth.Client(endpoints={"generator": generator_server.address}, timeout=120) as c:
         yield c
+
+
+@contextlib.contextmanager
+def import_services(
+    serving: str, triton_url: str, store_url: str, home: pathlib.Path, model_repository: Any
+) -> Iterator[dict[str, str]]:
+    """A finetune service that imports models into ``model_repository`` and the ``serving``
+    service (generator or reward) that serves them: their endpoints, stopped on exit."""
+    finetune = start_service(
+        "finetune",
+        triton_url,
+        store_url,
+        home,
+        model_repository=str(model_repository),
+        workdir=str(home / "work"),
+    )
+    other = start_service(serving, triton_url, store_url, home)
+    try:
+        yield {"finetune": finetune.address, serving: other.address}
+    finally:
+        other.stop(0)
+        finetune.stop(0)
 
 
 # --- models several modules share: built, registered and loaded once per session ---

@@ -9,6 +9,15 @@ and a checkpoint written by two processes resumes in one.
 Tolerance: two processes sum fp32 gradients (gloo all-reduce) and per-shard loss means in a
 different order than one process: a few ulps per step (measured: at most 2e-7 relative over
 20 steps for both kinds on this model). ``REL_TOL`` is ten times that.
+
+The other kinds (text_to_image_adaptation, reward_model, reward_finetune) run their 2-process
+jobs through the CLI (``clinisynth finetune create --set nproc_per_node=2``) against a service
+with Triton and promote the result. The same tolerance holds for them (measured: at most 4e-7
+over their few steps): their noise, prompt dropout and prior draws are made for the global
+batch and sharded too, and reward_finetune's synthetic pool is sampled in full by every rank
+from the same weights with per-image seeds, so every rank trains on the pool one process
+samples (the second round's pool comes from weights a few ulps apart, which the sampler's
+two steps do not amplify beyond the tolerance).
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ import pathlib
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 from test_finetune_durability import (  # noqa: F401 - fixtures by import
@@ -33,6 +42,7 @@ from test_finetune_durability import (  # noqa: F401 - fixtures by import
 )
 
 import clinisynth
+from clinisynth.cli import main as cli
 
 pytestmark = pytest.mark.stack
 
@@ -228,3 +238,165 @@ def test_two_process_checkpoint_resumes_in_one_process(
         assert_same_losses(losses(client, job.id), one_process_diffusion, range(1, max_steps + 1))
     second.terminate()
     second.wait(30)
+
+
+# ---------------------------------------------------------------------------------------------
+# the other kinds: 2 processes through the CLI, the same losses as 1, and the result promotes
+# ---------------------------------------------------------------------------------------------
+
+CLASSES = ["lymphocyte", "neutrophil", "eosinophil", "monocyte"]
+#: Triton components a promoted folder of each kind becomes (``<model>.<role>``).
+SERVED_ROLES = {
+    "text_to_image_adaptation": ["denoiser", "text_encoder", "vae_decode"],
+    "reward_model": ["reward_scorer"],
+    "reward_finetune": ["denoiser"],
+}
+
+
+@pytest.fixture(scope="module")
+def kind_data(store_dir: str, home: pathlib.Path) -> dict[str, str]:  # noqa: F811
+    """A feedback export, an image–text manifest, a tiny SD pipeline, a pixel generator and
+    an (untrained) reward model, in the store the services use."""
+    import json
+
+    import numpy as np
+
+    from clinisynth_server import builders
+    from clinisynth_server.finetune.kinds.classifier import scorer_meta
+    from clinisynth_server.methods.reward_model import RewardModel, RewardModelConfig
+    from clinisynth_server.phantoms import cells, datasets
+    from clinisynth_server.store import open_store
+
+    store = open_store(store_dir)
+    imgs, labels = cells.generate(24, seed=12, size=24)
+    plausible = np.arange(24) % 2 == 0
+    shown = np.where(plausible, labels, (labels + 1) % 4)
+    datasets.write_feedback_to_store(
+        store, "data/feedback", imgs, [CLASSES[i] for i in shown], plausible.tolist()
+    )
+    chest = np.full((8, 32, 32), 40, np.uint8)
+    for i in range(8):
+        chest[i, 8:24, 4 + 16 * (i % 2) : 12 + 16 * (i % 2)] = 220
+    texts = ["left pleural effusion" if i % 2 == 0 else "right pleural effusion" for i in range(8)]
+    datasets.write_manifest_to_store(store, "data/chest", chest, texts)
+    store.upload_dir(
+        builders.build_text_to_image(home / "sd", size=32, image_channels=1), "models/sd"
+    )
+    store.upload_dir(builders.build_pixel_unet(home / "px", classes=CLASSES, size=24), "models/px")
+    reward = RewardModel(RewardModelConfig(num_classes=4, in_channels=1, backbone_width=4))
+    folder = reward.save(home / "reward")
+    meta = scorer_meta("reward", "reward_scorer", CLASSES, 24, 1, conditioning="class")
+    (folder / "clinisynth.json").write_text(json.dumps(meta))
+    store.upload_dir(folder, "models/reward")
+    return {"feedback": "data/feedback", "chest": "data/chest", "cells": "data/cells"}
+
+
+KIND_JOBS: dict[str, tuple[str, dict[str, object]]] = {
+    "text_to_image_adaptation": (
+        "chest",
+        {
+            "max_steps": 4,
+            "checkpoint_every": 4,
+            "log_every": 1,
+            "batch_size": 4,
+            "learning_rate": 2e-3,
+            "seed": 5,
+            "base_model": "models/sd",
+            "method": "lora",
+            "train_text_encoder": True,  # two DDP modules; prompt dropout draws per row
+        },
+    ),
+    "reward_model": (
+        "feedback",
+        {
+            "max_steps": 6,
+            "checkpoint_every": 6,
+            "log_every": 1,
+            "batch_size": 8,
+            "learning_rate": 2e-3,
+            "seed": 5,
+            "backbone_width": 4,
+            "classes": ",".join(CLASSES),
+        },
+    ),
+    "reward_finetune": (
+        "cells",
+        {
+            "max_steps": 4,
+            "checkpoint_every": 4,
+            "log_every": 1,
+            "batch_size": 8,
+            "learning_rate": 2e-3,
+            "seed": 5,
+            "base_model": "models/px",
+            "reward_model": "models/reward",
+            "pool_size": 4,
+            "pool_steps": 2,
+            "rounds": 2,  # the second pool is sampled from the trained (EMA) weights
+            "ema_decay": 0.9,
+        },
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def with_triton(
+    home: pathlib.Path,  # noqa: F811
+    store_dir: str,  # noqa: F811
+    triton_server: object,
+    model_repository: pathlib.Path,
+) -> Iterator[str]:
+    """A finetune service that can promote (Triton and its model repository): its address."""
+    from conftest import start_service
+
+    running = start_service(
+        "finetune",
+        triton_server.grpc_url,  # type: ignore[attr-defined]
+        store_dir,
+        home / "svc-triton",
+        max_concurrent_jobs="2",
+        workdir=str(home / "work-triton"),
+        heartbeat_s="0.5",
+        poll_s="0.2",
+        torch_threads="1",
+        model_repository=str(model_repository),
+    )
+    yield running.address
+    running.stop(0)
+
+
+@pytest.mark.parametrize("kind", list(KIND_JOBS))
+def test_other_kinds_train_like_one_through_the_cli_and_promote(
+    kind: str,
+    kind_data: dict[str, str],
+    store_dir: str,  # noqa: F811
+    with_triton: str,
+    triton_client: object,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    data, params = KIND_JOBS[kind]
+    monkeypatch.setenv("CLINISYNTH_FINETUNE_ADDRESS", with_triton)
+    sets = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in params.items()]
+    argv = ["finetune", "create", "--kind", kind, "--data", kind_data[data]]
+    for pair in [*sets, "nproc_per_node=2"]:
+        argv += ["--set", pair]
+    assert cli(argv) == 0
+    two = capsys.readouterr().out.strip()
+    with clinisynth.Client(endpoints={"finetune": with_triton}, timeout=120) as client:
+        one = client.finetune.create(
+            kind, kind_data[data], params={**params, "nproc_per_node": 1}
+        ).id
+        done = client.finetune.wait(two, timeout=300)
+        assert done.state == "succeeded", describe_job(store_dir, two)
+        assert processes_started(client, two) == ["2 process(es)"]
+        assert client.finetune.wait(one, timeout=300).state == "succeeded"
+        steps = range(1, int(params["max_steps"]) + 1)  # type: ignore[call-overload]
+        assert_same_losses(losses(client, two), losses(client, one), steps)
+        # Written once, by rank 0; and it becomes a served model.
+        (ckpt,) = client.finetune.checkpoints(two)
+        promoted = client.finetune.promote(two, ckpt.id, model_name=f"ddp-{kind}".replace("_", "-"))
+    model = promoted.model
+    assert model.labels["finetune_job"] == two
+    for role in SERVED_ROLES[kind]:
+        assert triton_client.model_ready(f"{model.name}.{role}", model.version), role  # type: ignore[attr-defined]

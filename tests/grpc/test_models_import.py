@@ -22,7 +22,7 @@ import pytest
 
 import clinisynth
 from clinisynth_server import builders
-from tests.conftest import start_service
+from tests.conftest import import_services
 
 
 @pytest.fixture(scope="module")
@@ -37,18 +37,10 @@ def folders(session_dir: pathlib.Path) -> dict[str, pathlib.Path]:
 @pytest.fixture(scope="module")
 def services(triton_server, store_url, session_dir, model_repository) -> Iterator[dict[str, str]]:  # type: ignore[no-untyped-def]
     home = session_dir / "byom-home"
-    finetune = start_service(
-        "finetune",
-        triton_server.grpc_url,
-        store_url,
-        home,
-        model_repository=str(model_repository),
-        workdir=str(home / "work"),
-    )
-    generator = start_service("generator", triton_server.grpc_url, store_url, home)
-    yield {"finetune": finetune.address, "generator": generator.address}
-    generator.stop(0)
-    finetune.stop(0)
+    with import_services(
+        "generator", triton_server.grpc_url, store_url, home, model_repository
+    ) as endpoints:
+        yield endpoints
 
 
 @pytest.fixture()

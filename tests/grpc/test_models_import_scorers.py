@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import clinisynth
-from tests.conftest import start_service
+from tests.conftest import import_services
 
 pytestmark = pytest.mark.stack
 CLASSES = ["benign", "malignant"]
@@ -54,18 +54,10 @@ def folders(session_dir: pathlib.Path) -> dict[str, pathlib.Path]:
 @pytest.fixture(scope="module")
 def services(triton_server, store_url, session_dir, model_repository) -> Iterator[dict[str, str]]:  # type: ignore[no-untyped-def]
     home = session_dir / "byom-scorers-home"
-    finetune = start_service(
-        "finetune",
-        triton_server.grpc_url,
-        store_url,
-        home,
-        model_repository=str(model_repository),
-        workdir=str(home / "work"),
-    )
-    reward = start_service("reward", triton_server.grpc_url, store_url, home)
-    yield {"finetune": finetune.address, "reward": reward.address}
-    reward.stop(0)
-    finetune.stop(0)
+    with import_services(
+        "reward", triton_server.grpc_url, store_url, home, model_repository
+    ) as endpoints:
+        yield endpoints
 
 
 async def _poll_score(client: clinisynth.AsyncClient, image: np.ndarray, model: str) -> list:  # type: ignore[type-arg]

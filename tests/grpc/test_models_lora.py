@@ -22,7 +22,7 @@ import torch
 
 import clinisynth
 from clinisynth_server import builders
-from tests.conftest import start_service
+from tests.conftest import import_services
 
 pytestmark = pytest.mark.stack
 
@@ -100,20 +100,13 @@ def base(folders, catalog, store, model_repository) -> str:  # type: ignore[no-u
 @pytest.fixture(scope="module")
 def client(triton_server, store_url, session_dir, model_repository) -> Iterator[clinisynth.Client]:  # type: ignore[no-untyped-def]
     home = session_dir / "lora-home"
-    finetune = start_service(
-        "finetune",
-        triton_server.grpc_url,
-        store_url,
-        home,
-        model_repository=str(model_repository),
-        workdir=str(home / "work"),
-    )
-    generator = start_service("generator", triton_server.grpc_url, store_url, home)
-    endpoints = {"finetune": finetune.address, "generator": generator.address}
-    with clinisynth.Client(endpoints=endpoints, timeout=300) as c:
+    with (
+        import_services(
+            "generator", triton_server.grpc_url, store_url, home, model_repository
+        ) as endpoints,
+        clinisynth.Client(endpoints=endpoints, timeout=300) as c,
+    ):
         yield c
-    generator.stop(0)
-    finetune.stop(0)
 
 
 def _pipeline(folder: pathlib.Path, adapter: pathlib.Path | None) -> np.ndarray:

@@ -4,7 +4,9 @@ Settings (``CLINISYNTH_FINETUNE_<KEY>`` or the ``[finetune]`` table of the confi
 ``max_concurrent_jobs`` (1), ``max_restarts`` (3), ``heartbeat_timeout_s`` (120),
 ``model_repository`` (else ``CLINISYNTH_MODEL_REPOSITORY``), ``launcher`` (local | kubernetes),
 ``workdir`` (workers' local scratch), ``nproc_per_node`` (1), ``job_template``, ``namespace``,
-``worker_image`` (kubernetes launcher), ``torch_threads`` (CPU threads per local worker; 0 = torch's
+``worker_image``, ``k8s_api`` (kubernetes launcher: ``job`` = an Indexed Job + headless Service,
+``pytorchjob`` = a Kubeflow PyTorchJob, ``auto`` = a PyTorchJob when the cluster serves
+``kubeflow.org/v1``), ``torch_threads`` (CPU threads per local worker; 0 = torch's
 default), ``heartbeat_s`` (workers' heartbeat period), ``allow_pickle_weights`` (false: imported
 model folders must hold safetensors; true admits ``.bin`` weights, loaded with ``weights_only``).
 """
@@ -21,7 +23,7 @@ from clinisynth.v1 import finetune_pb2, finetune_pb2_grpc
 from clinisynth_server.catalog import Catalog
 from clinisynth_server.errors import InvalidArgument
 from clinisynth_server.finetune.imports import ImportSettings, ModelImports
-from clinisynth_server.finetune.launchers import KubernetesLauncher, LocalLauncher
+from clinisynth_server.finetune.launchers import K8S_APIS, KubernetesLauncher, LocalLauncher
 from clinisynth_server.finetune.service import FinetuneService, Settings
 from clinisynth_server.finetune.servicer import FinetuneServicer
 from clinisynth_server.runtime.config import ServiceConfig, default_home
@@ -56,10 +58,16 @@ def settings_from(config: ServiceConfig) -> Settings:
 def make_launcher(config: ServiceConfig, settings: Settings) -> LocalLauncher | KubernetesLauncher:
     kind = config.get("launcher", "local")
     if kind == "kubernetes":
+        api = config.get("k8s_api", "job") or "job"
+        if api not in K8S_APIS:
+            raise InvalidArgument.for_field(
+                "CLINISYNTH_FINETUNE_K8S_API", f"one of {', '.join(K8S_APIS)}, not {api!r}"
+            )
         return KubernetesLauncher(
             template_path=config.get("job_template"),
             namespace=config.get("namespace"),
             image=config.get("worker_image", "clinisynth/services"),
+            api=api,
         )
     if kind != "local":
         raise InvalidArgument.for_field("CLINISYNTH_FINETUNE_LAUNCHER", "local or kubernetes")

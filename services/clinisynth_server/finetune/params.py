@@ -152,6 +152,66 @@ def common_params(
             minimum=0,
             maximum=64,
         ),
+        *DISTRIBUTED_PARAMS,
+    )
+
+
+#: Where and how the processes of one job run (torchrun's settings), for every kind.
+DISTRIBUTED_PARAMS = (
+    Param(
+        "nnodes",
+        "int",
+        "1",
+        "machines (Kubernetes pods) the job spans, nproc_per_node processes each; more than "
+        "one needs the kubernetes launcher",
+        minimum=1,
+        maximum=1024,
+    ),
+    Param(
+        "rdzv_backend",
+        "choice",
+        "static",
+        "how the nodes find each other: static (node rank = the pod's index, rank 0's pod is "
+        "the master) or c10d (torchrun's elastic rendezvous at the first pod, ranks by arrival)",
+        choices=("static", "c10d"),
+    ),
+    Param(
+        "rdzv_timeout_s",
+        "int",
+        "900",
+        "seconds the nodes wait for each other at start before the attempt fails",
+        minimum=10,
+        maximum=86_400,
+    ),
+    Param(
+        "device",
+        "choice",
+        "auto",
+        "auto: a GPU per process when the worker has them; gpu: require them (the kubernetes "
+        "launcher requests nproc_per_node nvidia.com/gpu per pod); cpu: never use GPUs",
+        choices=("auto", "gpu", "cpu"),
+    ),
+)
+
+
+def unet_params() -> tuple[Param, ...]:
+    """Memory / batch parameters of the kinds that train a U-Net."""
+    return (
+        Param(
+            "gradient_accumulation_steps",
+            "int",
+            "1",
+            "micro-batches per optimiser step: each process runs batch_size / (world × this) "
+            "examples at a time and the gradients add up (same numbers, less memory)",
+            minimum=1,
+            maximum=1024,
+        ),
+        Param(
+            "gradient_checkpointing",
+            "bool",
+            "false",
+            "recompute the U-Net's activations in the backward pass (less memory, slower)",
+        ),
     )
 
 
@@ -188,19 +248,44 @@ def parse_params(specs: Sequence[Param], given: Mapping[str, str]) -> ParsedPara
     return out
 
 
+def split_real_synthetic(batch_size: int, real_to_synthetic: float) -> tuple[int, int]:
+    """(real, synthetic) examples of a reward_finetune batch of ``batch_size``."""
+    synthetic = round(batch_size / (1 + real_to_synthetic))
+    return batch_size - synthetic, synthetic
+
+
 def world_size_violations(values: Mapping[str, Any], default_nproc: int) -> list[FieldViolation]:
-    """The global batch must split evenly: each of the processes takes batch_size / world."""
+    """The global batch must split evenly: each of the processes takes batch_size / world
+    (and each micro-batch of gradient accumulation batch_size / (world × steps))."""
     nproc = int(values.get("nproc_per_node", 0) or 0) or max(1, default_nproc)
     nnodes = max(1, int(values.get("nnodes", 1) or 1))
+    accum = max(1, int(values.get("gradient_accumulation_steps", 1) or 1))
     world, batch = nproc * nnodes, values.get("batch_size")
-    if isinstance(batch, int) and batch % world:
+    if not isinstance(batch, int):
+        return []
+    parts, splits = world * accum, f"{world} processes (nproc_per_node × nnodes)"
+    if accum > 1:
+        splits += f" × {accum} gradient_accumulation_steps"
+    if batch % parts:
         return [
             FieldViolation(
                 "params[batch_size]",
-                f"{batch} does not divide among {world} processes (nproc_per_node × nnodes); "
-                f"each process takes batch_size / {world}: use a multiple of {world}",
+                f"{batch} does not divide among {splits}; each process takes batch_size / "
+                f"{world}{f' in {accum} micro-batches' if accum > 1 else ''}: use a multiple of "
+                f"{parts}",
             )
         ]
+    ratio = values.get("real_to_synthetic")
+    if isinstance(ratio, float) and parts > 1:
+        real, synthetic = split_real_synthetic(batch, ratio)
+        if real % parts or synthetic % parts:
+            return [
+                FieldViolation(
+                    "params[real_to_synthetic]",
+                    f"splits batch_size {batch} into {real} real + {synthetic} synthetic "
+                    f"examples; each part must divide among {splits} (multiples of {parts})",
+                )
+            ]
     return []
 
 

@@ -43,7 +43,12 @@ import time
 import traceback
 from typing import Any
 
-from clinisynth_server.errors import Cancelled, ClinisynthError, InvalidArgument
+from clinisynth_server.errors import (
+    Cancelled,
+    ClinisynthError,
+    FailedPrecondition,
+    InvalidArgument,
+)
 
 log = logging.getLogger("clinisynth.finetune.worker")
 PREEMPTED_EXIT = 143
@@ -225,14 +230,20 @@ class Worker:
             shutil.rmtree(self.workdir, ignore_errors=True)
         return code
 
-    def _accelerator(self, mixed_precision: str) -> Any:
+    def _accelerator(self, mixed_precision: str, device: str = "auto") -> Any:
+        import torch
+
+        if device == "gpu" and not torch.cuda.is_available():
+            raise FailedPrecondition(
+                "params[device] is gpu but this worker sees no CUDA device (a CPU build of "
+                "torch, or no GPU given to the process)"
+            )
         try:
             from accelerate import Accelerator
         except ImportError:  # accelerate is optional: one process, CPU or one GPU
             return None
-        import torch
-
-        return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision)
+        cpu = device == "cpu" or not torch.cuda.is_available()
+        return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
 
     def _train(self) -> dict[str, Any]:
         import torch
@@ -244,7 +255,7 @@ class Worker:
             rng_state,
             seed_everything,
         )
-        from clinisynth_server.finetune.params import typed
+        from clinisynth_server.finetune.params import typed, world_size_violations
         from clinisynth_server.finetune.records import CheckpointInfo, JobStore
 
         threads = int(os.environ.get("CLINISYNTH_FINETUNE_TORCH_THREADS", "0") or 0)
@@ -252,15 +263,13 @@ class Worker:
             torch.set_num_threads(threads)
         spec = kinds.load(self.record.kind)
         p = typed(spec.params, self.record.params)
-        accelerator = self._accelerator(p["mixed_precision"])
+        accelerator = self._accelerator(p["mixed_precision"], p.get("device", "auto"))
         self.is_main = accelerator is None or accelerator.is_main_process
         self.world_size = world = accelerator.num_processes if accelerator is not None else 1
-        if p["batch_size"] % world:  # also refused at creation; the service default may differ
-            raise InvalidArgument.for_field(
-                "params[batch_size]",
-                f"{p['batch_size']} does not divide among {world} processes "
-                "(the per-process batch is batch_size / world size)",
-            )
+        # Also refused at creation; the service's default world size may have changed since.
+        uneven = world_size_violations({**p, "nproc_per_node": world, "nnodes": 1}, world)
+        if uneven:
+            raise InvalidArgument.for_field(uneven[0].field, uneven[0].description)
         t_setup = time.monotonic()
         self.heartbeat(step=0, phase="setup")
         self.event(

@@ -9,11 +9,12 @@ state (model, optimiser, LR schedule, EMA, RNG, data position) and writing a pro
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import pathlib
 import random
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, overload
 
@@ -68,9 +69,23 @@ class TrainContext:
         return self.accelerator.num_processes if self.accelerator is not None else 1
 
     def prepare(self, *objects: Any) -> Any:
+        """accelerate's ``prepare`` for what trains; a module with no trainable parameter is
+        only moved to the device (accelerate would wrap it in DDP on CPU, which refuses it)."""
         if self.accelerator is None:
             return objects if len(objects) > 1 else objects[0]
-        return self.accelerator.prepare(*objects)
+        frozen = [
+            isinstance(o, torch.nn.Module) and not any(q.requires_grad for q in o.parameters())
+            for o in objects
+        ]
+        trained = [o for o, f in zip(objects, frozen, strict=True) if not f]
+        prepared = self.accelerator.prepare(*trained) if trained else ()
+        if len(trained) == 1:
+            prepared = (prepared,)
+        done = iter(prepared)
+        out = tuple(
+            o.to(self.device) if f else next(done) for o, f in zip(objects, frozen, strict=True)
+        )
+        return out if len(out) > 1 else out[0]
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.accelerator is None:
@@ -116,6 +131,69 @@ class TrainContext:
             self.accelerator.clip_grad_norm_(params, max_norm)
         else:
             torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def accumulate(
+        self,
+        models: Sequence[torch.nn.Module],
+        micro_loss: Callable[[slice], tuple[torch.Tensor, dict[str, float]]],
+        rows: int,
+        params: Any,
+        optimizer: Any,
+        lr: Any,
+        max_grad_norm: float,
+    ) -> tuple[float, dict[str, float]]:
+        """One optimiser step over this rank's ``rows`` in ``gradient_accumulation_steps``
+        micro-batches: ``micro_loss(rows_slice)`` returns a micro-batch's mean loss (and metrics).
+
+        Each micro-batch's loss is scaled by its share of the rows, so the summed gradients are
+        those of the whole batch's mean loss; DDP all-reduces only after the last micro-batch.
+        Returns the batch's loss and its metrics (micro-batch metrics averaged the same way).
+        """
+        steps = int(self.params.get("gradient_accumulation_steps", 1) or 1)
+        if rows % steps:
+            raise ValueError(f"{rows} rows do not split into {steps} micro-batches")
+        size = rows // steps
+        total, metrics = 0.0, dict[str, float]()
+        for k in range(steps):
+            last = k == steps - 1
+            with contextlib.ExitStack() as stack:
+                if not last and self.accelerator is not None and self.world_size > 1:
+                    for model in models:
+                        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+                            stack.enter_context(model.no_sync())
+                loss, parts = micro_loss(slice(k * size, (k + 1) * size))
+                self.backward(loss / steps)
+            total += float(loss.detach()) / steps
+            for name, value in parts.items():
+                metrics[name] = metrics.get(name, 0.0) + value / steps
+        self.clip(params, max_grad_norm)
+        optimizer.step()
+        lr.step()
+        optimizer.zero_grad(set_to_none=True)
+        return total, metrics
+
+    def scratch(self, name: str) -> pathlib.Path:
+        """A local path of this process's own: ranks on one machine never share a file (one
+        process keeps ``workdir/name``)."""
+        folder = self.workdir / f"rank-{self.rank}" if self.world_size > 1 else self.workdir
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def fetch_model(self, ref: str, name: str, *, field_name: str) -> tuple[Any, pathlib.Path]:
+        """``models.fetch`` once per machine: the local main process materialises the model
+        under ``workdir/name``, the other ranks wait for it and read the same folder."""
+        from clinisynth_server.finetune import models
+
+        dest = self.workdir / name
+        if self.accelerator is None or self.world_size == 1:
+            return models.fetch(ref, self, dest, field_name=field_name)
+        if self.accelerator.is_local_main_process:
+            base, folder = models.fetch(ref, self, dest, field_name=field_name)
+            self.accelerator.wait_for_everyone()
+            return base, folder
+        self.accelerator.wait_for_everyone()
+        return models.resolve(ref, self.catalog, self.store, field_name=field_name), dest
 
 
 class Trainer(Protocol):

@@ -27,7 +27,7 @@ from clinisynth_server.finetune.kinds.base import (
     make_optimizer,
     stream_batches,
 )
-from clinisynth_server.finetune.params import Param, common_params
+from clinisynth_server.finetune.params import Param, common_params, unet_params
 from clinisynth_server.methods.losses import diffusion_loss
 from clinisynth_server.methods.sampling import Cond, unet_eps_fn
 from clinisynth_server.methods.schedulers import DDPM_SCHEDULE
@@ -86,6 +86,7 @@ PARAMS = (
     Param("ema", "bool", "false", "keep EMA weights (promoted folders hold them)"),
     Param("ema_decay", "float", "0.999", "EMA decay per step", minimum=0.0, maximum=1.0),
     Param("base_model", "str", "", "continue from a pixel model (catalog name or store prefix)"),
+    *unet_params(),
     *STREAM_PARAMS,
 )
 
@@ -176,8 +177,8 @@ class DiffusionTrainer:
         report = ctx.report
         base_dir = None
         if p["base_model"]:
-            base, base_dir = models.fetch(
-                p["base_model"], ctx, ctx.workdir / "base", field_name="params[base_model]"
+            base, base_dir = ctx.fetch_model(
+                p["base_model"], "base", field_name="params[base_model]"
             )
             self.unet = UNet2DModel.from_pretrained(base_dir / "unet")
             self.classes = base.classes or report.classes
@@ -235,6 +236,8 @@ class DiffusionTrainer:
         self.gen = torch.Generator().manual_seed(p["seed"] + 1)
 
         self.ema = EMA(self.unet, p["ema_decay"]) if p["ema"] else None
+        if p["gradient_checkpointing"]:
+            self.unet.enable_gradient_checkpointing()
         self.unet.train()
         self.optimizer, self.lr = make_optimizer(self.unet.parameters(), p)
         self.model, self.optimizer = ctx.prepare(self.unet, self.optimizer)
@@ -248,19 +251,31 @@ class DiffusionTrainer:
         else:
             idx = self.sampler.next()
             x0, y = self.x[idx].to(self.ctx.device), self.y[idx]
-        cond = Cond(class_labels=y.to(self.ctx.device)) if self.conditional else Cond()
+        y = y.to(self.ctx.device)
         # Drawn for the global batch, then sharded: the same numbers on 1 or W processes.
         rows = self.p["batch_size"]
         noise = self.ctx.shard(torch.randn((rows, *x0.shape[1:]), generator=self.gen))
         t = self.ctx.shard(torch.randint(0, self.T, (rows,), generator=self.gen))
         noise, t = noise.to(x0.device), t.to(x0.device)
-        loss = diffusion_loss(self.eps, x0, cond, t, noise, self.noise_scheduler)
-        self.ctx.update(
-            loss, self.model.parameters(), self.optimizer, self.lr, self.p["max_grad_norm"]
+
+        def micro(sl: slice) -> tuple[torch.Tensor, dict[str, float]]:
+            cond = Cond(class_labels=y[sl]) if self.conditional else Cond()
+            return diffusion_loss(
+                self.eps, x0[sl], cond, t[sl], noise[sl], self.noise_scheduler
+            ), {}
+
+        loss, _ = self.ctx.accumulate(
+            [self.model],
+            micro,
+            len(x0),
+            self.model.parameters(),
+            self.optimizer,
+            self.lr,
+            self.p["max_grad_norm"],
         )
         if self.ema is not None:
             self.ema.update(self.ctx.unwrap(self.model))
-        return {"loss": float(loss.detach()), "lr": float(self.lr.get_last_lr()[0])}
+        return {"loss": loss, "lr": float(self.lr.get_last_lr()[0])}
 
     def evaluate(self) -> dict[str, float]:
         return {}

@@ -36,7 +36,12 @@ from clinisynth_server.finetune.kinds.base import (
     make_optimizer,
 )
 from clinisynth_server.finetune.kinds.diffusion_pretrain import PIXEL_KINDS, pixel_folder
-from clinisynth_server.finetune.params import Param, common_params
+from clinisynth_server.finetune.params import (
+    Param,
+    common_params,
+    split_real_synthetic,
+    unet_params,
+)
 from clinisynth_server.methods.losses import per_sample_losses, reward_weighted_loss
 from clinisynth_server.methods.reward_model import RewardModel
 from clinisynth_server.methods.sampling import Cond, sample, unet_eps_fn
@@ -104,6 +109,7 @@ PARAMS = (
     ),
     Param("ema", "bool", "true", "EMA weights for sampling pools and in promoted folders"),
     Param("ema_decay", "float", "0.999", "EMA decay per step", minimum=0.0, maximum=1.0),
+    *unet_params(),
 )
 
 
@@ -161,8 +167,8 @@ def check(params: dict[str, Any], report: DatasetReport, ctx: CheckContext) -> l
                         )
                     )
     n = params["batch_size"]
-    n_syn = round(n / (1 + params["real_to_synthetic"]))
-    if n_syn < 1 or n - n_syn < 1:
+    n_real, n_syn = split_real_synthetic(n, params["real_to_synthetic"])
+    if n_syn < 1 or n_real < 1:
         out.append(
             FieldViolation(
                 "params[real_to_synthetic]",
@@ -202,12 +208,8 @@ class RewardFinetuneTrainer:
 
         p = self.p = ctx.params
         self.ctx = ctx
-        base, base_dir = models.fetch(
-            p["base_model"], ctx, ctx.workdir / "base", field_name="params[base_model]"
-        )
-        rm, rm_dir = models.fetch(
-            p["reward_model"], ctx, ctx.workdir / "reward", field_name="params[reward_model]"
-        )
+        base, base_dir = ctx.fetch_model(p["base_model"], "base", field_name="params[base_model]")
+        rm, rm_dir = ctx.fetch_model(p["reward_model"], "reward", field_name="params[reward_model]")
         self.reward = RewardModel.load(rm_dir).to(ctx.device).eval()
         self.reward_classes = rm.classes
         self.unet = UNet2DModel.from_pretrained(base_dir / "unet")
@@ -229,15 +231,15 @@ class RewardFinetuneTrainer:
         self.x_real = torch.from_numpy(imgs) * 2 - 1
         index = {c: i for i, c in enumerate(self.classes)}
         self.y_real = torch.tensor([index.get(e.class_name, 0) for e in entries])
-        n = p["batch_size"]
-        self.n_syn = round(n / (1 + p["real_to_synthetic"]))
-        self.n_real = n - self.n_syn
+        self.n_real, self.n_syn = split_real_synthetic(p["batch_size"], p["real_to_synthetic"])
         self.real_sampler = EpochSampler(
             len(entries), self.n_real, p["seed"], rank=ctx.rank, world=ctx.world_size
         )
         self.steps_per_round = -(-p["max_steps"] // p["rounds"])
         self.gen = torch.Generator().manual_seed(p["seed"] + 3)
         self.ema = EMA(self.unet, p["ema_decay"]) if p["ema"] else None
+        if p["gradient_checkpointing"]:
+            self.unet.enable_gradient_checkpointing()
         self.unet.train()
         self.optimizer, self.lr = make_optimizer(self.unet.parameters(), p)
         self.model, self.optimizer = ctx.prepare(self.unet, self.optimizer)
@@ -250,8 +252,7 @@ class RewardFinetuneTrainer:
     def _pool_for(self, round_: int) -> None:
         """Load this round's pool artifact, or generate, score and store it."""
         name = pool_artifact(round_)
-        local = self.ctx.workdir / name
-        local.parent.mkdir(parents=True, exist_ok=True)
+        local = self.ctx.scratch(name)
         if self.ctx.load_artifact(name, local):
             self.pool = load_pool(local)
         else:
@@ -331,49 +332,68 @@ class RewardFinetuneTrainer:
         x_real, y_real = self.x_real[ri].to(dev), self.y_real[ri].to(dev)
         x_syn, y_syn = self.pool["x"][si].to(dev), self.pool["y"][si].to(dev)
         r = self.pool["rewards"][si].detach().to(dev)  # weights, never a path for gradients
-        rows = max(len(ri), len(si))
-        t = torch.randint(0, self.T, (rows,), generator=self.gen).to(dev)
-        n_real = torch.randn(x_real.shape, generator=self.gen).to(dev)
-        n_syn = torch.randn(x_syn.shape, generator=self.gen).to(dev)
-        c_real = Cond(class_labels=y_real) if self.conditional else Cond()
-        c_syn = Cond(class_labels=y_syn) if self.conditional else Cond()
+        # Drawn for the global batch, then sharded (as the samplers shard their rows): the same
+        # numbers on 1 or W processes; local row j of either half is global row rank + j·W,
+        # so the two halves still share t row by row.
+        shard = self.ctx.shard
+        t = shard(torch.randint(0, self.T, (max(self.n_real, self.n_syn),), generator=self.gen))
+        t = t.to(dev)
+        n_real = shard(torch.randn((self.n_real, *x_real.shape[1:]), generator=self.gen)).to(dev)
+        n_syn = shard(torch.randn((self.n_syn, *x_syn.shape[1:]), generator=self.gen)).to(dev)
         beta = self.p["beta"]
-        if len(ri) == len(si):  # the method's own function
-            out = reward_weighted_loss(
-                self.eps,
-                x_real,
-                c_real,
-                x_syn,
-                c_syn,
-                r,
-                t,
-                n_real,
-                n_syn,
-                self.noise_scheduler,
-                beta=beta,
-            )
-            loss, real_term, syn_term = out.total, out.real, out.synthetic
-        else:  # unequal halves: row i of each half still shares t[i]
-            losses = per_sample_losses(
-                self.eps,
-                torch.cat([x_real, x_syn]),
-                Cond.cat(c_real, c_syn),
-                torch.cat([t[: len(ri)], t[: len(si)]]),
-                torch.cat([n_real, n_syn]),
-                self.noise_scheduler,
-            )
-            real_term = losses[: len(ri)].mean()
-            syn_term = (r.to(losses.dtype) * losses[len(ri) :]).mean()
-            loss = beta * real_term + syn_term
-        self.ctx.update(
-            loss, self.model.parameters(), self.optimizer, self.lr, self.p["max_grad_norm"]
+        steps = int(self.p["gradient_accumulation_steps"])
+        m_real, m_syn = len(ri) // steps, len(si) // steps
+
+        def micro(sl: slice) -> tuple[torch.Tensor, dict[str, float]]:
+            k = sl.start  # accumulate() slices range(steps): the micro-batch's number
+            rs, ss = slice(k * m_real, (k + 1) * m_real), slice(k * m_syn, (k + 1) * m_syn)
+            c_real = Cond(class_labels=y_real[rs]) if self.conditional else Cond()
+            c_syn = Cond(class_labels=y_syn[ss]) if self.conditional else Cond()
+            # The micro-batch's rows of t: real row i and synthetic row i share t[i].
+            t_k = t[k * max(m_real, m_syn) : (k + 1) * max(m_real, m_syn)]
+            if m_real == m_syn:  # the method's own function
+                out = reward_weighted_loss(
+                    self.eps,
+                    x_real[rs],
+                    c_real,
+                    x_syn[ss],
+                    c_syn,
+                    r[ss],
+                    t_k,
+                    n_real[rs],
+                    n_syn[ss],
+                    self.noise_scheduler,
+                    beta=beta,
+                )
+                loss, real_term, syn_term = out.total, out.real, out.synthetic
+            else:  # unequal halves: row i of each half still shares t[i]
+                losses = per_sample_losses(
+                    self.eps,
+                    torch.cat([x_real[rs], x_syn[ss]]),
+                    Cond.cat(c_real, c_syn),
+                    torch.cat([t_k[:m_real], t_k[:m_syn]]),
+                    torch.cat([n_real[rs], n_syn[ss]]),
+                    self.noise_scheduler,
+                )
+                real_term = losses[:m_real].mean()
+                syn_term = (r[ss].to(losses.dtype) * losses[m_real:]).mean()
+                loss = beta * real_term + syn_term
+            return loss, {"loss_real": float(real_term), "loss_synthetic": float(syn_term)}
+
+        loss, terms = self.ctx.accumulate(
+            [self.model],
+            micro,
+            steps,
+            self.model.parameters(),
+            self.optimizer,
+            self.lr,
+            self.p["max_grad_norm"],
         )
         if self.ema is not None:
             self.ema.update(self.ctx.unwrap(self.model))
         return {
-            "loss": float(loss.detach()),
-            "loss_real": float(real_term),
-            "loss_synthetic": float(syn_term),
+            "loss": loss,
+            **terms,
             "pool_reward": float(r.mean()),
             "round": float(round_),
         }

@@ -175,11 +175,8 @@ class RewardTrainer:
             )
         )
         if p["init_classifier"]:
-            base, folder = models.fetch(
-                p["init_classifier"],
-                ctx,
-                ctx.workdir / "init_classifier",
-                field_name="params[init_classifier]",
+            base, folder = ctx.fetch_model(
+                p["init_classifier"], "init_classifier", field_name="params[init_classifier]"
             )
             n = init_image_branch_from_classifier(self.net, folder)
             ctx.log(f"image branch initialised from {base.ref} ({n} tensors)")

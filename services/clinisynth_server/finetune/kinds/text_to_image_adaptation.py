@@ -32,6 +32,7 @@ from clinisynth_server.errors import FieldViolation, InvalidArgument
 from clinisynth_server.finetune import models
 from clinisynth_server.finetune.datasets import DatasetReport, load_images
 from clinisynth_server.finetune.kinds.base import (
+    EMA,
     CheckContext,
     EpochSampler,
     KindSpec,
@@ -39,7 +40,7 @@ from clinisynth_server.finetune.kinds.base import (
     batched,
     make_optimizer,
 )
-from clinisynth_server.finetune.params import Param, common_params
+from clinisynth_server.finetune.params import Param, common_params, unet_params
 from clinisynth_server.methods.losses import diffusion_loss, prior_preservation_loss
 from clinisynth_server.methods.sampling import Cond, sample, unet_eps_fn
 from clinisynth_server.methods.schedulers import make_scheduler
@@ -111,6 +112,14 @@ PARAMS = (
     ),
     Param("initializer_token", "str", "", "word whose embedding starts the new token"),
     Param("vae_kl_weight", "float", "1e-6", "KL weight of VAE fine-tuning", minimum=0.0),
+    Param(
+        "ema",
+        "bool",
+        "false",
+        "keep EMA weights of the U-Net (the promoted folder holds them; needs train_unet)",
+    ),
+    Param("ema_decay", "float", "0.999", "EMA decay per step", minimum=0.0, maximum=1.0),
+    *unet_params(),
 )
 
 
@@ -155,6 +164,14 @@ def check(params: dict[str, Any], report: DatasetReport, ctx: CheckContext) -> l
                 "LoRA covers the U-Net and the text encoder; train the VAE with method=full",
             )
         )
+    if params["ema"] and not params["train_unet"]:
+        out.append(FieldViolation("params[ema]", "EMA averages the U-Net: needs train_unet"))
+    if params["gradient_checkpointing"] and not params["train_unet"]:
+        out.append(
+            FieldViolation(
+                "params[gradient_checkpointing]", "checkpoints the U-Net: needs train_unet"
+            )
+        )
     if params["prior_preservation"] and not params["prior_prompt"].strip():
         out.append(FieldViolation("params[prior_prompt]", "required with prior_preservation"))
     if token and (len(token.split()) != 1):
@@ -166,9 +183,28 @@ def check(params: dict[str, Any], report: DatasetReport, ctx: CheckContext) -> l
     return out
 
 
-def _trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    names = {n for n, p in module.named_parameters() if p.requires_grad}
+def _trainable_state(
+    module: torch.nn.Module, like: torch.nn.Module | None = None
+) -> dict[str, torch.Tensor]:
+    """The tensors of ``module`` that train (in ``like``, when given: an EMA shadow's)."""
+    names = {n for n, p in (like or module).named_parameters() if p.requires_grad}
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items() if k in names}
+
+
+class VaeRoundTrip(torch.nn.Module):
+    """Encode → sample → decode as one ``forward``: what DDP wraps when the VAE trains (it
+    all-reduces gradients only of what runs through a wrapped module's forward)."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(
+        self, x: torch.Tensor, noise: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dist = self.vae.encode(x).latent_dist  # type: ignore[operator]
+        z = dist.mean + dist.std * noise
+        return z, self.vae.decode(z).sample, dist.kl()  # type: ignore[operator]
 
 
 class TextToImageTrainer:
@@ -182,9 +218,7 @@ class TextToImageTrainer:
         p = self.p = ctx.params
         self.ctx = ctx
         dev = ctx.device
-        _, self.base_dir = models.fetch(
-            p["base_model"], ctx, ctx.workdir / "base", field_name="params[base_model]"
-        )
+        _, self.base_dir = ctx.fetch_model(p["base_model"], "base", field_name="params[base_model]")
         d = self.base_dir
         self.tokenizer = CLIPTokenizer.from_pretrained(str(d / "tokenizer"))
         # transformers wraps PreTrainedModel.to with functools.wraps(nn.Module.to), whose stub
@@ -200,6 +234,8 @@ class TextToImageTrainer:
         vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.resolution = p["resolution"] or int(self.unet.config.sample_size) * vae_factor
         self.channels = int(self.vae.config.in_channels)
+        side = self.resolution // vae_factor
+        self.latent_shape = (int(self.unet.config.in_channels), side, side)
         for m in (self.unet, self.text_encoder, self.vae):
             m.requires_grad_(False)
             m.eval()
@@ -228,6 +264,8 @@ class TextToImageTrainer:
             self.original_embeddings = emb.detach().clone()
 
         # 3. What trains: full weights or LoRA adapters.
+        if p["gradient_checkpointing"]:
+            self.unet.enable_gradient_checkpointing()
         if p["method"] == "lora":
             from peft import LoraConfig, get_peft_model
 
@@ -293,10 +331,12 @@ class TextToImageTrainer:
             for q in m.parameters()
             if q.requires_grad
         ]
+        self.ema = EMA(self.unet, p["ema_decay"]) if p["ema"] else None
         self.optimizer, self.lr = make_optimizer(params, p)
         self.params = params
-        self.unet, self.text_encoder, self.vae, self.optimizer = ctx.prepare(
-            self.unet, self.text_encoder, self.vae, self.optimizer
+        self.vae_round_trip = VaeRoundTrip(self.vae)
+        self.unet, self.text_encoder, self.vae_round_trip, self.optimizer = ctx.prepare(
+            self.unet, self.text_encoder, self.vae_round_trip, self.optimizer
         )
         self.eps = unet_eps_fn(self.unet)
 
@@ -312,7 +352,7 @@ class TextToImageTrainer:
     @torch.no_grad()
     def _prior_latents(self) -> torch.Tensor:
         p, dev = self.p, self.ctx.device
-        local = self.ctx.workdir / PRIOR_ARTIFACT
+        local = self.ctx.scratch(PRIOR_ARTIFACT)
         if self.ctx.load_artifact(PRIOR_ARTIFACT, local):
             return load_file(str(local), device="cpu")["latents"]
         ids = self._ids([p["prior_prompt"], ""]).to(dev)
@@ -345,57 +385,91 @@ class TextToImageTrainer:
         return latents
 
     def step(self, step: int) -> dict[str, float]:
-        p, dev = self.p, self.ctx.device
+        p, dev, ctx = self.p, self.ctx.device, self.ctx
         idx = self.sampler.next()
-        n = len(idx)
+        # Every random number is drawn for the global batch (rows), then this rank's rows are
+        # taken (ctx.shard, as the sampler's): the same numbers on 1 or W processes.
+        rows = p["batch_size"]
+
+        def draw(*shape: int) -> torch.Tensor:
+            return ctx.shard(torch.randn((rows, *shape), generator=self.gen))
+
         ids = self.ids_all[idx].clone()
-        drop = torch.rand(n, generator=self.gen) < p["prompt_dropout"]
+        drop = ctx.shard(torch.rand(rows, generator=self.gen)) < p["prompt_dropout"]
         ids[drop] = self.empty_ids
-        metrics: dict[str, float] = {}
-        total = torch.zeros((), device=dev)
-        # Latents z₀: through the (training) VAE, or from the cached posterior.
+        x = self.x[idx].to(dev) if p["train_vae"] else None
         if p["train_vae"]:
-            x = self.x[idx].to(dev)
-            dist = self.vae.encode(x).latent_dist
-            z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=self.gen).to(dev)
-            recon = self.vae.decode(z).sample
-            vae_loss = F.mse_loss(recon.float(), x.float()) + p["vae_kl_weight"] * dist.kl().mean()
-            total = total + vae_loss
-            metrics["loss_vae"] = float(vae_loss.detach())
-            z0 = z.detach() * self.scale
+            z_noise = draw(*self.latent_shape).to(dev)
         else:
-            noise_z = torch.randn(self.lat_mean[idx].shape, generator=self.gen)
-            z0 = ((self.lat_mean[idx] + self.lat_std[idx] * noise_z) * self.scale).to(dev)
+            z0_all = (
+                self.lat_mean[idx] + self.lat_std[idx] * draw(*self.lat_mean.shape[1:])
+            ) * self.scale
         if self.unet_loss:
-            with torch.set_grad_enabled(self.te_trains):
-                states = self.text_encoder(ids.to(dev))[0]
-            noise = torch.randn(z0.shape, generator=self.gen).to(dev)
-            t = torch.randint(0, self.T, (n,), generator=self.gen).to(dev)
-            cond = Cond(encoder_hidden_states=states)
+            shape = self.latent_shape
+            noise, t = (
+                draw(*shape).to(dev),
+                ctx.shard(torch.randint(0, self.T, (rows,), generator=self.gen)).to(dev),
+            )
             if self.prior is not None:
-                pi = torch.randint(0, len(self.prior), (n,), generator=self.gen)
-                with torch.set_grad_enabled(self.te_trains):
-                    p_states = self.text_encoder(self.prior_ids.expand(n, -1).to(dev))[0]
-                out = prior_preservation_loss(
-                    self.eps,
-                    z0,
-                    cond,
-                    noise,
-                    t,
-                    self.prior[pi].to(dev),
-                    Cond(encoder_hidden_states=p_states),
-                    torch.randn(z0.shape, generator=self.gen).to(dev),
-                    torch.randint(0, self.T, (n,), generator=self.gen).to(dev),
-                    self.noise_scheduler,
-                    lambda_prior=p["prior_weight"],
-                )
-                total = total + out.total
-                metrics.update(loss_instance=float(out.instance), loss_prior=float(out.prior))
+                pi = ctx.shard(torch.randint(0, len(self.prior), (rows,), generator=self.gen))
+                noise_p = draw(*shape).to(dev)
+                t_p = ctx.shard(torch.randint(0, self.T, (rows,), generator=self.gen)).to(dev)
+
+        def micro(sl: slice) -> tuple[torch.Tensor, dict[str, float]]:
+            metrics: dict[str, float] = {}
+            total = torch.zeros((), device=dev)
+            n = len(ids[sl])
+            # Latents z₀: through the (training) VAE, or from the cached posterior.
+            if p["train_vae"]:
+                assert x is not None
+                z, recon, kl = self.vae_round_trip(x[sl], z_noise[sl])
+                vae_loss = F.mse_loss(recon.float(), x[sl].float()) + p["vae_kl_weight"] * kl.mean()
+                total = total + vae_loss
+                metrics["loss_vae"] = float(vae_loss.detach())
+                z0 = z.detach() * self.scale
             else:
-                loss = diffusion_loss(self.eps, z0, cond, t, noise, self.noise_scheduler)
-                total = total + loss
-                metrics["loss_diffusion"] = float(loss.detach())
-        self.ctx.update(total, self.params, self.optimizer, self.lr, p["max_grad_norm"])
+                z0 = z0_all[sl].to(dev)
+            if self.unet_loss:
+                # One text-encoder forward for the instance and prior prompts (one DDP pass).
+                prompt_ids = ids[sl]
+                if self.prior is not None:
+                    prompt_ids = torch.cat([prompt_ids, self.prior_ids.expand(n, -1)])
+                with torch.set_grad_enabled(self.te_trains):
+                    states = self.text_encoder(prompt_ids.to(dev))[0]
+                cond = Cond(encoder_hidden_states=states[:n])
+                if self.prior is not None:
+                    out = prior_preservation_loss(
+                        self.eps,
+                        z0,
+                        cond,
+                        noise[sl],
+                        t[sl],
+                        self.prior[pi[sl]].to(dev),
+                        Cond(encoder_hidden_states=states[n:]),
+                        noise_p[sl],
+                        t_p[sl],
+                        self.noise_scheduler,
+                        lambda_prior=p["prior_weight"],
+                    )
+                    total = total + out.total
+                    metrics.update(loss_instance=float(out.instance), loss_prior=float(out.prior))
+                else:
+                    loss = diffusion_loss(
+                        self.eps, z0, cond, t[sl], noise[sl], self.noise_scheduler
+                    )
+                    total = total + loss
+                    metrics["loss_diffusion"] = float(loss.detach())
+            return total, metrics
+
+        loss, metrics = ctx.accumulate(
+            [self.unet, self.text_encoder, self.vae_round_trip],
+            micro,
+            len(idx),
+            self.params,
+            self.optimizer,
+            self.lr,
+            p["max_grad_norm"],
+        )
         if self.token_id is not None and not p["train_text_encoder"]:
             # Only the new token's row may move: restore every other row.
             from transformers import PreTrainedModel
@@ -409,7 +483,9 @@ class TextToImageTrainer:
             keep[self.token_id] = False
             with torch.no_grad():
                 emb[keep] = self.original_embeddings[keep].to(emb.device, emb.dtype)
-        return {"loss": float(total.detach()), **metrics}
+        if self.ema is not None:
+            self.ema.update(self.ctx.unwrap(self.unet))
+        return {"loss": loss, **metrics}
 
     def evaluate(self) -> dict[str, float]:
         return {}
@@ -417,6 +493,11 @@ class TextToImageTrainer:
     def state(self) -> dict[str, Any]:
         return {
             "unet": _trainable_state(self.ctx.unwrap(self.unet)),
+            "ema": (
+                _trainable_state(self.ema.shadow, like=self.ctx.unwrap(self.unet))
+                if self.ema is not None
+                else None
+            ),
             "text_encoder": _trainable_state(self.ctx.unwrap(self.text_encoder)),
             "vae": _trainable_state(self.ctx.unwrap(self.vae)),
             "optimizer": self.optimizer.state_dict(),
@@ -430,6 +511,8 @@ class TextToImageTrainer:
             module = self.ctx.unwrap(getattr(self, name))
             if state[name]:
                 module.load_state_dict(state[name], strict=False)
+        if self.ema is not None and state.get("ema"):
+            self.ema.shadow.load_state_dict(state["ema"], strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr.load_state_dict(state["lr"])
         self.sampler.load_state(state["sampler"])
@@ -449,7 +532,8 @@ class TextToImageTrainer:
 
     def save_model(self, folder: pathlib.Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        self._plain(self.ctx.unwrap(self.unet)).save_pretrained(folder / "unet")
+        unet = self.ema.shadow if self.ema is not None else self.ctx.unwrap(self.unet)
+        self._plain(unet).save_pretrained(folder / "unet")
         self._plain(self.ctx.unwrap(self.text_encoder)).save_pretrained(folder / "text_encoder")
         from diffusers import AutoencoderKL
 
