@@ -201,6 +201,17 @@ def assert_trained(client, job_id: str):  # type: ignore[no-untyped-def]
 # ---------------------------------------------------------------------------------------------
 
 
+def test_several_nodes_on_the_local_launcher_are_refused_at_create(client, data, jobs):  # type: ignore[no-untyped-def]
+    """Not accepted and failed later: the local launcher runs one machine's processes."""
+    with pytest.raises(clinisynth.InvalidArgumentError) as err:
+        client.finetune.create(
+            "diffusion_pretrain", data["cells"], params={"nnodes": 2, "max_steps": 2}
+        )
+    by_field = {v.field: v.description for v in err.value.field_violations}
+    assert "kubernetes launcher" in by_field["params[nnodes]"], by_field
+    assert set(by_field) == {"params[nnodes]"}  # the rest of the request is fine
+
+
 def test_create_reports_every_problem_at_once(client, data, jobs):  # type: ignore[no-untyped-def]
     with pytest.raises(clinisynth.InvalidArgumentError) as err:
         client.finetune.create(

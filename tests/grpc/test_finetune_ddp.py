@@ -11,7 +11,7 @@ different order than one process: a few ulps per step (measured: at most 2e-7 re
 20 steps for both kinds on this model). ``REL_TOL`` is ten times that.
 
 The other kinds (text_to_image_adaptation, reward_model, reward_finetune) run their 2-process
-jobs through the CLI (``clinisynth finetune create --set nproc_per_node=2``) against a service
+jobs through the CLI (``clinisynth finetune create --param nproc_per_node=2``) against a service
 with Triton and promote the result. The same tolerance holds for them (measured: at most 4e-7
 over their few steps): their noise, prompt dropout and prior draws are made for the global
 batch and sharded too, and reward_finetune's synthetic pool is sampled in full by every rank
@@ -380,7 +380,7 @@ def test_other_kinds_train_like_one_through_the_cli_and_promote(
     sets = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in params.items()]
     argv = ["finetune", "create", "--kind", kind, "--data", kind_data[data]]
     for pair in [*sets, "nproc_per_node=2"]:
-        argv += ["--set", pair]
+        argv += ["--param", pair]
     assert cli(argv) == 0
     two = capsys.readouterr().out.strip()
     with clinisynth.Client(endpoints={"finetune": with_triton}, timeout=120) as client:

@@ -170,7 +170,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = ft.add_parser("create", help="validate and queue a job; prints its id")
     p.add_argument("--kind", "-k", required=True, help="see `clinisynth finetune kinds`")
     p.add_argument("--data", "-d", required=True, help="data set store prefix")
-    p.add_argument("--set", "-s", action="append", metavar="KEY=VALUE", help="a parameter")
+    p.add_argument(
+        "--param",
+        "--set",
+        "-s",
+        dest="set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a job parameter (repeat it), e.g. --param nproc_per_node=2",
+    )
     p.add_argument("--model-name", help="model a promote writes to")
     p.add_argument("--request-id", help="idempotency key (default: random)")
     p.set_defaults(func=cmd_create)

@@ -30,6 +30,9 @@ WORKER_MODULE = "clinisynth_server.finetune.worker"
 
 
 class Launcher(Protocol):
+    #: The most machines (``params[nnodes]``) one job may span; None: no limit of its own.
+    max_nnodes: int | None
+
     def launch(self, record: JobRecord, nproc_per_node: int) -> dict[str, Any]: ...
 
     def alive(self, record: JobRecord) -> bool | None:
@@ -56,6 +59,7 @@ def worker_command(run_id: str, nproc_per_node: int) -> list[str]:
 
 
 class LocalLauncher:
+    max_nnodes: int | None = 1  # one machine: torchrun --standalone
     """Subprocesses in their own session (they outlive a killed service)."""
 
     def __init__(self, *, env: dict[str, str], log_dir: pathlib.Path) -> None:
@@ -366,6 +370,7 @@ def pytorchjob(job: dict[str, Any], placement: Placement) -> dict[str, Any]:
 
 
 class KubernetesLauncher:
+    max_nnodes: int | None = None
     """One attempt = an Indexed Job + a headless Service for torchrun's rendezvous, or a
     Kubeflow ``PyTorchJob`` (``api``: job, pytorchjob, or auto = a PyTorchJob when the cluster
     serves the ``kubeflow.org/v1`` API).

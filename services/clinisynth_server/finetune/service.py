@@ -202,6 +202,14 @@ class FinetuneService:
             errors.violations.extend(
                 world_size_violations(parsed.values, self.settings.nproc_per_node)
             )
+            nnodes = int(parsed.values.get("nnodes", 1) or 1)
+            most = getattr(self.launcher, "max_nnodes", None)
+            if most is not None and nnodes > most:
+                errors.add(
+                    "params[nnodes]",
+                    f"{nnodes} machines; this service's launcher runs jobs on at most {most} "
+                    "(several nodes need the kubernetes launcher: CLINISYNTH_FINETUNE_LAUNCHER)",
+                )
             if dataset:
                 report = datasets.validate(
                     datasets.StoreSource(self.store, dataset), dataset, spec.dataset_layout
