@@ -1,5 +1,6 @@
-"""Real PACS peers for the PACS-out tests: Debian's Orthanc (+ DICOMweb plugin) and dcmtk's
-storescp, each on loopback with free ports and temporary storage."""
+"""Real PACS peers for the PACS tests: Debian's Orthanc (+ DICOMweb plugin; its DIMSE port answers
+C-GET from any calling AE) and dcmtk's storescp, each on loopback with free ports and temporary
+storage."""
 
 from __future__ import annotations
 
@@ -71,6 +72,7 @@ class OrthancPeer:
                     "HttpPort": self.http_port,
                     "DicomPort": self.dicom_port,
                     "DicomAet": "ORTHANC",
+                    "DicomAlwaysAllowGet": True,
                     "RemoteAccessAllowed": False,
                     "AuthenticationEnabled": False,
                     "Plugins": [plugin],
@@ -116,6 +118,17 @@ class OrthancPeer:
     def get_bytes(self, path: str) -> bytes:
         with urllib.request.urlopen(self.url + path, timeout=10) as resp:
             return bytes(resp.read())
+
+    def upload(self, data: bytes) -> str:
+        """Store one DICOM Part 10 object through the REST API; Orthanc's instance id."""
+        req = urllib.request.Request(
+            self.url + "/instances",
+            data=data,
+            method="POST",
+            headers={"Content-Type": "application/dicom"},
+        )
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return str(json.loads(resp.read())["ID"])
 
 
 class StoreScp:

@@ -137,12 +137,25 @@ class ArtifactRef(_message.Message):
     presigned_url: str
     def __init__(self, key: _Optional[str] = ..., uri: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., presigned_url: _Optional[str] = ...) -> None: ...
 
+class PacsRef(_message.Message):
+    __slots__ = ("pacs", "study_uid", "series_uid", "sop_uid")
+    PACS_FIELD_NUMBER: _ClassVar[int]
+    STUDY_UID_FIELD_NUMBER: _ClassVar[int]
+    SERIES_UID_FIELD_NUMBER: _ClassVar[int]
+    SOP_UID_FIELD_NUMBER: _ClassVar[int]
+    pacs: str
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    def __init__(self, pacs: _Optional[str] = ..., study_uid: _Optional[str] = ..., series_uid: _Optional[str] = ..., sop_uid: _Optional[str] = ...) -> None: ...
+
 class Image(_message.Message):
-    __slots__ = ("encoded", "dicom", "raw", "ref", "width", "height", "channels", "format")
+    __slots__ = ("encoded", "dicom", "raw", "ref", "pacs", "width", "height", "channels", "format")
     ENCODED_FIELD_NUMBER: _ClassVar[int]
     DICOM_FIELD_NUMBER: _ClassVar[int]
     RAW_FIELD_NUMBER: _ClassVar[int]
     REF_FIELD_NUMBER: _ClassVar[int]
+    PACS_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     CHANNELS_FIELD_NUMBER: _ClassVar[int]
@@ -151,11 +164,12 @@ class Image(_message.Message):
     dicom: bytes
     raw: RawArray
     ref: ArtifactRef
+    pacs: PacsRef
     width: int
     height: int
     channels: int
     format: ImageFormat
-    def __init__(self, encoded: _Optional[bytes] = ..., dicom: _Optional[bytes] = ..., raw: _Optional[_Union[RawArray, _Mapping]] = ..., ref: _Optional[_Union[ArtifactRef, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., channels: _Optional[int] = ..., format: _Optional[_Union[ImageFormat, str]] = ...) -> None: ...
+    def __init__(self, encoded: _Optional[bytes] = ..., dicom: _Optional[bytes] = ..., raw: _Optional[_Union[RawArray, _Mapping]] = ..., ref: _Optional[_Union[ArtifactRef, _Mapping]] = ..., pacs: _Optional[_Union[PacsRef, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., channels: _Optional[int] = ..., format: _Optional[_Union[ImageFormat, str]] = ...) -> None: ...
 
 class ImageChunk(_message.Message):
     __slots__ = ("image_index", "offset", "data", "last", "format")

@@ -10,7 +10,9 @@ The loop itself — respaced chain, cone projection, guided posterior mean, nois
 :func:`clinisynth_server.methods.counterfactual.run_counterfactual`, the same function the
 benchmark runs in-process; progress, the probability trajectory and cancellation live between
 its steps. Input images may be patient images: an inline DICOM is de-identified on arrival
-(:func:`admit_input`, PS3.15 basic profile) before it is decoded or described in a log line
+(:func:`admit_input`, PS3.15 basic profile), and so is one fetched from a PACS by its UIDs
+(:meth:`Counterfactuals.fetch_input`, :mod:`clinisynth_server.pacs.fetch`; the provenance keeps
+only a salted hash of the original UIDs), before it is decoded or described in a log line
 (only :func:`imaging.deid.safe_log_repr`, never pixels); outputs are new encodings that carry
 none of the input's attributes (a DICOM result is a Secondary Capture, see ``imaging.encode``,
 marked PatientIdentityRemoved = YES because its pixels derive from a patient's image).
@@ -34,7 +36,7 @@ import pathlib
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -54,6 +56,7 @@ from clinisynth_server.imaging.deid import safe_log_repr
 from clinisynth_server.imaging.provenance import Provenance
 from clinisynth_server.methods import counterfactual as cf
 from clinisynth_server.pacs.config import check_destination
+from clinisynth_server.pacs.fetch import FetchedInstance, PacsReader, PacsRef
 from clinisynth_server.pacs.outbox import Outbox, OutboxItem
 from clinisynth_server.runtime.metrics import CounterfactualMetrics
 from clinisynth_server.store.base import (
@@ -367,8 +370,11 @@ class Counterfactuals:
         instance_kind: str = "cpu",
         metrics: CounterfactualMetrics | None = None,
         outbox: Outbox | None = None,
+        pacs: PacsReader | None = None,
     ) -> None:
         self.outbox = outbox
+        # PACS in reads from the same [pacs.NAME] tables the outbox delivers to.
+        self.pacs = pacs or PacsReader(outbox.destinations if outbox else {}, store)
         self.catalog = catalog
         self.triton = triton
         self.store = store
@@ -378,6 +384,11 @@ class Counterfactuals:
         self._ready: set[str] = set()
         self._lock = threading.Lock()
         self._schedules: dict[str, torch.Tensor] = {}
+
+    # -- input by reference ------------------------------------------------------------------
+    def fetch_input(self, ref: PacsRef, *, field: str = "image.pacs") -> FetchedInstance:
+        """An input named by its PACS UIDs, fetched and de-identified (see :mod:`.pacs.fetch`)."""
+        return self.pacs.fetch(ref, field=field)
 
     # -- stage 3: models ---------------------------------------------------------------------
     def guidance_model(self, plan: Plan) -> str:
@@ -594,7 +605,10 @@ class Counterfactuals:
         cancel: CancelToken = NEVER,
         sink: EventSink | None = None,
         source_repr: str = "",
+        source_facts: Mapping[str, str] | None = None,
     ) -> CounterfactualOutcome:
+        """``source_facts``: what provenance records of the input's origin (a PACS input's
+        ``input_lineage``, :meth:`.FetchedInstance.provenance`), never an identifier."""
         plan = validate(options, self.catalog)  # 1.
         if options.to_pacs:
             check_destination(options.to_pacs, self.outbox.destinations if self.outbox else {})
@@ -625,6 +639,8 @@ class Counterfactuals:
         provenance = self._provenance(
             plan, plan.seed, (source.shape[0], source.shape[1]), request_id, model, source, resized
         )
+        if source_facts:
+            provenance = replace(provenance, extra={**provenance.extra, **source_facts})
         outcome = self._outcome(
             plan,
             images[0],

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
@@ -13,6 +13,7 @@ from clinisynth_server.counterfactual import service as svc
 from clinisynth_server.counterfactual.options import CounterfactualOptions
 from clinisynth_server.errors import InvalidArgument
 from clinisynth_server.imaging.deid import safe_log_repr
+from clinisynth_server.pacs.fetch import PacsRef
 from clinisynth_server.runtime.streaming import cancel_token, stream_events
 from clinisynth_server.store.base import ArtifactStore
 
@@ -77,18 +78,29 @@ class CounterfactualServicer(counterfactual_pb2_grpc.CounterfactualServiceServic
         self.store = store
 
     # -- mapping ------------------------------------------------------------------------------
-    def _input(self, req: counterfactual_pb2.CounterfactualRequest) -> tuple[np.ndarray, str]:
+    def _input(
+        self, req: counterfactual_pb2.CounterfactualRequest
+    ) -> tuple[np.ndarray, str, Mapping[str, str]]:
         kind = req.image.WhichOneof("data")
         image = req.image
         description = f"<{kind or 'none'}>"
-        if kind in ("encoded", "dicom"):
+        facts: Mapping[str, str] = {}
+        if kind == "pacs":
+            p = req.image.pacs
+            fetched = self.cf.fetch_input(
+                PacsRef(p.pacs, p.study_uid, p.series_uid, p.sop_uid), field="image.pacs"
+            )
+            description = safe_log_repr(fetched.data)
+            facts = fetched.provenance()
+            image = common_pb2.Image(dicom=fetched.data)
+        elif kind in ("encoded", "dicom"):
             clean = svc.admit_input(getattr(req.image, kind), field=f"image.{kind}")
             description = safe_log_repr(clean)
             image = common_pb2.Image()
             image.CopyFrom(req.image)
             setattr(image, kind, clean)
         pixels = protoconv.decode_input_image(image, field="image", store=self.store)
-        return pixels, description
+        return pixels, description, facts
 
     def _response(
         self, out: svc.CounterfactualOutcome
@@ -132,9 +144,13 @@ class CounterfactualServicer(counterfactual_pb2_grpc.CounterfactualServiceServic
     # -- RPCs ---------------------------------------------------------------------------------
     def CreateCounterfactual(self, request, context):
         opts = options_from(request)
-        pixels, description = self._input(request)
+        pixels, description, facts = self._input(request)
         out = self.cf.counterfactual(
-            pixels, opts, cancel=cancel_token(context), source_repr=description
+            pixels,
+            opts,
+            cancel=cancel_token(context),
+            source_repr=description,
+            source_facts=facts,
         )
         return self._response(out)
 
@@ -142,11 +158,16 @@ class CounterfactualServicer(counterfactual_pb2_grpc.CounterfactualServiceServic
         self, request, context
     ) -> Iterator[counterfactual_pb2.CounterfactualEvent]:
         opts = options_from(request)
-        pixels, description = self._input(request)
+        pixels, description, facts = self._input(request)
         token = cancel_token(context)
         for kind, item in stream_events(
             lambda sink: self.cf.counterfactual(
-                pixels, opts, cancel=token, sink=sink, source_repr=description
+                pixels,
+                opts,
+                cancel=token,
+                sink=sink,
+                source_repr=description,
+                source_facts=facts,
             ),
             token,
         ):

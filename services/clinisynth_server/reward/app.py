@@ -22,6 +22,8 @@ import grpc
 from clinisynth.v1 import reward_pb2
 from clinisynth_server.catalog import Catalog
 from clinisynth_server.errors import InvalidArgument
+from clinisynth_server.pacs.config import load_destinations
+from clinisynth_server.pacs.fetch import PacsReader
 from clinisynth_server.reward.queue import strategy_named
 from clinisynth_server.reward.service import DEFAULT_REFRESH_S, Reward
 from clinisynth_server.reward.servicer import RewardServicer
@@ -92,6 +94,7 @@ def create(config: ServiceConfig) -> Callable[[grpc.Server, ServiceMetrics], Seq
                 config.get("review_order"), "CLINISYNTH_REWARD_REVIEW_ORDER"
             ),
             refresh_interval_s=_float(config, "refresh_interval_s", DEFAULT_REFRESH_S),
+            pacs=PacsReader(load_destinations(config.config_file), deps.store),
         )
         reward_pb2_grpc.add_RewardServiceServicer_to_server(
             RewardServicer(reward, catalog, deps.store), server

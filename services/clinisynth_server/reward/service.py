@@ -13,7 +13,9 @@ same record. Every reward-model forward pass runs in Triton (``scoring.Scorer``)
 
 Stages of a Score request:
   1. validate every field up front (count, conditions, model, each image) — all errors at once;
-  2. decode images to the model's channels (and size, when ``resize``);
+  2. fetch images given by PACS reference (:mod:`clinisynth_server.pacs.fetch`: WADO-RS or
+     C-GET, de-identified on arrival like any DICOM input; only a salted hash of the original
+     UIDs is logged), then decode images to the model's channels (and size, when ``resize``);
   3. score in Triton batches; record the quality metrics (by model / generator / condition).
 """
 
@@ -32,6 +34,7 @@ from clinisynth_server.cancel import NEVER, CancelToken
 from clinisynth_server.catalog import Catalog, ModelRecord
 from clinisynth_server.errors import ClinisynthError, InvalidArgument, ValidationErrors
 from clinisynth_server.imaging.decode import DEFAULT_MAX_REQUEST_PIXELS, PixelBudget
+from clinisynth_server.pacs.fetch import PacsReader, PacsRef
 from clinisynth_server.reward import agreement as agr
 from clinisynth_server.reward import images as imgs
 from clinisynth_server.reward.checklists import Criterion
@@ -115,6 +118,13 @@ class ScoreOptions:
 
 
 @dataclass(frozen=True)
+class PacsImage(imgs.ImageInput):
+    """An image the caller names by its PACS UIDs (``kind`` ``"pacs"``); fetched at scoring."""
+
+    ref: PacsRef | None = None
+
+
+@dataclass(frozen=True)
 class ImageScore:
     index: int
     p_aligned: float
@@ -171,6 +181,15 @@ class AgreementReport:
     raters: list[agr.RaterStats]
 
 
+def _not_by_pacs(image: imgs.ImageInput, field_name: str) -> None:
+    """Judged and queued images are kept for raters: PACS references are for scoring only."""
+    if isinstance(image, PacsImage):
+        raise InvalidArgument.for_field(
+            f"{field_name}.pacs",
+            "PACS references are accepted by Score and ScoreStream only; send the image itself",
+        )
+
+
 def _parse_generator(text: str) -> tuple[str, str]:
     name, _, version = text.partition("@")
     return name, version
@@ -196,8 +215,12 @@ class Reward:
         clock: Callable[[], float] = time.time,
         review_order: str | OrderStrategy = "",
         refresh_interval_s: float = DEFAULT_REFRESH_S,
+        pacs: PacsReader | None = None,
     ) -> None:
+        """``pacs``: the reader of Score inputs given by PACS reference (none configured when
+        absent: every reference is then INVALID_ARGUMENT on its ``pacs`` field)."""
         self.catalog = catalog
+        self.pacs = pacs or PacsReader({}, store)
         self.triton = triton
         self.store = store
         self.metrics = metrics
@@ -289,7 +312,12 @@ class Reward:
                 errors.violations.extend(exc.violations)
             if errors.violations and not opts.conditions:
                 break
-        pixels = self._decode_all(opts.images, record, errors, "images", resize=opts.resize)
+        images: Sequence[imgs.ImageInput] = opts.images
+        if any(isinstance(image, PacsImage) for image in images):
+            errors.raise_if_any()  # a request already refused fetches nothing
+            images = self._fetch_pacs(images, errors, "images")
+            errors.raise_if_any()
+        pixels = self._decode_all(images, record, errors, "images", resize=opts.resize)
         errors.raise_if_any()
         cancel.check()
         p = self.scorer.score(
@@ -304,6 +332,33 @@ class Reward:
             record,
             [ImageScore(i, float(p[i]), record, names[i]) for i in range(n)],
         )
+
+    def _fetch_pacs(
+        self,
+        images: Sequence[imgs.ImageInput],
+        errors: ValidationErrors,
+        field_name: str,
+        offset: int = 0,
+    ) -> list[imgs.ImageInput]:
+        """PACS references replaced by their fetched, de-identified DICOM (bad references
+        collected in ``errors``; NOT_FOUND / UNAVAILABLE raised at once)."""
+        out: list[imgs.ImageInput] = []
+        for i, image in enumerate(images):
+            if not isinstance(image, PacsImage) or image.ref is None:
+                out.append(image)
+                continue
+            try:
+                fetched = self.pacs.fetch(
+                    image.ref,
+                    field=f"{field_name}[{offset + i}].pacs",
+                    max_bytes=self.max_upload_bytes,
+                )
+            except InvalidArgument as exc:
+                errors.violations.extend(exc.violations)
+                out.append(imgs.ImageInput("none"))
+                continue
+            out.append(imgs.ImageInput("dicom", data=fetched.data))
+        return out
 
     def _resolve(self, model: str, version: str, condition: Condition | None) -> ModelRecord:
         if not model and condition is None:
@@ -405,8 +460,10 @@ class Reward:
                     check_condition(record, cond, f"images[{index + i}].condition")
                 except InvalidArgument as exc:
                     errors.violations.extend(exc.violations)
+            fetched = self._fetch_pacs([b.image for b in batch], errors, "images", index)
+            errors.raise_if_any()
             pixels = self._decode_all(
-                [b.image for b in batch], record, errors, "images", index, resize=config.resize
+                fetched, record, errors, "images", index, resize=config.resize
             )
             errors.raise_if_any()
             p = self.scorer.score(record, pixels, checked, timeout_s=cancel.remaining())
@@ -429,6 +486,8 @@ class Reward:
 
     # -- feedback log ---------------------------------------------------------------------------
     def submit(self, draft: FeedbackDraft) -> tuple[FeedbackRecord, bool]:
+        if draft.image is not None:
+            _not_by_pacs(draft.image, "feedback.image")
         return self.log.submit(draft)
 
     def list_feedback(
@@ -466,6 +525,8 @@ class Reward:
         raters_per_item: int = 0,
         generator: str = "",
     ) -> list[QueuedItem]:
+        for i, im in enumerate(images):
+            _not_by_pacs(im.image, f"images[{i}].image")
         models: dict[Condition, ModelRecord | None] = {}
 
         def shrink(cond: Condition, arr: np.ndarray) -> np.ndarray:

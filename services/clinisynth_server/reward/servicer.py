@@ -9,6 +9,7 @@ from clinisynth.v1 import common_pb2, reward_pb2, reward_pb2_grpc
 from clinisynth_server import protoconv
 from clinisynth_server.catalog import Catalog, ModelRecord
 from clinisynth_server.errors import InvalidArgument
+from clinisynth_server.pacs.fetch import PacsRef
 from clinisynth_server.reward import service as svc
 from clinisynth_server.reward.feedback import FeedbackRecord
 from clinisynth_server.reward.images import ImageInput
@@ -44,6 +45,9 @@ def image_from(msg: common_pb2.Image) -> ImageInput:
         return ImageInput("raw", data=msg.raw.data, shape=tuple(msg.raw.shape), dtype=msg.raw.dtype)
     if kind == "ref":
         return ImageInput("ref", key=msg.ref.key)
+    if kind == "pacs":
+        p = msg.pacs
+        return svc.PacsImage("pacs", ref=PacsRef(p.pacs, p.study_uid, p.series_uid, p.sop_uid))
     return ImageInput("none")
 
 
