@@ -73,5 +73,13 @@ status:
 bench: install
 	$(VENV)/bin/clinisynth benchmark generator
 
+# The full-size (SD-1.5-shaped) benchmark on a GPU machine: installs the wheels in WHEELS (no
+# index, --no-deps), runs fp16 512x512 at 30 / 50 steps, concurrency 1 / 8 / 32, writes figures
+# to OUT. `make gpu-bench GPU_BENCH_ARGS=--dry-run` runs the same steps on CPU (tiny preset).
+.PHONY: gpu-bench
+WHEELS ?= wheels
+gpu-bench:
+	bash scripts/gpu_bench.sh --wheels $(WHEELS) $(if $(OUT),--out $(OUT)) $(GPU_BENCH_ARGS)
+
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache out

@@ -321,3 +321,92 @@ def build_text_to_image(
         json.dumps({"description": description, "labels": labels or {}}, indent=2)
     )
     return folder
+
+
+#: Stable Diffusion 1.x's scheduler (what an SD-1.5 folder ships: PNDM with these settings).
+SD1_PNDM_SCHEDULER: dict[str, object] = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+}
+
+
+def build_sd15_shaped(
+    folder: str | pathlib.Path,
+    *,
+    seed: int = 0,
+    description: str = "SD-1.5-shaped, random weights",
+    labels: dict[str, str] | None = None,
+) -> pathlib.Path:
+    """A ``StableDiffusionPipeline`` folder with Stable Diffusion 1.5's shapes, random weights.
+
+    U-Net as SD-1.5 (``block_out_channels`` 320, 640, 1280, 1280, two layers per block,
+    attention head dim 8, cross-attention dim 768, 64×64 latents: ≈ 860 M parameters), a CLIP
+    text encoder of ViT-L/14's text size (hidden 768, 12 layers, 12 heads, 49,408-token
+    embedding table: ≈ 123 M), the SD VAE (4 latent channels, 128, 256, 512, 512: ≈ 84 M) and
+    SD-1.x's PNDM scheduler; 512×512 images. Built from configs under ``seed`` (nothing is
+    downloaded); the tokenizer is :func:`write_clip_tokenizer`'s small BPE vocabulary, whose
+    ids all fall inside the full-size embedding table. ≈ 4.3 GB of float32 safetensors.
+    """
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = pathlib.Path(folder)
+    tok_dir = write_clip_tokenizer(folder / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
+    torch.manual_seed(seed)
+    # One component at a time, saved and freed: the builder peaks near the U-Net's 3.4 GB.
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    unet.save_pretrained(folder / "unet")
+    del unet
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            projection_dim=768,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    text.save_pretrained(folder / "text_encoder")
+    del text
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        norm_num_groups=32,
+        sample_size=512,
+    )
+    vae.save_pretrained(folder / "vae")
+    del vae
+    PNDMScheduler(**SD1_PNDM_SCHEDULER).save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(json.dumps(sd_model_index("PNDMScheduler")))
+    (folder / "clinisynth.json").write_text(
+        json.dumps({"description": description, "labels": labels or {}}, indent=2)
+    )
+    return folder

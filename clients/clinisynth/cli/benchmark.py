@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCHMARKS = ("generator", "reward", "finetune", "counterfactual", "methods", "memory")
+BENCHMARKS = (
+    "generator",
+    "reward",
+    "finetune",
+    "counterfactual",
+    "methods",
+    "memory",
+    "batch_invariant",
+)
 
 
 def cmd_benchmark(ns: argparse.Namespace) -> int:

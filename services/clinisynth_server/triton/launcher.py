@@ -12,6 +12,23 @@ Why each environment detail matters (checked on this machine):
 - Each server gets its own python-backend shared-memory prefix so parallel servers
   (tests, several services) never collide in ``/dev/shm``.
 
+CPU sharing on a busy host (measured on a 2-core machine, ``clinisynth benchmark generator
+--background-load 1``):
+
+- Triton stays in the caller's *session* (its own process group, so :meth:`TritonServer.stop`
+  still reaches every stub). With ``kernel.sched_autogroup_enabled`` (the default on desktop and
+  many server kernels) the scheduler shares CPU time between sessions first and applies ``nice``
+  only inside one: a server in a session of its own competed as an equal with a ``nice 19`` job
+  started from the caller's shell, while the in-process pipeline it is compared with, in the
+  caller's session, left that job the crumbs. ``own_session=True`` restores the old behaviour.
+- The stubs' OpenMP threads spin only briefly before sleeping (``GOMP_SPINCOUNT``, default
+  :data:`OMP_SPIN_COUNT`; ``KMP_BLOCKTIME`` for Intel OpenMP builds), instead of libgomp's
+  300,000 spins: a thread that finished its share of an operator and spins keeps its core busy,
+  so a sibling thread that lost its core to another process is neither helped by the idle core
+  nor waited for cheaply. Either variable set in the launcher's environment wins. Each stub
+  uses ``cpu_count // instances`` intra-op threads unless its model sets ``torch_threads``
+  (``backends._base.configure_torch_threads``).
+
 Models load with ``--model-control-mode=explicit --load-model=*``: everything in the
 repository is up after :meth:`TritonServer.start`, and ``load_model``/``unload_model``
 through the client add, replace or retire models and versions later.
@@ -64,6 +81,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from clinisynth_server.errors import FailedPrecondition, Unavailable
 from clinisynth_server.triton import native
@@ -119,9 +137,14 @@ _ENV_ALLOWED_PREFIXES = (
     "HF_",
     "TRANSFORMERS_",
     "DIFFUSERS_",
+    "GOMP_",
 )
 # ... unless the name says it is a secret (HF_TOKEN, CUDA_..._KEY, ...).
 _ENV_SECRET = re.compile(r"TOKEN|SECRET|PASSW|KEY|CREDENTIAL|AUTH|CERT", re.IGNORECASE)
+# Spins an idle OpenMP thread makes before it sleeps (libgomp's default is 300,000); see above.
+OMP_SPIN_COUNT = 10_000
+# The same for Intel OpenMP (milliseconds; its default is 200).
+KMP_BLOCKTIME_MS = 1
 
 
 @dataclass(frozen=True)
@@ -262,7 +285,17 @@ def server_environment(
     env["PYTHONPATH"] = os.pathsep.join(pythonpath + ([old] if old else []))
     env.setdefault("HF_HUB_OFFLINE", "1")  # a model must never reach for the network
     env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    env.setdefault("GOMP_SPINCOUNT", str(OMP_SPIN_COUNT))
+    env.setdefault("KMP_BLOCKTIME", str(KMP_BLOCKTIME_MS))
     return env
+
+
+def grouping(own_session: bool = False) -> dict[str, Any]:
+    """``Popen`` arguments for the server: a process group of its own (``stop()`` signals the
+    group, so every stub), in the caller's session unless ``own_session`` (module docstring)."""
+    if own_session:
+        return {"start_new_session": True}
+    return {"process_group": 0}
 
 
 class TritonServer:
@@ -276,6 +309,11 @@ class TritonServer:
     unless given), which is written to ``key_file`` (0600; a private temp folder unless
     given) for other processes and remembered for :class:`TritonClient` s of this process.
     A restart (``stop()`` then ``start()``) keeps ports and key.
+
+    The server runs in a process group of its own inside the caller's session, so CPU time is
+    shared with the caller's other processes the way ``nice`` says (see the module docstring);
+    ``own_session`` starts it in a new session instead (a CPU-share group of its own where the
+    kernel groups by session).
     """
 
     def __init__(
@@ -297,6 +335,7 @@ class TritonServer:
         key: str | None = None,
         key_file: Path | str | None = None,
         restricted: bool = True,
+        own_session: bool = False,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
         chosen = iter(free_ports(3))
@@ -320,6 +359,7 @@ class TritonServer:
         self.cache_dir = cache_dir
         self.shm_prefix = f"clinisynth{os.getpid()}_{uuid.uuid4().hex[:8]}_"
         self.restricted = restricted
+        self.own_session = own_session
         self.key = (key or secrets.token_urlsafe(32)) if restricted else ""
         if restricted and key_file is None:  # a dead server's key is worthless: left there
             key_file = Path(tempfile.mkdtemp(prefix="clinisynth-triton-key-")) / "triton.key"
@@ -434,8 +474,8 @@ class TritonServer:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=self._environment(),
-                start_new_session=True,  # own process group: stop() reaches every stub
                 umask=0o077,  # /dev/shm tensors and files it creates: 0600, not 0644
+                **grouping(self.own_session),
             )
         if on_spawn is not None:
             on_spawn(self._proc.pid)
