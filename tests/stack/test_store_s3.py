@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import socket
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +18,7 @@ import pytest
 # The shared contract lives in the package: let pytest explain its failed asserts too.
 pytest.register_assert_rewrite("clinisynth_server.store.testing")
 from minio import Minio  # noqa: E402
-from moto.server import ThreadedMotoServer  # noqa: E402
+from s3_peers import CREDS, Moto, Proxy  # noqa: E402
 
 from clinisynth_server.errors import FailedPrecondition, Internal, NotFound, Unavailable  # noqa: E402
 from clinisynth_server.store import open_store  # noqa: E402
@@ -29,107 +27,7 @@ from clinisynth_server.store.testing import StoreContract, payload, sha  # noqa:
 
 pytestmark = [pytest.mark.stack, pytest.mark.timeout(120)]
 
-_RESET = (1).to_bytes(4, "little") + (0).to_bytes(4, "little")  # linger 0: RST
 PART = 5 * 1024 * 1024  # the S3 minimum part size; moto enforces it too
-CREDS = {"access_key": "test-key", "secret_key": "test-secret"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Moto:
-    """A ThreadedMotoServer that can be stopped (port closed) and restarted on its port.
-
-    moto keeps buckets in process-global state, so objects survive a restart, which is
-    what lets these tests check what a "server" holds after coming back.
-    """
-
-    def __init__(self, port: int = 0) -> None:
-        self.port = port or _free_port()
-        self._server: ThreadedMotoServer | None = None
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self._server.start()
-
-    def stop(self) -> None:
-        assert self._server is not None
-        self._server.stop()
-        self._server._server.server_close()  # type: ignore[union-attr]  # refuse, don't queue
-        self._server = None
-
-
-class Proxy:
-    """TCP forwarder to the S3 server that can vanish: cut after N upstream bytes, or hang.
-
-    ``cut_after`` simulates a server dying mid-request (connections reset, port closed);
-    ``hang`` accepts connections and never answers (a wedged server, to hit read timeouts).
-    """
-
-    def __init__(self, target_port: int, port: int = 0) -> None:
-        self.target_port = target_port
-        self._sock = socket.create_server(("127.0.0.1", port))
-        self.port = int(self._sock.getsockname()[1])
-        self.cut_after: int | None = None
-        self.hang = False
-        self._sent = 0
-        self._lock = threading.Lock()
-        self._conns: list[socket.socket] = []
-        self._closed = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _accept(self) -> None:
-        while not self._closed.is_set():
-            try:
-                client, _ = self._sock.accept()
-            except OSError:
-                return
-            with self._lock:
-                self._conns.append(client)
-            if self.hang:
-                continue
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            with self._lock:
-                self._conns.append(upstream)
-            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, counted: bool) -> None:
-        with contextlib.suppress(OSError):
-            while data := src.recv(65536):
-                if counted and self.cut_after is not None:
-                    with self._lock:
-                        self._sent += len(data)
-                        cut = self._sent > self.cut_after
-                    if cut:
-                        self.close()
-                        return
-                dst.sendall(data)
-        with contextlib.suppress(OSError):
-            dst.shutdown(socket.SHUT_WR)
-
-    def close(self) -> None:
-        """The server goes away: listener closed, every connection reset."""
-        self._closed.set()
-        with contextlib.suppress(OSError):
-            self._sock.close()
-        with self._lock:
-            conns, self._conns = self._conns, []
-        for conn in conns:
-            with contextlib.suppress(OSError):
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
-                conn.close()
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,9 @@
 * ``s3://bucket`` or ``s3://bucket/base/prefix`` -> :class:`S3Store`; endpoint and
   credentials from keyword options, else ``CLINISYNTH_STORE_ENDPOINT``,
   ``CLINISYNTH_STORE_ACCESS_KEY``, ``CLINISYNTH_STORE_SECRET_KEY``,
-  ``CLINISYNTH_STORE_SESSION_TOKEN``, ``CLINISYNTH_STORE_REGION``, ``CLINISYNTH_STORE_SECURE``.
+  ``CLINISYNTH_STORE_SESSION_TOKEN``, ``CLINISYNTH_STORE_REGION``, ``CLINISYNTH_STORE_SECURE``;
+  how fast an unreachable endpoint fails from ``CLINISYNTH_STORE_CONNECT_TIMEOUT_S``,
+  ``CLINISYNTH_STORE_READ_TIMEOUT_S`` and ``CLINISYNTH_STORE_RETRIES`` (see :mod:`.s3`).
 """
 
 from __future__ import annotations
@@ -55,7 +57,18 @@ _S3_OPTIONS = {
     "conditional_writes",
 }
 _LOCAL_OPTIONS = {"create", "lock_timeout_s"}
-_ENV_OPTIONS = ("endpoint", "access_key", "secret_key", "session_token", "region", "secure")
+_ENV_OPTIONS = (
+    "endpoint",
+    "access_key",
+    "secret_key",
+    "session_token",
+    "region",
+    "secure",
+    "connect_timeout_s",
+    "read_timeout_s",
+    "retries",
+)
+_NUMBER_OPTIONS = {"connect_timeout_s": float, "read_timeout_s": float, "retries": int}
 
 
 def _parse_bool(name: str, value: str) -> bool:
@@ -65,6 +78,17 @@ def _parse_bool(name: str, value: str) -> bool:
     if lowered in ("0", "false", "no", "off"):
         return False
     raise InvalidArgument.for_field(name, f"{value!r} is not a boolean (true/false)")
+
+
+def _parse_number(name: str, value: str, kind: type[float] | type[int]) -> float | int:
+    try:
+        number = kind(value.strip())
+    except ValueError:
+        number = -1
+    if not number >= 0 or (kind is float and not 0 < number < float("inf")):
+        what = "a whole number >= 0" if kind is int else "a number of seconds > 0"
+        raise InvalidArgument.for_field(name, f"{what}, got {value!r}")
+    return number
 
 
 def open_store(url: str, *, env: Mapping[str, str] | None = None, **options: Any) -> ArtifactStore:
@@ -125,7 +149,11 @@ def _open_s3(
         env_name = _ENV_PREFIX + name.upper()
         if kwargs.get(name) is None and source.get(env_name):
             value: Any = source[env_name]
-            kwargs[name] = _parse_bool(env_name, value) if name == "secure" else value
+            if name == "secure":
+                value = _parse_bool(env_name, value)
+            elif name in _NUMBER_OPTIONS:
+                value = _parse_number(env_name, value, _NUMBER_OPTIONS[name])
+            kwargs[name] = value
     kwargs.setdefault("endpoint", "")
     for name in [k for k, v in kwargs.items() if v is None]:
         del kwargs[name]

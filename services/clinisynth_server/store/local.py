@@ -86,6 +86,15 @@ _LOCK_POLL_MAX_S = 0.05
 LOCK_RETRY_AFTER_S = 1.0
 
 
+def _discard(tmp: str) -> None:
+    """Remove a temp file, best effort: the folder may have become unwritable since it was
+    made (then it stays behind, a ``.clinisynth-tmp-*`` name no listing shows), and a cleanup
+    must never replace the outcome it cleans up after — the write's own error, or its success
+    (a ``link`` that already published the object)."""
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
+
+
 def _make_temp(directory: Path) -> tuple[int, str]:
     """Create the parent dirs and a reserved temp file in ``directory``.
 
@@ -237,8 +246,7 @@ class LocalStore(ArtifactStore):
             with os.fdopen(fd, "wb") as fh:
                 fh.write(json.dumps(side, sort_keys=True).encode())
         except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+            _discard(tmp)
             raise
         return tmp
 
@@ -247,8 +255,7 @@ class LocalStore(ArtifactStore):
         try:
             os.replace(tmp, self._meta_path(key))
         except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+            _discard(tmp)
             raise
 
     @staticmethod
@@ -340,8 +347,7 @@ class LocalStore(ArtifactStore):
         finally:
             for leftover in (tmp, side_tmp):
                 if leftover is not None:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(leftover)
+                    _discard(leftover)
 
     def put_bytes(
         self,

@@ -11,7 +11,13 @@ Object ``key`` lives at ``s3://<bucket>/<base prefix><key>``. What each guarante
   Objects written by other tools have no digest: ``stat`` then hashes by streaming
   (correct, but a full read each time).
 * **Fail fast.** Our own urllib3 pool has short connect / read timeouts and few retries, so
-  a dead endpoint raises ``Unavailable`` naming the endpoint within seconds.
+  a dead endpoint raises ``Unavailable`` naming the endpoint within seconds. A refused or
+  reset connection is retried (``retries``, default once: a pooled keep-alive connection the
+  server dropped looks the same); a read timeout is not — the server has the request and did
+  not answer, waiting as long again would only push the caller past its deadline (the caller
+  retries with its idempotency key, as after any UNAVAILABLE). So one request to a wedged
+  endpoint fails after ``read_timeout_s`` (default 10 s), one to an unroutable one after
+  ``(1 + retries) * connect_timeout_s``; both well inside an RPC's deadline.
 * **put_if_absent** sends ``If-None-Match: *`` (AWS S3 since 2024-08, MinIO, moto). If the
   server answers NotImplemented, the store falls back to stat-then-put, which has a race:
   two concurrent callers may both "win", the later write replacing the earlier. A server
@@ -70,6 +76,9 @@ from clinisynth_server.store.base import (
 )
 
 _META_HEADER = "x-amz-meta-"
+#: Seconds to wait for any byte of an answer (per socket read, not per transfer: a long upload
+#: or download is fine as long as bytes keep flowing).
+DEFAULT_READ_TIMEOUT_S = 10.0
 _DEFAULT_PART_SIZE = 16 * 1024 * 1024  # S3 minimum is 5 MiB; 16 MiB keeps part counts low
 _SPOOL_IN_MEMORY = 8 * 1024 * 1024
 _NOT_FOUND_CODES = {"NoSuchKey", "NoSuchObject", "NoSuchVersion"}
@@ -181,6 +190,23 @@ class _VerifyingReader(io.RawIOBase):
             super().close()
 
 
+class _Retry(urllib3.Retry):
+    """urllib3's retries, except that a read timeout is final (see "Fail fast" above)."""
+
+    def increment(
+        self,
+        method: str | None = None,
+        url: str | None = None,
+        response: Any = None,
+        error: Exception | None = None,
+        _pool: Any = None,
+        _stacktrace: Any = None,
+    ) -> _Retry:
+        if isinstance(error, urllib3.exceptions.ReadTimeoutError):
+            raise error
+        return super().increment(method, url, response, error, _pool, _stacktrace)
+
+
 class S3Store(ArtifactStore):
     """Artifact store in an S3 bucket (MinIO, AWS S3, or any S3-protocol server).
 
@@ -202,7 +228,7 @@ class S3Store(ArtifactStore):
         cert_check: bool = True,
         create_bucket: bool = False,
         connect_timeout_s: float = 3.0,
-        read_timeout_s: float = 30.0,
+        read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
         retries: int = 1,
         part_size: int = _DEFAULT_PART_SIZE,
         parallel_uploads: int = 2,
@@ -220,12 +246,13 @@ class S3Store(ArtifactStore):
         # None = try If-None-Match and learn; False = stat-then-put (racy, documented).
         self._conditional = conditional_writes
         self._conditional_lock = threading.Lock()
+        self._read_timeout_s = read_timeout_s
         self._http = urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=connect_timeout_s, read=read_timeout_s),
             maxsize=max_connections,
             cert_reqs="CERT_REQUIRED" if cert_check else "CERT_NONE",
             ca_certs=_ca_bundle() if secure and cert_check else None,
-            retries=urllib3.Retry(
+            retries=_Retry(
                 total=retries,
                 connect=retries,
                 read=retries,
@@ -283,6 +310,12 @@ class S3Store(ArtifactStore):
             raise self._unreachable(exc, op) from exc
 
     def _unreachable(self, exc: BaseException, op: str) -> Unavailable:
+        if isinstance(exc, urllib3.exceptions.ReadTimeoutError):
+            return Unavailable(
+                f"S3 endpoint {self.endpoint} timed out during {op}: no answer within"
+                f" {self._read_timeout_s:g} s ({exc})",
+                metadata={"endpoint": self.endpoint},
+            )
         return Unavailable(
             f"S3 endpoint {self.endpoint} unreachable during {op}: {exc}",
             metadata={"endpoint": self.endpoint},
