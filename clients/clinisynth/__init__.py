@@ -39,6 +39,7 @@ from clinisynth._finetune import (
     JobParam,
     PromoteResult,
 )
+from clinisynth._images import PacsRef
 from clinisynth._models import ModelComponent, ModelDetails
 from clinisynth._reward import (
     Agreement,
@@ -99,6 +100,7 @@ __all__ = [
     "ModelInfo",
     "NotFoundError",
     "PacsItem",
+    "PacsRef",
     "PermissionDeniedError",
     "ProgressEvent",
     "PromoteResult",

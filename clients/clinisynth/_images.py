@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import pathlib
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -12,7 +13,47 @@ from PIL import Image as PILImage
 
 from clinisynth.v1 import common_pb2
 
-ImageLike = str | os.PathLike | bytes | PILImage.Image | np.ndarray | common_pb2.Image
+PACS_SCHEME = "pacs://"
+
+
+@dataclass(frozen=True)
+class PacsRef:
+    """An image in a PACS the service knows by name (``[pacs.NAME]`` in its config), by UID.
+
+    The service fetches it (WADO-RS or C-GET) and de-identifies it before anything is stored;
+    ``pacs://NAME/<study>/<series>/<sop>`` is the same reference as a string (CLI arguments).
+    """
+
+    pacs: str
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+
+    @classmethod
+    def from_url(cls, url: str) -> PacsRef:
+        parts = url[len(PACS_SCHEME) :].strip("/").split("/") if is_pacs_url(url) else []
+        if len(parts) != 4 or not all(parts):
+            raise ValueError(
+                f"{url!r}: a PACS reference is pacs://NAME/<study uid>/<series uid>/<sop uid>"
+            )
+        return cls(*parts)
+
+    def to_proto(self) -> common_pb2.Image:
+        return common_pb2.Image(
+            pacs=common_pb2.PacsRef(
+                pacs=self.pacs,
+                study_uid=self.study_uid,
+                series_uid=self.series_uid,
+                sop_uid=self.sop_uid,
+            )
+        )
+
+
+def is_pacs_url(value: object) -> bool:
+    return isinstance(value, str) and value.startswith(PACS_SCHEME)
+
+
+ImageLike = str | os.PathLike | bytes | PILImage.Image | np.ndarray | common_pb2.Image | PacsRef
 
 FORMATS = {
     "png": common_pb2.IMAGE_FORMAT_PNG,
@@ -27,9 +68,14 @@ def is_dicom(data: bytes) -> bool:
 
 
 def to_proto_image(image: ImageLike) -> common_pb2.Image:
-    """Encode an image for a request: files and bytes as they are, arrays losslessly."""
+    """Encode an image for a request: files and bytes as they are, arrays losslessly, PACS
+    references (:class:`PacsRef` or ``pacs://`` strings) for the service to fetch."""
     if isinstance(image, common_pb2.Image):
         return image
+    if isinstance(image, PacsRef):
+        return image.to_proto()
+    if is_pacs_url(image):
+        return PacsRef.from_url(str(image)).to_proto()
     if isinstance(image, (str, os.PathLike)):
         image = pathlib.Path(image).read_bytes()
     if isinstance(image, bytes):

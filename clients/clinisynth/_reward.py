@@ -192,7 +192,7 @@ def image_list(images: Any) -> list[Any]:
         if images.ndim == 2 or (images.ndim == 3 and images.shape[-1] == 3):
             return [images]
         return list(images)
-    if isinstance(images, (str, os.PathLike, bytes, common_pb2.Image)):
+    if isinstance(images, (str, os.PathLike, bytes, common_pb2.Image, _images.PacsRef)):
         return [images]
     return list(images)
 
@@ -204,8 +204,8 @@ def _name_of(image: Any) -> str:
     would leak the caller's machine layout and often a patient or study name.
     ``PureWindowsPath`` splits on both ``/`` and ``\\``, so Windows paths lose theirs too.
     """
-    if not isinstance(image, (str, os.PathLike)):
-        return ""
+    if not isinstance(image, (str, os.PathLike)) or _images.is_pacs_url(image):
+        return ""  # a PACS reference's UIDs identify a patient's study: never an item name
     return pathlib.PureWindowsPath(os.fspath(image)).name
 
 

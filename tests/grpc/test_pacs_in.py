@@ -46,7 +46,7 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancPeer]:
 
 
 @pytest.fixture(scope="module")
-def services(
+def servers(
     orthanc: OrthancPeer,
     triton_server: Any,
     store_url: str,
@@ -54,7 +54,7 @@ def services(
     model_repository: Any,
     reward_model: Any,
     cf_models: Any,
-) -> Iterator[tuple[reward_pb2_grpc.RewardServiceStub, Any]]:
+) -> Iterator[dict[str, Any]]:
     """Reward and counterfactual services with two routes to the same Orthanc."""
     from tests.conftest import start_service
 
@@ -77,15 +77,20 @@ def services(
         model_repository=str(model_repository),
         config_file=str(config),
     )
-    channels = [grpc.insecure_channel(s.address) for s in (reward, cf)]
+    yield {"reward": reward, "counterfactual": cf}
+    reward.stop(0)
+    cf.stop(0)
+
+
+@pytest.fixture(scope="module")
+def services(servers: dict[str, Any]) -> Iterator[tuple[reward_pb2_grpc.RewardServiceStub, Any]]:
+    channels = [grpc.insecure_channel(servers[s].address) for s in ("reward", "counterfactual")]
     yield (
         reward_pb2_grpc.RewardServiceStub(channels[0]),
         counterfactual_pb2_grpc.CounterfactualServiceStub(channels[1]),
     )
     for channel in channels:
         channel.close()
-    reward.stop(0)
-    cf.stop(0)
 
 
 def _uploaded(orthanc: OrthancPeer, size: int) -> tuple[bytes, list[str], dict[str, str]]:
@@ -329,3 +334,28 @@ def test_pacs_stopped_is_unavailable(services, orthanc, cell, blob):
         orthanc.start()
     back = reward.Score(_score(_pacs("orthanc", **cell[2])), timeout=60)
     assert 0.0 <= back.scores[0].p_aligned <= 1.0
+
+
+def test_sdk_and_cli_take_pacs_references(servers, cell, tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+    """``clinisynth.PacsRef`` / ``pacs://NAME/study/series/sop`` through the SDK and the CLI;
+    the item name sent is empty, never a UID."""
+    import clinisynth
+    from clinisynth.cli import main as cli_main
+
+    _, _, uids = cell
+    endpoints = {k: v.address for k, v in servers.items()}
+    ref = clinisynth.PacsRef("orthanc", uids["study_uid"], uids["series_uid"], uids["sop_uid"])
+    url = f"pacs://orthanc/{uids['study_uid']}/{uids['series_uid']}/{uids['sop_uid']}"
+    with clinisynth.Client(endpoints=endpoints, timeout=60) as client:
+        by_ref = client.score([ref], class_name=CLASS, resize=True)
+        by_url = client.score(url, class_name=CLASS, resize=True)
+    assert by_ref[0].p_aligned == pytest.approx(by_url[0].p_aligned, abs=1e-6)
+    assert by_ref[0].name == ""  # never the SOP UID
+    out = tmp_path / "scores.csv"
+    monkeypatch.setenv("CLINISYNTH_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CLINISYNTH_REWARD_ADDRESS", endpoints["reward"])
+    argv = ["score", url, "--class", CLASS, "--resize", "--out", str(out), "--quiet"]
+    assert cli_main(argv) == 0
+    rows = out.read_text().splitlines()
+    assert rows[1].startswith(url + ",")
+    assert float(rows[1].split(",")[2]) == pytest.approx(by_ref[0].p_aligned, abs=1e-6)

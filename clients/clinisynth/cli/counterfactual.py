@@ -6,6 +6,7 @@ import argparse
 import pathlib
 from typing import Any
 
+from clinisynth._images import is_pacs_url
 from clinisynth.cli._common import client_from, print_json
 
 INPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
@@ -41,9 +42,12 @@ def _knobs(ns: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_counterfactual(ns: argparse.Namespace) -> int:
     out = pathlib.Path(ns.out)
-    files = _inputs(pathlib.Path(ns.input))
+    # A pacs://NAME/<study>/<series>/<sop> input is fetched by the service; its files are named
+    # "pacs" (never by UID) and the caller sees the lineage hash the service keeps instead.
+    inputs: list[Any] = [ns.input] if is_pacs_url(ns.input) else _inputs(pathlib.Path(ns.input))
     with client_from(ns) as client:
-        for path in files:
+        for path in inputs:
+            pacs = isinstance(path, str)
             result = client.counterfactual(
                 path,
                 target=ns.target,
@@ -52,9 +56,11 @@ def cmd_counterfactual(ns: argparse.Namespace) -> int:
                 timeout=ns.timeout,
                 **_knobs(ns),
             )
-            written = result.save(out, stem=path.stem)
+            written = result.save(out, stem="pacs" if pacs else path.stem)
+            extra = result.provenance.get("extra", {})
+            label = f"PACS input {extra.get('input_lineage', '')}" if pacs else path.name
             print(
-                f"{path.name}: p({ns.target}) {result.p_target_before:.3f} → "
+                f"{label}: p({ns.target}) {result.p_target_before:.3f} → "
                 f"{result.p_target_after:.3f} (plain {result.p_target_before_plain:.3f} → "
                 f"{result.p_target_after_plain:.3f}), distance {result.distance:.4f}  "
                 f"{written['counterfactual']}"

@@ -9,10 +9,23 @@ import pathlib
 import sys
 from typing import Any
 
+from clinisynth._images import is_pacs_url
 from clinisynth.cli._common import client_from, print_json
 
 
 def cmd_score(ns: argparse.Namespace) -> int:
+    if is_pacs_url(ns.folder):  # one image in a PACS, fetched and de-identified by the service
+        with client_from(ns) as client:
+            scores = client.score(
+                [ns.folder],
+                model=ns.model,
+                class_name=ns.class_name,
+                prompt=ns.prompt,
+                resize=ns.resize,
+                timeout=ns.timeout,
+            )
+        scores = [dataclasses.replace(s, name=ns.folder) for s in scores]
+        return _write_scores(ns, scores)
     with client_from(ns) as client:
         scores = client.score_folder(
             ns.folder,
@@ -24,6 +37,10 @@ def cmd_score(ns: argparse.Namespace) -> int:
             progress=not ns.quiet,
             timeout=ns.timeout,
         )
+    return _write_scores(ns, scores)
+
+
+def _write_scores(ns: argparse.Namespace, scores: list[Any]) -> int:
     out = open(ns.out, "w", newline="") if ns.out != "-" else sys.stdout  # noqa: SIM115
     try:
         writer = csv.writer(out)
