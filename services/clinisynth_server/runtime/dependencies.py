@@ -22,7 +22,7 @@ import numpy as np
 from clinisynth_server.errors import ClinisynthError, InvalidArgument
 from clinisynth_server.runtime.config import ServiceConfig
 from clinisynth_server.runtime.metrics import ServiceMetrics
-from clinisynth_server.store import open_store
+from clinisynth_server.store import NUMBER_OPTIONS, open_store, parse_number
 from clinisynth_server.store.base import ArtifactStore
 from clinisynth_server.triton.client import TritonClient
 
@@ -33,7 +33,15 @@ PROBE_TIMEOUT_S = 2.0
 # Dependencies opened in this process, by the id of the config they were opened with (the
 # config object is the one the server is started with, so the two meet again in bind_health).
 _OPENED: weakref.WeakValueDictionary[int, Dependencies] = weakref.WeakValueDictionary()
-STORE_OPTIONS = ("endpoint", "access_key", "secret_key", "region", "secure", "create_bucket")
+STORE_OPTIONS = (
+    "endpoint",
+    "access_key",
+    "secret_key",
+    "region",
+    "secure",
+    "create_bucket",
+    *NUMBER_OPTIONS,  # connect_timeout_s, read_timeout_s, retries
+)
 
 
 @dataclass
@@ -56,6 +64,10 @@ class Dependencies:
         }
         if "secure" in options:
             options["secure"] = options["secure"].lower() in ("1", "true", "yes")
+        prefix = f"CLINISYNTH_{config.service.upper()}_STORE_"
+        for name, kind in NUMBER_OPTIONS.items():
+            if name in options:
+                options[name] = parse_number(prefix + name.upper(), options[name], kind)
         store = open_store(config.store_url, **options)
         triton = TritonClient(
             config.triton_url,

@@ -68,7 +68,7 @@ _ENV_OPTIONS = (
     "read_timeout_s",
     "retries",
 )
-_NUMBER_OPTIONS = {"connect_timeout_s": float, "read_timeout_s": float, "retries": int}
+NUMBER_OPTIONS = {"connect_timeout_s": float, "read_timeout_s": float, "retries": int}
 
 
 def _parse_bool(name: str, value: str) -> bool:
@@ -80,7 +80,7 @@ def _parse_bool(name: str, value: str) -> bool:
     raise InvalidArgument.for_field(name, f"{value!r} is not a boolean (true/false)")
 
 
-def _parse_number(name: str, value: str, kind: type[float] | type[int]) -> float | int:
+def parse_number(name: str, value: str, kind: type[float] | type[int]) -> float | int:
     try:
         number = kind(value.strip())
     except ValueError:
@@ -151,8 +151,8 @@ def _open_s3(
             value: Any = source[env_name]
             if name == "secure":
                 value = _parse_bool(env_name, value)
-            elif name in _NUMBER_OPTIONS:
-                value = _parse_number(env_name, value, _NUMBER_OPTIONS[name])
+            elif name in NUMBER_OPTIONS:
+                value = parse_number(env_name, value, NUMBER_OPTIONS[name])
             kwargs[name] = value
     kwargs.setdefault("endpoint", "")
     for name in [k for k, v in kwargs.items() if v is None]:
