@@ -12,6 +12,8 @@ Same model (a class-conditional ``UNet2DModel``), batch, optimiser (AdamW), loss
    includes the new process's start-up).
 
     python -m clinisynth_server.benchmarks.finetune [--steps 120] [--batch 16] [--size 32]
+
+``--scale`` runs the archive-scale benchmark instead (:mod:`.finetune_scale`).
 """
 
 from __future__ import annotations
@@ -83,6 +85,11 @@ def plain_loop(
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--scale" in argv:  # the archive-scale benchmark (finetune_scale.py)
+        from clinisynth_server.benchmarks import finetune_scale
+
+        return finetune_scale.main([a for a in argv if a != "--scale"])
     parser = argparse.ArgumentParser(prog="clinisynth benchmark finetune", description=__doc__)
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--batch", type=int, default=16)

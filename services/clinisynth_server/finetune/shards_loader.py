@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import pathlib
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -206,6 +207,8 @@ class Batches:
         self.make, self.num_workers, self.on_skip = make, num_workers, on_skip
         self.consumed = 0
         self.skipped = 0
+        #: Seconds the last ``next`` waited for its batch (decoding not hidden by prefetch).
+        self.last_wait_s = 0.0
         self._it: Iterator[dict[str, Any]] | None = None
         self.stream: ShardStream | None = None
 
@@ -222,9 +225,11 @@ class Batches:
         return iter(loader)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        t0 = time.perf_counter()
         if self._it is None:
             self._it = self._start()
         batch = next(self._it)
+        self.last_wait_s = time.perf_counter() - t0
         self.consumed += 1
         self.last_paths: list[str] = list(batch["paths"])
         if batch["skipped"]:

@@ -262,7 +262,10 @@ class ClassifierTrainer:
         self.ctx.update(
             loss, self.model.parameters(), self.optimizer, self.lr, self.p["max_grad_norm"]
         )
-        return {"loss": float(loss.detach())}
+        out = {"loss": float(loss.detach())}
+        if self.stream is not None:  # the share of a step spent waiting for data
+            out["data_wait_s"] = self.stream.last_wait_s
+        return out
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

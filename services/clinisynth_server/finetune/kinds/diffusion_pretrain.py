@@ -275,7 +275,10 @@ class DiffusionTrainer:
         )
         if self.ema is not None:
             self.ema.update(self.ctx.unwrap(self.model))
-        return {"loss": loss, "lr": float(self.lr.get_last_lr()[0])}
+        out = {"loss": loss, "lr": float(self.lr.get_last_lr()[0])}
+        if self.stream is not None:  # the share of a step spent waiting for data
+            out["data_wait_s"] = self.stream.last_wait_s
+        return out
 
     def evaluate(self) -> dict[str, float]:
         return {}
