@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from clinisynth_server.errors import ClinisynthError, InvalidArgument
+from clinisynth_server.errors import ClinisynthError, FieldViolation, InvalidArgument
 from clinisynth_server.finetune import shards
 from clinisynth_server.phantoms.datasets import (
     IMAGE_FIELDS,
@@ -47,7 +47,13 @@ from clinisynth_server.store.base import ArtifactStore, dir_prefix
 
 LAYOUTS = ("image_folder", "image_text_manifest", "feedback_export")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
-MAX_PROBLEMS = 50
+#: A validation report names every problem (each unreadable file by path) up to these bounds,
+#: which keep the reply far below gRPC's message limit; past them it counts the rest.
+MAX_PROBLEMS = 10_000
+MAX_PROBLEM_BYTES = 1024 * 1024
+#: A refusal (FieldViolations in the status trailer, bounded by gRPC's metadata size) names the
+#: first ones only and points at `clinisynth data validate` for the full list.
+MAX_VIOLATIONS = 20
 
 
 @dataclass(frozen=True)
@@ -83,10 +89,29 @@ class DatasetReport:
         self.problems.append(text)
 
     def finish(self) -> DatasetReport:
-        if len(self.problems) > MAX_PROBLEMS:
-            more = len(self.problems) - MAX_PROBLEMS
-            self.problems = [*self.problems[:MAX_PROBLEMS], f"... and {more} more problems"]
+        kept, size = 0, 0
+        for text in self.problems[:MAX_PROBLEMS]:
+            size += len(text.encode()) + 8
+            if size > MAX_PROBLEM_BYTES:
+                break
+            kept += 1
+        if kept < len(self.problems):
+            more = len(self.problems) - kept
+            self.problems = [*self.problems[:kept], f"... and {more} more problems"]
         return self
+
+    def violations(self, field_name: str) -> list[FieldViolation]:
+        """The first problems as field violations, then a pointer to the full report."""
+        out = [FieldViolation(field_name, p) for p in self.problems[:MAX_VIOLATIONS]]
+        if len(self.problems) > MAX_VIOLATIONS:
+            out.append(
+                FieldViolation(
+                    field_name,
+                    f"... {len(self.problems) - MAX_VIOLATIONS} more: `clinisynth data validate` "
+                    "lists every one",
+                )
+            )
+        return out
 
     @property
     def channels(self) -> int:
@@ -403,12 +428,10 @@ def check_classes(
 
 def raise_if_bad(report: DatasetReport, field_name: str = "dataset") -> None:
     if report.problems:
-        from clinisynth_server.errors import FieldViolation
-
         raise InvalidArgument(
             f"{field_name}: {report.problems[0]}"
             + (f" (and {len(report.problems) - 1} more)" if len(report.problems) > 1 else ""),
-            violations=[FieldViolation(field_name, p) for p in report.problems],
+            violations=report.violations(field_name),
         )
 
 

@@ -33,7 +33,6 @@ from clinisynth_server.catalog import Catalog, ModelRecord
 from clinisynth_server.errors import (
     ClinisynthError,
     FailedPrecondition,
-    FieldViolation,
     InvalidArgument,
     NotFound,
     ValidationErrors,
@@ -60,6 +59,7 @@ from clinisynth_server.methods._checkpoint import (
     verify_tree,
 )
 from clinisynth_server.runtime.metrics import FinetuneMetrics
+from clinisynth_server.runtime.quotas import Quotas
 from clinisynth_server.store.base import (
     DATASETS_NAMESPACE,
     ArtifactStore,
@@ -78,6 +78,12 @@ MODEL_FOLDER = "model/"  # the promotable part of a checkpoint
 DEID_SECRET_KEY = "finetune/secrets/deid.txt"
 DICOM_SUFFIXES = (".dcm", ".dicom")
 MAX_PAGE = 1000
+# Where a job record keeps the tenant of the principal that created it (for concurrent_jobs).
+TENANT_KEY = "tenant"
+
+
+def job_tenant(record: JobRecord) -> str:
+    return str(record.data.get(TENANT_KEY, ""))
 
 
 @dataclass(frozen=True)
@@ -113,8 +119,12 @@ class FinetuneService:
         launcher: Any,
         settings: Settings,
         metrics: FinetuneMetrics | None = None,
+        quotas: Quotas | None = None,
     ) -> None:
         self.store = store
+        # Per-tenant concurrent_jobs, counted over queued + running jobs at create.
+        self.quotas = quotas or Quotas(service="finetune")
+        self._create_lock = threading.Lock()
         self.catalog = catalog
         self.triton = triton
         self.launcher = launcher
@@ -169,8 +179,12 @@ class FinetuneService:
         *,
         model_name: str = "",
         request_id: str = "",
+        tenant: str = "",
     ) -> JobRecord:
-        """Validate everything up front (all problems at once), then queue the job."""
+        """Validate everything up front (all problems at once), then queue the job.
+
+        The job counts against ``tenant``'s ``concurrent_jobs`` until it ends.
+        """
         if request_id:
             existing = self._by_request(request_id)
             if existing is not None:
@@ -214,7 +228,7 @@ class FinetuneService:
                 report = datasets.validate(
                     datasets.StoreSource(self.store, dataset), dataset, spec.dataset_layout
                 )
-                errors.violations.extend(FieldViolation("dataset", p) for p in report.problems)
+                errors.violations.extend(report.violations("dataset"))
             if report is not None and not parsed.violations and not report.problems:
                 ctx = CheckContext(self.catalog, self.store, self.settings.model_repository)
                 errors.violations.extend(spec.check(parsed.values, report, ctx))
@@ -240,18 +254,25 @@ class FinetuneService:
                 "per_class": report.per_class,
                 "size": report.size,
                 "channels": report.channels,
+                TENANT_KEY: tenant,
             },
         )
-        if request_id:
-            owner = self.jobs.claim_request(request_id, record.id)
-            if owner != record.id:
-                return self.jobs.get(owner)
-        self.jobs.put(record)
-        self.jobs.append_event(
-            record.id, "state", state="queued", message=f"queued {kind} on {dataset}"
-        )
-        with self._lock:
-            self._records[record.id] = record
+        with self._create_lock:  # count and queue as one step: two creates cannot both fit
+            with self._lock:
+                active = sum(
+                    1 for r in self._records.values() if not r.terminal and job_tenant(r) == tenant
+                )
+            self.quotas.check_jobs(tenant, active)
+            if request_id:
+                owner = self.jobs.claim_request(request_id, record.id)
+                if owner != record.id:
+                    return self.jobs.get(owner)
+            self.jobs.put(record)
+            self.jobs.append_event(
+                record.id, "state", state="queued", message=f"queued {kind} on {dataset}"
+            )
+            with self._lock:
+                self._records[record.id] = record
         self._wake.set()
         return record
 
