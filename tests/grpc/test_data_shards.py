@@ -309,3 +309,44 @@ def test_hostile_shards_are_refused(client, tmp_path: pathlib.Path):  # type: ig
     with pytest.raises(grpc.RpcError) as rpc_err:  # the listing reads only callers' prefixes
         _list(client, "finetune/secrets")
     assert rpc_err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_streaming_job_killed_resumes_where_it_was(client, uploaded, store):  # type: ignore[no-untyped-def]
+    """kill -9 of a streaming job's worker: the resumed attempt restarts the DataLoader at the
+    checkpoint's batch count, so every step's loss equals an uninterrupted run's."""
+    import os
+    import signal
+    import time
+
+    from clinisynth_server.finetune.records import JobStore
+
+    params = {**TINY, **UNET, "max_steps": 12, "checkpoint_every": 4, "augment": "hflip"}
+    records = JobStore(store)
+    straight = client.finetune.create(
+        "diffusion_pretrain", "datasets/shards-archive", params=params
+    )
+    killed = client.finetune.create("diffusion_pretrain", "datasets/shards-archive", params=params)
+    deadline = time.monotonic() + 240
+    while not (
+        records.checkpoints(killed.id) and int(records.progress(killed.id).get("step", 0)) > 4
+    ):
+        assert time.monotonic() < deadline, "no checkpoint and step past it"
+        time.sleep(0.05)
+    step_at_kill = int(records.progress(killed.id).get("step", 0))
+    os.kill(int(records.get(killed.id).worker["pid"]), signal.SIGKILL)
+    done = client.finetune.wait(killed.id, timeout=300)
+    base = client.finetune.wait(straight.id, timeout=300)
+    assert done.state == base.state == "succeeded", (done.failure_reason, base.failure_reason)
+    assert step_at_kill < 12 and done.restarts == 1
+    events = list(client.finetune.watch(killed.id))
+    assert any(e.message.startswith("resumed from checkpoint") for e in events)
+
+    def losses(job_id: str) -> dict[int, float]:
+        return {
+            e.step: e.metrics["loss"] for e in client.finetune.watch(job_id) if e.type == "progress"
+        }
+
+    got, want = losses(killed.id), losses(straight.id)
+    assert set(got) == set(want) == set(range(1, 13))
+    # Same process count, same batches, same noise: only kernel rounding may differ.
+    assert all(abs(got[s] - want[s]) <= 1e-6 * abs(want[s]) for s in want), (got, want)
