@@ -1,7 +1,8 @@
 """`kubectl kustomize` renders every overlay, and the objects carry what operators rely on:
-gRPC probes, resources, GPUs for Triton in prod, NetworkPolicies, PDBs, HPAs, finetune RBAC,
-a Job template that renders into a valid multi-node torchrun Job, and a Triton that takes no
-call but health without the key the services read from a mounted Secret.
+gRPC probes (over TLS in prod: test_deploy_tls.py), resources, GPUs for Triton in prod,
+NetworkPolicies, PDBs, HPAs, finetune RBAC, a Job template that renders into a valid multi-node
+torchrun Job, and a Triton that takes no call but health without the key the services read from
+a mounted Secret.
 """
 
 from __future__ import annotations
@@ -51,7 +52,10 @@ def test_services_have_grpc_probes_resources_and_hardening(overlay: str) -> None
         c = _container(d, name)
         assert c["args"] == [name]
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert c[probe]["grpc"]["port"] == port, f"{name}.{probe}"
+            if overlay == "prod":  # TLS (components/tls): kubelet's gRPC probe cannot speak it
+                assert c[probe]["exec"]["command"] == ["clinisynth-healthcheck", name]
+            else:
+                assert c[probe]["grpc"]["port"] == port, f"{name}.{probe}"
         res = c["resources"]
         assert {"cpu", "memory"} <= set(res["requests"]) and "memory" in res["limits"], name
         assert pod["securityContext"]["runAsNonRoot"] is True

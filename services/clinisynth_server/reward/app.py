@@ -7,7 +7,8 @@ class names accepted for feedback besides the catalog's and the cell phantoms'),
 ``least_certain`` — the default —, ``disagreement`` or ``random``), ``refresh_interval_s``
 (how often the queue and agreement look for other replicas' writes, default 2). On start
 the service prints one line ``REVIEW http://<host>:<port>/review`` (the stack supervisor
-reads it for ``review_url``).
+reads it for ``review_url``); ``https://`` when the service has a TLS certificate, which the page
+serves too.
 """
 
 from __future__ import annotations
@@ -102,13 +103,14 @@ def create(config: ServiceConfig) -> Callable[[grpc.Server, ServiceMetrics], Seq
         port = _int(config, "http_port", DEFAULT_HTTP_PORT)
         auth = authenticator_for(config)  # the page checks callers as gRPC does
         trail = AuditLog(config.service, deps.store, metrics.audit)  # the page's calls too
+        tls = (config.tls_cert, config.tls_key)  # the page serves HTTPS with gRPC's certificate
         try:
-            web = ReviewWeb(reward, config.host, port, auth, trail).start()
+            web = ReviewWeb(reward, config.host, port, auth, trail, *tls).start()
         except OSError:
             if "http_port" in config.extra:
                 raise  # a port the operator chose: fail loudly
             log.warning("review page: port %s is taken; using a free port", port)
-            web = ReviewWeb(reward, config.host, 0, auth, trail).start()
+            web = ReviewWeb(reward, config.host, 0, auth, trail, *tls).start()
         app.reward, app.web = reward, web
         print(f"REVIEW {web.url}", flush=True)
         sys.stdout.flush()

@@ -1,6 +1,8 @@
 """The expert review page: a small JSON API over the same domain code as gRPC, plus one HTML page.
 
-Served with the standard library (``ThreadingHTTPServer``) on ``http_port`` beside the gRPC port.
+Served with the standard library (``ThreadingHTTPServer``) on ``http_port`` beside the gRPC port;
+over HTTPS only when the service has a TLS certificate (``CLINISYNTH_TLS_CERT`` / ``_KEY``, the
+same pair gRPC serves), each connection's handshake in its own thread.
 Routes:
 
 - ``GET  /review``                  the page (keyboard: y / n verdict, 1-9 criteria, Enter submit)
@@ -41,6 +43,8 @@ import importlib.resources
 import json
 import logging
 import math
+import socket
+import ssl
 import threading
 import urllib.parse
 from collections.abc import Sequence
@@ -58,6 +62,8 @@ from clinisynth_server.runtime.roles import Principal, authorize, bind_rater
 
 log = logging.getLogger(__name__)
 MAX_BODY = 64 * 1024
+# Seconds a client gets to finish the TLS handshake before its connection is dropped.
+HANDSHAKE_TIMEOUT_S = 10.0
 MAX_LIMIT = 100
 MAX_TIME_SPENT_MS = 2**31 - 1  # ~24 days; anything larger is a client bug, not a judgement
 _STATUS = {
@@ -238,6 +244,49 @@ def feedback_draft(body: dict[str, Any]) -> svc.FeedbackDraft:
     )
 
 
+def tls_context(cert: str, key: str) -> ssl.SSLContext:
+    """A server context for the certificate chain ``cert`` and its ``key`` (TLS 1.2 or newer)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:  # missing file, unreadable, not a matching pair
+        raise InvalidArgument.for_field(
+            "CLINISYNTH_TLS_CERT", f"cannot load the certificate {cert!r} with key {key!r}: {exc}"
+        ) from None
+    return context
+
+
+class _HttpsServer(ThreadingHTTPServer):
+    """HTTPS: the listening socket accepts plain TCP and each connection is wrapped, its
+    handshake done in the connection's own thread — a client that stalls the handshake holds one
+    thread for at most ``HANDSHAKE_TIMEOUT_S``, never the accept loop."""
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        context: ssl.SSLContext,
+    ) -> None:
+        self.context = context
+        super().__init__(address, handler)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, address = self.socket.accept()
+        wrapped = self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return wrapped, address
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        request.settimeout(HANDSHAKE_TIMEOUT_S)
+        try:
+            request.do_handshake()
+        except (ssl.SSLError, OSError) as exc:  # plain HTTP, an untrusting client, a timeout
+            log.debug("review https: handshake with %s failed: %s", client_address, exc)
+            return
+        request.settimeout(None)
+        super().finish_request(request, client_address)
+
+
 def _content_length(headers: Any) -> int:
     try:
         return max(0, int(headers.get("Content-Length") or 0))
@@ -255,12 +304,21 @@ class ReviewWeb:
         port: int,
         auth: Authenticator | None = None,
         audit: AuditLog | None = None,
+        tls_cert: str = "",
+        tls_key: str = "",
     ) -> None:
         self.reward = reward
         self.auth: Authenticator = auth or AllowAll()
         self.audit = audit
         handler = type("Handler", (_Handler,), {"web": self})
-        self.httpd = ThreadingHTTPServer((host, port), handler)
+        # the context first: a bad certificate is a settings error, not a taken port
+        context = tls_context(tls_cert, tls_key) if tls_cert and tls_key else None
+        self.tls = context is not None
+        self.httpd: ThreadingHTTPServer = (
+            _HttpsServer((host, port), handler, context)
+            if context is not None
+            else ThreadingHTTPServer((host, port), handler)
+        )
         self.httpd.daemon_threads = True
         self.host = host
         self.port = int(self.httpd.server_address[1])
@@ -271,7 +329,7 @@ class ReviewWeb:
     @property
     def url(self) -> str:
         """The page's address: never carries a token (the page asks for it)."""
-        return f"http://{self.host}:{self.port}/review"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}/review"
 
     def start(self) -> ReviewWeb:
         self._thread.start()
