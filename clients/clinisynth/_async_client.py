@@ -947,6 +947,8 @@ class AsyncClient:
         instances: int | None = None,
         max_batch_size: int | None = None,
         base: str | None = None,
+        component_dtypes: Mapping[str, str] | None = None,
+        component_devices: Mapping[str, str] | None = None,
         progress: ProgressCallback | bool | None = False,
         timeout: float | None = md.IMPORT_TIMEOUT,
     ) -> ModelDetails:
@@ -958,6 +960,11 @@ class AsyncClient:
         holding one. ``dtype`` float32 | float16 | bfloat16, ``device`` cpu | gpu, ``instances``
         and ``max_batch_size`` go to each component's Triton config. Every problem of the folder
         is an InvalidArgumentError naming the field (``source.tokenizer``, ...).
+        ``component_dtypes`` / ``component_devices``: per component, keyed by the folder's
+        names ``unet``, ``text_encoder``, ``vae`` (e.g. ``{"vae": "float32"}``); the others
+        take ``dtype`` / ``device``. Under ``dtype="float16"`` the VAE stays float32 unless
+        named (the SD-1.x VAE overflows in float16); a float16 VAE is decoded once at import
+        and refused (``component_dtypes[vae]``) when its output is not finite.
         ``base``: ``NAME@VERSION`` (or an alias) when the folder is a LoRA adapter
         (``pytorch_lora_weights.safetensors``): it is merged into that version's weights and
         served as the new version; a module that does not fit the base is named
@@ -970,7 +977,17 @@ class AsyncClient:
         if pathlib.Path(source).is_dir():
             source = await self._upload_model_folder(pathlib.Path(source), progress, timeout)
         req = md.import_request(
-            source, name, description, labels, dtype, device, instances, max_batch_size, base
+            source,
+            name,
+            description,
+            labels,
+            dtype,
+            device,
+            instances,
+            max_batch_size,
+            base,
+            component_dtypes,
+            component_devices,
         )
         if not progress:
             reply = await self._t.call(md.IMPORT_MODEL, req, timeout=timeout)

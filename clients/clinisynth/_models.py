@@ -45,6 +45,9 @@ class ModelComponent:
     triton_model: str
     triton_version: int
     ready: bool
+    #: This component's compute dtype and instance kind (the VAE may differ from the rest).
+    dtype: str = ""
+    device: str = ""
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,7 @@ class ModelDetails:
         return cls(
             model=ModelInfo.from_proto(m.model),
             components=[
-                ModelComponent(c.role, c.triton_model, c.triton_version, c.ready)
+                ModelComponent(c.role, c.triton_model, c.triton_version, c.ready, c.dtype, c.device)
                 for c in m.components
             ],
             dtype=m.dtype,
@@ -137,6 +140,8 @@ def import_request(
     instances: int | None,
     max_batch_size: int | None,
     base: str | None = None,
+    component_dtypes: Mapping[str, str] | None = None,
+    component_devices: Mapping[str, str] | None = None,
 ) -> finetune_pb2.ImportModelRequest:
     return finetune_pb2.ImportModelRequest(
         base=model_ref(base) if base else None,
@@ -148,6 +153,8 @@ def import_request(
         device=device or "",
         instances=instances or 0,
         max_batch_size=max_batch_size or 0,
+        component_dtypes=dict(component_dtypes or {}),
+        component_devices=dict(component_devices or {}),
     )
 
 

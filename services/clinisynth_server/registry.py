@@ -162,6 +162,8 @@ def register_folder(
     instance_kind: str = "cpu",
     instance_count: int = 1,
     triton_parameters: Mapping[str, str] | None = None,
+    role_parameters: Mapping[str, Mapping[str, str]] | None = None,
+    role_instance_kinds: Mapping[str, str] | None = None,
     extra_info: Mapping[str, Any] | None = None,
     min_version: int = 0,
     progress: Callable[[str, str], None] | None = None,
@@ -169,15 +171,29 @@ def register_folder(
     """Import ``folder`` as the next version of model ``name``; load it in Triton if given.
 
     ``triton_parameters`` (e.g. ``torch_dtype``) and ``instance_count`` come from an import's
-    options: given, each component's Triton config is rewritten with them. ``extra_info`` lands
-    in the record's ``extra`` (dtype, device, size, source of an import); ``min_version`` is the
-    lowest number to take (numbers of removed leftovers are not reused). The catalog record is
-    written last, so an interrupted registration leaves no catalog version. ``progress(stage,
-    what)`` is told as each component is written ("write") and before each load ("load").
+    options: given, each component's Triton config is rewritten with them.
+    ``role_parameters`` / ``role_instance_kinds`` (by role: ``denoiser``, ``text_encoder``,
+    ``vae_decode``) override them for one component (its own ``torch_dtype``, ``gpu``).
+    ``extra_info`` lands in the record's ``extra`` (dtype, device, size, source of an import);
+    ``min_version`` is the lowest number to take (numbers of removed leftovers are not
+    reused). The catalog record is written last, so an interrupted registration leaves no
+    catalog version. ``progress(stage, what)`` is told as each component is written ("write")
+    and before each load ("load").
     """
     report = progress or (lambda stage, what: None)
     rewrite = triton_parameters is not None
     options: dict[str, Any] = {"instance_count": instance_count, "rewrite_config": rewrite}
+    role_params = role_parameters or {}
+    role_kinds = role_instance_kinds or {}
+
+    def kind_of(role: str) -> str:
+        return role_kinds.get(role, instance_kind)
+
+    def params_of(role: str, base: Mapping[str, str] | None) -> Mapping[str, str] | None:
+        if role not in role_params:
+            return base
+        return {**dict(base or {}), **dict(role_params[role])}
+
     folder = pathlib.Path(folder)
     if not folder.is_dir():
         raise InvalidArgument.for_field("folder", f"{folder} is not a folder")
@@ -219,8 +235,8 @@ def register_folder(
                 folder / sub,
                 version,
                 max_batch_size,
-                instance_kind,
-                triton_parameters,
+                kind_of(role),
+                params_of(role, triton_parameters),
                 **options,
             )
             report("write", components[role])
@@ -277,8 +293,8 @@ def register_folder(
             unet_dir,
             version,
             max_batch_size,
-            instance_kind,
-            triton_parameters,
+            kind_of("denoiser"),
+            params_of("denoiser", triton_parameters),
             **options,
         )
         report("write", components["denoiser"])

@@ -155,6 +155,25 @@ def test_bad_options_are_invalid_argument_by_field(client, folders):  # type: ig
         assert info.value.fields == [field]
 
 
+def test_bad_component_options_are_invalid_argument_by_field(client, folders):  # type: ignore[no-untyped-def]
+    with pytest.raises(clinisynth.InvalidArgumentError) as info:
+        client.import_model(
+            folders["sd"],
+            name="bad-components",
+            component_dtypes={"vae": "float64", "decoder": "float32"},
+            component_devices={"unet": "tpu"},
+        )
+    assert set(info.value.fields) == {
+        "component_dtypes[vae]",
+        "component_dtypes[decoder]",
+        "component_devices[unet]",
+    }
+    # A component the folder does not have (a DDPM folder is a U-Net alone).
+    with pytest.raises(clinisynth.InvalidArgumentError) as info:
+        client.import_model(folders["ddpm"], name="no-vae", component_dtypes={"vae": "float32"})
+    assert info.value.fields == ["component_dtypes[vae]"]
+
+
 def test_pickle_weights_when_allowed_load_with_weights_only(folders, tmp_path):  # type: ignore[no-untyped-def]
     from clinisynth_server.finetune.imports import validate_folder
 
@@ -244,6 +263,30 @@ def test_sd_folder_import_generate_alias_delete(client, folders):  # type: ignor
     assert {m.version for m in client.list_models(name="byom-sd", all_versions=True)} == set()
     with pytest.raises(clinisynth.FailedPreconditionError):
         client.alias_model("byom-sd@1", "back")
+
+
+def test_bfloat16_import_keeps_the_vae_float32_and_generates(client, folders):  # type: ignore[no-untyped-def]
+    events: list[clinisynth.ProgressEvent] = []
+    details = client.import_model(
+        folders["sd"],
+        name="byom-bf16",
+        dtype="bfloat16",
+        component_dtypes={"vae": "float32"},
+        progress=events.append,
+    )
+    assert (details.dtype, details.device) == ("bfloat16", "cpu")
+    assert {c.role: (c.dtype, c.device) for c in details.components} == {
+        "denoiser": ("bfloat16", "cpu"),
+        "text_encoder": ("bfloat16", "cpu"),
+        "vae_decode": ("float32", "cpu"),
+    }
+    writes = [e.message for e in events if e.stage == "write"]
+    assert any("(float32 on cpu) byom-bf16.vae_decode" in m for m in writes), writes
+    assert client.get_model("byom-bf16@1").components == details.components
+    result = client.generate("byom-bf16@1", prompt="a chest x-ray", seed=5, steps=2, format="raw")
+    pixels = result.images[0].to_numpy()
+    assert pixels.shape[:2] == (32, 32) and np.isfinite(pixels).all()
+    client.delete_model("byom-bf16@1")
 
 
 def _try(call: Callable[[], Any]) -> Any:
@@ -361,11 +404,12 @@ def test_cli_models_import_and_list(services, folders):  # type: ignore[no-untyp
 
     done = cli(
         "models", "import", str(folders["ddpm"]), "--name", "byom-cli",
-        "--label", "site=b", "--max-batch", "8", "--json",
+        "--label", "site=b", "--max-batch", "8", "--component-dtype", "unet=bfloat16", "--json",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     shown = json.loads(done.stdout)
     assert shown["model"]["name"] == "byom-cli" and shown["max_batch_size"] == 8
+    assert [(c["dtype"], c["device"]) for c in shown["components"]] == [("bfloat16", "cpu")]
     listed = json.loads(cli("models", "list", "--json").stdout)
     assert {"name": "byom-cli", "version": shown["model"]["version"]}.items() <= next(
         m for m in listed if m["name"] == "byom-cli"
@@ -374,3 +418,6 @@ def test_cli_models_import_and_list(services, folders):  # type: ignore[no-untyp
     assert bad.returncode == 2 and "name:" in bad.stderr
     text = cli("models", "show", "byom-cli")
     assert text.returncode == 0 and "component:   denoiser" in text.stdout
+    assert "bfloat16 on cpu" in text.stdout
+    bad = cli("models", "import", str(folders["ddpm"]), "--name", "x", "--component-dtype", "vae")
+    assert bad.returncode != 0 and "--component-dtype expects key=value" in bad.stderr

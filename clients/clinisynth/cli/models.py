@@ -14,12 +14,12 @@ from clinisynth.cli.generator import cmd_models
 KINDS = ["text_to_image", "class_conditional", "unconditional", "reward", "classifier"]
 
 
-def _labels(pairs: list[str] | None) -> dict[str, str]:
+def _labels(pairs: list[str] | None, flag: str = "--label") -> dict[str, str]:
     out: dict[str, str] = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--label expects key=value, got {pair!r}")
+            raise SystemExit(f"{flag} expects key=value, got {pair!r}")
         out[key.strip()] = value.strip()
     return out
 
@@ -46,7 +46,8 @@ def _print_details(d: ModelDetails) -> None:
         print(f"  label:       {label}={value}")
     for c in d.components:
         ready = "ready" if c.ready else "not loaded"
-        print(f"  component:   {c.role:14s} {c.triton_model} v{c.triton_version}  {ready}")
+        how = f"  {c.dtype} on {c.device}" if c.dtype else ""
+        print(f"  component:   {c.role:14s} {c.triton_model} v{c.triton_version}  {ready}{how}")
 
 
 def _emit(ns: argparse.Namespace, details: ModelDetails) -> int:
@@ -74,6 +75,8 @@ def cmd_import(ns: argparse.Namespace) -> int:
             instances=ns.instances,
             max_batch_size=ns.max_batch,
             base=ns.base,
+            component_dtypes=_labels(ns.component_dtype, "--component-dtype"),
+            component_devices=_labels(ns.component_device, "--component-device"),
             progress=not ns.quiet and not ns.json,
             timeout=ns.timeout or 1800.0,
         )
@@ -126,6 +129,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--label", action="append", metavar="KEY=VALUE")
     q.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
     q.add_argument("--device", choices=["cpu", "gpu"])
+    q.add_argument(
+        "--component-dtype",
+        action="append",
+        metavar="COMPONENT=DTYPE",
+        help="one component's dtype (unet, text_encoder, vae), e.g. vae=float32; under "
+        "--dtype float16 the VAE stays float32 unless named",
+    )
+    q.add_argument(
+        "--component-device",
+        action="append",
+        metavar="COMPONENT=DEVICE",
+        help="one component's device (unet, text_encoder, vae), e.g. vae=cpu",
+    )
     q.add_argument("--instances", type=int, help="Triton instances per component")
     q.add_argument("--max-batch", type=int, help="Triton max batch size per component")
     q.add_argument(

@@ -323,8 +323,22 @@ class ListModelUploadResponse(_message.Message):
     def __init__(self, files: _Optional[_Iterable[_Union[_common_pb2.ArtifactRef, _Mapping]]] = ...) -> None: ...
 
 class ImportModelRequest(_message.Message):
-    __slots__ = ("source", "name", "description", "labels", "dtype", "device", "instances", "max_batch_size", "base")
+    __slots__ = ("source", "name", "description", "labels", "dtype", "device", "instances", "max_batch_size", "base", "component_dtypes", "component_devices")
     class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class ComponentDtypesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class ComponentDevicesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -340,6 +354,8 @@ class ImportModelRequest(_message.Message):
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     BASE_FIELD_NUMBER: _ClassVar[int]
+    COMPONENT_DTYPES_FIELD_NUMBER: _ClassVar[int]
+    COMPONENT_DEVICES_FIELD_NUMBER: _ClassVar[int]
     source: str
     name: str
     description: str
@@ -349,7 +365,9 @@ class ImportModelRequest(_message.Message):
     instances: int
     max_batch_size: int
     base: _common_pb2.ModelRef
-    def __init__(self, source: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., instances: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., base: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ...) -> None: ...
+    component_dtypes: _containers.ScalarMap[str, str]
+    component_devices: _containers.ScalarMap[str, str]
+    def __init__(self, source: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., instances: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., base: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., component_dtypes: _Optional[_Mapping[str, str]] = ..., component_devices: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ImportModelEvent(_message.Message):
     __slots__ = ("stage", "step", "total_steps", "message", "details")
@@ -366,16 +384,20 @@ class ImportModelEvent(_message.Message):
     def __init__(self, stage: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., message: _Optional[str] = ..., details: _Optional[_Union[ModelDetails, _Mapping]] = ...) -> None: ...
 
 class ModelComponent(_message.Message):
-    __slots__ = ("role", "triton_model", "triton_version", "ready")
+    __slots__ = ("role", "triton_model", "triton_version", "ready", "dtype", "device")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     TRITON_MODEL_FIELD_NUMBER: _ClassVar[int]
     TRITON_VERSION_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
     role: str
     triton_model: str
     triton_version: int
     ready: bool
-    def __init__(self, role: _Optional[str] = ..., triton_model: _Optional[str] = ..., triton_version: _Optional[int] = ..., ready: _Optional[bool] = ...) -> None: ...
+    dtype: str
+    device: str
+    def __init__(self, role: _Optional[str] = ..., triton_model: _Optional[str] = ..., triton_version: _Optional[int] = ..., ready: _Optional[bool] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
 
 class ModelDetails(_message.Message):
     __slots__ = ("model", "components", "dtype", "device", "instances", "max_batch_size", "size_bytes", "retired", "aliases", "source", "scheduler", "base")

@@ -53,6 +53,10 @@ MAX_INSTANCES = 16
 MAX_BATCH = 256
 #: Pipelines whose folders are recognised (``model_index.json`` ``_class_name``).
 PIPELINES = ("StableDiffusionPipeline", "DDPMPipeline", "DDIMPipeline")
+#: Component names a caller uses (the diffusers folder's sub-folders) → the Triton role serving it.
+COMPONENTS = {"unet": "denoiser", "text_encoder": "text_encoder", "vae": "vae_decode"}
+#: Latent side of the import-time float16 VAE check (a 16×16 latent: a 128-pixel SD image).
+FP16_CHECK_LATENT = 16
 SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -80,6 +84,19 @@ class ImportOptions:
     #: adapter is merged into; the merged weights become the new version of ``name``.
     base_name: str = ""
     base_version: str = ""
+    #: Per component ("unet", "text_encoder", "vae"): its dtype / device over ``dtype`` /
+    #: ``device``.
+    component_dtypes: Mapping[str, str] = field(default_factory=dict)
+    component_devices: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ComponentSetting:
+    """What one component of an import is served with, and why (for the progress message)."""
+
+    dtype: str
+    device: str
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -275,6 +292,18 @@ def check_options(options: ImportOptions) -> tuple[str, ValidationErrors]:
         errors.add("dtype", f"one of {', '.join(DTYPES)}; got {options.dtype!r}")
     if options.device and options.device not in DEVICES:
         errors.add("device", f"one of {', '.join(DEVICES)}; got {options.device!r}")
+    for map_name, values, allowed in (
+        ("component_dtypes", options.component_dtypes, DTYPES),
+        ("component_devices", options.component_devices, DEVICES),
+    ):
+        for key, value in values.items():
+            if key not in COMPONENTS:
+                errors.add(
+                    f"{map_name}[{key}]",
+                    f"unknown component; one of {', '.join(COMPONENTS)} (the folder's names)",
+                )
+            elif value not in allowed:
+                errors.add(f"{map_name}[{key}]", f"one of {', '.join(allowed)}; got {value!r}")
     if not 0 <= options.instances <= MAX_INSTANCES:
         errors.add("instances", f"between 1 and {MAX_INSTANCES}; got {options.instances}")
     if not 0 <= options.max_batch_size <= MAX_BATCH:
@@ -287,6 +316,99 @@ def check_options(options: ImportOptions) -> tuple[str, ValidationErrors]:
     if len(options.description) > 4096:
         errors.add("description", "at most 4096 characters")
     return source, errors
+
+
+def component_settings(
+    options: ImportOptions, present: Iterable[str]
+) -> dict[str, ComponentSetting]:
+    """Each present component's dtype and device (``present``: folder names, e.g. "unet").
+
+    A component not named in ``component_dtypes`` / ``component_devices`` takes ``dtype`` /
+    ``device``; the VAE stays float32 under ``dtype`` float16 unless asked otherwise (the
+    SD-1.x VAE overflows in float16). Naming a component the folder lacks is a field violation.
+    """
+    present = list(present)
+    errors = ValidationErrors()
+    for map_name, values in (
+        ("component_dtypes", options.component_dtypes),
+        ("component_devices", options.component_devices),
+    ):
+        for key in values:
+            if key in COMPONENTS and key not in present:
+                have = ", ".join(present) or "none of them"
+                errors.add(f"{map_name}[{key}]", f"this folder has no {key}/ (it has {have})")
+    errors.raise_if_any()
+    dtype = options.dtype or "float32"
+    device = options.device or "cpu"
+    out: dict[str, ComponentSetting] = {}
+    for key in present:
+        own = options.component_dtypes.get(key, "")
+        note = ""
+        if not own and key == "vae" and dtype == "float16":
+            own = "float32"
+            note = (
+                "kept float32 under dtype float16 (the SD-1.x VAE overflows in float16; "
+                "component_dtypes[vae]=float16 to override)"
+            )
+        out[key] = ComponentSetting(
+            own or dtype, options.component_devices.get(key, "") or device, note
+        )
+    return out
+
+
+def folder_components(folder: pathlib.Path) -> list[str]:
+    """The per-component settable parts of a validated folder (none for a scorer folder)."""
+    if (folder / "text_encoder").is_dir():
+        return list(COMPONENTS)
+    meta_path = folder / "clinisynth.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    return [] if meta.get("kind") in ("reward", "classifier") else ["unet"]
+
+
+def check_vae_float16(vae_dir: pathlib.Path, device: str) -> bool:
+    """Decode one small random latent with the VAE in float16; refuse a non-finite image.
+
+    Runs on the component's device (a GPU when it is one and this process sees CUDA, else the
+    CPU). When float16 decoding cannot run here (an operator without a float16 kernel on this
+    CPU), the check is skipped with a log line: the VAE is then served unchecked. Returns
+    whether the check ran.
+    """
+    import torch
+    from diffusers import AutoencoderKL
+
+    target = "cuda" if device == "gpu" and torch.cuda.is_available() else "cpu"
+    if device == "gpu" and target == "cpu":
+        log.info("float16 VAE check runs on the CPU: this process sees no GPU")
+    try:
+        vae: Any = AutoencoderKL.from_pretrained(str(vae_dir), torch_dtype=torch.float16)
+    except OSError:  # no weight files: nothing fixed to check (a config-only test folder)
+        log.info("float16 VAE check skipped: %s holds no weights", vae_dir)
+        return False
+    vae.to(target).eval()
+    channels = int(vae.config.latent_channels)
+    scaling = float(vae.config.scaling_factor or 1.0)
+    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+    gen = torch.Generator().manual_seed(0)
+    latent = torch.randn(1, channels, FP16_CHECK_LATENT, FP16_CHECK_LATENT, generator=gen)
+    z = (latent / scaling + shift).to(target, torch.float16)
+    try:
+        with torch.inference_mode():
+            image = vae.decode(z, return_dict=False)[0]
+    except (RuntimeError, NotImplementedError) as exc:  # a missing Half kernel on this device
+        log.warning("float16 VAE check skipped: float16 decoding cannot run on %s: %s", target, exc)
+        return False
+    finally:
+        del vae
+    bad = int((~torch.isfinite(image.float())).sum())
+    if bad:
+        raise InvalidArgument.for_field(
+            "component_dtypes[vae]",
+            f"decodes to inf/NaN in float16 ({bad} of {image.numel()} values of a random "
+            f"{FP16_CHECK_LATENT}×{FP16_CHECK_LATENT} latent on {target}); keep the VAE "
+            "float32 (the default under dtype float16) or use bfloat16",
+        )
+    log.info("float16 VAE check: a random latent decodes finite on %s", target)
+    return True
 
 
 def upload_id(key: str, field_name: str = "key") -> str:
@@ -305,6 +427,20 @@ def _size_bytes(folder: pathlib.Path) -> int:
         for p in folder.rglob("*")
         if p.is_file() and p.suffix in SAFE_SUFFIXES + PICKLE_SUFFIXES
     )
+
+
+def _stage_message(stage: str, triton_model: str, by_role: Mapping[str, ComponentSetting]) -> str:
+    """The message of a write / load stage: "writing (float32 on cpu) NAME.ROLE". The last
+    word stays the Triton model, so a progress line ends on the component's name."""
+    if stage != "write":
+        return f"loading {triton_model}"
+    setting = by_role.get(triton_model.rsplit(".", 1)[-1])
+    if setting is None:
+        return f"writing {triton_model}"
+    how = f"{setting.dtype} on {setting.device}" + (
+        f"; the VAE is {setting.note}" if setting.note else ""
+    )
+    return f"writing ({how}) {triton_model}"
 
 
 # -- the service part ----------------------------------------------------------------------------
@@ -401,6 +537,11 @@ class ModelImports:
             ).raise_if_any()
             dtype = options.dtype or "float32"
             device = options.device or "cpu"
+            settings = component_settings(options, folder_components(folder))
+            vae = settings.get("vae")
+            if vae is not None and vae.dtype == "float16":
+                check_vae_float16(folder / "vae", vae.device)
+            by_role = {COMPONENTS[key]: s for key, s in settings.items()}
             instances = options.instances or 1
             max_batch = options.max_batch_size or 16
             with self._lock:
@@ -420,6 +561,10 @@ class ModelImports:
                         instance_kind=device,
                         instance_count=instances,
                         triton_parameters={"torch_dtype": dtype},
+                        role_parameters={
+                            role: {"torch_dtype": s.dtype} for role, s in by_role.items()
+                        },
+                        role_instance_kinds={role: s.device for role, s in by_role.items()},
                         extra_info={
                             "dtype": dtype,
                             "device": device,
@@ -427,11 +572,13 @@ class ModelImports:
                             "max_batch_size": max_batch,
                             "size_bytes": _size_bytes(folder),
                             "source": source,
+                            "component_dtypes": {r: s.dtype for r, s in by_role.items()},
+                            "component_devices": {r: s.device for r, s in by_role.items()},
                             **extra,
                         },
                         min_version=floor,
                         progress=lambda stage, what: report(
-                            stage, f"{'writing' if stage == 'write' else 'loading'} {what}"
+                            stage, _stage_message(stage, what, by_role)
                         ),
                     )
                 except NotFound as exc:

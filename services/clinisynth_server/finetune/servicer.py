@@ -87,6 +87,10 @@ def event_proto(e: Event, store: ArtifactStore) -> finetune_pb2.JobEvent:
 
 def model_details(view: imports.ModelView) -> finetune_pb2.ModelDetails:
     r = view.record
+    dtype = str(r.extra.get("dtype", "float32"))
+    device = str(r.extra.get("device", "cpu"))
+    dtypes = dict(r.extra.get("component_dtypes") or {})
+    devices = dict(r.extra.get("component_devices") or {})
     return finetune_pb2.ModelDetails(
         model=protoconv.model_info(r, latest=view.latest),
         components=[
@@ -95,11 +99,13 @@ def model_details(view: imports.ModelView) -> finetune_pb2.ModelDetails:
                 triton_model=name,
                 triton_version=r.component_versions.get(role, r.version),
                 ready=view.ready.get(role, False),
+                dtype=str(dtypes.get(role, dtype)),
+                device=str(devices.get(role, device)),
             )
             for role, name in sorted(r.components.items())
         ],
-        dtype=str(r.extra.get("dtype", "float32")),
-        device=str(r.extra.get("device", "cpu")),
+        dtype=dtype,
+        device=device,
         instances=int(r.extra.get("instances", 1)),
         max_batch_size=int(r.extra.get("max_batch_size", 0)),
         size_bytes=int(r.extra.get("size_bytes", 0)),
@@ -123,6 +129,8 @@ def import_options(request: finetune_pb2.ImportModelRequest) -> imports.ImportOp
         max_batch_size=request.max_batch_size,
         base_name=request.base.name,
         base_version=request.base.version,
+        component_dtypes=dict(request.component_dtypes),
+        component_devices=dict(request.component_devices),
     )
 
 
