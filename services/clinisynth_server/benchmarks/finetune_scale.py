@@ -35,8 +35,13 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from clinisynth import Client
+    from clinisynth_server.store.base import ArtifactStore
 
 CLASSES = ["lymphocyte", "neutrophil", "eosinophil", "monocyte"]
 POOL = 2000
@@ -130,7 +135,7 @@ def image_chunks(n: int, size: int, chunk: int = 2000) -> Iterator[tuple[np.ndar
         yield images, labels[base]
 
 
-def upload_set(client: object, n: int, size: int, prefix: str, scratch: pathlib.Path) -> float:
+def upload_set(client: Client, n: int, size: int, prefix: str, scratch: pathlib.Path) -> float:
     """Write ``n`` images as an ImageFolder and upload them as shards; seconds taken."""
     from clinisynth_server.phantoms.datasets import write_image_folder
 
@@ -138,7 +143,7 @@ def upload_set(client: object, n: int, size: int, prefix: str, scratch: pathlib.
     for k, (images, labels) in enumerate(image_chunks(n, size)):
         write_image_folder(folder, images, labels, CLASSES, start_id=1 + k * 2000)
     t0 = time.perf_counter()
-    client.finetune.upload_dataset(folder, prefix, shards=True, shard_mb=16)  # type: ignore[attr-defined]
+    client.finetune.upload_dataset(folder, prefix, shards=True, shard_mb=16)
     took = time.perf_counter() - t0
     shutil.rmtree(folder)
     return took
@@ -155,11 +160,11 @@ class Run:
     wait_share: float
 
 
-def run_job(client: object, store: object, prefix: str, params: dict[str, object]) -> Run:
+def run_job(client: Client, store: ArtifactStore, prefix: str, params: dict[str, object]) -> Run:
     from clinisynth_server.finetune.records import JobStore
 
-    jobs = JobStore(store)  # type: ignore[arg-type]
-    ft = client.finetune  # type: ignore[attr-defined]
+    jobs = JobStore(store)
+    ft = client.finetune
     job = ft.create("diffusion_pretrain", prefix, params=params)
     pid = 0
     while not pid:

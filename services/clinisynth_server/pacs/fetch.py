@@ -32,6 +32,8 @@ import pydicom
 import requests
 from pydicom.dataset import Dataset
 from pynetdicom import AE, StoragePresentationContexts, build_role, evt
+
+# pynetdicom builds its SOP class names at import time; mypy cannot see them.
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet  # type: ignore[attr-defined]
 
 from clinisynth_server.errors import InvalidArgument, NotFound, Unavailable, ValidationErrors
@@ -233,7 +235,7 @@ def c_get(dest: PacsDestination, ref: PacsRef, *, field: str, max_bytes: int) ->
             dest.host,
             dest.port,
             ae_title=dest.called_ae,
-            ext_neg=roles,  # type: ignore[arg-type]
+            ext_neg=roles,  # type: ignore[arg-type]  # its stub wants a list of the base class
             evt_handlers=[(evt.EVT_C_STORE, on_store)],
             tls_args=_tls_args(dest),
         )

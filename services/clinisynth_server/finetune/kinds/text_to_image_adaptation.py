@@ -195,16 +195,16 @@ class VaeRoundTrip(torch.nn.Module):
     """Encode → sample → decode as one ``forward``: what DDP wraps when the VAE trains (it
     all-reduces gradients only of what runs through a wrapped module's forward)."""
 
-    def __init__(self, vae: torch.nn.Module) -> None:
+    def __init__(self, vae: Any) -> None:  # a diffusers AutoencoderKL (encode / decode)
         super().__init__()
         self.vae = vae
 
     def forward(
         self, x: torch.Tensor, noise: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        dist = self.vae.encode(x).latent_dist  # type: ignore[operator]
+        dist = self.vae.encode(x).latent_dist
         z = dist.mean + dist.std * noise
-        return z, self.vae.decode(z).sample, dist.kl()  # type: ignore[operator]
+        return z, self.vae.decode(z).sample, dist.kl()
 
 
 class TextToImageTrainer:
