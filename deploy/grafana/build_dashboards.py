@@ -392,7 +392,25 @@ def overview() -> dict[str, Any]:
                 description="One audit record per call (health probes excluded). A record that cannot be written turns a successful call into UNAVAILABLE: any NOT WRITTEN series means callers are being refused.",
                 stack=True,
             ),
-            24,
+            12,
+            8,
+        )
+    )
+    p.append(
+        g.place(
+            timeseries(
+                "Quota refusals by limit",
+                [
+                    target(
+                        f"sum by (service, limit) (rate(clinisynth_quota_refusals_total{svc}[$__rate_interval]))",
+                        "{{service}} {{limit}}",
+                    )
+                ],
+                unit="reqps",
+                description="Calls answered RESOURCE_EXHAUSTED because a tenant exceeded a quota (docs/OPERATIONS.md, Quotas). The audit trail says which tenant; a steady rate means a tenant needs a larger quota or is flooding.",
+                stack=True,
+            ),
+            12,
             8,
         )
     )

@@ -9,6 +9,8 @@ Settings (``CLINISYNTH_FINETUNE_<KEY>`` or the ``[finetune]`` table of the confi
 ``kubeflow.org/v1``), ``torch_threads`` (CPU threads per local worker; 0 = torch's
 default), ``heartbeat_s`` (workers' heartbeat period), ``allow_pickle_weights`` (false: imported
 model folders must hold safetensors; true admits ``.bin`` weights, loaded with ``weights_only``).
+Quotas (``concurrent_jobs`` per tenant): the ``[quotas]`` tables of the config file
+(:mod:`~clinisynth_server.runtime.quotas`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from clinisynth_server.finetune.servicer import FinetuneServicer
 from clinisynth_server.runtime.config import ServiceConfig, default_home
 from clinisynth_server.runtime.dependencies import Dependencies
 from clinisynth_server.runtime.metrics import ServiceMetrics
+from clinisynth_server.runtime.quotas import Quotas, load_quotas
 
 SERVICE_NAME = finetune_pb2.DESCRIPTOR.services_by_name["FinetuneService"].full_name
 
@@ -99,6 +102,11 @@ def create(config: ServiceConfig) -> Callable[[grpc.Server, ServiceMetrics], Seq
             make_launcher(config, settings),
             settings,
             metrics.finetune,
+            Quotas(
+                load_quotas(config.config_file),
+                service=config.service,
+                refusals=metrics.quota_refusals,
+            ),
         )
         service.start()
         # an attribute on the function (mypy types functions without attributes): for tests

@@ -11,6 +11,7 @@ from clinisynth_server import protoconv
 from clinisynth_server.finetune import imports
 from clinisynth_server.finetune import service as svc
 from clinisynth_server.finetune.records import CheckpointInfo, Event
+from clinisynth_server.runtime.auth import principal_of
 from clinisynth_server.runtime.streaming import cancel_token, stream_events
 from clinisynth_server.store.base import IMPORTS_NAMESPACE, ArtifactStore
 
@@ -153,6 +154,7 @@ class FinetuneServicer(finetune_pb2_grpc.FinetuneServiceServicer):
             dict(request.params),
             model_name=request.model_name,
             request_id=request.request_id,
+            tenant=principal_of(context).tenant,
         )
         return job_proto(self.service.view(record))
 

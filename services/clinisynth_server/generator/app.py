@@ -1,4 +1,9 @@
-"""Wiring of the generator service: store, Triton client, catalog, domain, servicer."""
+"""Wiring of the generator service: store, Triton client, catalog, domain, servicer.
+
+Quotas: the ``[quotas]`` tables of the config file (:mod:`~clinisynth_server.runtime.quotas`).
+``generation_slots`` (``CLINISYNTH_GENERATOR_GENERATION_SLOTS``): generations sampling at once;
+more wait in the fair gate, one queue per tenant served round-robin (0, the default: no gate).
+"""
 
 from __future__ import annotations
 
@@ -9,14 +14,29 @@ import grpc
 
 from clinisynth.v1 import generator_pb2, generator_pb2_grpc
 from clinisynth_server.catalog import Catalog
+from clinisynth_server.errors import InvalidArgument
 from clinisynth_server.generator.service import Generator
 from clinisynth_server.generator.servicer import GeneratorServicer
 from clinisynth_server.pacs.outbox import open_outbox
 from clinisynth_server.runtime.config import ServiceConfig, default_home
 from clinisynth_server.runtime.dependencies import Dependencies
 from clinisynth_server.runtime.metrics import ServiceMetrics
+from clinisynth_server.runtime.quotas import FairGate, Quotas, load_quotas
 
 SERVICE_NAME = generator_pb2.DESCRIPTOR.services_by_name["GeneratorService"].full_name
+
+
+def generation_slots(config: ServiceConfig) -> int:
+    raw = config.get("generation_slots", "0") or "0"
+    try:
+        slots = int(raw)
+    except ValueError:
+        slots = -1
+    if slots < 0:
+        raise InvalidArgument.for_field(
+            "CLINISYNTH_GENERATOR_GENERATION_SLOTS", f"an integer >= 0, got {raw!r}"
+        )
+    return slots
 
 
 def create(config: ServiceConfig) -> Callable[[grpc.Server, ServiceMetrics], Sequence[str]]:
@@ -33,7 +53,15 @@ def create(config: ServiceConfig) -> Callable[[grpc.Server, ServiceMetrics], Seq
             metrics=metrics.generator,
             reward_scorer=deps.reward_scorer(),
             outbox=outbox,
+            quotas=Quotas(
+                load_quotas(config.config_file),
+                service=config.service,
+                refusals=metrics.quota_refusals,
+            ),
+            gate=FairGate(generation_slots(config)),
         )
+        # an attribute on the function (mypy types functions without attributes): for tests
+        register.generator = generator  # type: ignore[attr-defined]
         generator_pb2_grpc.add_GeneratorServiceServicer_to_server(
             GeneratorServicer(generator, catalog, deps.store, outbox), server
         )

@@ -7,7 +7,9 @@ benchmark's in-process baseline. Concurrent requests each call Triton per step, 
 dynamic batcher merges denoiser calls of requests at different steps.
 
 Stages of one request:
-  1. validate options against the catalog record (before any model work);
+  1. validate options against the catalog record (before any model work); then hold the
+     tenant's quotas (:mod:`~clinisynth_server.runtime.quotas`) and wait for a sampling slot
+     in the fair gate (one queue per tenant, served round-robin);
   2. encode the prompt (text models): tokenizer here, CLIP text encoder in Triton;
   3. sample: per step one denoiser call in Triton; progress / previews / cancellation between;
   4. decode latents in Triton (latent models); map to [0, 1];
@@ -42,6 +44,7 @@ from clinisynth_server.methods.schedulers import make_scheduler
 from clinisynth_server.pacs.config import check_destination
 from clinisynth_server.pacs.outbox import Outbox, OutboxItem
 from clinisynth_server.runtime.metrics import GeneratorMetrics
+from clinisynth_server.runtime.quotas import FairGate, Quotas
 from clinisynth_server.store.base import ArtifactStore, ObjectInfo
 from clinisynth_server.triton.backends._base import batch_invariant
 from clinisynth_server.triton.backends._entry import model_parameters
@@ -210,8 +213,13 @@ class Generator:
         metrics: GeneratorMetrics | None = None,
         reward_scorer: RewardScorer | None = None,
         outbox: Outbox | None = None,
+        quotas: Quotas | None = None,
+        gate: FairGate | None = None,
     ) -> None:
         self.outbox = outbox
+        # Per-tenant limits, checked after validation; the fair gate then orders the sampling.
+        self.quotas = quotas or Quotas(service="generator")
+        self.gate = gate or FairGate(0)
         self.catalog = catalog
         self.triton = triton
         self.store = store
@@ -352,34 +360,44 @@ class Generator:
         *,
         cancel: CancelToken = NEVER,
         sink: EventSink | None = None,
+        tenant: str = "",
     ) -> GenerateResult:
+        """One request of ``tenant``: its quotas are held (and the fair gate passed) throughout."""
         record, opts = validate(options, self.catalog)  # 1.
         if opts.to_pacs:
             check_destination(opts.to_pacs, self.outbox.destinations if self.outbox else {})
         request_id = opts.request_id or uuid.uuid4().hex
         opts = replace(opts, request_id=request_id)
-        started = time.perf_counter()
+        with self.quotas.generation(tenant, opts.num_images):
+            started = time.perf_counter()
+            if self.metrics is not None:
+                self.metrics.queue_depth.inc()
+            try:
+                with self.gate.held(tenant, cancel.check):
+                    return self._generate(record, opts, cancel, sink, started)
+            finally:
+                if self.metrics is not None:
+                    self.metrics.queue_depth.dec()
+
+    def _generate(
+        self,
+        record: ModelRecord,
+        opts: GenerateOptions,
+        cancel: CancelToken,
+        sink: EventSink | None,
+        started: float,
+    ) -> GenerateResult:
+        pixels, seeds, rewards, candidates = self._sample_with_filter(record, opts, cancel, sink)
+        images = self._encode(record, opts, pixels, seeds, rewards)  # 6.
+        provenance_ref = self._store(opts, images) if opts.store_outputs else None
+        pacs = self._to_pacs(record, opts, images) if opts.to_pacs else []
+        if sink is not None:
+            for image in images:
+                sink(image)
         if self.metrics is not None:
-            self.metrics.queue_depth.inc()
-        try:
-            pixels, seeds, rewards, candidates = self._sample_with_filter(
-                record, opts, cancel, sink
-            )
-            images = self._encode(record, opts, pixels, seeds, rewards)  # 6.
-            provenance_ref = self._store(opts, images) if opts.store_outputs else None
-            pacs = self._to_pacs(record, opts, images) if opts.to_pacs else []
-            if sink is not None:
-                for image in images:
-                    sink(image)
-            if self.metrics is not None:
-                self.metrics.images.labels(record.name, str(record.version)).inc(len(images))
-                self.metrics.request_duration.labels(record.name).observe(
-                    time.perf_counter() - started
-                )
-            return GenerateResult(images, request_id, candidates, provenance_ref, pacs)
-        finally:
-            if self.metrics is not None:
-                self.metrics.queue_depth.dec()
+            self.metrics.images.labels(record.name, str(record.version)).inc(len(images))
+            self.metrics.request_duration.labels(record.name).observe(time.perf_counter() - started)
+        return GenerateResult(images, opts.request_id, candidates, provenance_ref, pacs)
 
     def _sample_with_filter(
         self,

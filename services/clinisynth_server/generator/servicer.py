@@ -11,6 +11,7 @@ from clinisynth_server.errors import InvalidArgument
 from clinisynth_server.generator import service as svc
 from clinisynth_server.generator.options import GenerateOptions, RewardFilter
 from clinisynth_server.pacs.outbox import Outbox
+from clinisynth_server.runtime.auth import principal_of
 from clinisynth_server.runtime.streaming import cancel_token, stream_events
 from clinisynth_server.store.base import ArtifactStore
 
@@ -89,7 +90,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
     def Generate(self, request, context):
         opts = options_from(request)
         token = cancel_token(context)
-        result = self.generator.generate(opts, cancel=token)
+        tenant = principal_of(context).tenant
+        result = self.generator.generate(opts, cancel=token, tenant=tenant)
         self.generator.store_if_too_large(opts, result)
         resp = generator_pb2.GenerateResponse(
             images=[self._image(i, inline=True) for i in result.images],
@@ -104,8 +106,10 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
     def GenerateStream(self, request, context) -> Iterator[generator_pb2.GenerateEvent]:
         opts = options_from(request)
         token = cancel_token(context)
+        tenant = principal_of(context).tenant
         for kind, item in stream_events(
-            lambda sink: self.generator.generate(opts, cancel=token, sink=sink), token
+            lambda sink: self.generator.generate(opts, cancel=token, sink=sink, tenant=tenant),
+            token,
         ):
             if kind == "result":
                 done = generator_pb2.GenerateResponse(

@@ -1,8 +1,8 @@
 """Every Prometheus metric clinisynth exports, in one place.
 
 Names follow ``clinisynth_<service>_<what>_<unit>``; labels are bounded (service, method, code,
-outcome (a status code name), model, version, condition, state, kind; ``job`` only for live jobs,
-removed when they end).
+outcome (a status code name), limit (a quota; never the tenant), model, version, condition,
+state, kind; ``job`` only for live jobs, removed when they end).
 Each service process gets its own registry so several can share a process in tests.
 ``deploy/prometheus/metrics.yaml`` lists the same catalogue for dashboards and alerts.
 """
@@ -81,6 +81,8 @@ class ServiceMetrics:
     finetune: FinetuneMetrics | None = None
     store_corrupt_records: Counter | None = None
     audit: AuditMetrics | None = None
+    # Per-tenant quota refusals (runtime/quotas.py); the tenant is not a label (unbounded).
+    quota_refusals: Counter | None = None
 
 
 def create_metrics(service: str) -> ServiceMetrics:
@@ -140,6 +142,12 @@ def create_metrics(service: str) -> ServiceMetrics:
             ["service"],
             registry=reg,
         ),
+    )
+    m.quota_refusals = Counter(
+        "clinisynth_quota_refusals_total",
+        "Calls refused because a tenant quota was exhausted, by the limit.",
+        ["service", "limit"],
+        registry=reg,
     )
     if service == "generator":
         m.generator = GeneratorMetrics(
