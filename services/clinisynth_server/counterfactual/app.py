@@ -20,6 +20,7 @@ from clinisynth_server.pacs.outbox import open_outbox
 from clinisynth_server.runtime.config import ServiceConfig
 from clinisynth_server.runtime.dependencies import Dependencies
 from clinisynth_server.runtime.metrics import ServiceMetrics
+from clinisynth_server.runtime.server import when_stopped
 
 SERVICE_NAME = counterfactual_pb2.DESCRIPTOR.services_by_name["CounterfactualService"].full_name
 
@@ -28,6 +29,8 @@ def create(config: ServiceConfig) -> Callable[[grpc.Server, ServiceMetrics], Seq
     def register(server: grpc.Server, metrics: ServiceMetrics) -> Sequence[str]:
         deps = Dependencies.open(config, metrics)
         catalog = Catalog(deps.store, metrics=metrics)
+        outbox = open_outbox(config, deps.store)
+        when_stopped(server, outbox.stop, "pacs-outbox")
         counterfactuals = Counterfactuals(
             catalog,
             deps.triton,
@@ -35,7 +38,7 @@ def create(config: ServiceConfig) -> Callable[[grpc.Server, ServiceMetrics], Seq
             model_repository=config.get("model_repository") or None,
             instance_kind=config.get("instance_kind", "cpu"),
             metrics=metrics.counterfactual,
-            outbox=open_outbox(config, deps.store),
+            outbox=outbox,
         )
         counterfactual_pb2_grpc.add_CounterfactualServiceServicer_to_server(
             CounterfactualServicer(counterfactuals, catalog, deps.store), server

@@ -22,6 +22,7 @@ from clinisynth_server.runtime.config import ServiceConfig, default_home
 from clinisynth_server.runtime.dependencies import Dependencies
 from clinisynth_server.runtime.metrics import ServiceMetrics
 from clinisynth_server.runtime.quotas import FairGate, Quotas, load_quotas
+from clinisynth_server.runtime.server import when_stopped
 
 SERVICE_NAME = generator_pb2.DESCRIPTOR.services_by_name["GeneratorService"].full_name
 
@@ -44,6 +45,7 @@ def create(config: ServiceConfig) -> Callable[[grpc.Server, ServiceMetrics], Seq
         deps = Dependencies.open(config, metrics)
         catalog = Catalog(deps.store, metrics=metrics)
         outbox = open_outbox(config, deps.store)
+        when_stopped(server, outbox.stop, "pacs-outbox")
         cache = pathlib.Path(config.get("cache_dir") or default_home() / "cache")
         generator = Generator(
             catalog,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import threading
 from collections.abc import Callable, Sequence
 
 import grpc
@@ -34,6 +33,7 @@ from clinisynth_server.runtime.auth import authenticator_for
 from clinisynth_server.runtime.config import ServiceConfig
 from clinisynth_server.runtime.dependencies import Dependencies
 from clinisynth_server.runtime.metrics import ServiceMetrics
+from clinisynth_server.runtime.server import when_stopped
 
 SERVICE_NAME = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
 DEFAULT_HTTP_PORT = 8080
@@ -115,11 +115,7 @@ def create(config: ServiceConfig) -> Callable[[grpc.Server, ServiceMetrics], Seq
         print(f"REVIEW {web.url}", flush=True)
         sys.stdout.flush()
 
-        def stop_with_grpc() -> None:
-            server.wait_for_termination()
-            web.stop()
-
-        threading.Thread(target=stop_with_grpc, daemon=True, name="review-http-stop").start()
+        when_stopped(server, web.stop, "review-http")
         return [SERVICE_NAME]
 
     register.app = app  # type: ignore[attr-defined]  # a function attribute, read by tests

@@ -368,6 +368,20 @@ def start_server(
     return running
 
 
+def when_stopped(server: grpc.Server, fn: Callable[[], None], name: str) -> None:
+    """Run ``fn`` once ``server`` has stopped: for what a service's ``register`` starts beside
+    its servicers (the review page, the PACS outbox worker), which the server does not own."""
+
+    def wait() -> None:
+        server.wait_for_termination()
+        try:
+            fn()
+        except Exception:  # shutdown must go on
+            log.exception("%s: stopping failed", name)
+
+    threading.Thread(target=wait, daemon=True, name=f"{name}-stop").start()
+
+
 def run_forever(running: RunningServer) -> None:
     """Block until SIGTERM / SIGINT, then shut down gracefully."""
     done = threading.Event()
