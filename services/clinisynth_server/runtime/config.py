@@ -127,6 +127,15 @@ def _coerce(name: str, raw: Any, kind: type) -> Any:
         raise InvalidArgument.for_field(name, f"cannot parse {raw!r}: {exc}") from exc
 
 
+def _as_setting(value: Any) -> str:
+    """A TOML value as the environment variable of the same setting would spell it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)
+
+
 def load_config(
     service: str,
     env: Mapping[str, str] | None = None,
@@ -139,11 +148,13 @@ def load_config(
         )
     env = os.environ if env is None else env
     file_values: dict[str, Any] = {}
+    table: dict[str, Any] = {}
     cfg_path = env.get("CLINISYNTH_CONFIG")
     if cfg_path:
         data = tomllib.loads(pathlib.Path(cfg_path).read_text())
         file_values.update({k: v for k, v in data.items() if not isinstance(v, dict)})
-        file_values.update(data.get(service, {}))
+        table = data.get(service, {})
+        file_values.update(table)
 
     prefix = f"CLINISYNTH_{service.upper()}_"
     values: dict[str, Any] = {"service": service}
@@ -164,11 +175,20 @@ def load_config(
     values.setdefault("port", DEFAULT_PORTS[service])
     values.setdefault("metrics_port", DEFAULT_METRICS_PORTS[service])
     values.setdefault("store_url", str(default_home() / "store"))
+    # Service-specific settings: the [<service>] table's other keys, as the environment would
+    # give them (strings; lists comma-joined); CLINISYNTH_<SERVICE>_<KEY> wins over the file.
     extra = {
-        key[len(prefix) :].lower(): val
-        for key, val in env.items()
-        if key.startswith(prefix) and key[len(prefix) :].lower() not in known
+        key.lower(): _as_setting(val)
+        for key, val in table.items()
+        if key.lower() not in known and not isinstance(val, dict)
     }
+    extra.update(
+        {
+            key[len(prefix) :].lower(): val
+            for key, val in env.items()
+            if key.startswith(prefix) and key[len(prefix) :].lower() not in known
+        }
+    )
     values["extra"] = extra
     values.update(overrides)
     return ServiceConfig(**values)
