@@ -415,6 +415,29 @@ def overview() -> dict[str, Any]:
         )
     )
 
+    p.append(
+        g.place(
+            timeseries(
+                "PACS outbox: deliveries by outcome, instances waiting",
+                [
+                    target(
+                        f"sum by (service, destination, outcome) (rate(clinisynth_pacs_deliveries_total{svc}[$__rate_interval]))",
+                        "{{service}} → {{destination}} {{outcome}}",
+                    ),
+                    target(
+                        f"sum by (service, destination) (clinisynth_pacs_outbox_pending{svc})",
+                        "{{service}} → {{destination}} waiting",
+                        ref="B",
+                    ),
+                ],
+                unit="short",
+                description="Synthetic DICOM sent to PACS destinations (docs/OPERATIONS.md, Sending images to a PACS). Retried attempts back off; failed means the outbox gave up after its last attempt (`clinisynth pacs outbox --status failed`). A waiting count that only grows means the destination is down.",
+            ),
+            12,
+            8,
+        )
+    )
+
     p.append(g.row("Generator"))
     p.append(
         g.place(

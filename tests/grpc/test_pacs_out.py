@@ -148,8 +148,16 @@ def test_cstore_round_trip_to_storescp(pacs_client, peers):
         assert np.abs(png - dcm).max() <= 0.5 / 255 + 0.5 / 65535 + 1e-9
 
 
-def test_outage_delays_delivery_loses_nothing(pacs_client, peers):
+def test_outage_delays_delivery_loses_nothing(pacs_client, pacs_generator, peers):
     orthanc, _ = peers
+    registry = pacs_generator.metrics.registry
+
+    def sample(name: str, **labels: str) -> float:
+        return registry.get_sample_value(name, {"service": "generator", **labels}) or 0.0
+
+    dest = {"destination": "orthanc"}
+    retried = sample("clinisynth_pacs_deliveries_total", **dest, outcome="retried")
+    delivered = sample("clinisynth_pacs_deliveries_total", **dest, outcome="delivered")
     orthanc.stop()
     try:
         res = pacs_client.generate(
@@ -166,11 +174,16 @@ def test_outage_delays_delivery_loses_nothing(pacs_client, peers):
             return len(items) == 2 and all(i.attempts >= 1 and i.last_error for i in items)
 
         _until(failed_once, "a failed attempt while Orthanc is down")
+        # The outbox's metrics: retries counted, both instances waiting.
+        assert sample("clinisynth_pacs_deliveries_total", **dest, outcome="retried") >= retried + 2
+        assert sample("clinisynth_pacs_outbox_pending", **dest) >= 2
     finally:
         orthanc.start()
     _until(lambda: _delivered(pacs_client, uids), "delivery after Orthanc is back")
     for uid in uids:
         assert len(_orthanc_instance(orthanc, uid)) == 1
+    assert sample("clinisynth_pacs_deliveries_total", **dest, outcome="delivered") == delivered + 2
+    _until(lambda: sample("clinisynth_pacs_outbox_pending", **dest) == 0, "nothing left waiting")
 
 
 def test_unknown_destination_is_invalid_argument(pacs_client):

@@ -44,7 +44,7 @@ def create(config: ServiceConfig) -> Callable[[grpc.Server, ServiceMetrics], Seq
     def register(server: grpc.Server, metrics: ServiceMetrics) -> Sequence[str]:
         deps = Dependencies.open(config, metrics)
         catalog = Catalog(deps.store, metrics=metrics)
-        outbox = open_outbox(config, deps.store)
+        outbox = open_outbox(config, deps.store, metrics.pacs)
         when_stopped(server, outbox.stop, "pacs-outbox")
         cache = pathlib.Path(config.get("cache_dir") or default_home() / "cache")
         generator = Generator(

@@ -31,6 +31,7 @@ from clinisynth_server.pacs.config import PacsDestination, load_destinations
 from clinisynth_server.pacs.cstore import cstore
 from clinisynth_server.pacs.stow import DeliveryError, stow
 from clinisynth_server.runtime.config import ServiceConfig
+from clinisynth_server.runtime.metrics import PacsMetrics
 from clinisynth_server.store.base import ArtifactStore
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,9 @@ class Outbox:
         poll_s: float = 1.0,
         rescan_s: float = 30.0,
         deliver_fn: Deliver = deliver,
+        metrics: PacsMetrics | None = None,
     ) -> None:
+        self.metrics = metrics
         self.store = store
         self.destinations = dict(destinations)
         self.origin = origin
@@ -146,6 +149,7 @@ class Outbox:
             else:
                 item = self._read(item.prefix)
             items.append(item)
+        self._count_pending()
         self._wake.set()
         return items
 
@@ -181,6 +185,7 @@ class Outbox:
             for item in mine:
                 self._pending.setdefault(item.prefix, item)
         self._last_scan = _now()
+        self._count_pending()
 
     # -- delivery ---------------------------------------------------------------------------
     def deliver_due(self) -> int:
@@ -238,6 +243,21 @@ class Outbox:
     def _forget(self, item: OutboxItem) -> None:
         with self._lock:
             self._pending.pop(item.prefix, None)
+        self._count_pending()
+
+    def _count(self, item: OutboxItem, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.deliveries.labels(self.origin, item.destination, outcome).inc()
+
+    def _count_pending(self) -> None:
+        if self.metrics is None:
+            return
+        with self._lock:
+            counts = {name: 0 for name in self.destinations}
+            for item in self._pending.values():
+                counts[item.destination] = counts.get(item.destination, 0) + 1
+        for name, n in counts.items():
+            self.metrics.pending.labels(self.origin, name).set(n)
 
     def _settle(self, item: OutboxItem, status: str, error: str) -> None:
         now = _now()
@@ -249,6 +269,7 @@ class Outbox:
             delivered_at=now if status == "delivered" else 0.0,
         )
         self._write(done)
+        self._count(item, status)
         if status == "delivered":
             self.store.delete(item.prefix + "instance.dcm")
         self._forget(item)
@@ -268,6 +289,7 @@ class Outbox:
             next_attempt_at=_now() + self.backoff.delay(attempts),
         )
         self._write(later)
+        self._count(item, "retried")
         with self._lock:
             if item.prefix in self._pending:
                 self._pending[item.prefix] = later
@@ -300,7 +322,9 @@ def _encode(item: OutboxItem) -> bytes:
     return json.dumps(asdict(item), sort_keys=True).encode()
 
 
-def open_outbox(config: ServiceConfig, store: ArtifactStore) -> Outbox:
+def open_outbox(
+    config: ServiceConfig, store: ArtifactStore, metrics: PacsMetrics | None = None
+) -> Outbox:
     """The service's outbox over its ``[pacs.NAME]`` destinations; the worker runs when any.
 
     Tuning (``CLINISYNTH_<SERVICE>_PACS_*``): ``retry_base_s`` (2), ``retry_max_s`` (300),
@@ -317,5 +341,6 @@ def open_outbox(config: ServiceConfig, store: ArtifactStore) -> Outbox:
             max_attempts=int(config.get("pacs_max_attempts", "20")),
         ),
         poll_s=float(config.get("pacs_poll_s", "1")),
+        metrics=metrics,
     )
     return outbox.start() if destinations else outbox

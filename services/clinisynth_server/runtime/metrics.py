@@ -71,6 +71,12 @@ class AuditMetrics:
 
 
 @dataclass
+class PacsMetrics:
+    deliveries: Counter
+    pending: Gauge
+
+
+@dataclass
 class ServiceMetrics:
     service: str
     registry: CollectorRegistry
@@ -83,6 +89,7 @@ class ServiceMetrics:
     audit: AuditMetrics | None = None
     # Per-tenant quota refusals (runtime/quotas.py); the tenant is not a label (unbounded).
     quota_refusals: Counter | None = None
+    pacs: PacsMetrics | None = None  # the PACS outbox (generator, counterfactual)
 
 
 def create_metrics(service: str) -> ServiceMetrics:
@@ -149,6 +156,22 @@ def create_metrics(service: str) -> ServiceMetrics:
         ["service", "limit"],
         registry=reg,
     )
+    if service in ("generator", "counterfactual"):
+        m.pacs = PacsMetrics(
+            deliveries=Counter(
+                "clinisynth_pacs_deliveries_total",
+                "PACS outbox delivery attempts of DICOM instances, by outcome "
+                "(delivered, retried, failed: given up after the last attempt).",
+                ["service", "destination", "outcome"],
+                registry=reg,
+            ),
+            pending=Gauge(
+                "clinisynth_pacs_outbox_pending",
+                "DICOM instances waiting in the PACS outbox for delivery.",
+                ["service", "destination"],
+                registry=reg,
+            ),
+        )
     if service == "generator":
         m.generator = GeneratorMetrics(
             images=Counter(
