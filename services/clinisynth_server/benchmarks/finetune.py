@@ -27,8 +27,12 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from clinisynth_server.runtime.server import RunningServer
 
 CLASSES = ["lymphocyte", "neutrophil", "eosinophil", "monocyte"]
 
@@ -84,6 +88,24 @@ def plain_loop(
     return rates[1:]  # the first window warms up
 
 
+def start_finetune(store_url: str, workdir: pathlib.Path, threads: int) -> RunningServer:
+    """A finetune service in this process over ``store_url`` (no Triton, no metrics port)."""
+    from clinisynth_server.finetune import app
+    from clinisynth_server.runtime.config import load_config
+    from clinisynth_server.runtime.server import start_server
+
+    env = {
+        "CLINISYNTH_STORE_URL": store_url,
+        "CLINISYNTH_TRITON_URL": "127.0.0.1:1",
+        "CLINISYNTH_FINETUNE_WORKDIR": str(workdir),
+        "CLINISYNTH_FINETUNE_POLL_S": "0.2",
+        "CLINISYNTH_FINETUNE_HEARTBEAT_S": "2",
+        "CLINISYNTH_FINETUNE_TORCH_THREADS": str(threads),
+    }
+    config = load_config("finetune", env=env, port=0, metrics_port=0)
+    return start_server(config, app.create(config), serve_metrics=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--scale" in argv:  # the archive-scale benchmark (finetune_scale.py)
@@ -113,8 +135,6 @@ def main(argv: list[str] | None = None) -> int:
     from clinisynth_server.finetune.records import JobStore
     from clinisynth_server.phantoms import cells
     from clinisynth_server.phantoms.datasets import write_image_folder_to_store
-    from clinisynth_server.runtime.config import load_config
-    from clinisynth_server.runtime.server import start_server
     from clinisynth_server.store import open_store
 
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="clinisynth-ftbench-"))
@@ -133,18 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     plain = plain_loop(x, y, args, args.steps // 2)
 
     # 2. The same training as a clinisynth job.
-    from clinisynth_server.finetune import app
-
-    env = {
-        "CLINISYNTH_STORE_URL": store_url,
-        "CLINISYNTH_TRITON_URL": "127.0.0.1:1",
-        "CLINISYNTH_FINETUNE_WORKDIR": str(tmp / "work"),
-        "CLINISYNTH_FINETUNE_POLL_S": "0.2",
-        "CLINISYNTH_FINETUNE_HEARTBEAT_S": "2",
-        "CLINISYNTH_FINETUNE_TORCH_THREADS": str(args.threads),
-    }
-    config = load_config("finetune", env=env, port=0, metrics_port=0)
-    running = start_server(config, app.create(config), serve_metrics=False)
+    running = start_finetune(store_url, tmp / "work", args.threads)
     import clinisynth
 
     params = {

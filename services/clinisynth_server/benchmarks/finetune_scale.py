@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from clinisynth_server.benchmarks.hostload import peak_rss_mb, process_tree
+
 if TYPE_CHECKING:
     from clinisynth import Client
     from clinisynth_server.store.base import ArtifactStore
@@ -47,39 +49,9 @@ CLASSES = ["lymphocyte", "neutrophil", "eosinophil", "monocyte"]
 POOL = 2000
 
 
-# -- memory of a process tree, from /proc ------------------------------------------------------
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    try:
-        for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
-            text = (task / "children").read_text()
-            out += [int(c) for c in text.split()]
-    except OSError:
-        pass
-    return out
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants alive now."""
-    found, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        found.append(p)
-        todo += _children(p)
-    return found
-
-
-def _status_kb(pid: int, key: str) -> float:
-    try:
-        for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return float(line.split()[1])
-    except OSError:
-        pass
-    return 0.0
-
-
+# -- memory of a job's process tree (hostload's /proc readers) ------------------------------
 def _pss_kb(pid: int) -> float:
+    """Proportional set size: shared pages (forked DataLoader workers) counted once overall."""
     try:
         for line in pathlib.Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
             if line.startswith("Pss:"):
@@ -108,8 +80,9 @@ class MemorySampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            tree = process_tree(self.pid)
-            self.hwm_mb = max([self.hwm_mb] + [_status_kb(p, "VmHWM") / 1024 for p in tree])
+            tree = list(process_tree(self.pid))
+            peaks = [m for m in map(peak_rss_mb, tree) if m == m]  # NaN: the process is gone
+            self.hwm_mb = max([self.hwm_mb, *peaks])
             self.tree_pss_mb = max(self.tree_pss_mb, sum(_pss_kb(p) for p in tree) / 1024)
             self._stop.wait(self.interval_s)
 
@@ -212,23 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     sizes = sorted(int(s) for s in args.sizes.split(","))
 
     import clinisynth
-    from clinisynth_server.finetune import app
-    from clinisynth_server.runtime.config import load_config
-    from clinisynth_server.runtime.server import start_server
+    from clinisynth_server.benchmarks.finetune import start_finetune
     from clinisynth_server.store import open_store
 
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="clinisynth-ftscale-"))
     store_url = str(tmp / "store")
-    env = {
-        "CLINISYNTH_STORE_URL": store_url,
-        "CLINISYNTH_TRITON_URL": "127.0.0.1:1",
-        "CLINISYNTH_FINETUNE_WORKDIR": str(tmp / "work"),
-        "CLINISYNTH_FINETUNE_POLL_S": "0.2",
-        "CLINISYNTH_FINETUNE_HEARTBEAT_S": "2",
-        "CLINISYNTH_FINETUNE_TORCH_THREADS": str(args.threads),
-    }
-    config = load_config("finetune", env=env, port=0, metrics_port=0)
-    running = start_server(config, app.create(config), serve_metrics=False)
+    running = start_finetune(store_url, tmp / "work", args.threads)
     base = {
         "max_steps": args.steps,
         "batch_size": args.batch,
