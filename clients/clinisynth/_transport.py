@@ -122,6 +122,8 @@ def make_settings(
 
     ``token_file`` (else ``$CLINISYNTH_TOKEN_FILE`` when no ``token`` is given) wins over
     ``token``: it is read on every call, so a rotated token is picked up without a new client.
+    Without ``root_certificates``, ``$CLINISYNTH_TLS_CA`` names the CA certificate to trust
+    (and turns TLS on): a remote stack whose certificate a site or development CA signed.
     """
     if token_file is None and not token:
         token_file = os.environ.get("CLINISYNTH_TOKEN_FILE") or None
@@ -141,6 +143,11 @@ def make_settings(
         if root_certificates is None and endpoints.ca_cert:
             with open(endpoints.ca_cert, "rb") as f:
                 root_certificates = f.read()
+    ca_file = os.environ.get("CLINISYNTH_TLS_CA")
+    if root_certificates is None and ca_file:  # a remote stack's CA (a site or dev CA)
+        with open(ca_file, "rb") as f:
+            root_certificates = f.read()
+        tls = True
     return _Settings(
         endpoints,
         token=token,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import json
 import os
 import shutil
 import socket
@@ -410,3 +411,34 @@ def test_reward_serves_grpc_and_the_review_page_over_tls_with_the_dev_certificat
     # a failed handshake does not stop the page from serving the next client
     with urllib.request.urlopen(f"https://localhost:{web_port}/review", context=context) as r:
         assert r.status == 200
+
+
+def test_sdk_and_cli_trust_a_remote_stacks_ca(
+    dev_certs: Path,
+    start_reward: Callable[..., tuple[Any, str]],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """$CLINISYNTH_TLS_CA (SDK) / --ca-file (CLI) name the CA of a stack the client did not
+    start; without it the dev certificate is not trusted."""
+    import clinisynth
+    from clinisynth.cli import main as cli_main
+
+    cert, key, ca = (str(dev_certs / n) for n in ("tls.crt", "tls.key", "ca.crt"))
+    running, _url = start_reward(tls_cert=cert, tls_key=key)
+    address = f"localhost:{running.address.rsplit(':', 1)[1]}"
+    monkeypatch.delenv("CLINISYNTH_TLS_CA", raising=False)
+    with (
+        clinisynth.Client(endpoints={"reward": address}, tls=True, retries=0, timeout=10) as c,
+        pytest.raises(clinisynth.ClinisynthError),
+    ):
+        c.feedback.list()  # the system's roots do not know the dev CA
+    monkeypatch.setenv("CLINISYNTH_TLS_CA", ca)
+    with clinisynth.Client(endpoints={"reward": address}, retries=0, timeout=10) as c:
+        assert c.feedback.list() == []
+    monkeypatch.delenv("CLINISYNTH_TLS_CA")
+    monkeypatch.setenv("CLINISYNTH_REWARD_ADDRESS", address)
+    monkeypatch.setenv("CLINISYNTH_HOME", str(dev_certs.parent.parent / "home"))
+    assert cli_main(["--ca-file", ca, "feedback", "list", "--json"]) == 0
+    out = capsys.readouterr().out  # after the service's own "REVIEW <url>" line
+    assert json.loads(out[out.index("[") :]) == [], out

@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
         "$CLINISYNTH_TOKEN_FILE); preferred over --token, which shows in process lists",
     )
     parser.add_argument("--tls", action="store_true", help="use TLS")
+    parser.add_argument(
+        "--ca-file",
+        help="CA certificate to trust for TLS (implies --tls; default: $CLINISYNTH_TLS_CA, "
+        "else the system's roots)",
+    )
     parser.add_argument("--timeout", type=float, default=None, help="per-call deadline, seconds")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:

@@ -12,11 +12,17 @@ from clinisynth import Client
 
 
 def client_from(ns: argparse.Namespace) -> Client:
+    ca_file = getattr(ns, "ca_file", None)  # else $CLINISYNTH_TLS_CA (the SDK)
+    roots = None
+    if ca_file:
+        with open(ca_file, "rb") as f:
+            roots = f.read()
     return Client(
         ns.address,
         token=ns.token or os.environ.get("CLINISYNTH_TOKEN"),
         token_file=getattr(ns, "token_file", None),  # else $CLINISYNTH_TOKEN_FILE (the SDK)
-        tls=ns.tls,
+        tls=ns.tls or roots is not None,
+        root_certificates=roots,
         timeout=ns.timeout,
     )
 
