@@ -94,7 +94,9 @@ def test_score_stream_from_client_images_and_store_prefix(client, store):
     for i in range(6):
         store.put_bytes(f"datasets/score-me/{CLASSES[int(y[i])]}/{i}.png", png(x[i]))
     progress.clear()
-    stream = client.score_stream(store_prefix="datasets/score-me", progress=progress.append)
+    stream = client.score_stream(
+        store_prefix="datasets/score-me", model="cells-reward", progress=progress.append
+    )
     by_name = {r.name: r for r in stream}
     assert len(by_name) == 6 and progress[-1].total_steps == 6
     direct = client.score(x[0], CLASSES[int(y[0])], model="cells-reward")[0]
@@ -142,13 +144,25 @@ def test_cli_score_writes_csv_with_progress(client, reward_server, tmp_path, mon
 def test_score_arrays_is_what_reward_filtered_generation_calls(
     reward_server, catalog, triton_client, reward_model
 ):
-    from clinisynth_server.reward.scoring import score_arrays
+    from clinisynth_server.reward.scoring import Condition, resolve_model, score_arrays
 
     x, _y, _ = phantom_set(4, seed=11)
     small = x[:, ::2, ::2]  # 16x16, as the tiny generator makes: resized to the model
     p = score_arrays(catalog, triton_client, small, CLASSES[0])  # default model for the class
     assert p.shape == (4,) and np.all((p > 0) & (p < 1))
+    # The default is the catalog's default reward model for the class (other modules of the
+    # session may have registered a newer one than cells-reward): the same scores by name.
+    default = resolve_model(catalog, "", "", Condition(class_name=CLASSES[0]), field="model")
     p2 = score_arrays(
+        catalog,
+        triton_client,
+        small,
+        CLASSES[0],
+        model=default.name,
+        version=str(default.version),
+    )
+    np.testing.assert_allclose(p, p2, atol=1e-6)
+    p3 = score_arrays(
         catalog,
         triton_client,
         small,
@@ -156,7 +170,7 @@ def test_score_arrays_is_what_reward_filtered_generation_calls(
         model="cells-reward",
         version=str(reward_model[1].version),
     )
-    np.testing.assert_allclose(p, p2, atol=1e-6)
+    assert p3.shape == (4,) and np.all((p3 > 0) & (p3 < 1))
 
 
 def test_feedback_is_idempotent_durable_listable_and_exportable(
