@@ -167,6 +167,12 @@ def decode_input_image(
     kind = image.WhichOneof("data")
     if kind is None:
         raise InvalidArgument.for_field(field, "no image data (set encoded, dicom, raw or ref)")
+    if kind == "pacs":  # fetched only where a service resolves references before decoding
+        raise InvalidArgument.for_field(
+            f"{field}.pacs",
+            "PACS references are taken by reward Score / ScoreStream and counterfactual "
+            "requests only; send the image itself (encoded, dicom or raw) here",
+        )
     if kind == "raw":
         raw = image.raw
         return imdecode.decode_raw(

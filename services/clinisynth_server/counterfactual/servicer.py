@@ -12,6 +12,7 @@ from clinisynth_server.catalog import Catalog
 from clinisynth_server.counterfactual import service as svc
 from clinisynth_server.counterfactual.options import CounterfactualOptions
 from clinisynth_server.errors import InvalidArgument
+from clinisynth_server.imaging import decode as imdecode
 from clinisynth_server.imaging.deid import safe_log_repr
 from clinisynth_server.pacs.fetch import PacsRef
 from clinisynth_server.runtime.streaming import cancel_token, stream_events
@@ -92,7 +93,8 @@ class CounterfactualServicer(counterfactual_pb2_grpc.CounterfactualServiceServic
             )
             description = safe_log_repr(fetched.data)
             facts = fetched.provenance()
-            image = common_pb2.Image(dicom=fetched.data)
+            # decoded like an uploaded DICOM, its problems named on the field the caller set
+            return imdecode.decode_image(fetched.data, field="image.pacs"), description, facts
         elif kind in ("encoded", "dicom"):
             clean = svc.admit_input(getattr(req.image, kind), field=f"image.{kind}")
             description = safe_log_repr(clean)
