@@ -949,6 +949,7 @@ class AsyncClient:
         base: str | None = None,
         component_dtypes: Mapping[str, str] | None = None,
         component_devices: Mapping[str, str] | None = None,
+        replay: str | None = None,
         progress: ProgressCallback | bool | None = False,
         timeout: float | None = md.IMPORT_TIMEOUT,
     ) -> ModelDetails:
@@ -965,6 +966,9 @@ class AsyncClient:
         take ``dtype`` / ``device``. Under ``dtype="float16"`` the VAE stays float32 unless
         named (the SD-1.x VAE overflows in float16); a float16 VAE is decoded once at import
         and refused (``component_dtypes[vae]``) when its output is not finite.
+        ``replay``: "exact" (default: bit-identical pixels whatever Triton batches with a
+        request) or "batched" (rows share forward passes: more throughput, a re-run equal up
+        to float rounding); provenance's ``replay`` says which.
         ``base``: ``NAME@VERSION`` (or an alias) when the folder is a LoRA adapter
         (``pytorch_lora_weights.safetensors``): it is merged into that version's weights and
         served as the new version; a module that does not fit the base is named
@@ -988,6 +992,7 @@ class AsyncClient:
             base,
             component_dtypes,
             component_devices,
+            replay,
         )
         if not progress:
             reply = await self._t.call(md.IMPORT_MODEL, req, timeout=timeout)

@@ -142,6 +142,7 @@ def import_request(
     base: str | None = None,
     component_dtypes: Mapping[str, str] | None = None,
     component_devices: Mapping[str, str] | None = None,
+    replay: str | None = None,
 ) -> finetune_pb2.ImportModelRequest:
     return finetune_pb2.ImportModelRequest(
         base=model_ref(base) if base else None,
@@ -155,6 +156,7 @@ def import_request(
         max_batch_size=max_batch_size or 0,
         component_dtypes=dict(component_dtypes or {}),
         component_devices=dict(component_devices or {}),
+        replay=replay or "",
     )
 
 

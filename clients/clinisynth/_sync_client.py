@@ -948,6 +948,7 @@ class Client:
         base: str | None = None,
         component_dtypes: Mapping[str, str] | None = None,
         component_devices: Mapping[str, str] | None = None,
+        replay: str | None = None,
         progress: ProgressCallback | bool | None = False,
         timeout: float | None = md.IMPORT_TIMEOUT,
     ) -> ModelDetails:
@@ -964,6 +965,9 @@ class Client:
         take ``dtype`` / ``device``. Under ``dtype="float16"`` the VAE stays float32 unless
         named (the SD-1.x VAE overflows in float16); a float16 VAE is decoded once at import
         and refused (``component_dtypes[vae]``) when its output is not finite.
+        ``replay``: "exact" (default: bit-identical pixels whatever Triton batches with a
+        request) or "batched" (rows share forward passes: more throughput, a re-run equal up
+        to float rounding); provenance's ``replay`` says which.
         ``base``: ``NAME@VERSION`` (or an alias) when the folder is a LoRA adapter
         (``pytorch_lora_weights.safetensors``): it is merged into that version's weights and
         served as the new version; a module that does not fit the base is named
@@ -987,6 +991,7 @@ class Client:
             base,
             component_dtypes,
             component_devices,
+            replay,
         )
         if not progress:
             reply = self._t.call(md.IMPORT_MODEL, req, timeout=timeout)

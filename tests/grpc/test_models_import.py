@@ -140,11 +140,13 @@ def test_bad_options_are_invalid_argument_by_field(client, folders):  # type: ig
             instances=99,
             max_batch_size=100_000,
             labels={"bad key!": "x"},
+            replay="sometimes",
         )
     assert set(info.value.fields) == {
         "name",
         "dtype",
         "device",
+        "replay",
         "instances",
         "max_batch_size",
         "labels[bad key!]",
@@ -302,6 +304,7 @@ def test_ddpm_folder_import_reimport_generate_delete(client, folders):  # type: 
     assert [c.role for c in details.components] == ["denoiser"] and details.components[0].ready
     image = client.generate(f"byom-ddpm@{details.version}", class_name="b", seed=2, steps=2)
     assert image.images[0].to_numpy().shape[:2] == (16, 16)
+    assert image.images[0].provenance["replay"].startswith("bit-identical")  # the default
 
     # The same folder again: every file is already uploaded (resumed), and a new version results.
     again: list[clinisynth.ProgressEvent] = []
@@ -322,6 +325,15 @@ def test_ddpm_folder_import_reimport_generate_delete(client, folders):  # type: 
     client.delete_model(f"byom-ddpm@{second.version}")
     err = poll(lambda: refused(client, "byom-ddpm", class_name="a"), "every version retired")
     assert err.reason == "MODEL_RETIRED"
+
+
+def test_batched_replay_import_is_stated_in_provenance(client, folders):  # type: ignore[no-untyped-def]
+    """--replay batched: rows share forward passes; every image says so in its provenance."""
+    details = client.import_model(folders["ddpm"], name="byom-batched", replay="batched")
+    ref = f"byom-batched@{details.version}"
+    image = client.generate(ref, class_name="a", seed=3, steps=2)
+    assert image.images[0].provenance["replay"].startswith("close:")
+    client.delete_model(ref)
 
 
 # -- durability: a killed import leaves no version; the next one succeeds --------------------------

@@ -77,6 +77,7 @@ def cmd_import(ns: argparse.Namespace) -> int:
             base=ns.base,
             component_dtypes=_labels(ns.component_dtype, "--component-dtype"),
             component_devices=_labels(ns.component_device, "--component-device"),
+            replay=ns.replay,
             progress=not ns.quiet and not ns.json,
             timeout=ns.timeout or 1800.0,
         )
@@ -141,6 +142,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="append",
         metavar="COMPONENT=DEVICE",
         help="one component's device (unet, text_encoder, vae), e.g. vae=cpu",
+    )
+    q.add_argument(
+        "--replay",
+        choices=["exact", "batched"],
+        help="exact (default): bit-identical pixels whatever is batched with a request; "
+        "batched: rows share forward passes, more throughput, replay up to float rounding",
     )
     q.add_argument("--instances", type=int, help="Triton instances per component")
     q.add_argument("--max-batch", type=int, help="Triton max batch size per component")

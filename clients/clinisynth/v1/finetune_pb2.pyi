@@ -323,7 +323,7 @@ class ListModelUploadResponse(_message.Message):
     def __init__(self, files: _Optional[_Iterable[_Union[_common_pb2.ArtifactRef, _Mapping]]] = ...) -> None: ...
 
 class ImportModelRequest(_message.Message):
-    __slots__ = ("source", "name", "description", "labels", "dtype", "device", "instances", "max_batch_size", "base", "component_dtypes", "component_devices")
+    __slots__ = ("source", "name", "description", "labels", "dtype", "device", "instances", "max_batch_size", "base", "component_dtypes", "component_devices", "replay")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -356,6 +356,7 @@ class ImportModelRequest(_message.Message):
     BASE_FIELD_NUMBER: _ClassVar[int]
     COMPONENT_DTYPES_FIELD_NUMBER: _ClassVar[int]
     COMPONENT_DEVICES_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_FIELD_NUMBER: _ClassVar[int]
     source: str
     name: str
     description: str
@@ -367,7 +368,8 @@ class ImportModelRequest(_message.Message):
     base: _common_pb2.ModelRef
     component_dtypes: _containers.ScalarMap[str, str]
     component_devices: _containers.ScalarMap[str, str]
-    def __init__(self, source: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., instances: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., base: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., component_dtypes: _Optional[_Mapping[str, str]] = ..., component_devices: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    replay: str
+    def __init__(self, source: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., instances: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., base: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., component_dtypes: _Optional[_Mapping[str, str]] = ..., component_devices: _Optional[_Mapping[str, str]] = ..., replay: _Optional[str] = ...) -> None: ...
 
 class ImportModelEvent(_message.Message):
     __slots__ = ("stage", "step", "total_steps", "message", "details")

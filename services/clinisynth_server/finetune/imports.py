@@ -49,6 +49,7 @@ UPLOAD_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("cpu", "gpu")
+REPLAY_MODES = ("exact", "batched")
 MAX_INSTANCES = 16
 MAX_BATCH = 256
 #: Pipelines whose folders are recognised (``model_index.json`` ``_class_name``).
@@ -88,6 +89,8 @@ class ImportOptions:
     #: ``device``.
     component_dtypes: Mapping[str, str] = field(default_factory=dict)
     component_devices: Mapping[str, str] = field(default_factory=dict)
+    #: "exact" (every batch row its own forward: bit-identical replay) or "batched".
+    replay: str = ""
 
 
 @dataclass(frozen=True)
@@ -292,6 +295,8 @@ def check_options(options: ImportOptions) -> tuple[str, ValidationErrors]:
         errors.add("dtype", f"one of {', '.join(DTYPES)}; got {options.dtype!r}")
     if options.device and options.device not in DEVICES:
         errors.add("device", f"one of {', '.join(DEVICES)}; got {options.device!r}")
+    if options.replay and options.replay not in REPLAY_MODES:
+        errors.add("replay", f"one of {', '.join(REPLAY_MODES)}; got {options.replay!r}")
     for map_name, values, allowed in (
         ("component_dtypes", options.component_dtypes, DTYPES),
         ("component_devices", options.component_devices, DEVICES),
@@ -544,6 +549,7 @@ class ModelImports:
             by_role = {COMPONENTS[key]: s for key, s in settings.items()}
             instances = options.instances or 1
             max_batch = options.max_batch_size or 16
+            replay = options.replay or "exact"
             with self._lock:
                 self.catalog.invalidate()
                 floor = self._remove_leftovers(options.name)
@@ -560,7 +566,10 @@ class ModelImports:
                         max_batch_size=max_batch,
                         instance_kind=device,
                         instance_count=instances,
-                        triton_parameters={"torch_dtype": dtype},
+                        triton_parameters={
+                            "torch_dtype": dtype,
+                            "batch_invariant": "false" if replay == "batched" else "true",
+                        },
                         role_parameters={
                             role: {"torch_dtype": s.dtype} for role, s in by_role.items()
                         },
@@ -568,6 +577,7 @@ class ModelImports:
                         extra_info={
                             "dtype": dtype,
                             "device": device,
+                            "replay": replay,
                             "instances": instances,
                             "max_batch_size": max_batch,
                             "size_bytes": _size_bytes(folder),

@@ -132,6 +132,7 @@ def import_options(request: finetune_pb2.ImportModelRequest) -> imports.ImportOp
         base_version=request.base.version,
         component_dtypes=dict(request.component_dtypes),
         component_devices=dict(request.component_devices),
+        replay=request.replay,
     )
 
 
