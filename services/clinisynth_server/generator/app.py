@@ -14,7 +14,6 @@ import grpc
 
 from clinisynth.v1 import generator_pb2, generator_pb2_grpc
 from clinisynth_server.catalog import Catalog
-from clinisynth_server.errors import InvalidArgument
 from clinisynth_server.generator.service import Generator
 from clinisynth_server.generator.servicer import GeneratorServicer
 from clinisynth_server.pacs.outbox import open_outbox
@@ -28,16 +27,7 @@ SERVICE_NAME = generator_pb2.DESCRIPTOR.services_by_name["GeneratorService"].ful
 
 
 def generation_slots(config: ServiceConfig) -> int:
-    raw = config.get("generation_slots", "0") or "0"
-    try:
-        slots = int(raw)
-    except ValueError:
-        slots = -1
-    if slots < 0:
-        raise InvalidArgument.for_field(
-            "CLINISYNTH_GENERATOR_GENERATION_SLOTS", f"an integer >= 0, got {raw!r}"
-        )
-    return slots
+    return config.get_int("generation_slots", 0, minimum=0)
 
 
 def create(config: ServiceConfig) -> Callable[[grpc.Server, ServiceMetrics], Sequence[str]]:

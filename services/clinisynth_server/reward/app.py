@@ -40,16 +40,6 @@ DEFAULT_HTTP_PORT = 8080
 log = logging.getLogger(__name__)
 
 
-def _int(config: ServiceConfig, key: str, default: int) -> int:
-    raw = config.get(key, str(default))
-    try:
-        return int(raw)
-    except ValueError as exc:
-        raise InvalidArgument.for_field(
-            f"CLINISYNTH_REWARD_{key.upper()}", f"not an integer: {raw!r}"
-        ) from exc
-
-
 def _float(config: ServiceConfig, key: str, default: float) -> float:
     raw = config.get(key, str(default))
     try:
@@ -89,7 +79,7 @@ def create(config: ServiceConfig) -> Callable[[grpc.Server, ServiceMetrics], Seq
             metrics=metrics.reward,
             raters=_list(config, "raters"),
             classes=_list(config, "classes"),
-            max_upload_bytes=_int(config, "max_upload_bytes", 4 * 1024 * 1024),
+            max_upload_bytes=config.get_int("max_upload_bytes", 4 * 1024 * 1024),
             max_request_pixels=config.max_request_pixels,
             review_order=strategy_named(
                 config.get("review_order"), "CLINISYNTH_REWARD_REVIEW_ORDER"
@@ -100,7 +90,7 @@ def create(config: ServiceConfig) -> Callable[[grpc.Server, ServiceMetrics], Seq
         reward_pb2_grpc.add_RewardServiceServicer_to_server(
             RewardServicer(reward, catalog, deps.store), server
         )
-        port = _int(config, "http_port", DEFAULT_HTTP_PORT)
+        port = config.get_int("http_port", DEFAULT_HTTP_PORT)
         auth = authenticator_for(config)  # the page checks callers as gRPC does
         trail = AuditLog(config.service, deps.store, metrics.audit)  # the page's calls too
         tls = (config.tls_cert, config.tls_key)  # the page serves HTTPS with gRPC's certificate

@@ -84,6 +84,20 @@ class ServiceConfig:
     def get(self, key: str, default: str = "") -> str:
         return self.extra.get(key, default)
 
+    def get_int(self, key: str, default: int, *, minimum: int | None = None) -> int:
+        """A service-specific integer setting; a bad one is refused by its variable's name."""
+        raw = self.get(key, str(default)) or str(default)
+        try:
+            value = int(raw)
+        except ValueError:
+            value = None
+        if value is None or (minimum is not None and value < minimum):
+            what = "an integer" if minimum is None else f"an integer >= {minimum}"
+            raise InvalidArgument.for_field(
+                f"CLINISYNTH_{self.service.upper()}_{key.upper()}", f"{what}, got {raw!r}"
+            )
+        return value
+
 
 _SHARED = {
     "host",
