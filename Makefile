@@ -22,6 +22,7 @@ venv: $(PY)
 install: $(PY)
 	$(PIP) install -q torch==2.13.0 'numpy<2'
 	$(PIP) install -q -e '.[server,test]'
+	$(PIP) install -q --no-deps -e ./lab
 
 # Real peers the tests talk to: dciodvfy (DICOM validator), promtool + prometheus,
 # docker-compose (config validation), chromium (browser tests), Orthanc + its DICOMweb plugin

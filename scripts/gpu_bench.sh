@@ -96,7 +96,7 @@ for module in ("torch", "diffusers", "transformers", "safetensors", "tritonclien
         missing.append(f"{module} ({exc})")
 # The services' own imports name whatever else is missing (pydicom, prometheus_client, ...).
 for module in ("clinisynth", "clinisynth_server.generator.app", "clinisynth_server.finetune.app",
-               "clinisynth_server.benchmarks.generator"):
+               "clinisynth_lab.benchmarks.generator"):
     try:
         importlib.import_module(module)
     except ImportError as exc:

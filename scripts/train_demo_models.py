@@ -32,7 +32,7 @@ SIZE = 32
 
 
 def _dataset(client: Any, kind: str, n: int, tmp: pathlib.Path) -> str:
-    from clinisynth_server.phantoms import datasets
+    from clinisynth_lab.phantoms import datasets
 
     local = tmp / kind
     datasets.write_phantom_dataset(kind, local, n=n, seed=0, size=SIZE)
@@ -82,7 +82,7 @@ def _export(client: Any, store: Any, job: Any, name: str, domain: str, out: path
 
 def _feedback_round(client: Any, generator: str, classes: list[str], per_class: int) -> str:
     """Samples of the generator judged by the phantom oracle, stored as expert feedback."""
-    from clinisynth_server.phantoms import cells
+    from clinisynth_lab.phantoms import cells
 
     judged = 0
     for label, cls in enumerate(classes):
@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     import clinisynth
     from clinisynth._discovery import discover
-    from clinisynth_server import builders, stack
+    from clinisynth_lab import builders
+    from clinisynth_server import stack
     from clinisynth_server.store import open_store
 
     scale = ns.scale if ns.scale > 0 else (0.1 if ns.quick else 1.0)
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with clinisynth.Client(timeout=3600) as client, tempfile.TemporaryDirectory() as tmp:
             tmp_path = pathlib.Path(tmp)
-            from clinisynth_server.phantoms.cells import CELL_TYPES
+            from clinisynth_lab.phantoms.cells import CELL_TYPES
 
             if want("cells") or want("cells-reward") or want("cells-classifier"):
                 cells_ds = _dataset(client, "cells", 3000, tmp_path)

@@ -84,7 +84,8 @@ def registered_models(
     triton_client: object,
 ) -> dict[str, object]:
     """Tiny class-conditional, unconditional and text-to-image models, registered in Triton."""
-    from clinisynth_server import builders, registry
+    from clinisynth_lab import builders
+    from clinisynth_server import registry
 
     folders = {
         "cells-tiny": builders.build_pixel_unet(
@@ -174,7 +175,7 @@ def phantom_set(n: int, seed: int) -> tuple[Any, Any, Any]:
     [0, 1], class labels, and the oracle's plausibility."""
     import numpy as np
 
-    from clinisynth_server.phantoms import cells
+    from clinisynth_lab.phantoms import cells
 
     images, labels = cells.generate(n, seed=seed)
     rng = np.random.default_rng(seed)
@@ -246,9 +247,9 @@ def cf_models(session_dir, catalog, store, model_repository, triton_client):  # 
 
     import torch
 
+    from clinisynth_lab.toy import build_toy_models
     from clinisynth_server import registry
     from clinisynth_server.counterfactual import guidance
-    from clinisynth_server.counterfactual.toy import build_toy_models
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -88,8 +88,8 @@ def test_tampered_checkpoint_refused_on_resume_and_promotion_untampered_one_serv
 ) -> None:
     from conftest import start_service
 
+    from clinisynth_lab.phantoms import cells, datasets
     from clinisynth_server.catalog import Catalog
-    from clinisynth_server.phantoms import cells, datasets
     from clinisynth_server.triton import repository
 
     imgs, labels = cells.generate(32, seed=21, size=24)

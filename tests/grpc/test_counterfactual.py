@@ -54,7 +54,7 @@ def client(cf_server):
 
 
 def _healthy(index: int = 0) -> np.ndarray:
-    from clinisynth_server.counterfactual.toy import blob_images
+    from clinisynth_lab.toy import blob_images
 
     images, labels = blob_images(16, 16, seed=99)
     return images[labels == 0][index]
@@ -343,7 +343,7 @@ def test_models_default_to_the_denoisers_domain(client, cf_models):
 
 
 def test_batch_over_a_store_prefix(client, store):
-    from clinisynth_server.counterfactual.toy import blob_images
+    from clinisynth_lab.toy import blob_images
 
     images, labels = blob_images(16, 16, seed=7)
     healthy = images[labels == 0][:3]
@@ -522,7 +522,7 @@ def test_input_already_the_target_is_not_reported_as_flipped(
     import grpc
 
     from clinisynth.v1 import common_pb2, counterfactual_pb2, counterfactual_pb2_grpc
-    from clinisynth_server.counterfactual.toy import blob_images
+    from clinisynth_lab.toy import blob_images
 
     images, labels = blob_images(16, 16, seed=99)
     healthy = images[labels == 0][0]

@@ -22,7 +22,7 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 import clinisynth
 from clinisynth import _shards
 from clinisynth.v1 import finetune_pb2, finetune_pb2_grpc
-from clinisynth_server.phantoms.datasets import encode_png
+from clinisynth_lab.phantoms.datasets import encode_png
 
 pytestmark = pytest.mark.stack
 

@@ -30,8 +30,8 @@ def ft_home(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 @pytest.fixture(scope="module")
 def data(store, ft_home) -> dict[str, str]:  # type: ignore[no-untyped-def]
     """Phantom data sets in the store: cells ImageFolder, feedback export, chest manifest."""
-    from clinisynth_server import builders
-    from clinisynth_server.phantoms import cells, datasets
+    from clinisynth_lab import builders
+    from clinisynth_lab.phantoms import cells, datasets
 
     imgs, labels = cells.generate(48, seed=11, size=24)
     datasets.write_image_folder_to_store(store, "ft/cells", imgs, labels, CLASSES)
@@ -279,7 +279,7 @@ def test_upload_checks_sha256_and_cli_data_upload(
     capsys,
 ):
     from clinisynth.cli import main
-    from clinisynth_server.phantoms.datasets import encode_png
+    from clinisynth_lab.phantoms.datasets import encode_png
 
     stub = finetune_pb2_grpc.FinetuneServiceStub(client._t.channel("finetune"))
     import grpc

@@ -56,8 +56,8 @@ ALLOWED = [
 @pytest.fixture(scope="module")
 def planted(store, tmp_path_factory) -> str:  # type: ignore[no-untyped-def]
     """The cells data set; one pixel UNet folder under every prefix above."""
-    from clinisynth_server import builders
-    from clinisynth_server.phantoms import cells, datasets
+    from clinisynth_lab import builders
+    from clinisynth_lab.phantoms import cells, datasets
 
     home = tmp_path_factory.mktemp("base-model")
     imgs, labels = cells.generate(16, seed=5, size=24)

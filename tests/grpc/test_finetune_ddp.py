@@ -261,10 +261,10 @@ def kind_data(store_dir: str, home: pathlib.Path) -> dict[str, str]:  # noqa: F8
 
     import numpy as np
 
-    from clinisynth_server import builders
+    from clinisynth_lab import builders
+    from clinisynth_lab.phantoms import cells, datasets
     from clinisynth_server.finetune.kinds.classifier import scorer_meta
     from clinisynth_server.methods.reward_model import RewardModel, RewardModelConfig
-    from clinisynth_server.phantoms import cells, datasets
     from clinisynth_server.store import open_store
 
     store = open_store(store_dir)

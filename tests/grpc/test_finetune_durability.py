@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import pytest
 
 import clinisynth
-from clinisynth_server.benchmarks.memory import serve_process
+from clinisynth_lab.benchmarks.memory import serve_process
 
 pytestmark = pytest.mark.stack
 
@@ -41,7 +41,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 
 @pytest.fixture(scope="module")
 def store_dir(home: pathlib.Path) -> str:
-    from clinisynth_server.phantoms import cells, datasets
+    from clinisynth_lab.phantoms import cells, datasets
     from clinisynth_server.store import open_store
 
     url = str(home / "store")

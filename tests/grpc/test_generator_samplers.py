@@ -35,7 +35,8 @@ SD1_PNDM = {
 def sd1_folder(session_dir, catalog, store, model_repository, triton_client):  # type: ignore[no-untyped-def]
     from diffusers import PNDMScheduler
 
-    from clinisynth_server import builders, registry
+    from clinisynth_lab import builders
+    from clinisynth_server import registry
 
     folder = builders.build_text_to_image(session_dir / "sd1-pndm", size=16, image_channels=3)
     PNDMScheduler(**SD1_PNDM).save_pretrained(folder / "scheduler")

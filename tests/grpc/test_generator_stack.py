@@ -137,7 +137,8 @@ def test_concurrent_requests_share_denoiser_batches(sdk_client, triton_client, r
 def test_new_version_is_picked_up_without_restart(
     sdk_client, session_dir, catalog, store, model_repository, triton_client
 ):
-    from clinisynth_server import builders, registry
+    from clinisynth_lab import builders
+    from clinisynth_server import registry
 
     for seed in (1, 2):
         folder = builders.build_pixel_unet(
@@ -219,7 +220,8 @@ def test_store_down_is_unavailable(session_dir):
 def test_registration_skips_versions_left_by_an_interrupted_one(
     session_dir, catalog, store, model_repository
 ):
-    from clinisynth_server import builders, registry
+    from clinisynth_lab import builders
+    from clinisynth_server import registry
     from clinisynth_server.triton import repository
 
     folder = builders.build_pixel_unet(session_dir / "leftover", size=16, classes=["a", "b"])

@@ -13,7 +13,7 @@ import time
 import pytest
 
 import clinisynth
-from clinisynth_server.benchmarks import memory
+from clinisynth_lab.benchmarks import memory
 
 pytestmark = pytest.mark.stack
 

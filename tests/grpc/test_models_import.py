@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import clinisynth
-from clinisynth_server import builders
+from clinisynth_lab import builders
 from tests.conftest import import_services
 
 
@@ -340,7 +340,7 @@ def test_batched_replay_import_is_stated_in_provenance(client, folders):  # type
 def test_killed_import_leaves_no_version_and_reimport_succeeds(  # type: ignore[no-untyped-def]
     client, folders, triton_server, store_url, model_repository, session_dir, store
 ):
-    from clinisynth_server.benchmarks.memory import serve_process
+    from clinisynth_lab.benchmarks.memory import serve_process
     from clinisynth_server.catalog import Catalog
 
     env = {

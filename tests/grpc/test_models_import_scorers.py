@@ -25,7 +25,7 @@ CLASSES = ["benign", "malignant"]
 def folders(session_dir: pathlib.Path) -> dict[str, pathlib.Path]:
     import torch
 
-    from clinisynth_server.counterfactual.toy import write_classifier_folder
+    from clinisynth_lab.toy import write_classifier_folder
     from clinisynth_server.methods.classifier import Classifier, ClassifierConfig
     from clinisynth_server.methods.reward_model import RewardModel, RewardModelConfig
     from clinisynth_server.reward.scoring import write_reward_folder

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import clinisynth
-from clinisynth_server import builders
+from clinisynth_lab import builders
 from tests.conftest import import_services
 
 pytestmark = pytest.mark.stack

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import clinisynth
-from clinisynth_server.benchmarks.memory import serve_process
+from clinisynth_lab.benchmarks.memory import serve_process
 
 pytestmark = pytest.mark.stack
 

@@ -41,7 +41,7 @@ from s3_peers import CREDS, Moto, Proxy
 
 import clinisynth
 from clinisynth.v1 import finetune_pb2, finetune_pb2_grpc
-from clinisynth_server.benchmarks.memory import serve_process
+from clinisynth_lab.benchmarks.memory import serve_process
 from clinisynth_server.store import ArtifactStore, open_store
 
 pytestmark = [pytest.mark.stack, pytest.mark.timeout(150)]
@@ -436,7 +436,7 @@ def test_store_folder_not_writable_then_writable(
             "CLINISYNTH_HOME": str(home),
             "CLINISYNTH_REWARD_HTTP_PORT": "0",
         }
-        import clinisynth_server.benchmarks.memory as memory
+        import clinisynth_lab.benchmarks.memory as memory
 
         # The same launcher, the service dropped to uid/gid nobody (no capabilities).
         monkeypatch.setattr(memory, "SERVE", [*_AS_NOBODY, *memory.SERVE])

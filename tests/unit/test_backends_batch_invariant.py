@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from clinisynth_server import builders
+from clinisynth_lab import builders
 from clinisynth_server.triton.backends import denoiser, text_encoder, vae_decode
 from clinisynth_server.triton.backends._base import batch_invariant
 from clinisynth_server.triton.backends._entry import run_grouped

@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from clinisynth_server.benchmarks import generator as bench
-from clinisynth_server.benchmarks import hostload
+from clinisynth_lab.benchmarks import generator as bench
+from clinisynth_lab.benchmarks import hostload
 
 
 def test_levels_and_preset_defaults() -> None:

@@ -19,10 +19,10 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from clinisynth_server.benchmarks import methods
-from clinisynth_server.benchmarks import methods_adaptation as ad
-from clinisynth_server.benchmarks import methods_counterfactual as cf
-from clinisynth_server.benchmarks import methods_feedback as fb
+from clinisynth_lab.benchmarks import methods
+from clinisynth_lab.benchmarks import methods_adaptation as ad
+from clinisynth_lab.benchmarks import methods_counterfactual as cf
+from clinisynth_lab.benchmarks import methods_feedback as fb
 
 
 def _not_collapsed(images: torch.Tensor) -> None:
@@ -85,7 +85,7 @@ def test_feedback_real_set_holds_the_asked_share_of_artefacts(
 ) -> None:
     from PIL import Image
 
-    from clinisynth_server.phantoms import cells
+    from clinisynth_lab.phantoms import cells
 
     _, work = feedback
     files = sorted((work / "cells-real").glob("*/*.png"))
@@ -183,7 +183,7 @@ def test_adaptation_trains_the_parts_it_names(tmp_path: pathlib.Path) -> None:
 
 
 def test_adaptation_trains_only_the_arms_asked_for(tmp_path: pathlib.Path) -> None:
-    from clinisynth_server.benchmarks.methods_common import override
+    from clinisynth_lab.benchmarks.methods_common import override
 
     cfg = override(ad.AdaptationConfig.tiny(), {"arms": "real,unet_vae"})
     res = ad.run(cfg, [0], tmp_path, quick=False, cache=tmp_path / "cache")
@@ -292,7 +292,7 @@ def test_the_command_prints_the_three_tables(
 
 
 def test_fidelity_kid_does_not_depend_on_the_feature_scale() -> None:
-    from clinisynth_server.benchmarks.methods_common import fidelity
+    from clinisynth_lab.benchmarks.methods_common import fidelity
 
     gen = torch.Generator().manual_seed(0)
     real = torch.randn(120, 16, generator=gen).abs()

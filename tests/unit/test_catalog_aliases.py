@@ -6,7 +6,8 @@ import pathlib
 
 import pytest
 
-from clinisynth_server import builders, registry
+from clinisynth_lab import builders
+from clinisynth_server import registry
 from clinisynth_server.catalog import Catalog
 from clinisynth_server.errors import FailedPrecondition, InvalidArgument
 from clinisynth_server.store import open_store

@@ -221,7 +221,7 @@ def test_overlay_marks_brighter_red_and_darker_blue() -> None:
 
 @pytest.fixture(scope="module")
 def toy_folders(tmp_path_factory: pytest.TempPathFactory):
-    from clinisynth_server.counterfactual.toy import build_toy_models
+    from clinisynth_lab.toy import build_toy_models
 
     return build_toy_models(tmp_path_factory.mktemp("toy"), train=False)
 

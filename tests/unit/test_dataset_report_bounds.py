@@ -7,8 +7,8 @@ import pathlib
 
 import numpy as np
 
+from clinisynth_lab.phantoms.datasets import write_image_folder_to_store
 from clinisynth_server.finetune import datasets
-from clinisynth_server.phantoms.datasets import write_image_folder_to_store
 from clinisynth_server.store import open_store
 
 

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from clinisynth_server.benchmarks.memory import deflated_dicom, png_bomb
+from clinisynth_lab.benchmarks.memory import deflated_dicom, png_bomb
 from clinisynth_server.catalog import ModelRecord
 from clinisynth_server.errors import InvalidArgument, ValidationErrors
 from clinisynth_server.imaging.decode import (

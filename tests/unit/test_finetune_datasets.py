@@ -8,9 +8,9 @@ import pathlib
 import numpy as np
 import pytest
 
+from clinisynth_lab.phantoms import datasets as layouts
 from clinisynth_server.finetune import datasets
 from clinisynth_server.finetune.datasets import FolderSource, StoreSource, validate
-from clinisynth_server.phantoms import datasets as layouts
 from clinisynth_server.store import open_store
 
 
@@ -85,8 +85,8 @@ def test_feedback_export(store) -> None:  # type: ignore[no-untyped-def]
 
 def test_phantom_manifests_are_readable_by_the_finetune_reader(tmp_path):
     """phantoms/datasets.py writes "file" keys; the reader takes them as "image"."""
+    from clinisynth_lab.phantoms import datasets as pd
     from clinisynth_server.finetune import datasets as fd
-    from clinisynth_server.phantoms import datasets as pd
 
     pd.write_phantom_dataset("chest", tmp_path / "ds", n=6, size=32)
     report = fd.validate(fd.FolderSource(tmp_path / "ds"), "", "image_text_manifest")

@@ -110,7 +110,7 @@ def test_text_to_image_ema_and_checkpointing_need_the_unet() -> None:
 
 @pytest.fixture(scope="module")
 def cells(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, str]:
-    from clinisynth_server.phantoms import cells, datasets
+    from clinisynth_lab.phantoms import cells, datasets
     from clinisynth_server.store import open_store
 
     store = open_store(str(tmp_path_factory.mktemp("store")))

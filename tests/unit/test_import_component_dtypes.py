@@ -8,7 +8,7 @@ import pathlib
 import pytest
 import torch
 
-from clinisynth_server import builders
+from clinisynth_lab import builders
 from clinisynth_server.catalog import Catalog
 from clinisynth_server.errors import InvalidArgument
 from clinisynth_server.finetune import imports

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from clinisynth_lab.phantoms import abdomen, cells, chest, datasets, fundus
 from clinisynth_server.errors import InvalidArgument, NotFound
-from clinisynth_server.phantoms import abdomen, cells, chest, datasets, fundus
 
 
 @pytest.fixture(scope="module")

@@ -277,9 +277,9 @@ def test_gate_with_no_slots_never_waits() -> None:
 def test_finetune_concurrent_jobs_per_tenant_survive_a_restart(tmp_path: pathlib.Path) -> None:
     import numpy as np
 
+    from clinisynth_lab.phantoms import datasets as layouts
     from clinisynth_server.catalog import Catalog
     from clinisynth_server.finetune.service import FinetuneService, Settings
-    from clinisynth_server.phantoms import datasets as layouts
     from clinisynth_server.store import open_store
 
     store = open_store(str(tmp_path / "store"))

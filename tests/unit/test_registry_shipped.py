@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import pathlib
 
-from clinisynth_server import builders, registry
+from clinisynth_lab import builders
+from clinisynth_server import registry
 from clinisynth_server.catalog import Catalog
 from clinisynth_server.store import open_store
 

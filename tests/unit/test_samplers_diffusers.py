@@ -41,7 +41,8 @@ from diffusers import (
 )
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from clinisynth_server import builders, registry
+from clinisynth_lab import builders
+from clinisynth_server import registry
 from clinisynth_server.catalog import Catalog, ModelRecord
 from clinisynth_server.errors import InvalidArgument
 from clinisynth_server.generator.options import GenerateOptions, validate

@@ -17,6 +17,7 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 
 from clinisynth import _shards
 from clinisynth._finetune import shard_plan
+from clinisynth_lab.phantoms.datasets import encode_png
 from clinisynth_server.errors import InvalidArgument
 from clinisynth_server.finetune import datasets, shards
 from clinisynth_server.finetune.shards_loader import (
@@ -27,7 +28,6 @@ from clinisynth_server.finetune.shards_loader import (
     rank_range,
     worker_range,
 )
-from clinisynth_server.phantoms.datasets import encode_png
 from clinisynth_server.store import LocalStore
 
 

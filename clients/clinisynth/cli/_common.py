@@ -41,3 +41,24 @@ def parse_sets(pairs: list[str] | None) -> dict[str, str]:
             raise SystemExit(f"--set expects key=value, got {pair!r}")
         out[key.strip()] = value.strip()
     return out
+
+
+LAB_MISSING = (
+    "`clinisynth {command}` needs the research kit (benchmarks, phantoms), which is not "
+    "installed: from a source checkout run `pip install -e lab/` (package clinisynth-lab)"
+)
+
+
+def lab_module(name: str, command: str) -> Any:
+    """Import ``clinisynth_lab.NAME`` on demand: the SDK and the product never need it."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"clinisynth_lab.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and exc.name.split(".")[0] == "clinisynth_lab":
+            raise SystemExit(LAB_MISSING.format(command=command)) from exc
+        raise SystemExit(
+            f"`clinisynth {command}` needs {exc.name}, part of the server side: "
+            "pip install 'clinisynth[server]'"
+        ) from exc

@@ -1,9 +1,10 @@
-"""``clinisynth benchmark NAME [args...]``: run a benchmark of the server package."""
+"""``clinisynth benchmark NAME [args...]``: a benchmark from the research kit, clinisynth_lab."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
+
+from clinisynth.cli._common import lab_module
 
 BENCHMARKS = (
     "generator",
@@ -17,12 +18,7 @@ BENCHMARKS = (
 
 
 def cmd_benchmark(ns: argparse.Namespace) -> int:
-    try:
-        module = importlib.import_module(f"clinisynth_server.benchmarks.{ns.name}")
-    except ImportError as exc:
-        raise SystemExit(
-            f"benchmark {ns.name!r} needs the server side: pip install 'clinisynth[server]' ({exc})"
-        ) from exc
+    module = lab_module(f"benchmarks.{ns.name}", f"benchmark {ns.name}")
     return int(module.main(ns.args) or 0)
 
 

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 
 from clinisynth import Client
 from clinisynth._discovery import discover
-from clinisynth.cli._common import print_json
+from clinisynth.cli._common import lab_module, print_json
 
 CHEST_PROMPTS = (
     "No acute cardiopulmonary finding.",
@@ -116,7 +116,7 @@ def run_demo(client: Client, out: pathlib.Path, seed: int) -> dict[str, Any]:
         if fundus_model is not None:
             _pick([], "classifier", "fundus", summary)
         return _finish(rows, summary, out)
-    from clinisynth_server.phantoms import fundus
+    fundus = lab_module("phantoms.fundus", "demo")
 
     healthy, _lesioned, _mask = fundus.render_pair(7, size=fundus_model.width, lesion_seed=1)
     # λ_c = 0.5: at the service default (0.1, the paper's 256 px setting) the 32 px demo models

@@ -36,13 +36,13 @@ import numpy as np
 
 from clinisynth_server.errors import ClinisynthError, FieldViolation, InvalidArgument
 from clinisynth_server.finetune import shards
-from clinisynth_server.phantoms.datasets import (
+from clinisynth_server.finetune.layouts import (
     IMAGE_FIELDS,
     TEXT_FIELDS,
     field_value,
 )
-from clinisynth_server.phantoms.datasets import LABELS_NAME as LABELS
-from clinisynth_server.phantoms.datasets import MANIFEST_NAME as MANIFEST
+from clinisynth_server.finetune.layouts import LABELS_NAME as LABELS
+from clinisynth_server.finetune.layouts import MANIFEST_NAME as MANIFEST
 from clinisynth_server.store.base import ArtifactStore, dir_prefix
 
 LAYOUTS = ("image_folder", "image_text_manifest", "feedback_export")

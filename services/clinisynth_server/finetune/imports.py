@@ -651,7 +651,7 @@ class ModelImports:
         (scheduler / "scheduler_config.json").write_text(json.dumps(record.scheduler))
         scheduler_class = str(record.scheduler.get("_class_name", "DDPMScheduler"))
         if text_to_image:
-            from clinisynth_server.builders import sd_model_index
+            from clinisynth_server.finetune.layouts import sd_model_index
 
             index: dict[str, Any] = sd_model_index(scheduler_class)
         else:

@@ -162,7 +162,7 @@ def materialize(
         tok = record.extra.get("tokenizer_prefix", "")
         store.download_dir(tok, dest / "tokenizer")
         scheduler["_class_name"] = record.scheduler.get("_class_name", "DDIMScheduler")
-        from clinisynth_server.builders import sd_model_index
+        from clinisynth_server.finetune.layouts import sd_model_index
 
         (dest / "model_index.json").write_text(json.dumps(sd_model_index(scheduler["_class_name"])))
     elif record.kind in ("class_conditional", "unconditional"):

@@ -1,15 +1,21 @@
 """The criteria an expert checks for a condition (class or prompt domain).
 
-Cell types use the phantom oracle's checklist (:data:`clinisynth_server.phantoms.cells.CHECKLIST`),
-so a rater and the oracle judge against the same criteria. Every other class and every prompt gets
+Cell types use the hematology checklist in ``cell_checklists.json`` — the same criteria the
+phantom oracle of ``clinisynth_lab`` applies (a lab test keeps the two equal), so a rater and the
+oracle judge against the same list. Every other class and every prompt gets
 the generic radiology / pathology checklist below.
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import pathlib
 from dataclasses import dataclass
 
 from clinisynth_server.reward.scoring import Condition
+
+CELL_CHECKLISTS_FILE = "cell_checklists.json"
 
 
 @dataclass(frozen=True)
@@ -27,21 +33,22 @@ DEFAULT_CHECKLIST: tuple[Criterion, ...] = (
 )
 
 
+@functools.cache
+def _cell_checklists() -> dict[str, tuple[Criterion, ...]]:
+    raw = json.loads((pathlib.Path(__file__).with_name(CELL_CHECKLISTS_FILE)).read_text())
+    return {
+        name: tuple(Criterion(c["name"], c["description"]) for c in crits)
+        for name, crits in raw["checklists"].items()
+    }
+
+
 def checklist_for(condition: Condition) -> tuple[Criterion, ...]:
     if condition.class_name:
-        try:
-            from clinisynth_server.phantoms import cells
-        except ImportError:  # pragma: no cover - phantoms ship with the server
-            return DEFAULT_CHECKLIST
-        crits = cells.CHECKLIST.get(condition.class_name)
+        crits = _cell_checklists().get(condition.class_name)
         if crits:
-            return tuple(Criterion(c.name, c.description) for c in crits)
+            return crits
     return DEFAULT_CHECKLIST
 
 
 def known_cell_classes() -> tuple[str, ...]:
-    try:
-        from clinisynth_server.phantoms import cells
-    except ImportError:  # pragma: no cover
-        return ()
-    return tuple(cells.CELL_TYPES)
+    return tuple(_cell_checklists())

@@ -2,7 +2,7 @@
 
 Checkpoint: a :class:`clinisynth_server.methods.classifier.Classifier` folder (``config.json`` with
 ``kind: classifier`` + ``model.safetensors``), as the finetune service's classifier job and
-:func:`clinisynth_server.counterfactual.toy.build_toy_models` write it. The counterfactual service
+:func:`clinisynth_lab.toy.build_toy_models` write it. The counterfactual service
 uses it for P(target) of the input and of the result; the guided steps go through ``cf_guidance``.
 
 Input ``images`` FP32 [B, C, H, W] in [0, 1] (H, W variable; the backbone pools globally).

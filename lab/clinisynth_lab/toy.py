@@ -99,7 +99,7 @@ def build_toy_models(
     """
     from diffusers import DDPMScheduler
 
-    from clinisynth_server import builders
+    from clinisynth_lab import builders
     from clinisynth_server.methods.classifier import (
         Classifier,
         ClassifierConfig,

@@ -19,7 +19,7 @@ and the share of step time spent waiting for data (``data_wait_s`` x steps/s). T
 the issue asks for: memory at the largest size / the smallest (goal: within 10 %), streaming /
 in-RAM steps/s (goal >= 0.9) and 2 / 1 processes.
 
-    python -m clinisynth_server.benchmarks.finetune_scale [--sizes 2000,10000,40000] [--steps 60]
+    python -m clinisynth_lab.benchmarks.finetune_scale [--sizes 2000,10000,40000] [--steps 60]
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from clinisynth_server.benchmarks.hostload import peak_rss_mb, process_tree
+from clinisynth_lab.benchmarks.hostload import peak_rss_mb, process_tree
 
 if TYPE_CHECKING:
     from clinisynth import Client
@@ -95,7 +95,7 @@ class MemorySampler:
 # -- data -------------------------------------------------------------------------------------
 def image_chunks(n: int, size: int, chunk: int = 2000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """``n`` distinct phantoms in chunks: a drawn pool, then pool images shifted by k pixels."""
-    from clinisynth_server.phantoms import cells
+    from clinisynth_lab.phantoms import cells
 
     pool, labels = cells.generate(min(n, POOL), seed=0, size=size)
     for start in range(0, n, chunk):
@@ -110,7 +110,7 @@ def image_chunks(n: int, size: int, chunk: int = 2000) -> Iterator[tuple[np.ndar
 
 def upload_set(client: Client, n: int, size: int, prefix: str, scratch: pathlib.Path) -> float:
     """Write ``n`` images as an ImageFolder and upload them as shards; seconds taken."""
-    from clinisynth_server.phantoms.datasets import write_image_folder
+    from clinisynth_lab.phantoms.datasets import write_image_folder
 
     folder = scratch / prefix.replace("/", "-")
     for k, (images, labels) in enumerate(image_chunks(n, size)):
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = sorted(int(s) for s in args.sizes.split(","))
 
     import clinisynth
-    from clinisynth_server.benchmarks.finetune import start_finetune
+    from clinisynth_lab.benchmarks.finetune import start_finetune
     from clinisynth_server.store import open_store
 
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="clinisynth-ftscale-"))

@@ -20,8 +20,7 @@ import math
 
 import numpy as np
 
-from clinisynth_server.errors import InvalidArgument
-from clinisynth_server.phantoms._common import (
+from clinisynth_lab.phantoms._common import (
     check_count,
     check_size,
     draw_disks,
@@ -29,6 +28,7 @@ from clinisynth_server.phantoms._common import (
     to_uint8,
     unit_noise,
 )
+from clinisynth_server.errors import InvalidArgument
 
 DEFAULT_SIZE = 64
 MIN_SIZE = 32

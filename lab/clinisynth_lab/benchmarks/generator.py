@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from clinisynth_server.benchmarks import hostload
+from clinisynth_lab.benchmarks import hostload
 
 PROMPT = "a chest x-ray with a small left pleural effusion"
 GUIDANCE = 7.5
@@ -104,7 +104,7 @@ def build_folder(preset: Preset, folder: pathlib.Path) -> dict[str, int]:
     returns parameter counts per component."""
     code = (
         "import json, pathlib, sys\n"
-        "from clinisynth_server.builders import build_text_to_image, build_sd15_shaped\n"
+        "from clinisynth_lab.builders import build_text_to_image, build_sd15_shaped\n"
         "folder = pathlib.Path(sys.argv[1])\n"
         f"{preset.build}\n"
     )

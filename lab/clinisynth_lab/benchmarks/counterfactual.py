@@ -10,7 +10,7 @@ weights: speed does not depend on training), same steps, knobs and seeds:
 
 Prints the median latency of each and their ratio (goal ≤ 1.3), plus the per-step overhead.
 
-    python -m clinisynth_server.benchmarks.counterfactual [--size 32] [--steps 200] [--repeats 3]
+    python -m clinisynth_lab.benchmarks.counterfactual [--size 32] [--steps 200] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -83,10 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
 
     import clinisynth
+    from clinisynth_lab.toy import blob_images, build_toy_models
     from clinisynth_server import registry
     from clinisynth_server.catalog import Catalog
     from clinisynth_server.counterfactual import guidance
-    from clinisynth_server.counterfactual.toy import blob_images, build_toy_models
     from clinisynth_server.stack import wait_serving
     from clinisynth_server.store import open_store
     from clinisynth_server.triton.backends.cf_guidance import Backend

@@ -30,8 +30,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
-from clinisynth_server.errors import InvalidArgument
-from clinisynth_server.phantoms._common import (
+from clinisynth_lab.phantoms._common import (
     balanced_labels,
     check_count,
     check_size,
@@ -41,6 +40,7 @@ from clinisynth_server.phantoms._common import (
     to_uint8,
     unit_noise,
 )
+from clinisynth_server.errors import InvalidArgument
 
 CELL_TYPES: tuple[str, ...] = ("lymphocyte", "neutrophil", "eosinophil", "monocyte")
 DEFAULT_SIZE = 32

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from clinisynth_server.benchmarks.methods_common import (
+from clinisynth_lab.benchmarks.methods_common import (
     JobRunner,
     cached,
     fmt,
@@ -40,7 +40,7 @@ from clinisynth_server.benchmarks.methods_common import (
     shipped,
     shipped_size,
 )
-from clinisynth_server.phantoms.datasets import write_image_folder
+from clinisynth_lab.phantoms.datasets import write_image_folder
 
 MODES = ("cone", "robust_only", "plain_only", "none")
 MODE_LABELS = {
@@ -132,7 +132,7 @@ def prepare_models(
     refresh: bool,
     cache: pathlib.Path | None,
 ) -> FundusModels:
-    from clinisynth_server.phantoms import fundus
+    from clinisynth_lab.phantoms import fundus
 
     data: dict[int, pathlib.Path] = {}
 
@@ -258,13 +258,13 @@ def _dilate(mask: np.ndarray) -> np.ndarray:
 def run_seed(
     cfg: CounterfactualStudyConfig, seed: int, models: FundusModels, nets: dict[str, Any]
 ) -> dict[str, Any]:
+    from clinisynth_lab.phantoms import fundus
     from clinisynth_server.methods.counterfactual import (
         CounterfactualConfig,
         make_guide_fn,
         run_counterfactual,
     )
     from clinisynth_server.methods.sampling import unet_eps_fn
-    from clinisynth_server.phantoms import fundus
 
     unet, sched_cfg, size = nets["unet"], nets["sched"], nets["size"]
     from clinisynth_server.methods.schedulers import make_scheduler
@@ -357,8 +357,8 @@ def run(
     refresh: bool = False,
     cache: pathlib.Path | None = None,
 ) -> dict[str, Any]:
+    from clinisynth_lab.phantoms import fundus
     from clinisynth_server.methods.classifier import Classifier
-    from clinisynth_server.phantoms import fundus
 
     runner = JobRunner(work / "runner-fundus")
     size = shipped_size("fundus") if quick else None

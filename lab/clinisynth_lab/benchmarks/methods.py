@@ -153,10 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         pass
     if ns.threads > 0:
         torch.set_num_threads(ns.threads)
-    from clinisynth_server.benchmarks import methods_adaptation as ad
-    from clinisynth_server.benchmarks import methods_counterfactual as cf
-    from clinisynth_server.benchmarks import methods_feedback as fb
-    from clinisynth_server.benchmarks.methods_common import machine, machine_line, override, say
+    from clinisynth_lab.benchmarks import methods_adaptation as ad
+    from clinisynth_lab.benchmarks import methods_counterfactual as cf
+    from clinisynth_lab.benchmarks import methods_feedback as fb
+    from clinisynth_lab.benchmarks.methods_common import machine, machine_line, override, say
 
     if ns.combine:
         return combine([pathlib.Path(d) for d in ns.combine], pathlib.Path(ns.out))
@@ -244,10 +244,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def combine(runs: list[pathlib.Path], out: pathlib.Path) -> int:
     """One table per study from runs of the same settings that differ only in their seeds."""
-    from clinisynth_server.benchmarks import methods_adaptation as ad
-    from clinisynth_server.benchmarks import methods_counterfactual as cf
-    from clinisynth_server.benchmarks import methods_feedback as fb
-    from clinisynth_server.benchmarks.methods_common import machine_line
+    from clinisynth_lab.benchmarks import methods_adaptation as ad
+    from clinisynth_lab.benchmarks import methods_counterfactual as cf
+    from clinisynth_lab.benchmarks import methods_feedback as fb
+    from clinisynth_lab.benchmarks.methods_common import machine_line
 
     modules = {"feedback": fb, "adaptation": ad, "counterfactual": cf}
     out.mkdir(parents=True, exist_ok=True)

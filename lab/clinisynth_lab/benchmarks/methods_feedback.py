@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from clinisynth_server.benchmarks.methods_common import (
+from clinisynth_lab.benchmarks.methods_common import (
     JobRunner,
     cached,
     classifier_features,
@@ -47,8 +47,8 @@ from clinisynth_server.benchmarks.methods_common import (
     shipped_size,
     to_uint8,
 )
+from clinisynth_lab.phantoms.datasets import write_feedback, write_image_folder
 from clinisynth_server.finetune.kinds.reward_finetune import load_pool, pool_artifact, save_pool
-from clinisynth_server.phantoms.datasets import write_feedback, write_image_folder
 
 if TYPE_CHECKING:
     from clinisynth_server.methods.classifier import Classifier
@@ -191,13 +191,13 @@ class OracleScorer:
     """r(x, y) = the oracle's verdict (1 plausible, 0 not): what a perfect reward model gives."""
 
     def __init__(self, reward_classes: list[str]) -> None:
-        from clinisynth_server.phantoms import cells
+        from clinisynth_lab.phantoms import cells
 
         self.config = SimpleNamespace(in_channels=1)
         self.to_type = [cells.CELL_TYPES.index(c) for c in reward_classes]
 
     def reward(self, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        from clinisynth_server.phantoms import cells
+        from clinisynth_lab.phantoms import cells
 
         labels = [self.to_type[int(i)] for i in ids]
         ok = cells.oracle_batch(to_uint8(images), labels)
@@ -239,7 +239,7 @@ def prepare_assets(
     refresh: bool,
     cache: pathlib.Path | None,
 ) -> CellsAssets:
-    from clinisynth_server.phantoms import cells
+    from clinisynth_lab.phantoms import cells
 
     say("cells: phantoms")
     imgs, labs = cells.generate(cfg.n_real, seed=cfg.data_seed, size=cfg.size)
@@ -316,7 +316,7 @@ def _shorter_cached_generator(
     cfg: FeedbackConfig, cache: pathlib.Path | None
 ) -> tuple[int, pathlib.Path | None]:
     """(steps, folder) of the longest cached generator with this set-up and fewer steps."""
-    from clinisynth_server.benchmarks.methods_common import cache_root
+    from clinisynth_lab.benchmarks.methods_common import cache_root
 
     want = {k: v for k, v in cfg.generator_key().items() if k != "pretrain_steps"}
     best: tuple[int, pathlib.Path | None] = (0, None)
@@ -364,7 +364,7 @@ def sample_cells(
 
 def judge(images: torch.Tensor, class_names: list[str]) -> tuple[np.ndarray, dict[str, int]]:
     """Oracle verdicts and a count of failed criteria (what went wrong)."""
-    from clinisynth_server.phantoms import cells
+    from clinisynth_lab.phantoms import cells
 
     arr = to_uint8(images)
     ok: list[bool] = []
@@ -386,9 +386,9 @@ def evaluate_generator(
     real_feats: torch.Tensor,
 ) -> dict[str, Any]:
     """Paired evaluation: the same seeds (initial and per-step noise) for every arm."""
+    from clinisynth_lab.phantoms import cells
     from clinisynth_server.methods.classifier import Classifier, ClassifierConfig, train_classifier
     from clinisynth_server.methods.evaluation import features
-    from clinisynth_server.phantoms import cells
 
     x, names = sample_cells(
         gen_dir,
@@ -445,7 +445,7 @@ def run_seed(
     gen_ref: str,
     clf_ref: str,
 ) -> dict[str, Any]:
-    from clinisynth_server.phantoms import cells
+    from clinisynth_lab.phantoms import cells
 
     res: dict[str, Any] = {"seed": seed, "arms": {}}
     sw = work / f"seed{seed}"
@@ -674,7 +674,7 @@ def run(
 
 def _type_to_clf(assets: CellsAssets, clf: Classifier) -> np.ndarray:
     """Real test labels in the classifier's class order (ImageFolder: sorted names)."""
-    from clinisynth_server.phantoms import cells
+    from clinisynth_lab.phantoms import cells
 
     meta = json.loads((assets.classifier_dir / "clinisynth.json").read_text())
     order = meta["classes"]

@@ -7,7 +7,7 @@ Side by side in one run (same reward model weights, same images, batch 64):
   2. 100 concurrent raters submit 1,000 judgements in total (10 each) through the SDK: p50 / p99
      latency, then every acknowledged judgement is read back through ListFeedback.
 
-    python -m clinisynth_server.benchmarks.reward [--backbone resnet18] [--size 64] [--rounds 7]
+    python -m clinisynth_lab.benchmarks.reward [--backbone resnet18] [--size 64] [--rounds 7]
 """
 
 from __future__ import annotations

@@ -28,14 +28,14 @@ from typing import NamedTuple
 import numpy as np
 from scipy import ndimage
 
-from clinisynth_server.errors import InvalidArgument
-from clinisynth_server.phantoms._common import (
+from clinisynth_lab.phantoms._common import (
     check_count,
     check_size,
     draw_polylines,
     item_rng,
     to_uint8,
 )
+from clinisynth_server.errors import InvalidArgument
 
 FINDINGS: tuple[str, ...] = (
     "no_finding",

@@ -11,7 +11,7 @@ Same model (a class-conditional ``UNet2DModel``), batch, optimiser (AdamW), loss
    ``kill -9`` of the worker (download + load of the state; and kill → training again, which
    includes the new process's start-up).
 
-    python -m clinisynth_server.benchmarks.finetune [--steps 120] [--batch 16] [--size 32]
+    python -m clinisynth_lab.benchmarks.finetune [--steps 120] [--batch 16] [--size 32]
 
 ``--scale`` runs the archive-scale benchmark instead (:mod:`.finetune_scale`).
 """
@@ -109,7 +109,7 @@ def start_finetune(store_url: str, workdir: pathlib.Path, threads: int) -> Runni
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--scale" in argv:  # the archive-scale benchmark (finetune_scale.py)
-        from clinisynth_server.benchmarks import finetune_scale
+        from clinisynth_lab.benchmarks import finetune_scale
 
         return finetune_scale.main([a for a in argv if a != "--scale"])
     parser = argparse.ArgumentParser(prog="clinisynth benchmark finetune", description=__doc__)
@@ -132,9 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from clinisynth_lab.phantoms import cells
+    from clinisynth_lab.phantoms.datasets import write_image_folder_to_store
     from clinisynth_server.finetune.records import JobStore
-    from clinisynth_server.phantoms import cells
-    from clinisynth_server.phantoms.datasets import write_image_folder_to_store
     from clinisynth_server.store import open_store
 
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="clinisynth-ftbench-"))

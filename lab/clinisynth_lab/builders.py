@@ -16,6 +16,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from clinisynth_server.finetune.layouts import sd_model_index
+
 # Words the chest / cells / fundus prompts use; each becomes a single token.
 DOMAIN_WORDS = [
     "a",
@@ -170,21 +172,6 @@ def write_clip_tokenizer(
         )
     )
     return folder
-
-
-def sd_model_index(scheduler_class: str) -> dict[str, object]:
-    """``model_index.json`` of a StableDiffusionPipeline folder (no safety checker)."""
-    return {
-        "_class_name": "StableDiffusionPipeline",
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", scheduler_class],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-    }
 
 
 def _ddpm_scheduler_config() -> dict[str, object]:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from clinisynth_server import builders
+from clinisynth_lab import builders
 from clinisynth_server.triton.backends import denoiser
 from clinisynth_server.triton.backends._entry import run_grouped
 

@@ -51,13 +51,15 @@ import numpy as np
 from PIL import Image
 
 from clinisynth_server.errors import InvalidArgument, NotFound
-
-MANIFEST_NAME = "manifest.jsonl"
-LABELS_NAME = "labels.jsonl"
-CLASSES_NAME = "classes.json"
-IMAGES_DIR = "images"
-IMAGE_FIELDS = ("image", "file")  # the first is written; "file" is read from older sets
-TEXT_FIELDS = ("prompt", "text", "caption")  # likewise
+from clinisynth_server.finetune.layouts import (
+    CLASSES_NAME,
+    IMAGE_FIELDS,
+    IMAGES_DIR,
+    LABELS_NAME,
+    MANIFEST_NAME,
+    TEXT_FIELDS,
+    field_value,
+)
 
 
 class BytesSink(Protocol):
@@ -357,11 +359,6 @@ def read_manifest(root: str | os.PathLike[str]) -> list[ManifestRecord]:
     return records
 
 
-def field_value(rec: Mapping[str, Any], names: Sequence[str]) -> Any:
-    """The value of the first of ``names`` present in ``rec`` (a field and its older aliases)."""
-    return next((rec[n] for n in names if n in rec), None)
-
-
 # --------------------------------------------------------------------------- phantom sets
 
 PHANTOM_KINDS: tuple[str, ...] = ("cells", "chest", "abdomen", "fundus")
@@ -372,7 +369,7 @@ def phantom_entries(
 ) -> Iterator[tuple[str, bytes]]:
     """Entries of a ready-made phantom set: cells / fundus as ImageFolder, chest / abdomen as
     manifest (report or caption as text, findings as labels)."""
-    from clinisynth_server.phantoms import abdomen, cells, chest, fundus
+    from clinisynth_lab.phantoms import abdomen, cells, chest, fundus
 
     if kind == "cells":
         imgs, labs = cells.generate(n, seed=seed, size=size or cells.DEFAULT_SIZE)

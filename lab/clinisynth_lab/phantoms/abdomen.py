@@ -20,8 +20,8 @@ from typing import NamedTuple
 import numpy as np
 from scipy import ndimage
 
+from clinisynth_lab.phantoms._common import check_count, check_size, item_rng, to_uint8
 from clinisynth_server.errors import InvalidArgument
-from clinisynth_server.phantoms._common import check_count, check_size, item_rng, to_uint8
 
 FINDINGS: tuple[str, ...] = ("normal", "liver_lesion", "kidney_cyst", "ascites")
 DEFAULT_SIZE = 64

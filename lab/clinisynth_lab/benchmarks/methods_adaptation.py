@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from clinisynth_server.benchmarks.methods_common import (
+from clinisynth_lab.benchmarks.methods_common import (
     JobRunner,
     cached,
     classifier_features,
@@ -39,7 +39,7 @@ from clinisynth_server.benchmarks.methods_common import (
     say,
     shipped,
 )
-from clinisynth_server.phantoms.datasets import write_image_folder, write_manifest
+from clinisynth_lab.phantoms.datasets import write_image_folder, write_manifest
 
 if TYPE_CHECKING:
     from clinisynth_server.methods.classifier import Classifier
@@ -145,8 +145,8 @@ def prepare(
     cache: pathlib.Path | None,
 ) -> dict[str, Any]:
     """Data sets, the chest classifier, the abdomen-pretrained base and the adapted arms."""
-    from clinisynth_server import builders
-    from clinisynth_server.phantoms import abdomen, chest
+    from clinisynth_lab import builders
+    from clinisynth_lab.phantoms import abdomen, chest
 
     say("chest/abdomen: phantoms")
     ab = abdomen.generate(cfg.n_abdomen, seed=cfg.data_seed, size=cfg.size)
@@ -395,7 +395,7 @@ class T2I:
 
 
 def prompts_for(finding: str, n: int, seed: int) -> list[str]:
-    from clinisynth_server.phantoms import chest
+    from clinisynth_lab.phantoms import chest
 
     return [
         chest.report([finding], np.random.default_rng([seed, FINDINGS.index(finding), i]))
@@ -464,8 +464,8 @@ def real_reference(
     seed: int,
 ) -> dict[str, Any]:
     """The same numbers for real held-out phantoms: detection ceiling, real-vs-real fidelity."""
+    from clinisynth_lab.phantoms import chest
     from clinisynth_server.methods.evaluation import features, intra_set_ms_ssim
-    from clinisynth_server.phantoms import chest
 
     test = prep["test"]
     one = _single_finding(test)
