@@ -20,7 +20,7 @@
 #     python-rapidjson grpcio-status grpcio-health-checking grpcio-reflection prometheus-client \
 #     pydicom==3.0.2 highdicom==0.28.2 pynetdicom==3.0.4 pyjwt pyyaml minio==7.2.20 ...
 # (step 2 names every module still missing, before any time is spent on the run).
-# The project itself is not installed: clients/ and services/ go on PYTHONPATH (the launcher
+# The project itself is not installed: clients/, services/ and lab/ go on PYTHONPATH (the launcher
 # hands PYTHONPATH on to Triton's python stubs), so its Python pin does not apply.
 #
 # Environment overrides: PYTHON (python3; the dry run: .venv/bin/python where it exists),
@@ -52,7 +52,7 @@ if [ -z "$OUT" ]; then
 fi
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
-export PYTHONPATH="$ROOT/clients:$ROOT/services${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$ROOT/clients:$ROOT/services:$ROOT/lab${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 say() { printf '\n== %s\n' "$*"; }
