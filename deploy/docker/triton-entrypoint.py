@@ -15,7 +15,9 @@ reach them, so in compose and Kubernetes, as under ``clinisynth up``, every prot
   repository, so no credential is in Triton's environment;
 - execs ``tritonserver`` (it keeps this process's pid, signals and exit code) with umask 077
   and an environment without any variable whose name looks like a secret (the launcher's
-  pattern), so a python-backend stub inherits none.
+  pattern), so a python-backend stub inherits none; and with the launcher's short OpenMP
+  spin (``GOMP_SPINCOUNT`` / ``KMP_BLOCKTIME``, unless the operator set them), so idle stub
+  threads sleep instead of spinning against the other stubs on a shared host.
 
 Triton 2.51 reads the key only from its command line, so the key is in ``/proc/<pid>/cmdline``
 of the server. In a container that is visible only inside Triton's own pid namespace (its
@@ -100,6 +102,21 @@ def secret_name_pattern(launcher_source: str | None = None) -> re.Pattern[str]:
     return re.compile(pattern, flags)
 
 
+def omp_spin_env(launcher_source: str | None = None) -> dict[str, str]:
+    """The launcher's OpenMP spin limits for the stubs (OMP_SPIN_COUNT, KMP_BLOCKTIME_MS)."""
+    source = launcher_source if launcher_source is not None else _module_source(LAUNCHER_MODULE)
+    values = {}
+    for env_name, constant in (
+        ("GOMP_SPINCOUNT", "OMP_SPIN_COUNT"),
+        ("KMP_BLOCKTIME", "KMP_BLOCKTIME_MS"),
+    ):
+        value = ast.literal_eval(_assignment(source, constant))
+        if not isinstance(value, int):
+            raise EntrypointError(f"{constant} is not an integer literal")
+        values[env_name] = str(value)
+    return values
+
+
 def _read_secret(path: Path, what: str) -> str:
     try:
         value = path.read_text(encoding="utf-8").strip()
@@ -175,6 +192,8 @@ def build(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[list[str], d
             args.s3_region,
         )
         env["TRITON_CLOUD_CREDENTIAL_PATH"] = str(path)  # a path; Triton reads the file
+    for name, value in omp_spin_env(launcher).items():
+        env.setdefault(name, value)
     binary = shutil.which("tritonserver", path=env.get("PATH")) or DEFAULT_TRITONSERVER
     command = [
         binary,

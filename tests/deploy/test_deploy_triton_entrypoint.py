@@ -35,6 +35,14 @@ CANARIES = {
 }
 
 
+def test_an_operators_openmp_setting_wins(tmp_path: Path) -> None:
+    (tmp_path / "key").write_text("k")
+    environ = {"PATH": "/usr/bin", "GOMP_SPINCOUNT": "0"}
+    _, env = entrypoint().build([f"--restricted-key-file={tmp_path / 'key'}"], environ)
+    assert env["GOMP_SPINCOUNT"] == "0"
+    assert env["KMP_BLOCKTIME"] == str(launcher.KMP_BLOCKTIME_MS)
+
+
 def test_groups_header_and_secret_names_come_from_the_launcher() -> None:
     ep = entrypoint()
     assert ep.restricted_groups() == launcher.RESTRICTED_GROUPS
@@ -110,6 +118,9 @@ def test_environment_has_no_secret_and_store_keys_go_to_a_private_file(
         "OMP_NUM_THREADS": "2",
     }
     assert not any(v in value for v in files.values() for value in env.values() if v != "k")
+    # The launcher's short OpenMP spin, as the local stack gives its stubs.
+    assert env["GOMP_SPINCOUNT"] == str(launcher.OMP_SPIN_COUNT)
+    assert env["KMP_BLOCKTIME"] == str(launcher.KMP_BLOCKTIME_MS)
     creds = Path(env["TRITON_CLOUD_CREDENTIAL_PATH"])
     assert creds.parent == tmp_path and stat.S_IMODE(creds.stat().st_mode) == 0o600
     s3 = json.loads(creds.read_text())["s3"][""]
