@@ -22,6 +22,7 @@ from PIL import Image as PILImage
 from PIL import ImageDraw
 
 from clinisynth import _images
+from clinisynth._reward import check_domain_guard
 from clinisynth._rpc import ProgressCallback, Rpc, model_ref
 from clinisynth._types import PacsItem, ProgressEvent, provenance_dict
 from clinisynth.v1 import common_pb2, counterfactual_pb2, counterfactual_pb2_grpc
@@ -92,6 +93,10 @@ class CounterfactualResult:
     already_target: bool = False
     # With ``to_pacs``: the outbox item of the counterfactual ("pending" when answered).
     pacs: list[PacsItem] = field(default_factory=list)
+    # The out-of-domain guard on the input (see ImageScore.domain).
+    domain: str = ""
+    domain_score: float | None = None
+    domain_threshold: float | None = None
 
     def to_numpy(self) -> np.ndarray:
         """The counterfactual as float32 in [0, 1]."""
@@ -274,6 +279,9 @@ def counterfactual_result(resp: counterfactual_pb2.CounterfactualResponse) -> Co
         flipped=resp.flipped,
         already_target=resp.already_target,
         pacs=[PacsItem.from_proto(m) for m in resp.pacs],
+        domain=resp.domain.decision,
+        domain_score=resp.domain.score if resp.domain.HasField("score") else None,
+        domain_threshold=resp.domain.threshold if resp.domain.HasField("score") else None,
     )
 
 
@@ -309,6 +317,7 @@ def counterfactual_request(
     store: bool = False,
     request_id: str | None = None,
     to_pacs: str | None = None,
+    domain_guard: str | None = None,
 ) -> counterfactual_pb2.CounterfactualRequest:
     """Build the request; knobs left ``None`` take the service's published defaults."""
     if mode is not None and mode not in MODES:
@@ -330,6 +339,7 @@ def counterfactual_request(
         store_outputs=store,
         request_id=request_id or "",
         to_pacs=to_pacs or "",
+        domain_guard=check_domain_guard(domain_guard),
     )
     if image is not None:
         req.image.CopyFrom(_input_image(image))

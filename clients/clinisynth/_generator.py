@@ -23,6 +23,9 @@ def _seeded(req: generator_pb2.GenerateRequest) -> bool:
     return req.HasField("seed")  # same seed, same images: repeating it is safe
 
 
+#: The memorization gate's policies (the server's default, "" here, is "regenerate").
+MEMORIZATION_POLICIES = ("off", "flag", "regenerate", "refuse")
+
 LIST_MODELS = Rpc(SERVICE, STUB, "ListModels", idempotent=True)
 GENERATE = Rpc(SERVICE, STUB, "Generate", idempotent=_seeded)
 GENERATE_STREAM = Rpc(SERVICE, STUB, "GenerateStream", streaming="server")
@@ -67,9 +70,14 @@ def generate_request(
     modality: str | None = None,
     request_id: str | None = None,
     to_pacs: str | None = None,
+    memorization: str | None = None,
 ) -> generator_pb2.GenerateRequest:
     if format not in _images.FORMATS:
         raise ValueError(f"format must be one of {sorted(_images.FORMATS)}, not {format!r}")
+    if memorization and memorization not in MEMORIZATION_POLICIES:
+        raise ValueError(
+            f"memorization must be one of {MEMORIZATION_POLICIES}, not {memorization!r}"
+        )
     req = generator_pb2.GenerateRequest(
         model=model_ref(model),
         prompt=prompt or "",
@@ -87,6 +95,7 @@ def generate_request(
         preview_every=preview_every,
         request_id=request_id or "",
         to_pacs=to_pacs or "",
+        memorization=memorization or "",
     )
     if guidance_scale is not None:
         req.guidance_scale = guidance_scale
@@ -117,6 +126,7 @@ def generated_image(msg: generator_pb2.GeneratedImage, data: bytes | None = None
             "size_bytes": r.size_bytes,
             "presigned_url": r.presigned_url,
         }
+    mem = msg.memorization
     return GeneratedImage(
         index=msg.index,
         data=data if data is not None else encoded,
@@ -127,6 +137,9 @@ def generated_image(msg: generator_pb2.GeneratedImage, data: bytes | None = None
         ref=ref,
         width=msg.image.width,
         height=msg.image.height,
+        memorization=mem.decision,
+        memorization_distance=mem.distance if mem.HasField("distance") else None,
+        memorization_threshold=mem.threshold if mem.HasField("distance") else None,
     )
 
 

@@ -67,6 +67,8 @@ class ModelDetails:
     scheduler: str = ""
     #: The version a LoRA adapter was merged into ("" for a full import).
     base: str = ""
+    #: How Triton serves it: "split" (a model per component) or "packed" (one for them all).
+    layout: str = "split"
 
     @property
     def ref(self) -> str:
@@ -94,6 +96,7 @@ class ModelDetails:
             source=m.source,
             scheduler=m.scheduler,
             base=m.base,
+            layout=m.layout or "split",
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -143,6 +146,7 @@ def import_request(
     component_dtypes: Mapping[str, str] | None = None,
     component_devices: Mapping[str, str] | None = None,
     replay: str | None = None,
+    layout: str | None = None,
 ) -> finetune_pb2.ImportModelRequest:
     return finetune_pb2.ImportModelRequest(
         base=model_ref(base) if base else None,
@@ -157,6 +161,7 @@ def import_request(
         component_dtypes=dict(component_dtypes or {}),
         component_devices=dict(component_devices or {}),
         replay=replay or "",
+        layout=layout or "",
     )
 
 

@@ -16,7 +16,7 @@ import os
 import pathlib
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -62,6 +62,12 @@ class ImageScore:
     p_aligned: float
     model_version: str
     name: str = ""
+    # The out-of-domain guard: "in domain", "out of domain" (kept under domain_guard="warn") or
+    # "no index" (the model has none: not guarded), with the domain score (None when not
+    # computed) against ``domain_threshold``.
+    domain: str = ""
+    domain_score: float | None = None
+    domain_threshold: float | None = None
 
 
 @dataclass(frozen=True)
@@ -222,6 +228,9 @@ def image_score(s: reward_pb2.ImageScore, offset: int = 0) -> ImageScore:
         p_aligned=s.p_aligned,
         model_version=f"{s.model.name}@{s.model.version}",
         name=s.name,
+        domain=s.domain.decision,
+        domain_score=s.domain.score if s.domain.HasField("score") else None,
+        domain_threshold=s.domain.threshold if s.domain.HasField("score") else None,
     )
 
 
@@ -285,6 +294,17 @@ def agreement_from(resp: reward_pb2.GetAgreementResponse) -> Agreement:
     )
 
 
+#: The out-of-domain guard's policies (the server's default, "" here, is "refuse").
+DOMAIN_GUARD_POLICIES = ("refuse", "warn")
+
+
+def check_domain_guard(policy: str | None) -> str:
+    """``policy`` as the request field ("" = the server's default); ValueError when unknown."""
+    if policy and policy not in DOMAIN_GUARD_POLICIES:
+        raise ValueError(f"domain_guard must be one of {DOMAIN_GUARD_POLICIES}, not {policy!r}")
+    return policy or ""
+
+
 def score_requests(
     images: Any,
     condition: Any,
@@ -293,8 +313,10 @@ def score_requests(
     model: str | None,
     resize: bool,
     generator: str | None,
+    domain_guard: str | None = None,
 ) -> list[tuple[int, reward_pb2.ScoreRequest]]:
     items = image_list(images)
+    guard = check_domain_guard(domain_guard)
     if not items:
         raise ValueError("no images to score")
     cond = condition_msg(condition, class_name=class_name, prompt=prompt)
@@ -304,6 +326,7 @@ def score_requests(
             model=model_ref(model),
             images=[_to_image(im) for im in items[start : start + SCORE_CHUNK]],
             resize=resize,
+            domain_guard=guard,
         )
         if cond is not None:
             req.condition.CopyFrom(cond)
@@ -318,13 +341,7 @@ def _with_names(resp: reward_pb2.ScoreResponse, items: list[Any], start: int) ->
     for s in resp.scores:
         score = image_score(s, start)
         if not score.name:
-            score = ImageScore(
-                score.index,
-                score.reward,
-                score.p_aligned,
-                score.model_version,
-                _name_of(items[score.index]),
-            )
+            score = replace(score, name=_name_of(items[score.index]))
         scores.append(score)
     return scores
 
@@ -338,12 +355,14 @@ def stream_requests(
     store_prefix: str | None,
     batch_size: int,
     generator: str | None,
+    domain_guard: str | None = None,
 ) -> Iterator[reward_pb2.ScoreStreamRequest]:
     config = reward_pb2.ScoreStreamConfig(
         model=model_ref(model),
         store_prefix=store_prefix or "",
         resize=resize,
         batch_size=batch_size,
+        domain_guard=check_domain_guard(domain_guard),
     )
     if condition is not None:
         config.condition.CopyFrom(condition)

@@ -469,9 +469,11 @@ class Client:
     the retries of idempotent calls on UNAVAILABLE / RESOURCE_EXHAUSTED (a server's RetryInfo
     delay is honoured). ``token``: a bearer token (a JWT or a static token); ``token_file``
     (default ``$CLINISYNTH_TOKEN_FILE`` when no token is given): a file holding it, re-read on
-    every call so a rotated token is used at once. ``Client`` blocks; ``AsyncClient`` is its
-    asyncio twin (``await`` each call, ``async for`` over streams), with the same methods,
-    parameters and docstrings.
+    every call so a rotated token is used at once. ``certificate_chain`` / ``private_key`` (PEM
+    bytes; default the files ``$CLINISYNTH_CLIENT_CERT`` / ``$CLINISYNTH_CLIENT_KEY``): a client
+    certificate, for servers that verify them (mTLS); implies TLS. ``Client`` blocks;
+    ``AsyncClient`` is its asyncio twin (``await`` each call, ``async for`` over streams), with
+    the same methods, parameters and docstrings.
     """
 
     def __init__(
@@ -485,10 +487,21 @@ class Client:
         root_certificates: bytes | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
         retries: int = 3,
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
     ) -> None:
         self._t = Transport(
             make_settings(
-                address, endpoints, token, tls, root_certificates, timeout, retries, token_file
+                address,
+                endpoints,
+                token,
+                tls,
+                root_certificates,
+                timeout,
+                retries,
+                token_file,
+                certificate_chain=certificate_chain,
+                private_key=private_key,
             )
         )
 
@@ -582,6 +595,7 @@ class Client:
         modality: str | None = None,
         request_id: str | None = None,
         to_pacs: str | None = None,
+        memorization: str | None = None,
         progress: ProgressCallback | bool | None = None,
         timeout: float | None = None,
     ) -> GenerationResult:
@@ -591,6 +605,9 @@ class Client:
         ``min_reward`` / ``best_of_n`` / ``reward_model``: keep only well-scored candidates.
         ``to_pacs``: a configured PACS destination the images also go to as one DICOM series
         (queued durably before the reply; ``result.pacs`` / :meth:`pacs_outbox` show delivery).
+        ``memorization``: "off", "flag", "regenerate" (the server's default) or "refuse" — what
+        happens to an image that is a near-copy of a training image (each image's
+        ``memorization`` / ``memorization_distance`` say what the gate found).
         A call with a ``seed`` is retried on UNAVAILABLE (it gives the same images).
         ``progress``: a callback receiving ProgressEvents (or True for a tqdm bar); uses the
         streaming RPC.
@@ -618,6 +635,7 @@ class Client:
             modality=modality,
             request_id=request_id,
             to_pacs=to_pacs,
+            memorization=memorization,
         )
         if not progress:
             return gen.generation_result(self._t.call(gen.GENERATE, req, timeout=timeout))
@@ -650,6 +668,7 @@ class Client:
         model: str | None = None,
         resize: bool = False,
         generator: str | None = None,
+        domain_guard: str | None = None,
         progress: ProgressCallback | bool | None = None,
         timeout: float | None = None,
     ) -> list[ImageScore]:
@@ -657,10 +676,14 @@ class Client:
 
         ``images``: paths, bytes, PIL images, arrays, or a numpy batch; sent in chunks of 64.
         ``model``: "name" or "name@version" (default: the service's default for the condition).
+        ``domain_guard``: "refuse" (default: an image far outside the model's training images
+        fails with FAILED_PRECONDITION) or "warn" (scored; ``ImageScore.domain`` flags it).
         ``progress``: a callback receiving a ProgressEvent per chunk, or True for a tqdm bar.
         """
         items = rw.image_list(images)
-        reqs = rw.score_requests(items, condition, class_name, prompt, model, resize, generator)
+        reqs = rw.score_requests(
+            items, condition, class_name, prompt, model, resize, generator, domain_guard
+        )
         out: list[ImageScore] = []
         with progress_sink(progress, desc="scoring", unit="img", total=len(items)) as update:
             for start, req in reqs:
@@ -682,6 +705,7 @@ class Client:
         store_prefix: str | None = None,
         batch_size: int = 0,
         generator: str | None = None,
+        domain_guard: str | None = None,
         progress: ProgressCallback | None = None,
         timeout: float | None = None,
     ) -> ScoreStream:
@@ -695,6 +719,7 @@ class Client:
             store_prefix=store_prefix,
             batch_size=batch_size,
             generator=generator,
+            domain_guard=domain_guard,
         )
         return ScoreStream(self._t.stream(rw.SCORE_STREAM, reqs, timeout=timeout), progress)
 
@@ -707,6 +732,7 @@ class Client:
         prompt: str | None = None,
         resize: bool = False,
         batch_size: int = 64,
+        domain_guard: str | None = None,
         progress: ProgressCallback | bool | None = True,
         timeout: float | None = None,
     ) -> list[ImageScore]:
@@ -723,6 +749,7 @@ class Client:
                 model=model,
                 resize=resize,
                 batch_size=batch_size,
+                domain_guard=domain_guard,
                 progress=update,
                 timeout=timeout,
             )
@@ -775,6 +802,7 @@ class Client:
         store: bool = False,
         request_id: str | None = None,
         to_pacs: str | None = None,
+        domain_guard: str | None = None,
         on_step: PointCallback | None = None,
         progress: ProgressCallback | bool | None = None,
         timeout: float | None = None,
@@ -787,7 +815,9 @@ class Client:
         mode ("cone" | "robust_only" | "plain_only"). ``on_step`` (trajectory points) or
         ``progress`` (callback, or True for a tqdm bar) use the streaming RPC; closing early
         cancels the work on the server. ``to_pacs``: also send the counterfactual as DICOM to
-        this configured PACS destination (see :meth:`generate`).
+        this configured PACS destination (see :meth:`generate`). ``domain_guard``: "refuse"
+        (default: an input far outside the diffusion model's training images fails with
+        FAILED_PRECONDITION) or "warn" (edited; ``CounterfactualResult.domain`` flags it).
         """
         req = cf.counterfactual_request(
             image,
@@ -808,6 +838,7 @@ class Client:
             store=store,
             request_id=request_id,
             to_pacs=to_pacs,
+            domain_guard=domain_guard,
         )
         if on_step is None and not progress:
             return cf.counterfactual_result(self._t.call(cf.CREATE, req, timeout=timeout))
@@ -883,13 +914,15 @@ class Client:
         format: str = "png",
         store: bool = False,
         request_id: str | None = None,
+        domain_guard: str | None = None,
         on_item: ItemCallback | None = None,
         progress: ProgressCallback | bool | None = None,
         timeout: float | None = None,
     ) -> CounterfactualBatchResult:
         """Counterfactuals of every image under a store prefix; results go to the store.
 
-        The knobs are those of ``counterfactual``; ``on_item`` receives each finished item.
+        The knobs are those of ``counterfactual``; ``on_item`` receives each finished item (an
+        out-of-domain image under ``domain_guard="refuse"`` is an item with its ``error``).
         """
         options = cf.counterfactual_request(
             None,
@@ -909,6 +942,7 @@ class Client:
             format=format,
             store=store,
             request_id=request_id,
+            domain_guard=domain_guard,
         )
         req = cf.batch_request(
             input_prefix, output_prefix=output_prefix, limit=limit, options=options
@@ -949,6 +983,7 @@ class Client:
         component_dtypes: Mapping[str, str] | None = None,
         component_devices: Mapping[str, str] | None = None,
         replay: str | None = None,
+        layout: str | None = None,
         progress: ProgressCallback | bool | None = False,
         timeout: float | None = md.IMPORT_TIMEOUT,
     ) -> ModelDetails:
@@ -968,6 +1003,9 @@ class Client:
         ``replay``: "exact" (default: bit-identical pixels whatever Triton batches with a
         request) or "batched" (rows share forward passes: more throughput, a re-run equal up
         to float rounding); provenance's ``replay`` says which.
+        ``layout``: "split" (default: one Triton model, so one process per instance, per
+        component) or "packed" (one process per instance holding every component: less host
+        memory, no parallelism between components, all on one device); same pixels either way.
         ``base``: ``NAME@VERSION`` (or an alias) when the folder is a LoRA adapter
         (``pytorch_lora_weights.safetensors``): it is merged into that version's weights and
         served as the new version; a module that does not fit the base is named
@@ -992,6 +1030,7 @@ class Client:
             component_dtypes,
             component_devices,
             replay,
+            layout,
         )
         if not progress:
             reply = self._t.call(md.IMPORT_MODEL, req, timeout=timeout)

@@ -74,12 +74,21 @@ class _Settings:
         root_certificates: bytes | None,
         timeout: float | None,
         retries: int,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
     ) -> None:
         self.endpoints = endpoints
         self.token = token
         self.token_file = token_file
+        # The one place channel credentials are built (sync and async transports share it).
         self.credentials = (
-            grpc.ssl_channel_credentials(root_certificates=root_certificates) if tls else None
+            grpc.ssl_channel_credentials(
+                root_certificates=root_certificates,
+                private_key=private_key,
+                certificate_chain=certificate_chain,
+            )
+            if tls
+            else None
         )
         self.timeout = timeout
         self.retries = retries
@@ -117,6 +126,9 @@ def make_settings(
     timeout: float | None,
     retries: int,
     token_file: str | None = None,
+    *,
+    certificate_chain: bytes | None = None,
+    private_key: bytes | None = None,
 ) -> _Settings:
     """The client's options resolved: explicit endpoints, a host, or the recorded stack.
 
@@ -124,6 +136,9 @@ def make_settings(
     ``token``: it is read on every call, so a rotated token is picked up without a new client.
     Without ``root_certificates``, ``$CLINISYNTH_TLS_CA`` names the CA certificate to trust
     (and turns TLS on): a remote stack whose certificate a site or development CA signed.
+    ``certificate_chain`` / ``private_key`` (PEM; else the files ``$CLINISYNTH_CLIENT_CERT`` /
+    ``$CLINISYNTH_CLIENT_KEY``, both or neither) are the client certificate a server that verifies
+    client certificates (mTLS) asks for; they turn TLS on.
     """
     if token_file is None and not token:
         token_file = os.environ.get("CLINISYNTH_TOKEN_FILE") or None
@@ -148,6 +163,9 @@ def make_settings(
         with open(ca_file, "rb") as f:
             root_certificates = f.read()
         tls = True
+    certificate_chain, private_key = _client_certificate(certificate_chain, private_key)
+    if certificate_chain is not None:
+        tls = True
     return _Settings(
         endpoints,
         token=token,
@@ -156,7 +174,29 @@ def make_settings(
         root_certificates=root_certificates,
         timeout=timeout,
         retries=retries,
+        private_key=private_key,
+        certificate_chain=certificate_chain,
     )
+
+
+def _client_certificate(
+    chain: bytes | None, key: bytes | None
+) -> tuple[bytes | None, bytes | None]:
+    """The client certificate and key: given, else from ``$CLINISYNTH_CLIENT_CERT`` / ``_KEY``."""
+    if chain is None and key is None:
+        cert_file = os.environ.get("CLINISYNTH_CLIENT_CERT", "").strip()
+        key_file = os.environ.get("CLINISYNTH_CLIENT_KEY", "").strip()
+        if bool(cert_file) != bool(key_file):
+            raise ValueError(
+                "set both CLINISYNTH_CLIENT_CERT and CLINISYNTH_CLIENT_KEY, or neither"
+            )
+        if not cert_file:
+            return None, None
+        with open(cert_file, "rb") as f_cert, open(key_file, "rb") as f_key:
+            return f_cert.read(), f_key.read()
+    if chain is None or key is None:
+        raise ValueError("certificate_chain and private_key go together (a client certificate)")
+    return chain, key
 
 
 class Transport:

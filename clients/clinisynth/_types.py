@@ -84,6 +84,11 @@ class GeneratedImage:
     ref: dict[str, Any] | None = None
     width: int = 0
     height: int = 0
+    # The memorization gate: "off", "no index", "passed", "flagged" or "regenerated", and the
+    # nearest training-image distance (None when not computed) against ``memorization_threshold``.
+    memorization: str = ""
+    memorization_distance: float | None = None
+    memorization_threshold: float | None = None
 
     @property
     def seed(self) -> int:

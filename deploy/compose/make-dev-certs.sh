@@ -11,8 +11,12 @@
 #            an IP address, e.g. the host's name when CLINISYNTH_BIND serves other hosts)
 #   tls.key  its key (0444 inside the 0700 folder, like secrets/triton.key: the containers' user
 #            must read it, no other host user can reach it)
+# The certificate also carries the client-auth usage: with CLINISYNTH_TLS_CLIENT_CA (mTLS) the
+# containers' health checks present it. Client certificates for machine callers: sign them with
+# the same CA (extendedKeyUsage=clientAuth) and map them in the service-accounts file.
 # Run again to rotate: a new service key and certificate from the same CA (an existing CA is
 # kept; delete ca.key and ca.crt to make a new one, then give clients the new ca.crt), then
+# (compose mounts each secret file by its inode, so the replaced files need new containers)
 #   docker compose -f deploy/compose/compose.yaml up -d --force-recreate generator reward counterfactual finetune
 # For production hosts use a certificate from the hospital's CA at the same paths instead.
 set -eu
@@ -61,7 +65,7 @@ fi
 cat >"$work/ext.cnf" <<EXT
 basicConstraints=critical,CA:FALSE
 keyUsage=critical,digitalSignature
-extendedKeyUsage=serverAuth
+extendedKeyUsage=serverAuth,clientAuth
 subjectAltName=$sans
 subjectKeyIdentifier=hash
 authorityKeyIdentifier=keyid

@@ -9,7 +9,10 @@ It reads the same environment as the service: CLINISYNTH_<SERVICE>_PORT (default
 CLINISYNTH_TLS_CERT (TLS on; the certificate is also the trust root unless CLINISYNTH_TLS_CA names
 one), CLINISYNTH_HEALTHCHECK_TLS_NAME (the name to check the certificate against, default
 localhost) and CLINISYNTH_AUTH_TOKENS (the first token is sent as a bearer token, in case the
-health service is not exempt from auth). Only grpcio and grpcio-health-checking are needed.
+health service is not exempt from auth). When the service verifies client certificates
+(CLINISYNTH_TLS_CLIENT_CA set), the probe presents CLINISYNTH_HEALTHCHECK_TLS_CERT / _KEY, by
+default the service's own certificate and key (which then needs the "client auth" usage and an
+issuer in the client CA bundle). Only grpcio and grpcio-health-checking are needed.
 """
 
 from __future__ import annotations
@@ -45,7 +48,19 @@ def check(
     if cert_path:
         ca_path = env.get("CLINISYNTH_TLS_CA", "").strip() or cert_path
         with open(ca_path, "rb") as f:
-            creds = grpc.ssl_channel_credentials(root_certificates=f.read())
+            roots = f.read()
+        chain = key = None
+        if env.get("CLINISYNTH_TLS_CLIENT_CA", "").strip():  # mTLS: no handshake without one
+            chain_path = env.get("CLINISYNTH_HEALTHCHECK_TLS_CERT", "").strip() or cert_path
+            key_path = (
+                env.get("CLINISYNTH_HEALTHCHECK_TLS_KEY", "").strip()
+                or env.get("CLINISYNTH_TLS_KEY", "").strip()
+            )
+            with open(chain_path, "rb") as f_chain, open(key_path, "rb") as f_key:
+                chain, key = f_chain.read(), f_key.read()
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=roots, private_key=key, certificate_chain=chain
+        )
         tls_name = env.get("CLINISYNTH_HEALTHCHECK_TLS_NAME", "").strip() or "localhost"
         channel = grpc.secure_channel(
             target, creds, options=[("grpc.ssl_target_name_override", tls_name)]

@@ -414,6 +414,40 @@ def overview() -> dict[str, Any]:
             8,
         )
     )
+    p.append(
+        g.place(
+            timeseries(
+                "TLS certificate: days until the served one expires",
+                [
+                    target(
+                        f"min by (service) (clinisynth_tls_certificate_expiry_timestamp_seconds{svc} - time()) / 86400",
+                        "{{service}}",
+                    )
+                ],
+                unit="d",
+                description="Days left on the certificate each service's gRPC port serves (absent without TLS). cert-manager renews 30 days before expiry and the services reload the renewed files, so this should never fall below ~30: a falling line means renewal or reload is stuck (alert ClinisynthTlsCertificateExpiring).",
+            ),
+            12,
+            8,
+        )
+    )
+    p.append(
+        g.place(
+            timeseries(
+                "TLS certificate reloads by outcome",
+                [
+                    target(
+                        f"sum by (service, outcome) (increase(clinisynth_tls_reloads_total{svc}[$__rate_interval]))",
+                        "{{service}} {{outcome}}",
+                    )
+                ],
+                description="Changes of the certificate files seen by the services: reloaded (new connections get the new certificate) or failed (the files were half-written, corrupt or a mismatched pair; the old certificate kept serving, the service log says why).",
+                bars=True,
+            ),
+            12,
+            8,
+        )
+    )
 
     p.append(
         g.place(
@@ -517,6 +551,26 @@ def overview() -> dict[str, Any]:
                 ],
             ),
             8,
+            8,
+        )
+    )
+    p.append(
+        g.place(
+            timeseries(
+                "Memorization gate: images / s by decision",
+                [
+                    target(
+                        f"sum by (model, decision) (rate(clinisynth_generator_memorization_total{mdl}[$__rate_interval]))",
+                        "{{model}} {{decision}}",
+                    )
+                ],
+                unit="short",
+                description="Each generated image against its model's training-image index: passed, "
+                "regenerated (a near-copy resampled), flagged (kept under policy flag), refused, "
+                "no_index (the model has none). Refusals or regenerations rising after a model "
+                "change mean it reproduces training images.",
+            ),
+            24,
             8,
         )
     )

@@ -31,6 +31,7 @@ from clinisynth_server.store.base import ArtifactStore
 
 if TYPE_CHECKING:
     from clinisynth_server.runtime.metrics import ServiceMetrics
+    from clinisynth_server.tenancy import Viewer
 
 log = logging.getLogger(__name__)
 PREFIX = "catalog/"
@@ -212,6 +213,16 @@ class Catalog:
     def invalidate(self) -> None:
         with self._lock:
             self._cache = None
+
+    def seen_by(self, viewer: Viewer | None) -> Catalog:
+        """This catalog as ``viewer`` sees it: another tenant's private models do not exist.
+
+        Every read (``get``, ``list``, ``versions``, aliases) of the returned view skips them,
+        so resolving one answers exactly as for an unknown model. ``None``: everything.
+        """
+        if viewer is None or viewer.admin:
+            return self
+        return TenantView(self, viewer)
 
     def all(self) -> list[ModelRecord]:
         """Every served (not retired) record, sorted by (name, version)."""
@@ -435,6 +446,57 @@ class Catalog:
         if not self.is_retired(name, wanted):
             return None
         return next((r for r in self.everything() if (r.name, r.version) == (name, wanted)), None)
+
+
+class TenantView(Catalog):
+    """A :class:`Catalog` filtered by :meth:`~clinisynth_server.tenancy.Viewer.sees_model`.
+
+    It shares the underlying catalog's cache and writes; only what reads return differs.
+    """
+
+    def __init__(self, base: Catalog, viewer: Viewer) -> None:
+        self.base = base
+        self.viewer = viewer
+        self.store = base.store
+        self.ttl_s = base.ttl_s
+        self.corrupt = base.corrupt
+
+    def seen_by(self, viewer: Viewer | None) -> Catalog:
+        return self.base.seen_by(viewer)
+
+    def put(self, record: ModelRecord) -> ModelRecord:
+        return self.base.put(record)
+
+    def invalidate(self) -> None:
+        self.base.invalidate()
+
+    def all(self) -> list[ModelRecord]:
+        return [r for r in self.base.all() if self.viewer.sees_model(r)]
+
+    def everything(self) -> list[ModelRecord]:
+        return [r for r in self.base.everything() if self.viewer.sees_model(r)]
+
+    def _names(self) -> set[str]:
+        return {r.name for r in self.everything()}
+
+    def is_retired(self, name: str, version: int) -> bool:
+        return name in self._names() and self.base.is_retired(name, version)
+
+    def aliases(self, name: str) -> dict[str, int]:
+        return self.base.aliases(name) if name in self._names() else {}
+
+    def corrupt_versions(self, name: str) -> list[int]:
+        hidden = name not in self._names() and any(r.name == name for r in self.base.everything())
+        return [] if hidden else self.base.corrupt_versions(name)
+
+    def next_version(self, name: str) -> int:
+        return self.base.next_version(name)  # numbers are never reused, whoever sees them
+
+    def retire(self, record: ModelRecord) -> None:
+        self.base.retire(record)
+
+    def set_alias(self, record: ModelRecord, alias: str) -> None:
+        self.base.set_alias(record, alias)
 
 
 def _encode(record: ModelRecord) -> bytes:

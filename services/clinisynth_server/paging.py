@@ -12,6 +12,7 @@ from typing import Generic, TypeVar
 
 from clinisynth_server.catalog import Catalog, ModelRecord
 from clinisynth_server.errors import InvalidArgument
+from clinisynth_server.tenancy import Viewer
 
 T = TypeVar("T")
 DEFAULT_PAGE_SIZE = 100
@@ -56,8 +57,14 @@ def list_models(
     page_size: int = 0,
     page_token: str = "",
     kinds: Collection[str] | None = None,
+    viewer: Viewer | None = None,
 ) -> Page[ListedModel]:
-    """Catalog models of ``kind`` (any, or any of ``kinds`` when given), one page at a time."""
+    """Catalog models of ``kind`` (any, or any of ``kinds`` when given), one page at a time.
+
+    Only what ``viewer`` may see is listed (shared models and its tenant's private ones); the
+    "latest" mark is the newest version it sees.
+    """
+    catalog = catalog.seen_by(viewer)
     records = [
         r
         for r in catalog.list(kind=kind, name=name, all_versions=all_versions)

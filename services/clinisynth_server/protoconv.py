@@ -17,7 +17,9 @@ from clinisynth_server.imaging.encode import encode_raw
 from clinisynth_server.imaging.provenance import Provenance
 from clinisynth_server.pacs.outbox import STATUSES as OUTBOX_STATUSES
 from clinisynth_server.pacs.outbox import Outbox, OutboxItem
+from clinisynth_server.similarity.guard import DomainCheck
 from clinisynth_server.store.base import ArtifactStore, ObjectInfo, readable_key
+from clinisynth_server.tenancy import Viewer, sees_object
 
 KIND_TO_PROTO = {
     "text_to_image": common_pb2.MODEL_KIND_TEXT_TO_IMAGE,
@@ -78,8 +80,12 @@ def answer_list_models(
     *,
     kind: str,
     kinds: Collection[str] | None = None,
+    viewer: Viewer | None = None,
 ) -> common_pb2.ListModelsResponse:
-    """One ListModels request answered from the catalog: the same paging for every service."""
+    """One ListModels request answered from the catalog: the same paging for every service.
+
+    ``viewer``: the caller; another tenant's private models are not listed.
+    """
     return list_models_response(
         paging.list_models(
             catalog,
@@ -89,6 +95,7 @@ def answer_list_models(
             page_size=request.page_size,
             page_token=request.page_token,
             kinds=kinds,
+            viewer=viewer,
         )
     )
 
@@ -162,8 +169,12 @@ def decode_input_image(
     store: ArtifactStore | None = None,
     channels: imdecode.Channels = None,
     max_pixels: int = imdecode.DEFAULT_MAX_PIXELS,
+    viewer: Viewer | None = None,
 ) -> np.ndarray:
-    """A request image as float32 [H, W] / [H, W, C] in [0, 1]; INVALID_ARGUMENT on ``field``."""
+    """A request image as float32 [H, W] / [H, W, C] in [0, 1]; INVALID_ARGUMENT on ``field``.
+
+    A store reference to another tenant's object than ``viewer``'s reads as a missing one.
+    """
     kind = image.WhichOneof("data")
     if kind is None:
         raise InvalidArgument.for_field(field, "no image data (set encoded, dicom, raw or ref)")
@@ -187,7 +198,8 @@ def decode_input_image(
         if store is None:
             raise InvalidArgument.for_field(f"{field}.ref", "store references are not accepted")
         key = readable_key(image.ref.key, f"{field}.ref.key")  # before any store call
-        if not store.exists(key):
+        visible = store.exists(key) if viewer is None else sees_object(store, key, viewer)
+        if not visible:
             raise InvalidArgument.for_field(f"{field}.ref.key", f"no stored object {key!r}")
         data = store.get_bytes(key)
         return imdecode.decode_image(
@@ -216,6 +228,22 @@ def pacs_item(item: OutboxItem) -> common_pb2.PacsOutboxItem:
         msg.delivered_at.CopyFrom(timestamp(item.delivered_at))
     if item.status == "pending":
         msg.next_attempt_at.CopyFrom(timestamp(item.next_attempt_at))
+    return msg
+
+
+def domain_check(check: DomainCheck | None) -> common_pb2.DomainCheck | None:
+    """The out-of-domain guard's verdict on one input (None: the request had no guard)."""
+    if check is None:
+        return None
+    msg = common_pb2.DomainCheck(
+        decision=check.decision,
+        threshold=check.threshold,
+        policy=check.policy,
+        index_digest=check.index_digest,
+        extractor=check.extractor,
+    )
+    if check.score is not None:
+        msg.score = check.score
     return msg
 
 

@@ -11,6 +11,8 @@ Accepted folders, loaded unchanged:
   ``width`` / ``height`` / ``channels`` and optional ``triton_parameters``.
 An optional ``clinisynth.json`` beside them gives ``classes``, ``labels``, ``description`` and
 sampling defaults. Triton component ``<name>.<role>`` gets the same version number as the catalog.
+With ``layout="packed"`` (``triton/packing.py``) the components are written into one Triton model
+``<name>.packed`` instead, and the record names each as ``<name>.packed/<role>``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import hashlib
 import json
 import pathlib
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from clinisynth_server.catalog import Catalog, ModelRecord
@@ -30,7 +33,7 @@ from clinisynth_server.methods.schedulers import (
     sampler_of_config,
 )
 from clinisynth_server.store.base import ArtifactStore
-from clinisynth_server.triton import repository
+from clinisynth_server.triton import packing, repository
 from clinisynth_server.triton.client import TritonClient
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
@@ -96,6 +99,49 @@ def detect_kind(folder: pathlib.Path) -> str:
     return "class_conditional" if has_class else "unconditional"
 
 
+@dataclass
+class _Packing:
+    """Components gathered for one packed model, written together by :meth:`write`."""
+
+    components: list[repository.PackedComponent] = field(default_factory=list)
+    kinds: set[str] = field(default_factory=set)
+
+    def add(
+        self, role: str, weights: pathlib.Path, kind: str, params: Mapping[str, str] | None
+    ) -> None:
+        self.components.append(repository.PackedComponent(role, weights, dict(params or {})))
+        self.kinds.add(kind)
+
+    def write(
+        self,
+        repo_dir: pathlib.Path,
+        name: str,
+        version: int,
+        *,
+        max_batch_size: int,
+        instance_count: int,
+        shared: Mapping[str, str] | None,
+    ) -> str:
+        if len(self.kinds) > 1:
+            raise InvalidArgument.for_field(
+                "layout",
+                "a packed model's components share one process, so one device: got "
+                f"{', '.join(sorted(self.kinds))} (use the split layout for mixed devices)",
+            )
+        triton_name = packing.packed_model(name)
+        repository.write_packed_model(
+            repo_dir,
+            triton_name,
+            self.components,
+            version=version,
+            max_batch_size=max_batch_size,
+            instance_kind=repository.check_instance_kind(next(iter(self.kinds))),
+            instance_count=instance_count,
+            parameters=shared,
+        )
+        return triton_name
+
+
 def _component(
     repo_dir: pathlib.Path,
     name: str,
@@ -108,7 +154,13 @@ def _component(
     *,
     instance_count: int = 1,
     rewrite_config: bool = False,
+    packed: _Packing | None = None,
 ) -> str:
+    """Write one component (split) or gather it (packed); returns its address."""
+    if packed is not None:
+        repository.role_module(role)  # an unknown role fails here, as in the split layout
+        packed.add(role, weights, instance_kind, parameters)
+        return packing.address(packing.packed_model(name), role)
     triton_name = f"{name}.{role}"
     if repository.list_versions(repo_dir, triton_name) and not rewrite_config:
         repository.add_version(repo_dir, triton_name, weights, version=version)
@@ -127,6 +179,44 @@ def _component(
             parameters=parameters,
         )
     return triton_name
+
+
+def _similarity_component(
+    folder: pathlib.Path,
+    name: str,
+    repo_dir: pathlib.Path,
+    version: int,
+    max_batch_size: int,
+    components: dict[str, str],
+    extra: dict[str, Any],
+    options: Mapping[str, Any],
+) -> None:
+    """A model folder's ``similarity/`` index becomes its ``similarity`` component (CPU).
+
+    The memorization gate and the domain guard read ``extra["similarity"]`` (digest, thresholds,
+    the domain scale); a folder without an index registers without one, and its images and
+    inputs say ``no index``.
+    """
+    from clinisynth_server.similarity.index import INDEX_DIR, IndexFileError, component_info
+
+    try:
+        info = component_info(folder / INDEX_DIR)
+    except IndexFileError as exc:
+        raise InvalidArgument.for_field("folder", f"{INDEX_DIR}/: {exc}") from exc
+    if info is None:
+        return
+    packed = options.get("packed")
+    components["similarity"] = _component(
+        repo_dir,
+        name,
+        "similarity",
+        folder / INDEX_DIR,
+        version,
+        max_batch_size,
+        next(iter(packed.kinds)) if packed is not None and packed.kinds else "cpu",
+        **options,
+    )
+    extra["similarity"] = info
 
 
 def _default_sampler(folder: pathlib.Path, meta: Mapping[str, Any]) -> str:
@@ -167,6 +257,7 @@ def register_folder(
     extra_info: Mapping[str, Any] | None = None,
     min_version: int = 0,
     progress: Callable[[str, str], None] | None = None,
+    layout: str = packing.DEFAULT_LAYOUT,
 ) -> ModelRecord:
     """Import ``folder`` as the next version of model ``name``; load it in Triton if given.
 
@@ -178,11 +269,17 @@ def register_folder(
     ``min_version`` is the lowest number to take (numbers of removed leftovers are not
     reused). The catalog record is written last, so an interrupted registration leaves no
     catalog version. ``progress(stage, what)`` is told as each component is written ("write")
-    and before each load ("load").
+    and before each load ("load"). ``layout``: "split" (one Triton model per component) or
+    "packed" (one per served model holding every component; all on one device).
     """
     report = progress or (lambda stage, what: None)
     rewrite = triton_parameters is not None
-    options: dict[str, Any] = {"instance_count": instance_count, "rewrite_config": rewrite}
+    packed = _Packing() if packing.check_layout(layout) == "packed" else None
+    options: dict[str, Any] = {
+        "instance_count": instance_count,
+        "rewrite_config": rewrite,
+        "packed": packed,
+    }
     role_params = role_parameters or {}
     role_kinds = role_instance_kinds or {}
 
@@ -312,7 +409,27 @@ def register_folder(
         scheduler = _read_json(folder / "scheduler" / "scheduler_config.json") or DEFAULT_SCHEDULER
         digest = folder_digest([unet_dir])
         default_guidance = 1.0
+    # A generator's index: the memorization gate; a reward model's: the out-of-domain guard.
+    if kind != "classifier":
+        _similarity_component(
+            folder, name, repo_dir, version, max_batch_size, components, extra, options
+        )
+        if "similarity" in components and packed is None:
+            report("write", components["similarity"])
     scheduler = {k: v for k, v in scheduler.items() if not k.startswith("_diffusers")}
+    if packed is not None:
+        report(
+            "write",
+            packed.write(
+                repo_dir,
+                name,
+                version,
+                max_batch_size=max_batch_size,
+                instance_count=instance_count,
+                shared=triton_parameters,
+            ),
+        )
+    extra["layout"] = "packed" if packed is not None else "split"
     record = ModelRecord(
         name=name,
         version=version,
@@ -335,7 +452,7 @@ def register_folder(
         extra=extra,
     )
     if triton is not None:
-        for triton_name in components.values():
+        for triton_name in dict.fromkeys(packing.served_model(a) for a in components.values()):
             report("load", triton_name)
             triton.load_model(triton_name)
     return catalog.put(record)

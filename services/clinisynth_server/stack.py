@@ -78,6 +78,9 @@ class TlsSettings:
     cert: str = ""
     key: str = ""
     ca: str = ""  # what clients trust; the certificate itself (self-signed) when not given
+    # The services require client certificates (CLINISYNTH_TLS_CLIENT_CA): the supervisor's
+    # probes present the services' own certificate (it needs the "client auth" usage).
+    client_auth: bool = False
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> TlsSettings:
@@ -90,6 +93,7 @@ class TlsSettings:
             str(pathlib.Path(cert).resolve()),
             str(pathlib.Path(key).resolve()),
             str(pathlib.Path(ca).resolve()),
+            client_auth=bool(env.get("CLINISYNTH_TLS_CLIENT_CA", "").strip()),
         )
 
     @property
@@ -100,7 +104,12 @@ class TlsSettings:
         if not self.enabled:
             return grpc.insecure_channel(address)
         roots = pathlib.Path(self.ca).read_bytes()
-        return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=roots))
+        key = pathlib.Path(self.key).read_bytes() if self.client_auth else None
+        chain = pathlib.Path(self.cert).read_bytes() if self.client_auth else None
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=roots, private_key=key, certificate_chain=chain
+        )
+        return grpc.secure_channel(address, creds)
 
 
 def wait_serving(

@@ -263,6 +263,8 @@ def test_a_tiny_job_streams_the_archive(client, jobs):  # type: ignore[no-untype
     assert any(e.message.startswith("streaming 16 images from ") for e in events)
     assert job.step == 4 and np.isfinite(job.metrics["loss"])
     assert [c.step for c in client.finetune.checkpoints(job.id)] == [2, 4]
+    # The memorization gate's index: one streamed pass over the sharded set, every image in it.
+    assert any(e.message == "similarity index: 16 training images" for e in events)
 
 
 def test_two_processes_stream_the_sharded_set(client, jobs):  # type: ignore[no-untyped-def]

@@ -305,8 +305,9 @@ def test_finetune_concurrent_jobs_per_tenant_survive_a_restart(tmp_path: pathlib
 
     def create(svc: FinetuneService, tenant: str, request_id: str = "") -> str:
         params = {"max_steps": "2"}
+        # both tenants train on one data set of tenant "": created as admins, who see it
         return svc.create(
-            "classifier", "datasets/c", params, tenant=tenant, request_id=request_id
+            "classifier", "datasets/c", params, tenant=tenant, request_id=request_id, admin=True
         ).id
 
     svc = service()
@@ -319,6 +320,6 @@ def test_finetune_concurrent_jobs_per_tenant_survive_a_restart(tmp_path: pathlib
     restarted = service()  # the tenant is in the job record, not only in memory
     with pytest.raises(ResourceExhausted):
         create(restarted, "a")
-    restarted.cancel(first)  # a job that ended frees its slot
+    restarted.cancel(first, tenant="a")  # a job that ended frees its slot
     create(restarted, "a")
     assert refusals.labels("finetune", "concurrent_jobs")._value.get() == 2

@@ -47,6 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="CA certificate to trust for TLS (implies --tls; default: $CLINISYNTH_TLS_CA, "
         "else the system's roots)",
     )
+    parser.add_argument(
+        "--cert-file",
+        help="client certificate (PEM) for servers that verify them, mTLS (implies --tls; with "
+        "--key-file; default: $CLINISYNTH_CLIENT_CERT)",
+    )
+    parser.add_argument(
+        "--key-file",
+        help="the client certificate's private key (PEM; default: $CLINISYNTH_CLIENT_KEY)",
+    )
     parser.add_argument("--timeout", type=float, default=None, help="per-call deadline, seconds")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:

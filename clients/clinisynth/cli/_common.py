@@ -17,13 +17,22 @@ def client_from(ns: argparse.Namespace) -> Client:
     if ca_file:
         with open(ca_file, "rb") as f:
             roots = f.read()
+    cert_file, key_file = getattr(ns, "cert_file", None), getattr(ns, "key_file", None)
+    chain = key = None  # else $CLINISYNTH_CLIENT_CERT / $CLINISYNTH_CLIENT_KEY (the SDK)
+    if bool(cert_file) != bool(key_file):
+        raise SystemExit("--cert-file and --key-file go together (a client certificate)")
+    if cert_file and key_file:
+        with open(cert_file, "rb") as f_cert, open(key_file, "rb") as f_key:
+            chain, key = f_cert.read(), f_key.read()
     return Client(
         ns.address,
         token=ns.token or os.environ.get("CLINISYNTH_TOKEN"),
         token_file=getattr(ns, "token_file", None),  # else $CLINISYNTH_TOKEN_FILE (the SDK)
-        tls=ns.tls or roots is not None,
+        tls=ns.tls or roots is not None or chain is not None,
         root_certificates=roots,
         timeout=ns.timeout,
+        certificate_chain=chain,
+        private_key=key,
     )
 
 

@@ -14,6 +14,8 @@ BENCHMARKS = (
     "methods",
     "memory",
     "batch_invariant",
+    "memorization",
+    "serving_memory",
 )
 
 

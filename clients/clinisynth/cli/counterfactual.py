@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import sys
 from typing import Any
 
 from clinisynth._images import is_pacs_url
@@ -37,6 +38,7 @@ def _knobs(ns: argparse.Namespace) -> dict[str, Any]:
         "seed": ns.seed,
         "mode": ns.mode,
         "resize": ns.resize,
+        "domain_guard": ns.domain_guard,
     }
 
 
@@ -65,6 +67,12 @@ def cmd_counterfactual(ns: argparse.Namespace) -> int:
                 f"{result.p_target_after_plain:.3f}), distance {result.distance:.4f}  "
                 f"{written['counterfactual']}"
             )
+            if result.domain == "out of domain":
+                print(
+                    f"warning: {label} is out of domain (score {result.domain_score:.2f} > "
+                    f"{result.domain_threshold:.2f})",
+                    file=sys.stderr,
+                )
             for item in result.pacs:
                 print(f"pacs {item.destination}: {item.sop_instance_uid} {item.status}")
     return 0
@@ -108,6 +116,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=["cone", "robust_only", "plain_only"])
     p.add_argument("--seed", type=int)
     p.add_argument("--resize", action="store_true", help="resize inputs to the model's size")
+    p.add_argument(
+        "--domain-guard",
+        choices=["refuse", "warn"],
+        help="an input far outside the diffusion model's training images: refuse (default) or "
+        "warn (edit it and say so)",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
 

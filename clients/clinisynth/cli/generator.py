@@ -62,13 +62,17 @@ def cmd_generate(ns: argparse.Namespace) -> int:
             best_of_n=ns.best_of_n,
             reward_model=ns.reward_model,
             to_pacs=ns.to_pacs,
+            memorization=ns.memorization,
             progress=not ns.quiet,
             timeout=ns.timeout,
         )
     paths = result.save(out)
     for path, image in zip(paths, result.images, strict=True):
         reward = f"  reward={image.reward:.3f}" if image.reward is not None else ""
-        print(f"{path}  seed={image.seed}{reward}")
+        gate = f"  memorization={image.memorization}" if image.memorization else ""
+        if image.memorization_distance is not None:
+            gate += f" ({image.memorization_distance:.4f} vs {image.memorization_threshold:.4f})"
+        print(f"{path}  seed={image.seed}{reward}{gate}")
     print(f"{out / 'provenance.json'}")
     for item in result.pacs:
         print(f"pacs {item.destination}: {item.sop_instance_uid} {item.status}")
@@ -105,6 +109,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="NAME",
         help="also send the images as one DICOM series to this configured PACS destination "
         "(queued durably; see `clinisynth pacs outbox`)",
+    )
+    p.add_argument(
+        "--memorization",
+        choices=["off", "flag", "regenerate", "refuse"],
+        help="near-copies of training images: off, flag (keep, report), regenerate (resample "
+        "with the next seed, then refuse; the server's default) or refuse",
     )
     p.add_argument("--out", "-o", default="out", help="output folder")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")

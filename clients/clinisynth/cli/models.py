@@ -32,7 +32,7 @@ def _print_details(d: ModelDetails) -> None:
         print(f"  description: {m.description}")
     print(f"  aliases:     {', '.join(d.aliases) or '-'}")
     print(f"  dtype:       {d.dtype}    device: {d.device}    instances: {d.instances}")
-    print(f"  max batch:   {d.max_batch_size or '-'}")
+    print(f"  max batch:   {d.max_batch_size or '-'}    layout: {d.layout}")
     print(f"  size:        {d.size_bytes / 1e6:.1f} MB    digest: {m.digest}")
     print(
         f"  defaults:    sampler={m.default_sampler} steps={m.default_steps} "
@@ -78,6 +78,7 @@ def cmd_import(ns: argparse.Namespace) -> int:
             component_dtypes=_labels(ns.component_dtype, "--component-dtype"),
             component_devices=_labels(ns.component_device, "--component-device"),
             replay=ns.replay,
+            layout=ns.layout,
             progress=not ns.quiet and not ns.json,
             timeout=ns.timeout or 1800.0,
         )
@@ -148,6 +149,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         choices=["exact", "batched"],
         help="exact (default): bit-identical pixels whatever is batched with a request; "
         "batched: rows share forward passes, more throughput, replay up to float rounding",
+    )
+    q.add_argument(
+        "--layout",
+        choices=["split", "packed"],
+        help="split (default): one Triton model (a process per instance) per component; "
+        "packed: one process per instance holds every component (less memory, one device)",
     )
     q.add_argument("--instances", type=int, help="Triton instances per component")
     q.add_argument("--max-batch", type=int, help="Triton max batch size per component")

@@ -22,6 +22,7 @@ def cmd_score(ns: argparse.Namespace) -> int:
                 class_name=ns.class_name,
                 prompt=ns.prompt,
                 resize=ns.resize,
+                domain_guard=ns.domain_guard,
                 timeout=ns.timeout,
             )
         scores = [dataclasses.replace(s, name=ns.folder) for s in scores]
@@ -34,6 +35,7 @@ def cmd_score(ns: argparse.Namespace) -> int:
             prompt=ns.prompt,
             resize=ns.resize,
             batch_size=ns.batch_size,
+            domain_guard=ns.domain_guard,
             progress=not ns.quiet,
             timeout=ns.timeout,
         )
@@ -44,9 +46,16 @@ def _write_scores(ns: argparse.Namespace, scores: list[Any]) -> int:
     out = open(ns.out, "w", newline="") if ns.out != "-" else sys.stdout  # noqa: SIM115
     try:
         writer = csv.writer(out)
-        writer.writerow(["path", "reward", "p_aligned", "model_version"])
+        # under --domain-guard warn, each row also says whether its image was in domain
+        warn = getattr(ns, "domain_guard", None) == "warn"
+        header = ["path", "reward", "p_aligned", "model_version"]
+        writer.writerow(header + (["domain", "domain_score"] if warn else []))
         for s in scores:
-            writer.writerow([s.name, f"{s.reward:.6f}", f"{s.p_aligned:.6f}", s.model_version])
+            row = [s.name, f"{s.reward:.6f}", f"{s.p_aligned:.6f}", s.model_version]
+            if warn:
+                score = "" if s.domain_score is None else f"{s.domain_score:.4f}"
+                row += [s.domain, score]
+            writer.writerow(row)
     finally:
         if out is not sys.stdout:
             out.close()
@@ -147,9 +156,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--out",
         "-o",
         default="-",
-        help="CSV file (path,reward,p_aligned,model_version); '-' = stdout",
+        help="CSV file (path,reward,p_aligned,model_version[,domain,domain_score]); '-' = stdout",
     )
     p.add_argument("--resize", action="store_true", help="resize to the model's input size")
+    p.add_argument(
+        "--domain-guard",
+        choices=["refuse", "warn"],
+        help="an image far outside the reward model's training images: refuse the request "
+        "(default) or warn (score it; the CSV gains domain and domain_score columns)",
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_score)

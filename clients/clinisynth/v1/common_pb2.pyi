@@ -228,6 +228,22 @@ class Provenance(_message.Message):
     replay: str
     def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., model_digest: _Optional[str] = ..., seed: _Optional[int] = ..., sampler: _Optional[str] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., class_name: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., software_version: _Optional[str] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., extra: _Optional[_Mapping[str, str]] = ..., replay: _Optional[str] = ...) -> None: ...
 
+class DomainCheck(_message.Message):
+    __slots__ = ("decision", "score", "threshold", "policy", "index_digest", "extractor")
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    INDEX_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    EXTRACTOR_FIELD_NUMBER: _ClassVar[int]
+    decision: str
+    score: float
+    threshold: float
+    policy: str
+    index_digest: str
+    extractor: str
+    def __init__(self, decision: _Optional[str] = ..., score: _Optional[float] = ..., threshold: _Optional[float] = ..., policy: _Optional[str] = ..., index_digest: _Optional[str] = ..., extractor: _Optional[str] = ...) -> None: ...
+
 class Progress(_message.Message):
     __slots__ = ("stage", "step", "total_steps", "fraction", "message")
     STAGE_FIELD_NUMBER: _ClassVar[int]

@@ -29,7 +29,7 @@ DISTANCE_KIND_L2: DistanceKind
 DISTANCE_KIND_L1: DistanceKind
 
 class CounterfactualRequest(_message.Message):
-    __slots__ = ("image", "target_class", "diffusion_model", "robust_classifier", "plain_classifier", "start_depth", "steps", "lambda_c", "cone_angle_deg", "distance", "lambda_d", "seed", "mode", "resize", "format", "store_outputs", "request_id", "to_pacs")
+    __slots__ = ("image", "target_class", "diffusion_model", "robust_classifier", "plain_classifier", "start_depth", "steps", "lambda_c", "cone_angle_deg", "distance", "lambda_d", "seed", "mode", "resize", "format", "store_outputs", "request_id", "to_pacs", "domain_guard")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     TARGET_CLASS_FIELD_NUMBER: _ClassVar[int]
     DIFFUSION_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +48,7 @@ class CounterfactualRequest(_message.Message):
     STORE_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TO_PACS_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_GUARD_FIELD_NUMBER: _ClassVar[int]
     image: _common_pb2.Image
     target_class: str
     diffusion_model: _common_pb2.ModelRef
@@ -66,7 +67,8 @@ class CounterfactualRequest(_message.Message):
     store_outputs: bool
     request_id: str
     to_pacs: str
-    def __init__(self, image: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., target_class: _Optional[str] = ..., diffusion_model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., robust_classifier: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., plain_classifier: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., start_depth: _Optional[float] = ..., steps: _Optional[int] = ..., lambda_c: _Optional[float] = ..., cone_angle_deg: _Optional[float] = ..., distance: _Optional[_Union[DistanceKind, str]] = ..., lambda_d: _Optional[float] = ..., seed: _Optional[int] = ..., mode: _Optional[_Union[GuidanceMode, str]] = ..., resize: _Optional[bool] = ..., format: _Optional[_Union[_common_pb2.ImageFormat, str]] = ..., store_outputs: _Optional[bool] = ..., request_id: _Optional[str] = ..., to_pacs: _Optional[str] = ...) -> None: ...
+    domain_guard: str
+    def __init__(self, image: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., target_class: _Optional[str] = ..., diffusion_model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., robust_classifier: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., plain_classifier: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., start_depth: _Optional[float] = ..., steps: _Optional[int] = ..., lambda_c: _Optional[float] = ..., cone_angle_deg: _Optional[float] = ..., distance: _Optional[_Union[DistanceKind, str]] = ..., lambda_d: _Optional[float] = ..., seed: _Optional[int] = ..., mode: _Optional[_Union[GuidanceMode, str]] = ..., resize: _Optional[bool] = ..., format: _Optional[_Union[_common_pb2.ImageFormat, str]] = ..., store_outputs: _Optional[bool] = ..., request_id: _Optional[str] = ..., to_pacs: _Optional[str] = ..., domain_guard: _Optional[str] = ...) -> None: ...
 
 class TrajectoryPoint(_message.Message):
     __slots__ = ("step", "p_target_robust", "p_target_plain", "gradient_angle_deg")
@@ -81,7 +83,7 @@ class TrajectoryPoint(_message.Message):
     def __init__(self, step: _Optional[int] = ..., p_target_robust: _Optional[float] = ..., p_target_plain: _Optional[float] = ..., gradient_angle_deg: _Optional[float] = ...) -> None: ...
 
 class CounterfactualResponse(_message.Message):
-    __slots__ = ("counterfactual", "difference", "overlay", "p_target_before_robust", "p_target_after_robust", "p_target_before_plain", "p_target_after_plain", "trajectory", "distance", "target_class", "provenance", "already_target", "flipped", "pacs")
+    __slots__ = ("counterfactual", "difference", "overlay", "p_target_before_robust", "p_target_after_robust", "p_target_before_plain", "p_target_after_plain", "trajectory", "distance", "target_class", "provenance", "already_target", "flipped", "pacs", "domain")
     COUNTERFACTUAL_FIELD_NUMBER: _ClassVar[int]
     DIFFERENCE_FIELD_NUMBER: _ClassVar[int]
     OVERLAY_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +98,7 @@ class CounterfactualResponse(_message.Message):
     ALREADY_TARGET_FIELD_NUMBER: _ClassVar[int]
     FLIPPED_FIELD_NUMBER: _ClassVar[int]
     PACS_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
     counterfactual: _common_pb2.Image
     difference: _common_pb2.Image
     overlay: _common_pb2.Image
@@ -110,7 +113,8 @@ class CounterfactualResponse(_message.Message):
     already_target: bool
     flipped: bool
     pacs: _containers.RepeatedCompositeFieldContainer[_common_pb2.PacsOutboxItem]
-    def __init__(self, counterfactual: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., difference: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., overlay: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., p_target_before_robust: _Optional[float] = ..., p_target_after_robust: _Optional[float] = ..., p_target_before_plain: _Optional[float] = ..., p_target_after_plain: _Optional[float] = ..., trajectory: _Optional[_Iterable[_Union[TrajectoryPoint, _Mapping]]] = ..., distance: _Optional[float] = ..., target_class: _Optional[str] = ..., provenance: _Optional[_Union[_common_pb2.Provenance, _Mapping]] = ..., already_target: _Optional[bool] = ..., flipped: _Optional[bool] = ..., pacs: _Optional[_Iterable[_Union[_common_pb2.PacsOutboxItem, _Mapping]]] = ...) -> None: ...
+    domain: _common_pb2.DomainCheck
+    def __init__(self, counterfactual: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., difference: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., overlay: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., p_target_before_robust: _Optional[float] = ..., p_target_after_robust: _Optional[float] = ..., p_target_before_plain: _Optional[float] = ..., p_target_after_plain: _Optional[float] = ..., trajectory: _Optional[_Iterable[_Union[TrajectoryPoint, _Mapping]]] = ..., distance: _Optional[float] = ..., target_class: _Optional[str] = ..., provenance: _Optional[_Union[_common_pb2.Provenance, _Mapping]] = ..., already_target: _Optional[bool] = ..., flipped: _Optional[bool] = ..., pacs: _Optional[_Iterable[_Union[_common_pb2.PacsOutboxItem, _Mapping]]] = ..., domain: _Optional[_Union[_common_pb2.DomainCheck, _Mapping]] = ...) -> None: ...
 
 class CounterfactualEvent(_message.Message):
     __slots__ = ("point", "progress", "done")

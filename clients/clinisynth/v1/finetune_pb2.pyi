@@ -323,7 +323,7 @@ class ListModelUploadResponse(_message.Message):
     def __init__(self, files: _Optional[_Iterable[_Union[_common_pb2.ArtifactRef, _Mapping]]] = ...) -> None: ...
 
 class ImportModelRequest(_message.Message):
-    __slots__ = ("source", "name", "description", "labels", "dtype", "device", "instances", "max_batch_size", "base", "component_dtypes", "component_devices", "replay")
+    __slots__ = ("source", "name", "description", "labels", "dtype", "device", "instances", "max_batch_size", "base", "component_dtypes", "component_devices", "replay", "layout")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -357,6 +357,7 @@ class ImportModelRequest(_message.Message):
     COMPONENT_DTYPES_FIELD_NUMBER: _ClassVar[int]
     COMPONENT_DEVICES_FIELD_NUMBER: _ClassVar[int]
     REPLAY_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
     source: str
     name: str
     description: str
@@ -369,7 +370,8 @@ class ImportModelRequest(_message.Message):
     component_dtypes: _containers.ScalarMap[str, str]
     component_devices: _containers.ScalarMap[str, str]
     replay: str
-    def __init__(self, source: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., instances: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., base: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., component_dtypes: _Optional[_Mapping[str, str]] = ..., component_devices: _Optional[_Mapping[str, str]] = ..., replay: _Optional[str] = ...) -> None: ...
+    layout: str
+    def __init__(self, source: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., instances: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., base: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., component_dtypes: _Optional[_Mapping[str, str]] = ..., component_devices: _Optional[_Mapping[str, str]] = ..., replay: _Optional[str] = ..., layout: _Optional[str] = ...) -> None: ...
 
 class ImportModelEvent(_message.Message):
     __slots__ = ("stage", "step", "total_steps", "message", "details")
@@ -402,7 +404,7 @@ class ModelComponent(_message.Message):
     def __init__(self, role: _Optional[str] = ..., triton_model: _Optional[str] = ..., triton_version: _Optional[int] = ..., ready: _Optional[bool] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
 
 class ModelDetails(_message.Message):
-    __slots__ = ("model", "components", "dtype", "device", "instances", "max_batch_size", "size_bytes", "retired", "aliases", "source", "scheduler", "base")
+    __slots__ = ("model", "components", "dtype", "device", "instances", "max_batch_size", "size_bytes", "retired", "aliases", "source", "scheduler", "base", "layout")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     COMPONENTS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -415,6 +417,7 @@ class ModelDetails(_message.Message):
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     SCHEDULER_FIELD_NUMBER: _ClassVar[int]
     BASE_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
     model: _common_pb2.ModelInfo
     components: _containers.RepeatedCompositeFieldContainer[ModelComponent]
     dtype: str
@@ -427,7 +430,8 @@ class ModelDetails(_message.Message):
     source: str
     scheduler: str
     base: str
-    def __init__(self, model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., components: _Optional[_Iterable[_Union[ModelComponent, _Mapping]]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., instances: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., size_bytes: _Optional[int] = ..., retired: _Optional[bool] = ..., aliases: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ..., scheduler: _Optional[str] = ..., base: _Optional[str] = ...) -> None: ...
+    layout: str
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., components: _Optional[_Iterable[_Union[ModelComponent, _Mapping]]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., instances: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., size_bytes: _Optional[int] = ..., retired: _Optional[bool] = ..., aliases: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ..., scheduler: _Optional[str] = ..., base: _Optional[str] = ..., layout: _Optional[str] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
     __slots__ = ("model",)

@@ -30,7 +30,7 @@ class DicomOptions(_message.Message):
     def __init__(self, modality: _Optional[str] = ..., patient_id: _Optional[str] = ..., series_description: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "negative_prompt", "class_name", "num_images", "width", "height", "steps", "guidance_scale", "sampler", "seed", "eta", "format", "dicom", "store_outputs", "output_prefix", "preview_every", "reward_filter", "request_id", "to_pacs")
+    __slots__ = ("model", "prompt", "negative_prompt", "class_name", "num_images", "width", "height", "steps", "guidance_scale", "sampler", "seed", "eta", "format", "dicom", "store_outputs", "output_prefix", "preview_every", "reward_filter", "request_id", "to_pacs", "memorization")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,7 @@ class GenerateRequest(_message.Message):
     REWARD_FILTER_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TO_PACS_FIELD_NUMBER: _ClassVar[int]
+    MEMORIZATION_FIELD_NUMBER: _ClassVar[int]
     model: _common_pb2.ModelRef
     prompt: str
     negative_prompt: str
@@ -71,19 +72,38 @@ class GenerateRequest(_message.Message):
     reward_filter: RewardFilter
     request_id: str
     to_pacs: str
-    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., class_name: _Optional[str] = ..., num_images: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., sampler: _Optional[str] = ..., seed: _Optional[int] = ..., eta: _Optional[float] = ..., format: _Optional[_Union[_common_pb2.ImageFormat, str]] = ..., dicom: _Optional[_Union[DicomOptions, _Mapping]] = ..., store_outputs: _Optional[bool] = ..., output_prefix: _Optional[str] = ..., preview_every: _Optional[int] = ..., reward_filter: _Optional[_Union[RewardFilter, _Mapping]] = ..., request_id: _Optional[str] = ..., to_pacs: _Optional[str] = ...) -> None: ...
+    memorization: str
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., class_name: _Optional[str] = ..., num_images: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., sampler: _Optional[str] = ..., seed: _Optional[int] = ..., eta: _Optional[float] = ..., format: _Optional[_Union[_common_pb2.ImageFormat, str]] = ..., dicom: _Optional[_Union[DicomOptions, _Mapping]] = ..., store_outputs: _Optional[bool] = ..., output_prefix: _Optional[str] = ..., preview_every: _Optional[int] = ..., reward_filter: _Optional[_Union[RewardFilter, _Mapping]] = ..., request_id: _Optional[str] = ..., to_pacs: _Optional[str] = ..., memorization: _Optional[str] = ...) -> None: ...
+
+class MemorizationCheck(_message.Message):
+    __slots__ = ("decision", "distance", "threshold", "tries", "index_digest", "extractor")
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    TRIES_FIELD_NUMBER: _ClassVar[int]
+    INDEX_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    EXTRACTOR_FIELD_NUMBER: _ClassVar[int]
+    decision: str
+    distance: float
+    threshold: float
+    tries: int
+    index_digest: str
+    extractor: str
+    def __init__(self, decision: _Optional[str] = ..., distance: _Optional[float] = ..., threshold: _Optional[float] = ..., tries: _Optional[int] = ..., index_digest: _Optional[str] = ..., extractor: _Optional[str] = ...) -> None: ...
 
 class GeneratedImage(_message.Message):
-    __slots__ = ("index", "image", "provenance", "reward")
+    __slots__ = ("index", "image", "provenance", "reward", "memorization")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     PROVENANCE_FIELD_NUMBER: _ClassVar[int]
     REWARD_FIELD_NUMBER: _ClassVar[int]
+    MEMORIZATION_FIELD_NUMBER: _ClassVar[int]
     index: int
     image: _common_pb2.Image
     provenance: _common_pb2.Provenance
     reward: float
-    def __init__(self, index: _Optional[int] = ..., image: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., provenance: _Optional[_Union[_common_pb2.Provenance, _Mapping]] = ..., reward: _Optional[float] = ...) -> None: ...
+    memorization: MemorizationCheck
+    def __init__(self, index: _Optional[int] = ..., image: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., provenance: _Optional[_Union[_common_pb2.Provenance, _Mapping]] = ..., reward: _Optional[float] = ..., memorization: _Optional[_Union[MemorizationCheck, _Mapping]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("images", "request_id", "candidates", "provenance_ref", "pacs")

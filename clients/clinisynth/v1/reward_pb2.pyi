@@ -11,34 +11,38 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("model", "condition", "conditions", "images", "generator", "resize")
+    __slots__ = ("model", "condition", "conditions", "images", "generator", "resize", "domain_guard")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CONDITION_FIELD_NUMBER: _ClassVar[int]
     CONDITIONS_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     GENERATOR_FIELD_NUMBER: _ClassVar[int]
     RESIZE_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_GUARD_FIELD_NUMBER: _ClassVar[int]
     model: _common_pb2.ModelRef
     condition: _common_pb2.Condition
     conditions: _containers.RepeatedCompositeFieldContainer[_common_pb2.Condition]
     images: _containers.RepeatedCompositeFieldContainer[_common_pb2.Image]
     generator: _common_pb2.ModelRef
     resize: bool
-    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., condition: _Optional[_Union[_common_pb2.Condition, _Mapping]] = ..., conditions: _Optional[_Iterable[_Union[_common_pb2.Condition, _Mapping]]] = ..., images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., generator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., resize: _Optional[bool] = ...) -> None: ...
+    domain_guard: str
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., condition: _Optional[_Union[_common_pb2.Condition, _Mapping]] = ..., conditions: _Optional[_Iterable[_Union[_common_pb2.Condition, _Mapping]]] = ..., images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., generator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., resize: _Optional[bool] = ..., domain_guard: _Optional[str] = ...) -> None: ...
 
 class ImageScore(_message.Message):
-    __slots__ = ("index", "reward", "p_aligned", "model", "name")
+    __slots__ = ("index", "reward", "p_aligned", "model", "name", "domain")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     REWARD_FIELD_NUMBER: _ClassVar[int]
     P_ALIGNED_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
     index: int
     reward: float
     p_aligned: float
     model: _common_pb2.ModelRef
     name: str
-    def __init__(self, index: _Optional[int] = ..., reward: _Optional[float] = ..., p_aligned: _Optional[float] = ..., model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., name: _Optional[str] = ...) -> None: ...
+    domain: _common_pb2.DomainCheck
+    def __init__(self, index: _Optional[int] = ..., reward: _Optional[float] = ..., p_aligned: _Optional[float] = ..., model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., name: _Optional[str] = ..., domain: _Optional[_Union[_common_pb2.DomainCheck, _Mapping]] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
     __slots__ = ("scores", "model")
@@ -49,20 +53,22 @@ class ScoreResponse(_message.Message):
     def __init__(self, scores: _Optional[_Iterable[_Union[ImageScore, _Mapping]]] = ..., model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ...) -> None: ...
 
 class ScoreStreamConfig(_message.Message):
-    __slots__ = ("model", "condition", "store_prefix", "generator", "resize", "batch_size")
+    __slots__ = ("model", "condition", "store_prefix", "generator", "resize", "batch_size", "domain_guard")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CONDITION_FIELD_NUMBER: _ClassVar[int]
     STORE_PREFIX_FIELD_NUMBER: _ClassVar[int]
     GENERATOR_FIELD_NUMBER: _ClassVar[int]
     RESIZE_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_GUARD_FIELD_NUMBER: _ClassVar[int]
     model: _common_pb2.ModelRef
     condition: _common_pb2.Condition
     store_prefix: str
     generator: _common_pb2.ModelRef
     resize: bool
     batch_size: int
-    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., condition: _Optional[_Union[_common_pb2.Condition, _Mapping]] = ..., store_prefix: _Optional[str] = ..., generator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., resize: _Optional[bool] = ..., batch_size: _Optional[int] = ...) -> None: ...
+    domain_guard: str
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., condition: _Optional[_Union[_common_pb2.Condition, _Mapping]] = ..., store_prefix: _Optional[str] = ..., generator: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., resize: _Optional[bool] = ..., batch_size: _Optional[int] = ..., domain_guard: _Optional[str] = ...) -> None: ...
 
 class NamedImage(_message.Message):
     __slots__ = ("name", "image", "condition")

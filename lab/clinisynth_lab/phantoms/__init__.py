@@ -8,5 +8,7 @@ phantoms whose truth is known by construction:
 - :mod:`.abdomen` — axial abdominal CT-like phantoms with captions (a different pretraining domain).
 - :mod:`.fundus` — fundus photographs with patient-specific vessels, lesions and paired renders
   of the same eye with / without lesions (counterfactuals).
+- :mod:`.ct` / :mod:`.ultrasound` — CT slices and ultrasound frames: foreign modalities the
+  out-of-domain guard must refuse.
 - :mod:`.datasets` — writers / readers of the ImageFolder and manifest layouts.
 """

@@ -55,6 +55,8 @@ class CounterfactualOptions:
     request_id: str = ""
     # A [pacs.NAME] destination the counterfactual also goes to, as DICOM ("" = none).
     to_pacs: str = ""
+    # The out-of-domain guard: "refuse" | "warn" ("" = refuse; similarity/guard.py).
+    domain_guard: str = ""
 
 
 @dataclass(frozen=True)

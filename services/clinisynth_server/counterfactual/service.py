@@ -59,12 +59,15 @@ from clinisynth_server.pacs.config import check_destination
 from clinisynth_server.pacs.fetch import FetchedInstance, PacsReader, PacsRef
 from clinisynth_server.pacs.outbox import Outbox, OutboxItem
 from clinisynth_server.runtime.metrics import CounterfactualMetrics
+from clinisynth_server.similarity import guard
+from clinisynth_server.similarity.guard import DomainCheck, DomainGuard
 from clinisynth_server.store.base import (
     ArtifactStore,
     ObjectInfo,
     dir_prefix,
     outside_service_namespaces,
 )
+from clinisynth_server.tenancy import Viewer, owner_metadata, refuse_foreign_prefix, sees_object
 from clinisynth_server.triton.client import TritonClient
 
 log = logging.getLogger(__name__)
@@ -117,6 +120,8 @@ class CounterfactualOutcome:
     stored: dict[str, ObjectInfo] = field(default_factory=dict)
     # With ``to_pacs``: the outbox item of the counterfactual (pending when answered).
     pacs: list[OutboxItem] = field(default_factory=list)
+    # The out-of-domain guard's verdict on the input (against the diffusion model's index).
+    domain: DomainCheck | None = None
 
     @property
     def verdict(self) -> cf.FlipVerdict:
@@ -352,6 +357,20 @@ def triton_guide_fn(
     return guide
 
 
+def _domain_facts(check: DomainCheck) -> dict[str, str]:
+    """What provenance records of the out-of-domain guard's verdict on the input."""
+    facts = {"domain_guard": check.decision}
+    if check.score is not None:
+        facts.update(
+            {
+                "domain_score": f"{check.score:.6f}",
+                "domain_threshold": f"{check.threshold:.6f}",
+                "domain_index": check.index_digest,
+            }
+        )
+    return facts
+
+
 # ---------------------------------------------------------------------------------------------
 # the service
 # ---------------------------------------------------------------------------------------------
@@ -384,11 +403,30 @@ class Counterfactuals:
         self._ready: set[str] = set()
         self._lock = threading.Lock()
         self._schedules: dict[str, torch.Tensor] = {}
+        self.guard = DomainGuard(triton)
+
+    # -- the out-of-domain guard -------------------------------------------------------------
+    def domain_check(
+        self, plan: Plan, source: np.ndarray, policy: str, field_name: str, cancel: CancelToken
+    ) -> DomainCheck:
+        """The prepared input ([H, W] / [H, W, 3] in [0, 1]) against the diffusion model's
+        training images; FAILED_PRECONDITION under ``refuse`` when it is out of domain."""
+        chw = source[None, None] if source.ndim == 2 else np.transpose(source, (2, 0, 1))[None]
+        return self.guard.check(
+            plan.denoiser,
+            chw,
+            policy=policy,
+            fields=[field_name],
+            timeout_s=cancel.remaining(),
+        )[0]
 
     # -- input by reference ------------------------------------------------------------------
-    def fetch_input(self, ref: PacsRef, *, field: str = "image.pacs") -> FetchedInstance:
-        """An input named by its PACS UIDs, fetched and de-identified (see :mod:`.pacs.fetch`)."""
-        return self.pacs.fetch(ref, field=field)
+    def fetch_input(
+        self, ref: PacsRef, *, field: str = "image.pacs", timeout_s: float | None = None
+    ) -> FetchedInstance:
+        """An input named by its PACS UIDs, fetched and de-identified (see :mod:`.pacs.fetch`);
+        ``timeout_s``: what is left of the call's deadline, which caps the fetch."""
+        return self.pacs.fetch(ref, field=field, timeout_s=timeout_s)
 
     # -- stage 3: models ---------------------------------------------------------------------
     def guidance_model(self, plan: Plan) -> str:
@@ -606,13 +644,20 @@ class Counterfactuals:
         sink: EventSink | None = None,
         source_repr: str = "",
         source_facts: Mapping[str, str] | None = None,
+        tenant: str = "",
+        admin: bool = False,
     ) -> CounterfactualOutcome:
         """``source_facts``: what provenance records of the input's origin (a PACS input's
-        ``input_lineage``, :meth:`.FetchedInstance.provenance`), never an identifier."""
-        plan = validate(options, self.catalog)  # 1.
+        ``input_lineage``, :meth:`.FetchedInstance.provenance`), never an identifier.
+
+        Models private to another tenant than ``tenant`` resolve as unknown (``admin``: every
+        model); stored outputs are recorded as ``tenant``'s."""
+        plan = validate(options, self.catalog.seen_by(Viewer(tenant, admin)))  # 1.
+        policy = guard.check_policy(options.domain_guard, "domain_guard")
         if options.to_pacs:
             check_destination(options.to_pacs, self.outbox.destinations if self.outbox else {})
         source, resized = prepare_input(pixels, plan.denoiser, resize=options.resize)  # 2.
+        domain = self.domain_check(plan, source, policy, "image", cancel)
         request_id = options.request_id or uuid.uuid4().hex
         log.info(
             "counterfactual %s: input %s, target %s, models %s / %s / %s",
@@ -639,8 +684,8 @@ class Counterfactuals:
         provenance = self._provenance(
             plan, plan.seed, (source.shape[0], source.shape[1]), request_id, model, source, resized
         )
-        if source_facts:
-            provenance = replace(provenance, extra={**provenance.extra, **source_facts})
+        facts = {**(source_facts or {}), **_domain_facts(domain)}
+        provenance = replace(provenance, extra={**provenance.extra, **facts})
         outcome = self._outcome(
             plan,
             images[0],
@@ -651,11 +696,14 @@ class Counterfactuals:
             provenance,
             options.format,
         )  # 5.
+        outcome.domain = domain
         if options.store_outputs:
             prefix = (
                 options.output_prefix or time.strftime("counterfactuals/%Y/%m/%d/") + request_id
             )
-            outcome.stored = self._store(dir_prefix(prefix, "output_prefix"), "", outcome)
+            outcome.stored = self._store(
+                dir_prefix(prefix, "output_prefix"), "", outcome, tenant, "output_prefix"
+            )
         if options.to_pacs:
             assert self.outbox is not None  # checked with the options
             data = outcome.data if outcome.format == "dicom" else self._dicom(plan, outcome)
@@ -669,24 +717,37 @@ class Counterfactuals:
         return derived_dicom(encode.encode_dicom(outcome.image, outcome.provenance, bits=bits))
 
     def _store(
-        self, prefix: str, stem: str, outcome: CounterfactualOutcome
+        self,
+        prefix: str,
+        stem: str,
+        outcome: CounterfactualOutcome,
+        tenant: str = "",
+        field: str = "output_prefix",
     ) -> dict[str, ObjectInfo]:
-        """Write result files under ``prefix`` (``<stem>.<what>``, or ``<what>`` with no stem)."""
+        """Write result files under ``prefix`` (``<stem>.<what>``, or ``<what>`` with no stem),
+        each recorded as ``tenant``'s (object metadata)."""
         base = f"{prefix}{stem}." if stem else prefix
+        refuse_foreign_prefix(self.store, f"{base}result.json", tenant, field)
+        owner = owner_metadata(tenant)
         suffix = {"dicom": ".dcm", "raw": ".npy"}.get(outcome.format, ".png")
         image_data = outcome.data
         if outcome.format == "raw":
             image_data = _npy(outcome.image)
         return {
-            "counterfactual": self.store.put_bytes(f"{base}counterfactual{suffix}", image_data),
-            "difference": self.store.put_bytes(f"{base}difference.npy", _npy(outcome.difference)),
+            "counterfactual": self.store.put_bytes(
+                f"{base}counterfactual{suffix}", image_data, metadata=owner
+            ),
+            "difference": self.store.put_bytes(
+                f"{base}difference.npy", _npy(outcome.difference), metadata=owner
+            ),
             "overlay": self.store.put_bytes(
-                f"{base}overlay.png", outcome.overlay_png, content_type="image/png"
+                f"{base}overlay.png", outcome.overlay_png, content_type="image/png", metadata=owner
             ),
             "result": self.store.put_bytes(
                 f"{base}result.json",
                 json.dumps(outcome.summary(), indent=2).encode(),
                 content_type="application/json",
+                metadata=owner,
             ),
         }
 
@@ -700,8 +761,13 @@ class Counterfactuals:
         limit: int = 0,
         cancel: CancelToken = NEVER,
         sink: EventSink | None = None,
+        tenant: str = "",
+        admin: bool = False,
     ) -> BatchSummary:
         """Counterfactuals of every image under ``input_prefix`` (item i uses seed + i).
+
+        Only ``tenant``'s images under the prefix are read (``admin``: all); the outputs are
+        recorded as ``tenant``'s.
 
         Per image, under ``output_prefix``: ``<stem>.counterfactual.png``, ``.difference.npy``,
         ``.overlay.png`` and ``.result.json``; then ``summary.json``. An image that cannot be
@@ -714,7 +780,9 @@ class Counterfactuals:
         )
         if limit < 0:
             raise InvalidArgument.for_field("limit", f"must be >= 0, got {limit}")
-        plan = validate(options, self.catalog)
+        viewer = Viewer(tenant, admin)
+        plan = validate(options, self.catalog.seen_by(viewer))
+        policy = guard.check_policy(options.domain_guard, "options.domain_guard")
         request_id = options.request_id or uuid.uuid4().hex
         out_prefix = dir_prefix(
             outside_service_namespaces(output_prefix, "output_prefix")
@@ -727,6 +795,7 @@ class Counterfactuals:
             info.key
             for info in self.store.list(in_prefix)
             if pathlib.PurePosixPath(info.key).suffix.lower() in IMAGE_SUFFIXES
+            and sees_object(self.store, info.key, viewer)
         ]
         if limit:
             keys = keys[:limit]
@@ -749,8 +818,10 @@ class Counterfactuals:
                 prepared, resized = prepare_input(
                     pixels, plan.denoiser, resize=options.resize, field=key
                 )
+                # an out-of-domain image is reported and skipped like an unusable one
+                self.domain_check(plan, prepared, policy, key, cancel)
                 ready.append((index, key, prepared, resized))
-            except (InvalidArgument, NotFound) as exc:
+            except (InvalidArgument, NotFound, FailedPrecondition) as exc:
                 emit(BatchItem(key, error=str(exc)))
         total_steps = math.ceil(len(ready) / BATCH_CHUNK) * min(
             plan.config.reverse_steps, plan.config.steps
@@ -786,7 +857,7 @@ class Counterfactuals:
                     "png",
                 )
                 stem = pathlib.PurePosixPath(key[len(in_prefix) :]).with_suffix("").as_posix()
-                stored = self._store(out_prefix, stem, outcome)
+                stored = self._store(out_prefix, stem, outcome, tenant)
                 self._observe(plan, outcome, started)
                 emit(
                     BatchItem(
@@ -840,6 +911,7 @@ class Counterfactuals:
             f"{out_prefix}summary.json",
             json.dumps(summary, indent=2).encode(),
             content_type="application/json",
+            metadata=owner_metadata(tenant),
         )
         return BatchSummary(
             len(good), len(items) - len(good), flip_rate, mean_distance, info, out_prefix, already

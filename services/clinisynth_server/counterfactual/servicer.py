@@ -15,8 +15,10 @@ from clinisynth_server.errors import InvalidArgument
 from clinisynth_server.imaging import decode as imdecode
 from clinisynth_server.imaging.deid import safe_log_repr
 from clinisynth_server.pacs.fetch import PacsRef
+from clinisynth_server.runtime.auth import principal_of
 from clinisynth_server.runtime.streaming import cancel_token, stream_events
 from clinisynth_server.store.base import ArtifactStore
+from clinisynth_server.tenancy import Viewer, viewer_of
 
 MODES = {
     counterfactual_pb2.GUIDANCE_MODE_UNSPECIFIED: "cone",
@@ -63,6 +65,7 @@ def options_from(
         store_outputs=req.store_outputs,
         request_id=req.request_id,
         to_pacs=req.to_pacs,
+        domain_guard=req.domain_guard,
     )
 
 
@@ -80,7 +83,10 @@ class CounterfactualServicer(counterfactual_pb2_grpc.CounterfactualServiceServic
 
     # -- mapping ------------------------------------------------------------------------------
     def _input(
-        self, req: counterfactual_pb2.CounterfactualRequest
+        self,
+        req: counterfactual_pb2.CounterfactualRequest,
+        timeout_s: float | None = None,
+        viewer: Viewer | None = None,
     ) -> tuple[np.ndarray, str, Mapping[str, str]]:
         kind = req.image.WhichOneof("data")
         image = req.image
@@ -89,7 +95,9 @@ class CounterfactualServicer(counterfactual_pb2_grpc.CounterfactualServiceServic
         if kind == "pacs":
             p = req.image.pacs
             fetched = self.cf.fetch_input(
-                PacsRef(p.pacs, p.study_uid, p.series_uid, p.sop_uid), field="image.pacs"
+                PacsRef(p.pacs, p.study_uid, p.series_uid, p.sop_uid),
+                field="image.pacs",
+                timeout_s=timeout_s,
             )
             description = safe_log_repr(fetched.data)
             facts = fetched.provenance()
@@ -101,7 +109,9 @@ class CounterfactualServicer(counterfactual_pb2_grpc.CounterfactualServiceServic
             image = common_pb2.Image()
             image.CopyFrom(req.image)
             setattr(image, kind, clean)
-        pixels = protoconv.decode_input_image(image, field="image", store=self.store)
+        pixels = protoconv.decode_input_image(
+            image, field="image", store=self.store, viewer=viewer or Viewer()
+        )
         return pixels, description, facts
 
     def _response(
@@ -141,18 +151,23 @@ class CounterfactualServicer(counterfactual_pb2_grpc.CounterfactualServiceServic
             already_target=out.already_target,
             flipped=out.flipped,
             pacs=[protoconv.pacs_item(i) for i in out.pacs],
+            domain=protoconv.domain_check(out.domain),
         )
 
     # -- RPCs ---------------------------------------------------------------------------------
     def CreateCounterfactual(self, request, context):
         opts = options_from(request)
-        pixels, description, facts = self._input(request)
+        token = cancel_token(context)
+        viewer = viewer_of(principal_of(context))
+        pixels, description, facts = self._input(request, token.remaining(), viewer)
         out = self.cf.counterfactual(
             pixels,
             opts,
-            cancel=cancel_token(context),
+            cancel=token,
             source_repr=description,
             source_facts=facts,
+            tenant=viewer.tenant,
+            admin=viewer.admin,
         )
         return self._response(out)
 
@@ -160,8 +175,9 @@ class CounterfactualServicer(counterfactual_pb2_grpc.CounterfactualServiceServic
         self, request, context
     ) -> Iterator[counterfactual_pb2.CounterfactualEvent]:
         opts = options_from(request)
-        pixels, description, facts = self._input(request)
         token = cancel_token(context)
+        viewer = viewer_of(principal_of(context))
+        pixels, description, facts = self._input(request, token.remaining(), viewer)
         for kind, item in stream_events(
             lambda sink: self.cf.counterfactual(
                 pixels,
@@ -170,6 +186,8 @@ class CounterfactualServicer(counterfactual_pb2_grpc.CounterfactualServiceServic
                 sink=sink,
                 source_repr=description,
                 source_facts=facts,
+                tenant=viewer.tenant,
+                admin=viewer.admin,
             ),
             token,
         ):
@@ -191,6 +209,7 @@ class CounterfactualServicer(counterfactual_pb2_grpc.CounterfactualServiceServic
                 "options.to_pacs", "batches write to the store; send single requests to a PACS"
             )
         token = cancel_token(context)
+        viewer = viewer_of(principal_of(context))
         for kind, item in stream_events(
             lambda sink: self.cf.batch(
                 request.input_prefix,
@@ -199,6 +218,8 @@ class CounterfactualServicer(counterfactual_pb2_grpc.CounterfactualServiceServic
                 limit=request.limit,
                 cancel=token,
                 sink=sink,
+                tenant=viewer.tenant,
+                admin=viewer.admin,
             ),
             token,
         ):
@@ -235,7 +256,9 @@ class CounterfactualServicer(counterfactual_pb2_grpc.CounterfactualServiceServic
             raise InvalidArgument.for_field(
                 "kind", "this service uses unconditional denoisers and classifiers only"
             )
-        return protoconv.answer_list_models(self.catalog, request, kind=kind, kinds=KINDS)
+        return protoconv.answer_list_models(
+            self.catalog, request, kind=kind, kinds=KINDS, viewer=viewer_of(principal_of(context))
+        )
 
 
 def _point(p: svc.TrajectoryPoint) -> counterfactual_pb2.TrajectoryPoint:

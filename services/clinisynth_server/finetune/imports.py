@@ -42,6 +42,8 @@ from clinisynth_server.store.base import (
     outside_service_namespaces,
     validate_key,
 )
+from clinisynth_server.tenancy import Viewer
+from clinisynth_server.triton import packing
 
 log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -91,6 +93,9 @@ class ImportOptions:
     component_devices: Mapping[str, str] = field(default_factory=dict)
     #: "exact" (every batch row its own forward: bit-identical replay) or "batched".
     replay: str = ""
+    #: "split" (one Triton model per component) or "packed" (one process per instance holding
+    #: every component); see ``triton/packing.py``.
+    layout: str = ""
 
 
 @dataclass(frozen=True)
@@ -297,6 +302,8 @@ def check_options(options: ImportOptions) -> tuple[str, ValidationErrors]:
         errors.add("device", f"one of {', '.join(DEVICES)}; got {options.device!r}")
     if options.replay and options.replay not in REPLAY_MODES:
         errors.add("replay", f"one of {', '.join(REPLAY_MODES)}; got {options.replay!r}")
+    if options.layout and options.layout not in packing.LAYOUTS:
+        errors.add("layout", f"one of {', '.join(packing.LAYOUTS)}; got {options.layout!r}")
     for map_name, values, allowed in (
         ("component_dtypes", options.component_dtypes, DTYPES),
         ("component_devices", options.component_devices, DEVICES),
@@ -439,7 +446,7 @@ def _stage_message(stage: str, triton_model: str, by_role: Mapping[str, Componen
     word stays the Triton model, so a progress line ends on the component's name."""
     if stage != "write":
         return f"loading {triton_model}"
-    setting = by_role.get(triton_model.rsplit(".", 1)[-1])
+    setting = by_role.get(triton_model.rsplit(".", 1)[-1].rsplit(packing.ADDRESS_SEPARATOR)[-1])
     if setting is None:
         return f"writing {triton_model}"
     how = f"{setting.dtype} on {setting.device}" + (
@@ -590,6 +597,7 @@ class ModelImports:
                         progress=lambda stage, what: report(
                             stage, _stage_message(stage, what, by_role)
                         ),
+                        layout=options.layout or packing.DEFAULT_LAYOUT,
                     )
                 except NotFound as exc:
                     raise FailedPrecondition(
@@ -687,19 +695,30 @@ class ModelImports:
             for r in self.catalog.everything()
             for role in r.components
         }
+        cited_models = {(packing.served_model(a), v) for a, v in cited}
         floor = 0
         for model in repository.list_models(repo):
             role = model[len(name) + 1 :] if model.startswith(f"{name}.") else ""
             if not role or "." in role:  # "<name>.<role>" only, not another name's components
                 continue
             leftovers = [
-                v for v in repository.list_versions(repo, model) if (model, v) not in cited
+                v for v in repository.list_versions(repo, model) if (model, v) not in cited_models
+            ]
+            # A packed model's component weights (``<model>/<role>/<v>``) no record cites.
+            parts = [
+                (packing.address(model, part), v)
+                for part, versions in repository.packed_component_versions(repo, model).items()
+                for v in versions
+                if (packing.address(model, part), v) not in cited
             ]
             if leftovers:
                 self._wait_not_loading(model)
             for version in leftovers:
                 log.warning("removing %s version %d: left by an interrupted import", model, version)
                 shutil.rmtree(repo / model / str(version))
+                floor = max(floor, version + 1)
+            for part, version in parts:
+                shutil.rmtree(repo / part / str(version), ignore_errors=True)
                 floor = max(floor, version + 1)
         return floor
 
@@ -719,7 +738,9 @@ class ModelImports:
             time.sleep(0.5)
 
     # show / retire / alias
-    def view(self, record: ModelRecord) -> ModelView:
+    def view(self, record: ModelRecord, viewer: Viewer | None = None) -> ModelView:
+        """What GetModel shows; "latest" and aliases as ``viewer`` sees the catalog."""
+        catalog = self.catalog.seen_by(viewer)
         ready: dict[str, bool] = {}
         retired = self.catalog.is_retired(record.name, record.version)
         for role, triton_name in record.components.items():
@@ -730,34 +751,34 @@ class ModelImports:
                 )
             except ClinisynthError:
                 ready[role] = False
-        aliases = sorted(
-            a for a, v in self.catalog.aliases(record.name).items() if v == record.version
-        )
-        latest = not retired and self.catalog.is_latest(record)
+        aliases = sorted(a for a, v in catalog.aliases(record.name).items() if v == record.version)
+        latest = not retired and catalog.is_latest(record)
         return ModelView(record, retired, latest, aliases, ready)
 
-    def get(self, name: str, version: str) -> ModelView:
-        return self.view(self.catalog.get(name, version, include_retired=True))
+    def get(self, name: str, version: str, viewer: Viewer | None = None) -> ModelView:
+        """One version; another tenant's private model answers as an unknown one."""
+        record = self.catalog.seen_by(viewer).get(name, version, include_retired=True)
+        return self.view(record, viewer)
 
-    def delete(self, name: str, version: str) -> ModelView:
+    def delete(self, name: str, version: str, viewer: Viewer | None = None) -> ModelView:
         """Retire one version: marker first (no longer served), then its Triton versions go."""
         if not version:
             raise InvalidArgument.for_field(
                 "model.version", "required: delete retires one version (NAME@VERSION)"
             )
-        record = self.catalog.get(name, version, include_retired=True)
+        record = self.catalog.seen_by(viewer).get(name, version, include_retired=True)
         self.catalog.retire(record)
         self._unload(record)
-        return self.view(record)
+        return self.view(record, viewer)
 
-    def alias(self, name: str, version: str, alias: str) -> ModelView:
+    def alias(self, name: str, version: str, alias: str, viewer: Viewer | None = None) -> ModelView:
         if not version:
             raise InvalidArgument.for_field(
                 "model.version", "required: an alias names one version (NAME@VERSION)"
             )
-        record = self.catalog.get(name, version)
+        record = self.catalog.seen_by(viewer).get(name, version)
         self.catalog.set_alias(record, alias)
-        return self.view(record)
+        return self.view(record, viewer)
 
     def _unload(self, record: ModelRecord) -> None:
         """Remove the retired version's component versions from the repository and Triton.
@@ -775,14 +796,21 @@ class ModelImports:
             for r in self.catalog.all()
             for role in r.components
         }
-        for role, triton_name in record.components.items():
+        cited_models = {(packing.served_model(a), v) for a, v in cited}
+        touched: dict[str, None] = {}
+        for role, address in record.components.items():
             version = record.component_versions.get(role, record.version)
-            if (triton_name, version) in cited:
+            if (address, version) in cited:
                 continue
-            validate_key(triton_name, "components")
-            model_dir = pathlib.Path(repo) / triton_name
-            if (model_dir / str(version)).is_dir():
-                shutil.rmtree(model_dir / str(version))
+            validate_key(address, "components")
+            # The component's weights: its Triton model's version (split) or its folder in
+            # the packed model (whose own version folder goes once no record cites it).
+            shutil.rmtree(pathlib.Path(repo) / address / str(version), ignore_errors=True)
+            triton_name = packing.served_model(address)
+            if triton_name != address and (triton_name, version) not in cited_models:
+                shutil.rmtree(pathlib.Path(repo) / triton_name / str(version), ignore_errors=True)
+            touched[triton_name] = None
+        for triton_name in touched:
             if self.triton is None:
                 continue
             if repository.list_versions(repo, triton_name):
@@ -790,4 +818,4 @@ class ModelImports:
             else:
                 with contextlib.suppress(NotFound):
                     self.triton.unload_model(triton_name)
-                shutil.rmtree(model_dir, ignore_errors=True)
+                shutil.rmtree(pathlib.Path(repo) / triton_name, ignore_errors=True)

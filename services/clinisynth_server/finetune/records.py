@@ -185,9 +185,12 @@ class JobStore:
             self.corrupt.report("finetune", key, why)
             raise ValueError(why) from None
 
-    def claim_request(self, request_id: str, job_id: str) -> str:
-        """Bind ``request_id`` to ``job_id``; returns the job id that owns it (maybe older)."""
-        digest = hashlib.sha256(request_id.encode()).hexdigest()[:40]
+    def claim_request(self, request_id: str, job_id: str, tenant: str = "") -> str:
+        """Bind ``request_id`` to ``job_id``; returns the job id that owns it (maybe older).
+
+        Request ids are per tenant: tenant ``""`` keeps the key it always had."""
+        scoped = f"{tenant}\0{request_id}" if tenant else request_id
+        digest = hashlib.sha256(scoped.encode()).hexdigest()[:40]
         key = f"{REQUESTS}{digest}.json"
         from clinisynth_server.store.base import encode_json
 

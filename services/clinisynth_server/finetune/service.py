@@ -67,6 +67,14 @@ from clinisynth_server.store.base import (
     confine_key,
     outside_service_namespaces,
 )
+from clinisynth_server.tenancy import (
+    TENANT_LABEL,
+    Viewer,
+    dataset_root,
+    owner_metadata,
+    prefix_owner,
+    sees_prefix,
+)
 
 log = logging.getLogger(__name__)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -78,12 +86,24 @@ MODEL_FOLDER = "model/"  # the promotable part of a checkpoint
 DEID_SECRET_KEY = "finetune/secrets/deid.txt"
 DICOM_SUFFIXES = (".dcm", ".dicom")
 MAX_PAGE = 1000
-# Where a job record keeps the tenant of the principal that created it (for concurrent_jobs).
+# Where a job record keeps the tenant of the principal that created it: its owner (only that
+# tenant and admins see the job and its checkpoints) and whose concurrent_jobs it counts against.
 TENANT_KEY = "tenant"
 
 
 def job_tenant(record: JobRecord) -> str:
+    """The job's owner; a record written before tenants existed belongs to tenant ``""``."""
     return str(record.data.get(TENANT_KEY, ""))
+
+
+class _NoFiles(datasets.Source):
+    """What a data set of another tenant reads as: nothing, exactly like a missing prefix."""
+
+    def names(self) -> builtins.list[str]:
+        return []
+
+    def read(self, name: str) -> bytes:
+        raise NotFound(f"no object {name!r}")
 
 
 @dataclass(frozen=True)
@@ -180,13 +200,17 @@ class FinetuneService:
         model_name: str = "",
         request_id: str = "",
         tenant: str = "",
+        admin: bool = False,
     ) -> JobRecord:
         """Validate everything up front (all problems at once), then queue the job.
 
-        The job counts against ``tenant``'s ``concurrent_jobs`` until it ends.
+        The job belongs to ``tenant`` and counts against its ``concurrent_jobs`` until it ends.
+        Another tenant's data set reads as a missing one, its private models as unknown ones
+        (``admin``: every data set and model).
         """
+        viewer = Viewer(tenant, admin)
         if request_id:
-            existing = self._by_request(request_id)
+            existing = self._by_request(request_id, tenant)
             if existing is not None:
                 return existing
         errors = ValidationErrors()
@@ -226,13 +250,18 @@ class FinetuneService:
                 )
             if dataset:
                 report = datasets.validate(
-                    datasets.StoreSource(self.store, dataset), dataset, spec.dataset_layout
+                    self._dataset_source(dataset, viewer), dataset, spec.dataset_layout
                 )
                 errors.violations.extend(report.violations("dataset"))
             if report is not None and not parsed.violations and not report.problems:
-                ctx = CheckContext(self.catalog, self.store, self.settings.model_repository)
+                ctx = CheckContext(
+                    self.catalog.seen_by(viewer), self.store, self.settings.model_repository
+                )
                 errors.violations.extend(spec.check(parsed.values, report, ctx))
-        elif dataset and not any(True for _ in self.store.list(dataset + "/", limit=1)):
+        elif dataset and (
+            not sees_prefix(self.store, dataset, viewer)
+            or not any(True for _ in self.store.list(dataset + "/", limit=1))
+        ):
             errors.add("dataset", f"no files under {dataset!r} (empty or missing data set)")
         errors.raise_if_any()
         assert spec is not None and parsed is not None and report is not None
@@ -264,7 +293,7 @@ class FinetuneService:
                 )
             self.quotas.check_jobs(tenant, active)
             if request_id:
-                owner = self.jobs.claim_request(request_id, record.id)
+                owner = self.jobs.claim_request(request_id, record.id, tenant)
                 if owner != record.id:
                     return self.jobs.get(owner)
             self.jobs.put(record)
@@ -276,12 +305,19 @@ class FinetuneService:
         self._wake.set()
         return record
 
-    def _by_request(self, request_id: str) -> JobRecord | None:
+    def _by_request(self, request_id: str, tenant: str) -> JobRecord | None:
+        """A retried create: request ids are per tenant (another's never answers)."""
         with self._lock:
             for record in self._records.values():
-                if record.request_id == request_id:
+                if record.request_id == request_id and job_tenant(record) == tenant:
                     return record
         return None
+
+    def _dataset_source(self, prefix: str, viewer: Viewer) -> datasets.Source:
+        """The data set at ``prefix`` as ``viewer`` sees it: another tenant's has no files."""
+        if sees_prefix(self.store, prefix, viewer):
+            return datasets.StoreSource(self.store, prefix)
+        return _NoFiles()
 
     def _default_model_name(self, spec: KindSpec, dataset: str, values: dict[str, Any]) -> str:
         base = str(values.get("base_model", "") or "")
@@ -302,7 +338,9 @@ class FinetuneService:
         return f"{stem or 'data'}-{suffix}"[:100]
 
     # -- read -----------------------------------------------------------------------------
-    def _record(self, job_id: str) -> JobRecord:
+    def _record(self, job_id: str, viewer: Viewer | None = None) -> JobRecord:
+        """The job ``job_id``; with a ``viewer``, another tenant's job is NOT_FOUND exactly as
+        a missing one (same message)."""
         if not job_id:
             raise InvalidArgument.for_field("id", "required")
         if not _JOB_ID_RE.match(job_id):
@@ -311,6 +349,8 @@ class FinetuneService:
             record = self._records.get(job_id)
         if record is None:
             record = self.jobs.get(job_id)  # another replica's job, or NotFound
+        if viewer is not None and not viewer.sees(job_tenant(record)):
+            raise NotFound(f"no job {job_id!r}")  # what JobStore.get says of a missing one
         return record
 
     def view(self, record: JobRecord) -> JobView:
@@ -330,12 +370,21 @@ class FinetuneService:
             position = 1 + next((i for i, r in enumerate(queued) if r.id == record.id), 0)
         return JobView(record, step, metrics, position)
 
-    def get(self, job_id: str) -> JobView:
-        return self.view(self._record(job_id))
+    def get(self, job_id: str, *, tenant: str = "", admin: bool = False) -> JobView:
+        return self.view(self._record(job_id, Viewer(tenant, admin)))
 
     def list(
-        self, *, state: str = "", kind: str = "", page_size: int = 0, page_token: str = ""
+        self,
+        *,
+        state: str = "",
+        kind: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+        tenant: str = "",
+        admin: bool = False,
     ) -> tuple[list[JobView], str]:
+        """``tenant``'s jobs, newest first (``admin``: every tenant's)."""
+        viewer = Viewer(tenant, admin)
         errors = ValidationErrors()
         if state and state not in STATES:
             errors.add("state", f"one of {', '.join(STATES)}")
@@ -354,7 +403,9 @@ class FinetuneService:
             records = [
                 r
                 for r in self._records.values()
-                if (not state or r.state == state) and (not kind or r.kind == kind)
+                if (not state or r.state == state)
+                and (not kind or r.kind == kind)
+                and viewer.sees(job_tenant(r))
             ]
         records.sort(key=lambda r: (r.created, r.id), reverse=True)  # newest first
         size = min(page_size or 100, MAX_PAGE)
@@ -363,9 +414,11 @@ class FinetuneService:
         return [self.view(r) for r in page], nxt
 
     # -- cancel ---------------------------------------------------------------------------
-    def cancel(self, job_id: str, *, strict: bool = False) -> JobView:
+    def cancel(
+        self, job_id: str, *, strict: bool = False, tenant: str = "", admin: bool = False
+    ) -> JobView:
         with self._lock:
-            record = self._record(job_id)
+            record = self._record(job_id, Viewer(tenant, admin))
             if record.terminal:
                 if strict:
                     raise FailedPrecondition(
@@ -389,11 +442,14 @@ class FinetuneService:
         sink: Callable[[Event], None],
         check: Callable[[], None],
         poll_s: float = 0.2,
+        *,
+        tenant: str = "",
+        admin: bool = False,
     ) -> None:
         """Send events after ``since`` until the job has ended and its last event went out."""
         if since < 0:
             raise InvalidArgument.for_field("since_sequence", "must be >= 0")
-        self._record(job_id)
+        self._record(job_id, Viewer(tenant, admin))
         last = since
         while True:
             check()
@@ -406,20 +462,35 @@ class FinetuneService:
             time.sleep(poll_s)
 
     # -- checkpoints and promote ------------------------------------------------------------
-    def checkpoints(self, job_id: str) -> builtins.list[CheckpointInfo]:
-        self._record(job_id)
+    def checkpoints(
+        self, job_id: str, *, tenant: str = "", admin: bool = False
+    ) -> builtins.list[CheckpointInfo]:
+        """The job's checkpoints (another tenant's job: NOT_FOUND, as a missing one)."""
+        self._record(job_id, Viewer(tenant, admin))
         checkpoints = self.jobs.checkpoints(job_id)
         best = best_checkpoint(checkpoints)
         return [replace(c, best=best is not None and c.id == best.id) for c in checkpoints]
 
     def promote(
-        self, job_id: str, checkpoint_id: str = "", model_name: str = ""
+        self,
+        job_id: str,
+        checkpoint_id: str = "",
+        model_name: str = "",
+        *,
+        tenant: str = "",
+        admin: bool = False,
     ) -> tuple[ModelRecord, str]:
-        record = self._record(job_id)
+        """Register a checkpoint as a catalog version.
+
+        The version of a tenant's job is private to that tenant (label ``tenant``); a job of
+        tenant ``""`` (authentication off, or records from before tenants) gives a shared one.
+        """
+        viewer = Viewer(tenant, admin)
+        record = self._record(job_id, viewer)
         with self._lock:
             if self._records.get(job_id) is record:
                 self._record_checkpoints(record)  # what the worker reported since the last tick
-        checkpoints = self.checkpoints(job_id)
+        checkpoints = self.checkpoints(job_id, tenant=tenant, admin=admin)
         if not checkpoints:
             raise FailedPrecondition(
                 f"job {job_id} ({record.state}) has no checkpoint yet", reason="NO_CHECKPOINT"
@@ -448,7 +519,7 @@ class FinetuneService:
         with self._promote_lock, tempfile.TemporaryDirectory(prefix="promote-") as tmp:
             folder = pathlib.Path(tmp) / "model"
             self._download_verified(record, chosen, folder)
-            versions = self.catalog.versions(name)
+            versions = self.catalog.seen_by(viewer).versions(name)
             previous = str(versions[-1].version) if versions else ""
             self.catalog.invalidate()
             try:
@@ -463,7 +534,10 @@ class FinetuneService:
                         "finetune_job": job_id,
                         "checkpoint": chosen.id,
                         "finetune_kind": record.kind,
+                        **({TENANT_LABEL: job_tenant(record)} if job_tenant(record) else {}),
                     },
+                    # A promoted version is served the way the name's latest one is.
+                    layout=str(versions[-1].extra.get("layout", "split")) if versions else "split",
                 )
             except NotFound as exc:
                 raise FailedPrecondition(
@@ -603,7 +677,11 @@ class FinetuneService:
         return list(self._kinds.values())
 
     def upload(
-        self, chunks: Iterable[tuple[str, bytes, str]], *, namespace: str = DATASETS_NAMESPACE
+        self,
+        chunks: Iterable[tuple[str, bytes, str]],
+        *,
+        namespace: str = DATASETS_NAMESPACE,
+        tenant: str = "",
     ) -> ObjectInfo:
         """(key, data, sha256) chunks of one file → the stored object; digest checked.
 
@@ -611,6 +689,9 @@ class FinetuneService:
         store belongs to the services that write it), or under ``namespace`` for the model
         upload RPC (``imports/``). A DICOM data-set file is de-identified before it is stored,
         so the stored digest differs from the one sent.
+
+        A data set belongs to the tenant that uploaded its first file: each file records
+        ``tenant`` (object metadata), and an upload into another tenant's data set is refused.
         """
         key = ""
         expected = ""
@@ -620,6 +701,8 @@ class FinetuneService:
             for chunk_key, data, sha in chunks:
                 if chunk_key and not key:
                     key = confine_key(chunk_key, namespace, "key")
+                    if namespace == DATASETS_NAMESPACE:
+                        self._check_dataset_owner(key, tenant)
                 elif chunk_key and chunk_key != key:
                     raise InvalidArgument.for_field("key", "one upload carries one file")
                 if not key:
@@ -642,16 +725,33 @@ class FinetuneService:
                     f"{digest.hexdigest()} ({size} bytes); nothing was stored",
                 )
             spool.seek(0)
+            owner = owner_metadata(tenant) if namespace == DATASETS_NAMESPACE else {}
             if namespace == DATASETS_NAMESPACE and shards.is_shard_key(key):
-                return self._store_shard(key, spool, digest.hexdigest())
+                return self._store_shard(key, spool, digest.hexdigest(), owner)
             if namespace == DATASETS_NAMESPACE and _is_dicom(key, spool):
                 return self.store.put_bytes(
-                    key, self._deidentify(key, spool, size), content_type="application/dicom"
+                    key,
+                    self._deidentify(key, spool, size),
+                    content_type="application/dicom",
+                    metadata=owner,
                 )
             spool.seek(0)
-            return self.store.put_stream(key, spool)
+            return self.store.put_stream(key, spool, metadata=owner)
 
-    def _store_shard(self, key: str, spool: IO[bytes], sent_sha256: str) -> ObjectInfo:
+    def _check_dataset_owner(self, key: str, tenant: str) -> None:
+        """Refuse a file for a data set another tenant owns (a data-set name is taken once)."""
+        root = dataset_root(key)
+        owner = prefix_owner(self.store, root)
+        if owner is None:  # a file directly under datasets/ is a data set of its own
+            owner = prefix_owner(self.store, key)
+        if owner is not None and owner != tenant:
+            raise InvalidArgument.for_field(
+                "key", f"data set {root.rstrip('/')!r} is taken by another tenant; use another name"
+            )
+
+    def _store_shard(
+        self, key: str, spool: IO[bytes], sent_sha256: str, owner: dict[str, str]
+    ) -> ObjectInfo:
         """A data-set shard: named by its digest, every member checked, DICOM de-identified.
 
         The name ``<nnnnnn>-<first 16 hex of the sha256 sent>.tar`` makes a stored shard its
@@ -669,14 +769,20 @@ class FinetuneService:
                 return self._deidentify(key, one, len(data))
 
         with shards.sanitize(spool, deidentify) as clean:
-            return self.store.put_stream(key, clean)
+            return self.store.put_stream(key, clean, metadata=owner)
 
-    def list_dataset_files(self, prefix: str) -> builtins.list[ObjectInfo]:
-        """Files under a data set prefix, each with its sha256 (a resumed upload's check)."""
+    def list_dataset_files(
+        self, prefix: str, *, tenant: str = "", admin: bool = False
+    ) -> builtins.list[ObjectInfo]:
+        """Files under a data set prefix, each with its sha256 (a resumed upload's check).
+
+        Another tenant's data set lists as a missing one: no files."""
         prefix = prefix.strip().strip("/")
         if not prefix:
             raise InvalidArgument.for_field("prefix", "required")
         outside_service_namespaces(prefix, "prefix")
+        if not sees_prefix(self.store, prefix, Viewer(tenant, admin)):
+            return []
         return [
             info if info.sha256 else self.store.stat(info.key)
             for info in self.store.list(prefix + "/")
@@ -721,14 +827,17 @@ class FinetuneService:
                 self._deid_key = self.store.get_bytes(DEID_SECRET_KEY).decode("ascii").strip()
             return self._deid_key
 
-    def validate_dataset(self, prefix: str, layout: str = "") -> datasets.DatasetReport:
+    def validate_dataset(
+        self, prefix: str, layout: str = "", *, tenant: str = "", admin: bool = False
+    ) -> datasets.DatasetReport:
+        """The data set's report; another tenant's reads as a missing one (no files)."""
         prefix = prefix.strip().strip("/")
         if not prefix:
             raise InvalidArgument.for_field("prefix", "required")
         outside_service_namespaces(prefix, "prefix")
         if layout and layout not in datasets.LAYOUTS:
             raise InvalidArgument.for_field("layout", f"one of {', '.join(datasets.LAYOUTS)}")
-        source = datasets.StoreSource(self.store, prefix)
+        source = self._dataset_source(prefix, Viewer(tenant, admin))
         if not layout:
             names = set(source.names())
             layout = (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from google.protobuf import timestamp_pb2
 
@@ -14,6 +15,7 @@ from clinisynth_server.finetune.records import CheckpointInfo, Event
 from clinisynth_server.runtime.auth import principal_of
 from clinisynth_server.runtime.streaming import cancel_token, stream_events
 from clinisynth_server.store.base import IMPORTS_NAMESPACE, ArtifactStore
+from clinisynth_server.tenancy import viewer_of
 
 STATE_TO_PROTO = {
     "queued": finetune_pb2.JOB_STATE_QUEUED,
@@ -115,6 +117,7 @@ def model_details(view: imports.ModelView) -> finetune_pb2.ModelDetails:
         source=str(r.extra.get("source", "")),
         scheduler=str(r.scheduler.get("_class_name", "")),
         base=str(r.extra.get("base", "")),
+        layout=str(r.extra.get("layout", "split")),
     )
 
 
@@ -133,7 +136,14 @@ def import_options(request: finetune_pb2.ImportModelRequest) -> imports.ImportOp
         component_dtypes=dict(request.component_dtypes),
         component_devices=dict(request.component_devices),
         replay=request.replay,
+        layout=request.layout,
     )
+
+
+def _scope(context: object) -> dict[str, Any]:
+    """The caller's tenant and admin flag, as the domain methods take them."""
+    viewer = viewer_of(principal_of(context))
+    return {"tenant": viewer.tenant, "admin": viewer.admin}
 
 
 class FinetuneServicer(finetune_pb2_grpc.FinetuneServiceServicer):
@@ -155,12 +165,12 @@ class FinetuneServicer(finetune_pb2_grpc.FinetuneServiceServicer):
             dict(request.params),
             model_name=request.model_name,
             request_id=request.request_id,
-            tenant=principal_of(context).tenant,
+            **_scope(context),
         )
         return job_proto(self.service.view(record))
 
     def GetJob(self, request, context):
-        return job_proto(self.service.get(request.id))
+        return job_proto(self.service.get(request.id, **_scope(context)))
 
     def ListJobs(self, request, context):
         state = PROTO_TO_STATE.get(request.state, "")
@@ -173,18 +183,22 @@ class FinetuneServicer(finetune_pb2_grpc.FinetuneServiceServicer):
             kind=request.kind,
             page_size=request.page_size,
             page_token=request.page_token,
+            **_scope(context),
         )
         return finetune_pb2.ListJobsResponse(
             jobs=[job_proto(v) for v in views], next_page_token=token
         )
 
     def CancelJob(self, request, context):
-        return job_proto(self.service.cancel(request.id, strict=request.strict))
+        return job_proto(self.service.cancel(request.id, strict=request.strict, **_scope(context)))
 
     def WatchJob(self, request, context) -> Iterator[finetune_pb2.JobEvent]:
         token = cancel_token(context)
+        scope = _scope(context)
         for kind, item in stream_events(
-            lambda sink: self.service.watch(request.id, request.since_sequence, sink, token.check),
+            lambda sink: self.service.watch(
+                request.id, request.since_sequence, sink, token.check, **scope
+            ),
             token,
         ):
             if kind == "event":
@@ -194,13 +208,13 @@ class FinetuneServicer(finetune_pb2_grpc.FinetuneServiceServicer):
         return finetune_pb2.ListCheckpointsResponse(
             checkpoints=[
                 checkpoint_proto(c, self.service.store)
-                for c in self.service.checkpoints(request.job_id)
+                for c in self.service.checkpoints(request.job_id, **_scope(context))
             ]
         )
 
     def PromoteCheckpoint(self, request, context):
         record, previous = self.service.promote(
-            request.job_id, request.checkpoint_id, request.model_name
+            request.job_id, request.checkpoint_id, request.model_name, **_scope(context)
         )
         return finetune_pb2.PromoteCheckpointResponse(
             model=protoconv.model_info(record, latest=True), previous_version=previous
@@ -229,11 +243,13 @@ class FinetuneServicer(finetune_pb2_grpc.FinetuneServiceServicer):
         )
 
     def UploadDatasetFile(self, request_iterator, context):
-        info = self.service.upload(svc.iter_upload(request_iterator))
+        info = self.service.upload(
+            svc.iter_upload(request_iterator), tenant=principal_of(context).tenant
+        )
         return protoconv.artifact_ref(info, self.service.store)
 
     def ValidateDataset(self, request, context):
-        report = self.service.validate_dataset(request.prefix, request.layout)
+        report = self.service.validate_dataset(request.prefix, request.layout, **_scope(context))
         return finetune_pb2.DatasetReport(
             prefix=report.prefix,
             layout=report.layout,
@@ -247,7 +263,7 @@ class FinetuneServicer(finetune_pb2_grpc.FinetuneServiceServicer):
         return finetune_pb2.ListDatasetFilesResponse(
             files=[
                 protoconv.artifact_ref(i, self.service.store, presign=False)
-                for i in self.service.list_dataset_files(request.prefix)
+                for i in self.service.list_dataset_files(request.prefix, **_scope(context))
             ]
         )
 
@@ -287,11 +303,14 @@ class FinetuneServicer(finetune_pb2_grpc.FinetuneServiceServicer):
                 )
 
     def GetModel(self, request, context):
-        return model_details(self.models.get(request.model.name, request.model.version))
+        viewer = viewer_of(principal_of(context))
+        return model_details(self.models.get(request.model.name, request.model.version, viewer))
 
     def DeleteModel(self, request, context):
-        return model_details(self.models.delete(request.model.name, request.model.version))
+        viewer = viewer_of(principal_of(context))
+        return model_details(self.models.delete(request.model.name, request.model.version, viewer))
 
     def SetModelAlias(self, request, context):
-        view = self.models.alias(request.model.name, request.model.version, request.alias)
+        viewer = viewer_of(principal_of(context))
+        view = self.models.alias(request.model.name, request.model.version, request.alias, viewer)
         return model_details(view)

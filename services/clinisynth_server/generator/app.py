@@ -3,6 +3,8 @@
 Quotas: the ``[quotas]`` tables of the config file (:mod:`~clinisynth_server.runtime.quotas`).
 ``generation_slots`` (``CLINISYNTH_GENERATOR_GENERATION_SLOTS``): generations sampling at once;
 more wait in the fair gate, one queue per tenant served round-robin (0, the default: no gate).
+``memorization_tries`` (``CLINISYNTH_GENERATOR_MEMORIZATION_TRIES``, default 3): samples per image
+under ``memorization=regenerate`` before a near-copy fails the request.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ def create(config: ServiceConfig) -> Callable[[grpc.Server, ServiceMetrics], Seq
                 refusals=metrics.quota_refusals,
             ),
             gate=FairGate(generation_slots(config)),
+            memorization_tries=config.get_int("memorization_tries", 3, minimum=1),
         )
         # an attribute on the function (mypy types functions without attributes): for tests
         register.generator = generator  # type: ignore[attr-defined]

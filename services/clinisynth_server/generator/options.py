@@ -13,6 +13,7 @@ from clinisynth_server.imaging.encode import (
     is_synthetic_patient_id,
 )
 from clinisynth_server.methods.schedulers import SAMPLERS
+from clinisynth_server.similarity.gate import check_policy
 from clinisynth_server.store.base import outside_service_namespaces
 
 GENERATIVE_KINDS = ("text_to_image", "class_conditional", "unconditional")
@@ -62,6 +63,8 @@ class GenerateOptions:
     request_id: str = ""
     # A [pacs.NAME] destination the images also go to, as one DICOM series ("" = none).
     to_pacs: str = ""
+    # Memorization gate policy: off | flag | regenerate | refuse ("" = the default, regenerate).
+    memorization: str = ""
 
 
 def validate(options: GenerateOptions, catalog: Catalog) -> tuple[ModelRecord, GenerateOptions]:
@@ -154,6 +157,11 @@ def validate(options: GenerateOptions, catalog: Catalog) -> tuple[ModelRecord, G
         errors.add("reward_filter.best_of_n", f"must be 0..{MAX_BEST_OF_N}, got {rf.best_of_n}")
     if rf.max_candidates < 0:
         errors.add("reward_filter.max_candidates", "must be >= 0")
+    memorization = ""
+    try:
+        memorization = check_policy(options.memorization)
+    except ValueError as exc:
+        errors.add("memorization", str(exc))
     errors.raise_if_any()
 
     seed = options.seed if options.seed is not None else random.SystemRandom().randrange(2**31)
@@ -168,4 +176,5 @@ def validate(options: GenerateOptions, catalog: Catalog) -> tuple[ModelRecord, G
         sampler=sampler,
         seed=seed,
         version=str(record.version),
+        memorization=memorization,
     )

@@ -13,7 +13,10 @@ Stages of one request:
   2. encode the prompt (text models): tokenizer here, CLIP text encoder in Triton;
   3. sample: per step one denoiser call in Triton; progress / previews / cancellation between;
   4. decode latents in Triton (latent models); map to [0, 1];
-  5. optionally score candidates with a reward model and keep those that pass;
+  5. optionally score candidates with a reward model and keep those that pass; then the
+     memorization gate (:mod:`~clinisynth_server.similarity.gate`): each image's nearest
+     training distance from the model's ``similarity`` component, flagged / resampled / refused
+     per the request's policy;
   6. encode (PNG / 16-bit PNG / DICOM / raw) with embedded provenance; optionally store.
 """
 
@@ -27,7 +30,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -45,7 +48,9 @@ from clinisynth_server.pacs.config import check_destination
 from clinisynth_server.pacs.outbox import Outbox, OutboxItem
 from clinisynth_server.runtime.metrics import GeneratorMetrics
 from clinisynth_server.runtime.quotas import FairGate, Quotas
+from clinisynth_server.similarity import gate as memorization
 from clinisynth_server.store.base import ArtifactStore, ObjectInfo
+from clinisynth_server.tenancy import Viewer, owner_metadata, refuse_foreign_prefix
 from clinisynth_server.triton.backends._base import batch_invariant
 from clinisynth_server.triton.backends._entry import model_parameters
 from clinisynth_server.triton.client import TritonClient
@@ -83,6 +88,8 @@ class GeneratedImage:
     provenance: Provenance
     reward: float | None = None
     stored: ObjectInfo | None = None
+    # The memorization gate's verdict (decision, distance, threshold); also in provenance.
+    memorization: memorization.Verdict | None = None
 
 
 @dataclass
@@ -97,8 +104,18 @@ class GenerateResult:
 
 Event = Progress | Preview | GeneratedImage
 EventSink = Callable[[Event], None]
-# Scores images [N, H, W(, C)] in [0, 1] for a condition; returns P(aligned) per image.
-RewardScorer = Callable[[np.ndarray, str, str, str], np.ndarray]
+
+
+class RewardScorer(Protocol):
+    """Scores images [N, H, W(, C)] in [0, 1] for a condition; returns P(aligned) per image.
+
+    ``catalog`` is the caller's view of the models: an unnamed reward model defaults to the one
+    the caller may see, never another tenant's private model.
+    """
+
+    def __call__(
+        self, images: np.ndarray, condition: str, model: str, version: str, *, catalog: Catalog
+    ) -> np.ndarray: ...
 
 
 def triton_eps_fn(
@@ -215,7 +232,10 @@ class Generator:
         outbox: Outbox | None = None,
         quotas: Quotas | None = None,
         gate: FairGate | None = None,
+        memorization_tries: int = memorization.DEFAULT_MAX_TRIES,
     ) -> None:
+        # Samples per image under memorization=regenerate before the request is refused.
+        self.memorization_tries = max(1, memorization_tries)
         self.outbox = outbox
         # Per-tenant limits, checked after validation; the fair gate then orders the sampling.
         self.quotas = quotas or Quotas(service="generator")
@@ -361,9 +381,21 @@ class Generator:
         cancel: CancelToken = NEVER,
         sink: EventSink | None = None,
         tenant: str = "",
+        admin: bool = False,
     ) -> GenerateResult:
-        """One request of ``tenant``: its quotas are held (and the fair gate passed) throughout."""
-        record, opts = validate(options, self.catalog)  # 1.
+        """One request of ``tenant``: its quotas are held (and the fair gate passed) throughout.
+
+        Models private to another tenant resolve as unknown (``admin``: every model); stored
+        outputs are recorded as ``tenant``'s.
+        """
+        catalog = self.catalog.seen_by(Viewer(tenant, admin))
+        record, opts = validate(options, catalog)  # 1.
+        if opts.reward.active and opts.reward.reward_model:  # another tenant's: unknown
+            catalog.get(
+                opts.reward.reward_model,
+                opts.reward.reward_version,
+                field_name="reward_filter.reward_model",
+            )
         if opts.to_pacs:
             check_destination(opts.to_pacs, self.outbox.destinations if self.outbox else {})
         request_id = opts.request_id or uuid.uuid4().hex
@@ -374,7 +406,7 @@ class Generator:
                 self.metrics.queue_depth.inc()
             try:
                 with self.gate.held(tenant, cancel.check):
-                    return self._generate(record, opts, cancel, sink, started)
+                    return self._generate(record, opts, cancel, sink, started, tenant, catalog)
             finally:
                 if self.metrics is not None:
                     self.metrics.queue_depth.dec()
@@ -386,10 +418,17 @@ class Generator:
         cancel: CancelToken,
         sink: EventSink | None,
         started: float,
+        tenant: str = "",
+        catalog: Catalog | None = None,
     ) -> GenerateResult:
-        pixels, seeds, rewards, candidates = self._sample_with_filter(record, opts, cancel, sink)
-        images = self._encode(record, opts, pixels, seeds, rewards)  # 6.
-        provenance_ref = self._store(opts, images) if opts.store_outputs else None
+        pixels, seeds, rewards, candidates = self._sample_with_filter(
+            record, opts, cancel, sink, catalog or self.catalog.seen_by(Viewer(tenant))
+        )
+        pixels, seeds, rewards, verdicts = self._memorization_gate(
+            record, opts, pixels, seeds, rewards, candidates, cancel, sink
+        )  # 5b.
+        images = self._encode(record, opts, pixels, seeds, rewards, verdicts)  # 6.
+        provenance_ref = self._store(opts, images, tenant) if opts.store_outputs else None
         pacs = self._to_pacs(record, opts, images) if opts.to_pacs else []
         if sink is not None:
             for image in images:
@@ -405,6 +444,7 @@ class Generator:
         opts: GenerateOptions,
         cancel: CancelToken,
         sink: EventSink | None,
+        catalog: Catalog,
     ) -> tuple[list[np.ndarray], list[int], list[float | None], int]:
         assert opts.seed is not None
         n = opts.num_images
@@ -434,7 +474,7 @@ class Generator:
                 total_steps=opts.steps,
             )
             scores = self.reward_scorer(
-                np.stack(imgs), condition, rf.reward_model, rf.reward_version
+                np.stack(imgs), condition, rf.reward_model, rf.reward_version, catalog=catalog
             )
             made += batch
             rounds += 1
@@ -449,6 +489,97 @@ class Generator:
         kept = kept[:n]
         return ([k[2] for k in kept], [k[1] for k in kept], [k[0] for k in kept], made)
 
+    def _memorization_gate(
+        self,
+        record: ModelRecord,
+        opts: GenerateOptions,
+        pixels: list[np.ndarray],
+        seeds: list[int],
+        rewards: list[float | None],
+        candidates: int,
+        cancel: CancelToken,
+        sink: EventSink | None,
+    ) -> tuple[list[np.ndarray], list[int], list[float | None], list[memorization.Verdict]]:
+        """Nearest training distance of each image (Triton ``similarity``), then the policy.
+
+        ``regenerate`` resamples a flagged image with the next seed no candidate used (so the
+        replacement is what a request with that seed gives), ``refuse`` fails the request.
+        """
+        policy = opts.memorization or memorization.DEFAULT_POLICY
+        n = len(pixels)
+        info = record.extra.get("similarity")
+        if policy == "off":
+            return pixels, seeds, rewards, [memorization.Verdict("off")] * n
+        if "similarity" not in record.components or not isinstance(info, dict):
+            self._count_memorization(record, ["no_index"] * n)
+            return pixels, seeds, rewards, [memorization.Verdict(memorization.NO_INDEX)] * n
+        pixels, seeds, rewards = list(pixels), list(seeds), list(rewards)
+        tries = [1] * n
+        checks: list[memorization.Check | None] = [None] * n
+        assert opts.seed is not None
+        next_seed = opts.seed + candidates
+        pending = list(range(n))
+        while pending:
+            found = self.nearest_training(record, [pixels[i] for i in pending])
+            again = []
+            for i, check in zip(pending, found, strict=True):
+                checks[i] = check
+                action = memorization.decide(policy, check, tries[i], self.memorization_tries)
+                if action == "refuse":
+                    self._count_memorization(record, ["refused"])
+                    raise memorization.refusal(policy, i, check, tries[i])
+                if action == "resample":
+                    again.append(i)
+            if not again:
+                break
+            fresh = list(range(next_seed, next_seed + len(again)))
+            next_seed += len(again)
+            redo = self.sample(record, opts, fresh, cancel=cancel, sink=sink)
+            for i, seed, img in zip(again, fresh, redo, strict=True):
+                pixels[i], seeds[i], rewards[i] = img, seed, None
+                tries[i] += 1
+            pending = again
+        digest, extractor = str(info.get("digest", "")), str(info.get("extractor", ""))
+        verdicts = []
+        for found_check, count in zip(checks, tries, strict=True):
+            assert found_check is not None
+            verdicts.append(memorization.verdict(policy, found_check, count, digest, extractor))
+        self._count_memorization(record, [v.decision for v in verdicts])
+        return pixels, seeds, rewards, verdicts
+
+    def _count_memorization(self, record: ModelRecord, decisions: list[str]) -> None:
+        if self.metrics is not None:
+            for decision in decisions:
+                label = decision.replace(" ", "_")
+                self.metrics.memorization.labels(record.name, label).inc()
+
+    def nearest_training(
+        self, record: ModelRecord, pixels: list[np.ndarray]
+    ) -> list[memorization.Check]:
+        """Each image's nearest training image in the model's index (Triton ``similarity``)."""
+        name = record.components["similarity"]
+        version = str(record.component_versions["similarity"])
+        threshold = float(record.extra["similarity"]["memorization_threshold"])
+        arr = np.stack([p[None] if p.ndim == 2 else np.transpose(p, (2, 0, 1)) for p in pixels])
+        out: list[memorization.Check] = []
+        for start in range(0, len(arr), MAX_TRITON_BATCH):
+            res = self.triton.infer(
+                name,
+                {"images": np.ascontiguousarray(arr[start : start + MAX_TRITON_BATCH], np.float32)},
+                ["pixel_distance", "pixel_index", "embedding_distance"],
+                version=version,
+            )
+            out += [
+                memorization.Check(float(d), threshold, int(r), float(e))
+                for d, r, e in zip(
+                    res["pixel_distance"].reshape(-1),
+                    res["pixel_index"].reshape(-1),
+                    res["embedding_distance"].reshape(-1),
+                    strict=True,
+                )
+            ]
+        return out
+
     def _encode(
         self,
         record: ModelRecord,
@@ -456,8 +587,10 @@ class Generator:
         pixels: list[np.ndarray],
         seeds: list[int],
         rewards: list[float | None],
+        verdicts: list[memorization.Verdict] | None = None,
     ) -> list[GeneratedImage]:
         replay = self.replay(record)
+        gate = verdicts or [memorization.Verdict("off")] * len(pixels)
         provenances = [
             Provenance(
                 model_name=record.name,
@@ -483,9 +616,10 @@ class Generator:
                         "kind": record.kind,
                     }.items()
                     if v
-                },
+                }
+                | verdict.provenance(),
             )
-            for seed, reward in zip(seeds, rewards, strict=True)
+            for seed, reward, verdict in zip(seeds, rewards, gate, strict=True)
         ]
         if opts.format == "dicom":
             blobs = self._dicom_series(record, opts, pixels, provenances)
@@ -498,9 +632,9 @@ class Generator:
                 for p, prov in zip(pixels, provenances, strict=True)
             ]
         return [
-            GeneratedImage(i, p, blob, opts.format, prov, reward)
-            for i, (p, blob, prov, reward) in enumerate(
-                zip(pixels, blobs, provenances, rewards, strict=True)
+            GeneratedImage(i, p, blob, opts.format, prov, reward, memorization=verdict)
+            for i, (p, blob, prov, reward, verdict) in enumerate(
+                zip(pixels, blobs, provenances, rewards, gate, strict=True)
             )
         ]
 
@@ -533,15 +667,22 @@ class Generator:
             )
         return self.outbox.enqueue(opts.to_pacs, opts.request_id, blobs)
 
-    def store_if_too_large(self, opts: GenerateOptions, result: GenerateResult) -> None:
+    def store_if_too_large(
+        self, opts: GenerateOptions, result: GenerateResult, tenant: str = ""
+    ) -> None:
         """A unary reply over ``INLINE_LIMIT`` is stored and answered with references instead."""
         size = sum(len(i.data) or i.pixels.nbytes for i in result.images)
         if size > INLINE_LIMIT and not opts.store_outputs:
-            result.provenance_ref = self._store(opts, result.images)
+            result.provenance_ref = self._store(opts, result.images, tenant)
 
-    def _store(self, opts: GenerateOptions, images: list[GeneratedImage]) -> ObjectInfo:
+    def _store(
+        self, opts: GenerateOptions, images: list[GeneratedImage], tenant: str = ""
+    ) -> ObjectInfo:
+        """Every stored output carries its tenant (object metadata): others read it as missing."""
         prefix = opts.output_prefix or time.strftime("outputs/%Y/%m/%d/") + opts.request_id
         prefix = prefix.rstrip("/") + "/"
+        refuse_foreign_prefix(self.store, prefix + "provenance.json", tenant, "output_prefix")
+        owner = owner_metadata(tenant)
         records = []
         for image in images:
             suffix = {"dicom": ".dcm", "raw": ".npy"}.get(image.format, ".png")
@@ -551,7 +692,7 @@ class Generator:
                 buf = io.BytesIO()
                 np.save(buf, image.pixels)
                 data = buf.getvalue()
-            image.stored = self.store.put_bytes(key, data)
+            image.stored = self.store.put_bytes(key, data, metadata=owner)
             records.append(
                 {
                     "key": key,
@@ -564,4 +705,5 @@ class Generator:
             prefix + "provenance.json",
             json.dumps(records, indent=2).encode(),
             content_type="application/json",
+            metadata=owner,
         )

@@ -14,6 +14,7 @@ from clinisynth_server.pacs.outbox import Outbox
 from clinisynth_server.runtime.auth import principal_of
 from clinisynth_server.runtime.streaming import cancel_token, stream_events
 from clinisynth_server.store.base import ArtifactStore
+from clinisynth_server.tenancy import viewer_of
 
 
 def options_from(req: generator_pb2.GenerateRequest) -> GenerateOptions:
@@ -50,6 +51,7 @@ def options_from(req: generator_pb2.GenerateRequest) -> GenerateOptions:
         ),
         request_id=req.request_id,
         to_pacs=req.to_pacs,
+        memorization=req.memorization,
     )
 
 
@@ -72,6 +74,15 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         )
         if image.reward is not None:
             msg.reward = image.reward
+        verdict = image.memorization
+        if verdict is not None:
+            msg.memorization.decision = verdict.decision
+            msg.memorization.tries = verdict.tries
+            msg.memorization.index_digest = verdict.index_digest
+            msg.memorization.extractor = verdict.extractor
+            if verdict.check is not None:
+                msg.memorization.distance = verdict.check.distance
+                msg.memorization.threshold = verdict.check.threshold
         if image.stored is not None:
             h, w = image.pixels.shape[:2]
             msg.image.CopyFrom(
@@ -90,9 +101,11 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
     def Generate(self, request, context):
         opts = options_from(request)
         token = cancel_token(context)
-        tenant = principal_of(context).tenant
-        result = self.generator.generate(opts, cancel=token, tenant=tenant)
-        self.generator.store_if_too_large(opts, result)
+        viewer = viewer_of(principal_of(context))
+        result = self.generator.generate(
+            opts, cancel=token, tenant=viewer.tenant, admin=viewer.admin
+        )
+        self.generator.store_if_too_large(opts, result, viewer.tenant)
         resp = generator_pb2.GenerateResponse(
             images=[self._image(i, inline=True) for i in result.images],
             request_id=result.request_id,
@@ -106,9 +119,11 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
     def GenerateStream(self, request, context) -> Iterator[generator_pb2.GenerateEvent]:
         opts = options_from(request)
         token = cancel_token(context)
-        tenant = principal_of(context).tenant
+        viewer = viewer_of(principal_of(context))
         for kind, item in stream_events(
-            lambda sink: self.generator.generate(opts, cancel=token, sink=sink, tenant=tenant),
+            lambda sink: self.generator.generate(
+                opts, cancel=token, sink=sink, tenant=viewer.tenant, admin=viewer.admin
+            ),
             token,
         ):
             if kind == "result":
@@ -159,7 +174,9 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         kind = protoconv.PROTO_TO_KIND.get(request.kind, "")
         if request.kind and not kind:
             raise InvalidArgument.for_field("kind", f"unknown model kind {request.kind}")
-        return protoconv.answer_list_models(self.catalog, request, kind=kind)
+        return protoconv.answer_list_models(
+            self.catalog, request, kind=kind, viewer=viewer_of(principal_of(context))
+        )
 
     def ListPacsOutbox(self, request, context):
         return protoconv.answer_list_pacs_outbox(self.outbox, request)

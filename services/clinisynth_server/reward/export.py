@@ -25,6 +25,13 @@ from clinisynth_server.store.base import (
     outside_service_namespaces,
     readable_key,
 )
+from clinisynth_server.tenancy import (
+    TENANT_FIELD,
+    Viewer,
+    owner_metadata,
+    refuse_foreign_prefix,
+    sees_object,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +71,19 @@ class FeedbackExport:
         self.clock = clock
 
     def export(
-        self, *, prefix: str = "", condition: Condition | None = None, aggregate: str = ""
+        self,
+        *,
+        prefix: str = "",
+        condition: Condition | None = None,
+        aggregate: str = "",
+        tenant: str = "",
+        admin: bool = False,
     ) -> ExportResult:
-        """Write ``<prefix>/labels.jsonl`` + ``images/`` + ``export.json`` ."""
+        """Write ``<prefix>/labels.jsonl`` + ``images/`` + ``export.json`` .
+
+        The export holds ``tenant``'s judgements (``admin``: every tenant's) and belongs to
+        ``tenant``: its manifest says so and every file it writes carries it.
+        """
         aggregate = aggregate or "all"
         errors = ValidationErrors()
         if aggregate not in _AGGREGATES:
@@ -82,9 +99,14 @@ class FeedbackExport:
             if prefix
             else time.strftime("exports/feedback/%Y%m%dT%H%M%S/", time.gmtime(self.clock()))
         )
+        refuse_foreign_prefix(self.store, base + EXPORT_MANIFEST, tenant, "prefix")
+        viewer = Viewer(tenant, admin)
+        owner = owner_metadata(tenant)
         self.feedback.refresh()
         records = [
-            r for r in self.feedback.records() if condition is None or r.condition == condition
+            r
+            for r in self.feedback.records()
+            if (condition is None or r.condition == condition) and viewer.sees(r.tenant)
         ]
         rows: list[dict[str, object]] = []
         images: dict[str, str] = {}  # store key → relative path in the export
@@ -140,12 +162,12 @@ class FeedbackExport:
                 except InvalidArgument as exc:
                     log.warning("export %s: image %s left out: %s", base, key, exc.message)
                     continue
-                self.store.put_bytes(base + rel, data)
+                self.store.put_bytes(base + rel, data, metadata=owner)
                 files.append(rel)
         rows = [row for row in rows if str(row["image"]) in files]
         labels = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows).encode()
         info = self.store.put_bytes(
-            base + "labels.jsonl", labels, content_type="application/x-ndjson"
+            base + "labels.jsonl", labels, content_type="application/x-ndjson", metadata=owner
         )
         listed = ["labels.jsonl", *files]
         manifest = {
@@ -157,8 +179,9 @@ class FeedbackExport:
             "rows": len(rows),
             "files": listed,
             "created": self.clock(),
+            TENANT_FIELD: tenant,
         }
-        self.store.put_bytes(base + EXPORT_MANIFEST, encode_json(manifest))
+        self.store.put_bytes(base + EXPORT_MANIFEST, encode_json(manifest), metadata=owner)
         return ExportResult(
             base,
             len(records),
@@ -169,8 +192,10 @@ class FeedbackExport:
             [*listed, EXPORT_MANIFEST],
         )
 
-    def export_files(self, prefix: str) -> list[str]:
+    def export_files(self, prefix: str, viewer: Viewer | None = None) -> list[str]:
         """Keys of an export written by :meth:`export` (refuses any other prefix).
+
+        Another tenant's export than ``viewer``'s is answered as a missing one.
 
         The prefix is caller-chosen and a manifest can be uploaded by a caller, so both the
         prefix and every file it lists must stay where exports are written: outside the
@@ -180,7 +205,8 @@ class FeedbackExport:
             raise InvalidArgument.for_field("prefix", "required")
         base = dir_prefix(outside_service_namespaces(prefix, "prefix"), "prefix")
         key = base + EXPORT_MANIFEST
-        if not self.store.exists(key):
+        visible = self.store.exists(key) if viewer is None else sees_object(self.store, key, viewer)
+        if not visible:
             raise InvalidArgument.for_field("prefix", f"no feedback export at {base!r}")
         manifest = self.store.get_json(key)
         files = manifest.get("files") if isinstance(manifest, dict) else None
@@ -199,10 +225,15 @@ class FeedbackExport:
         return keys
 
     def chunks(
-        self, prefix: str, *, chunk_size: int = CHUNK, cancel: CancelToken = NEVER
+        self,
+        prefix: str,
+        *,
+        chunk_size: int = CHUNK,
+        cancel: CancelToken = NEVER,
+        viewer: Viewer | None = None,
     ) -> Iterator[ExportChunk]:
         """Every file of the export at ``prefix``, in chunks of at most ``chunk_size`` bytes."""
-        keys = self.export_files(prefix)
+        keys = self.export_files(prefix, viewer)
         base = keys[-1][: -len(EXPORT_MANIFEST)]
         for key in keys:
             digest = hashlib.sha256()

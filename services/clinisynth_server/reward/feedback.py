@@ -10,6 +10,10 @@ Store layout (every object written once with ``put_if_absent``; nothing is ever 
 - ``review/items/<id>.json`` — review queue items; ``id`` is derived from (condition, image
   digest), so enqueuing the same image twice gives the same item.
 
+Records and items carry the ``tenant`` of the identity that made them (``tenancy``); the ids of
+a tenant's records and items also derive from it, so two tenants never share one. Records from
+before tenants existed have no ``tenant``: they belong to tenant ``""`` and keep their ids.
+
 The index is rebuilt from the store at start and refreshed incrementally (only unseen keys are
 read), so several service replicas over one store converge. Derived indexes (the review queue's
 order, agreement) ``subscribe`` and see every record and item exactly as the index does: the ones
@@ -30,19 +34,22 @@ from typing import Any, TypeVar
 from clinisynth_server.errors import InvalidArgument
 from clinisynth_server.reward.scoring import Condition
 from clinisynth_server.store.base import ArtifactStore, encode_json
+from clinisynth_server.tenancy import Viewer
 
 log = logging.getLogger(__name__)
 RECORDS_PREFIX = "feedback/records/"
 ITEMS_PREFIX = "review/items/"
 
 
-def feedback_id(rater_id: str, client_request_id: str) -> str:
-    h = hashlib.sha256(f"{rater_id}\0{client_request_id}".encode()).hexdigest()
+def feedback_id(rater_id: str, client_request_id: str, tenant: str = "") -> str:
+    seed = f"{rater_id}\0{client_request_id}" + (f"\0{tenant}" if tenant else "")
+    h = hashlib.sha256(seed.encode()).hexdigest()
     return f"fb-{h[:32]}"
 
 
-def item_id(condition: Condition, sha256: str) -> str:
-    h = hashlib.sha256(f"{condition.key}\0{sha256}".encode()).hexdigest()
+def item_id(condition: Condition, sha256: str, tenant: str = "") -> str:
+    seed = f"{condition.key}\0{sha256}" + (f"\0{tenant}" if tenant else "")
+    h = hashlib.sha256(seed.encode()).hexdigest()
     return f"ri-{h[:24]}"
 
 
@@ -62,6 +69,7 @@ class FeedbackRecord:
     time_spent_ms: int = 0
     generator: str = ""  # "name@version"
     created: float = 0.0
+    tenant: str = ""  # the owner (tenancy)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -95,6 +103,7 @@ class ReviewItem:
     # Score given at enqueue time (the service keeps fresher scores in memory).
     p_aligned: float | None = None
     scored_by: str = ""
+    tenant: str = ""  # the owner (tenancy)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -248,7 +257,8 @@ class FeedbackStore:
         with self._lock:
             return self._records.get(record_id)
 
-    def item(self, item_id_: str, *, field: str) -> ReviewItem:
+    def item(self, item_id_: str, *, field: str, viewer: Viewer | None = None) -> ReviewItem:
+        """The review item; another tenant's than ``viewer``'s is unknown, as a missing one."""
         with self._lock:
             found = self._items.get(item_id_)
         if found is None:
@@ -259,6 +269,6 @@ class FeedbackStore:
                     self._items[found.id] = found
                     self._seen.add(key)
                 self._notify(found)
-        if found is None:
+        if found is None or (viewer is not None and not viewer.sees(found.tenant)):
             raise InvalidArgument.for_field(field, f"unknown review item {item_id_!r}")
         return found

@@ -23,6 +23,7 @@ from clinisynth_server.imaging import decode as imdecode
 from clinisynth_server.imaging import deid
 from clinisynth_server.imaging.encode import encode_png
 from clinisynth_server.store.base import ArtifactStore, readable_key
+from clinisynth_server.tenancy import Viewer, sees_object
 
 IMAGES_PREFIX = "feedback/images/"
 SUFFIXES = {"png": ".png", "jpeg": ".jpg", "dicom": ".dcm"}
@@ -38,6 +39,8 @@ class ImageInput:
     shape: tuple[int, ...] = ()
     dtype: str = ""
     key: str = ""
+    # Who reads a ``ref``: another tenant's stored object reads as a missing one (tenancy).
+    viewer: Viewer | None = None
 
     @property
     def nbytes(self) -> int:
@@ -99,7 +102,7 @@ def decode(
     if image.kind == "none":
         raise InvalidArgument.for_field(field, "no image data (set encoded, dicom, raw or ref)")
     if image.kind == "ref":
-        data = read_ref(image.key, field=f"{field}.ref.key", store=store)
+        data = read_ref(image.key, field=f"{field}.ref.key", store=store, viewer=image.viewer)
         return imdecode.decode_image(data, field=f"{field}.ref", channels=ch, budget=budget)
     check_size(image, f"{field}.{image.kind}", max_bytes)
     if image.kind == "raw":
@@ -122,9 +125,13 @@ def decode(
     )
 
 
-def read_ref(key: str, *, field: str, store: ArtifactStore) -> bytes:
+def _visible(store: ArtifactStore, key: str, viewer: Viewer | None) -> bool:
+    return store.exists(key) if viewer is None else sees_object(store, key, viewer)
+
+
+def read_ref(key: str, *, field: str, store: ArtifactStore, viewer: Viewer | None = None) -> bytes:
     readable_key(key, field)  # before any store call: a refused key is never read
-    if not store.exists(key):
+    if not _visible(store, key, viewer):
         raise InvalidArgument.for_field(field, f"unknown image reference: no stored object {key!r}")
     return store.get_bytes(key)
 
@@ -146,9 +153,11 @@ def store_upload(store: ArtifactStore, data: bytes, suffix: str) -> StoredImage:
     return StoredImage(key, sha, len(data))
 
 
-def stored_ref(store: ArtifactStore, key: str, field: str) -> StoredImage:
+def stored_ref(
+    store: ArtifactStore, key: str, field: str, viewer: Viewer | None = None
+) -> StoredImage:
     readable_key(key, field)  # before any store call: a refused key is never read
-    if not store.exists(key):
+    if not _visible(store, key, viewer):
         raise InvalidArgument.for_field(field, f"unknown image reference: no stored object {key!r}")
     info = store.stat(key)
     return StoredImage(key, info.sha256 or "", info.size)

@@ -27,6 +27,7 @@ from clinisynth_server.reward.feedback import (
 from clinisynth_server.reward.scoring import Condition
 from clinisynth_server.runtime.metrics import RewardMetrics
 from clinisynth_server.store.base import ArtifactStore
+from clinisynth_server.tenancy import Viewer
 
 MAX_COMMENT_CHARS = 4000
 MAX_REQUEST_ID_CHARS = 200
@@ -44,6 +45,9 @@ class FeedbackDraft:
     comment: str = ""
     time_spent_ms: int = 0
     generator: str = ""
+    # The judging identity's tenant: the record's owner; ``admin`` may judge any tenant's item.
+    tenant: str = ""
+    admin: bool = False
 
 
 class FeedbackLog:
@@ -75,7 +79,8 @@ class FeedbackLog:
             errors.add("feedback.client_request_id", f"required, 1..{MAX_REQUEST_ID_CHARS} chars")
         self.rules.check_rater(draft.rater_id, errors, "feedback.rater_id")
         errors.raise_if_any()
-        fid = feedback_id(draft.rater_id, crid)
+        fid = feedback_id(draft.rater_id, crid, draft.tenant)
+        viewer = Viewer(draft.tenant, draft.admin)
         stored = self.feedback.record(fid)
         if stored is not None:  # a retry: answer from the index, write nothing
             return stored, True
@@ -87,7 +92,7 @@ class FeedbackLog:
             errors.add("feedback.image", "send item_id or image, not both")
         elif draft.item_id:
             try:
-                item = self.feedback.item(draft.item_id, field="feedback.item_id")
+                item = self.feedback.item(draft.item_id, field="feedback.item_id", viewer=viewer)
                 if condition is not None and condition != item.condition:
                     errors.add("feedback.condition", "differs from the review item's condition")
                 condition = item.condition
@@ -138,7 +143,9 @@ class FeedbackLog:
         if item is not None:
             stored_image = imgs.StoredImage(item.image_key, item.image_sha256, item.image_size)
         elif image is not None and image.kind == "ref":
-            stored_image = imgs.stored_ref(self.store, image.key, "feedback.image.ref.key")
+            stored_image = imgs.stored_ref(
+                self.store, image.key, "feedback.image.ref.key", image.viewer
+            )
         else:
             assert image is not None and pixels is not None
             data, suffix = imgs.encoded_bytes(image, pixels)
@@ -158,6 +165,7 @@ class FeedbackLog:
             time_spent_ms=int(draft.time_spent_ms),
             generator=draft.generator or (item.generator if item is not None else ""),
             created=self.clock(),
+            tenant=draft.tenant,
         )
         stored, duplicate = self.feedback.add(record)
         if not duplicate and self.metrics is not None:
@@ -173,7 +181,9 @@ class FeedbackLog:
         rater_id: str = "",
         page_size: int = 0,
         page_token: str = "",
+        viewer: Viewer | None = None,
     ) -> tuple[list[FeedbackRecord], str, int]:
+        """A page of judgements (``viewer``: only its tenant's; none / an admin: all)."""
         if page_size < 0:
             raise InvalidArgument.for_field("page_size", "must be >= 0")
         after: tuple[float, str] | None = None
@@ -189,6 +199,7 @@ class FeedbackLog:
             for r in self.feedback.records()
             if (condition is None or r.condition == condition)
             and (not rater_id or r.rater_id == rater_id)
+            and (viewer is None or viewer.sees(r.tenant))
         ]
         total = len(rows)
         if after is not None:

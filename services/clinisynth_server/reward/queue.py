@@ -32,6 +32,7 @@ from clinisynth_server.reward import images as imgs
 from clinisynth_server.reward.feedback import FeedbackRecord, FeedbackStore, ReviewItem, item_id
 from clinisynth_server.reward.scoring import Condition
 from clinisynth_server.store.base import ArtifactStore
+from clinisynth_server.tenancy import Viewer
 
 MAX_RATERS_PER_ITEM = 20
 MAX_ENQUEUE = 256
@@ -133,6 +134,8 @@ class QueueIndex:
         self._entry: dict[str, _Entry] = {}
         # condition → (model ref, open item ids not yet scored by it), built on first use.
         self._stale: dict[Condition, tuple[str, dict[str, None]]] = {}
+        # (tenant, condition) → open items: a tenant's pending count without a scan.
+        self._open_count: dict[tuple[str, Condition], int] = {}
 
     # -- writes -------------------------------------------------------------------------------
     def add_item(self, item: ReviewItem) -> None:
@@ -173,8 +176,10 @@ class QueueIndex:
             return  # a judgement of an item not loaded yet: placed when the item comes
         lane = self._open[item.condition]
         old = self._entry.pop(item_id_, None)
+        count = (item.tenant, item.condition)
         if old is not None:
             del lane[bisect.bisect_left(lane, old)]
+            self._open_count[count] -= 1
         votes = self._votes.get(item_id_, {})
         stale = self._stale.get(item.condition)
         if len(votes) >= item.raters_per_item:
@@ -184,6 +189,7 @@ class QueueIndex:
         entry = (self.strategy.key(self._view(item)), item.created, item.id)
         bisect.insort(lane, entry)
         self._entry[item_id_] = entry
+        self._open_count[count] = self._open_count.get(count, 0) + 1
         if stale is not None and self._scores.get(item_id_, ("",))[0] != stale[0]:
             stale[1][item_id_] = None
 
@@ -211,8 +217,15 @@ class QueueIndex:
         with self._lock:
             return [c for c, lane in self._open.items() if lane and condition in (None, c)]
 
-    def next(self, rater_id: str, condition: Condition | None, limit: int) -> list[QueuedItem]:
-        """The first ``limit`` open items in strategy order the rater has not judged."""
+    def next(
+        self,
+        rater_id: str,
+        condition: Condition | None,
+        limit: int,
+        viewer: Viewer | None = None,
+    ) -> list[QueuedItem]:
+        """The first ``limit`` open items in strategy order the rater has not judged (of
+        ``viewer``'s tenant; none / an admin: every tenant's)."""
         with self._lock:
             lanes = [lane for c, lane in self._open.items() if condition in (None, c)]
             ordered: Iterator[_Entry] = (
@@ -222,17 +235,29 @@ class QueueIndex:
             for _, _, iid in ordered:
                 if rater_id in self._votes.get(iid, {}):
                     continue
+                if viewer is not None and not viewer.sees(self._items[iid].tenant):
+                    continue
                 out.append(self.queued(self._items[iid]))
                 if len(out) >= limit:
                     break
             return out
 
-    def pending(self, condition: Condition | None = None) -> int:
+    def pending(self, condition: Condition | None = None, viewer: Viewer | None = None) -> int:
+        """Open items (of ``condition``; of ``viewer``'s tenant unless none or an admin)."""
         with self._lock:
+            if viewer is not None and not viewer.admin:
+                return sum(
+                    n
+                    for (t, c), n in self._open_count.items()
+                    if t == viewer.tenant and condition in (None, c)
+                )
             return sum(len(lane) for c, lane in self._open.items() if condition in (None, c))
 
-    def pending_by_condition(self) -> dict[Condition, int]:
+    def pending_by_condition(self, viewer: Viewer | None = None) -> dict[Condition, int]:
+        """Open items per condition (of ``viewer``'s tenant unless none or an admin)."""
         with self._lock:
+            if viewer is not None and not viewer.admin:
+                return {c: n for (t, c), n in self._open_count.items() if t == viewer.tenant}
             return {c: len(lane) for c, lane in self._open.items()}
 
     def stale(self, condition: Condition, ref: str, limit: int) -> list[ReviewItem]:
@@ -305,11 +330,13 @@ class ReviewQueue:
         raters_per_item: int,
         generator: str,
         shrink: Callable[[Condition, np.ndarray], np.ndarray] | None = None,
+        tenant: str = "",
     ) -> tuple[list[ReviewItem], list[np.ndarray]]:
         """Validate, de-identify and store the images as items; returns items and pixels.
 
         ``shrink`` (the scorer's model-size input for the condition) is applied to each image
-        as soon as it is decoded, so a request holds one full-size image at a time.
+        as soon as it is decoded, so a request holds one full-size image at a time. The items
+        belong to ``tenant`` (their ids derive from it: tenants never share an item).
         """
         errors = ValidationErrors()
         if not 1 <= len(images) <= MAX_ENQUEUE:
@@ -359,11 +386,13 @@ class ReviewQueue:
         ):
             assert cond is not None
             if upload is None:
-                stored = imgs.stored_ref(self.store, clean.key, f"images[{i}].image.ref.key")
+                stored = imgs.stored_ref(
+                    self.store, clean.key, f"images[{i}].image.ref.key", clean.viewer
+                )
             else:
                 stored = imgs.store_upload(self.store, *upload)
             item = ReviewItem(
-                id=item_id(cond, stored.sha256),
+                id=item_id(cond, stored.sha256, tenant),
                 condition=cond,
                 image_key=stored.key,
                 image_sha256=stored.sha256,
@@ -372,17 +401,22 @@ class ReviewQueue:
                 generator=generator,
                 name=im.name,
                 created=now + i * 1e-6,
+                tenant=tenant,
             )
             out.append(self.feedback.add_item(item))
         return out, arrays
 
     def next_items(
-        self, rater_id: str, *, condition: Condition | None, limit: int
+        self,
+        rater_id: str,
+        *,
+        condition: Condition | None,
+        limit: int,
+        viewer: Viewer | None = None,
     ) -> tuple[list[QueuedItem], int]:
-        return self.index.next(rater_id, condition, limit or DEFAULT_LIMIT), self.index.pending(
-            condition
-        )
+        items = self.index.next(rater_id, condition, limit or DEFAULT_LIMIT, viewer)
+        return items, self.index.pending(condition, viewer)
 
-    def item_png(self, item_id_: str) -> bytes:
-        item = self.feedback.item(item_id_, field="item_id")
+    def item_png(self, item_id_: str, viewer: Viewer | None = None) -> bytes:
+        item = self.feedback.item(item_id_, field="item_id", viewer=viewer)
         return imgs.display_png(self.store.get_bytes(item.image_key))

@@ -74,7 +74,10 @@ from clinisynth_server.reward.scoring import (
     resolve_model,
 )
 from clinisynth_server.runtime.metrics import RewardMetrics
+from clinisynth_server.similarity import guard
+from clinisynth_server.similarity.guard import DomainCheck, DomainGuard
 from clinisynth_server.store.base import ArtifactStore, dir_prefix, outside_service_namespaces
+from clinisynth_server.tenancy import Viewer, sees_object
 from clinisynth_server.triton.client import TritonClient
 
 log = logging.getLogger(__name__)
@@ -115,6 +118,8 @@ class ScoreOptions:
     names: Sequence[str] = ()
     generator: str = ""
     resize: bool = False
+    viewer: Viewer | None = None  # the caller: another tenant's private models are unknown
+    domain_guard: str = ""  # "refuse" | "warn" ("" = refuse): similarity/guard.py
 
 
 @dataclass(frozen=True)
@@ -130,6 +135,7 @@ class ImageScore:
     p_aligned: float
     model: ModelRecord
     name: str = ""
+    domain: DomainCheck | None = None  # the out-of-domain guard's verdict
 
 
 @dataclass(frozen=True)
@@ -147,6 +153,8 @@ class StreamConfig:
     generator: str = ""
     resize: bool = False
     batch_size: int = 0
+    viewer: Viewer | None = None  # the caller: another tenant's private models are unknown
+    domain_guard: str = ""  # as ScoreOptions.domain_guard
 
 
 @dataclass(frozen=True)
@@ -231,10 +239,13 @@ class Reward:
         self.clock = clock
         self.refresh_interval_s = refresh_interval_s
         self.scorer = Scorer(catalog, triton)
+        self.guard = DomainGuard(triton)  # inputs against the reward model's training images
         self.feedback = FeedbackStore(store)
         strategy = strategy_named(review_order) if isinstance(review_order, str) else review_order
         self.index = QueueIndex(strategy)
         self.agreements = agr.AgreementIndex()
+        # The same per tenant: a tenant's agreement report counts only its own judgements.
+        self._tenant_agreements: dict[str, agr.AgreementIndex] = {}
         self._conditions: dict[str, Condition] = {}  # condition key → condition, for reports
         self._lock = threading.Lock()
         self.feedback.subscribe(self._on_record, self.index.add_item)
@@ -267,15 +278,18 @@ class Reward:
         self.index.add_record(record)
         with self._lock:
             self._conditions.setdefault(record.condition.key, record.condition)
-        self.agreements.add(
-            record.id,
-            scope=record.condition.key,
-            group=record.image_group,
-            rater=record.rater_id,
-            plausible=record.plausible,
-            created=record.created,
-            time_spent_ms=record.time_spent_ms,
-        )
+        with self._lock:
+            own = self._tenant_agreements.setdefault(record.tenant, agr.AgreementIndex())
+        for index in (self.agreements, own):
+            index.add(
+                record.id,
+                scope=record.condition.key,
+                group=record.image_group,
+                rater=record.rater_id,
+                plausible=record.plausible,
+                created=record.created,
+                time_spent_ms=record.time_spent_ms,
+            )
 
     # -- conditions -----------------------------------------------------------------------------
     @property
@@ -301,9 +315,10 @@ class Reward:
             errors.add("images", f"send 1..{MAX_SCORE_IMAGES} images, got {n} (use ScoreStream)")
         if opts.conditions and len(opts.conditions) != n:
             errors.add("conditions", f"{len(opts.conditions)} conditions for {n} images")
+        policy = guard.check_policy(opts.domain_guard, "domain_guard")
         errors.raise_if_any()
         conditions = [(opts.conditions[i] if opts.conditions else opts.condition) for i in range(n)]
-        record = self._resolve(opts.model, opts.version, conditions[0])
+        record = self._resolve(opts.model, opts.version, conditions[0], opts.viewer)
         for i, cond in enumerate(conditions):
             where = f"conditions[{i}]" if opts.conditions else "condition"
             try:
@@ -315,11 +330,18 @@ class Reward:
         images: Sequence[imgs.ImageInput] = opts.images
         if any(isinstance(image, PacsImage) for image in images):
             errors.raise_if_any()  # a request already refused fetches nothing
-            images = self._fetch_pacs(images, errors, "images")
+            images = self._fetch_pacs(images, errors, "images", cancel=cancel)
             errors.raise_if_any()
         pixels = self._decode_all(images, record, errors, "images", resize=opts.resize)
         errors.raise_if_any()
         cancel.check()
+        domain = self.guard.check(
+            record,
+            pixels,
+            policy=policy,
+            fields=[f"images[{i}]" for i in range(n)],
+            timeout_s=cancel.remaining(),
+        )
         p = self.scorer.score(
             record,
             pixels,
@@ -330,7 +352,7 @@ class Reward:
         names = list(opts.names) + [""] * (n - len(opts.names))
         return ScoreResult(
             record,
-            [ImageScore(i, float(p[i]), record, names[i]) for i in range(n)],
+            [ImageScore(i, float(p[i]), record, names[i], domain[i]) for i in range(n)],
         )
 
     def _fetch_pacs(
@@ -339,9 +361,12 @@ class Reward:
         errors: ValidationErrors,
         field_name: str,
         offset: int = 0,
+        *,
+        cancel: CancelToken = NEVER,
     ) -> list[imgs.ImageInput]:
         """PACS references replaced by their fetched, de-identified DICOM (bad references
-        collected in ``errors``; NOT_FOUND / UNAVAILABLE raised at once)."""
+        collected in ``errors``; NOT_FOUND / UNAVAILABLE / DEADLINE_EXCEEDED raised at once);
+        each fetch is capped by what is left of the call's deadline."""
         out: list[imgs.ImageInput] = []
         for i, image in enumerate(images):
             if not isinstance(image, PacsImage) or image.ref is None:
@@ -352,6 +377,7 @@ class Reward:
                     image.ref,
                     field=f"{field_name}[{offset + i}].pacs",
                     max_bytes=self.max_upload_bytes,
+                    timeout_s=cancel.remaining(),
                 )
             except InvalidArgument as exc:
                 errors.violations.extend(exc.violations)
@@ -360,12 +386,14 @@ class Reward:
             out.append(imgs.ImageInput("dicom", data=fetched.data))
         return out
 
-    def _resolve(self, model: str, version: str, condition: Condition | None) -> ModelRecord:
+    def _resolve(
+        self, model: str, version: str, condition: Condition | None, viewer: Viewer | None = None
+    ) -> ModelRecord:
         if not model and condition is None:
             raise InvalidArgument.for_field(
                 "condition", "required (a class_name or a prompt) to pick the reward model"
             )
-        return resolve_model(self.catalog, model, version, condition)
+        return resolve_model(self.catalog.seen_by(viewer), model, version, condition)
 
     def _decode_all(
         self,
@@ -408,8 +436,12 @@ class Reward:
                 float(value)
             )
 
-    def stream_images_under(self, prefix: str, condition: Condition | None) -> list[StreamImage]:
-        """Every image under a store prefix; sub-folder = class when no condition is set."""
+    def stream_images_under(
+        self, prefix: str, condition: Condition | None, viewer: Viewer | None = None
+    ) -> list[StreamImage]:
+        """Every image under a store prefix; sub-folder = class when no condition is set.
+
+        With a ``viewer``, only the images it may read (its tenant's) are listed."""
         base = dir_prefix(
             outside_service_namespaces(prefix, "config.store_prefix"), "config.store_prefix"
         )
@@ -417,11 +449,14 @@ class Reward:
         for info in self.store.list(base):
             if not info.key.lower().endswith(imgs.IMAGE_KEY_SUFFIXES):
                 continue
+            if viewer is not None and not sees_object(self.store, info.key, viewer):
+                continue
             cond = condition
             rel = info.key[len(base) :]
             if cond is None and "/" in rel:
                 cond = Condition(class_name=rel.split("/", 1)[0])
-            out.append(StreamImage(info.key, imgs.ImageInput("ref", key=info.key), cond))
+            ref = imgs.ImageInput("ref", key=info.key, viewer=viewer)
+            out.append(StreamImage(info.key, ref, cond))
         if not out:
             raise InvalidArgument.for_field(
                 "config.store_prefix", f"no PNG / JPEG / DICOM images under {base!r}"
@@ -443,6 +478,7 @@ class Reward:
                 "config.batch_size", f"must be 0..{MAX_STREAM_BATCH}, got {config.batch_size}"
             )
         size = config.batch_size or DEFAULT_STREAM_BATCH
+        policy = guard.check_policy(config.domain_guard, "config.domain_guard")
         record: ModelRecord | None = None
         scored, reward_sum, index = 0, 0.0, 0
         batch: list[StreamImage] = []
@@ -452,7 +488,7 @@ class Reward:
             cancel.check()
             conds = [b.condition or config.condition for b in batch]
             if record is None:
-                record = self._resolve(config.model, config.version, conds[0])
+                record = self._resolve(config.model, config.version, conds[0], config.viewer)
             errors = ValidationErrors()
             checked = [c or Condition() for c in conds]  # scored as checked
             for i, cond in enumerate(checked):
@@ -460,16 +496,25 @@ class Reward:
                     check_condition(record, cond, f"images[{index + i}].condition")
                 except InvalidArgument as exc:
                     errors.violations.extend(exc.violations)
-            fetched = self._fetch_pacs([b.image for b in batch], errors, "images", index)
+            fetched = self._fetch_pacs(
+                [b.image for b in batch], errors, "images", index, cancel=cancel
+            )
             errors.raise_if_any()
             pixels = self._decode_all(
                 fetched, record, errors, "images", index, resize=config.resize
             )
             errors.raise_if_any()
+            domain = self.guard.check(
+                record,
+                pixels,
+                policy=policy,
+                fields=[f"images[{index + i}]" for i in range(len(batch))],
+                timeout_s=cancel.remaining(),
+            )
             p = self.scorer.score(record, pixels, checked, timeout_s=cancel.remaining())
             self._observe(record, p, conds, config.generator)
             for i, item in enumerate(batch):
-                emit(ImageScore(index + i, float(p[i]), record, item.name))
+                emit(ImageScore(index + i, float(p[i]), record, item.name, domain[i]))
             scored += len(batch)
             reward_sum += float(p.sum())
             index += len(batch)
@@ -497,24 +542,39 @@ class Reward:
         rater_id: str = "",
         page_size: int = 0,
         page_token: str = "",
+        viewer: Viewer | None = None,
     ) -> tuple[list[FeedbackRecord], str, int]:
         return self.log.list_feedback(
-            condition=condition, rater_id=rater_id, page_size=page_size, page_token=page_token
+            condition=condition,
+            rater_id=rater_id,
+            page_size=page_size,
+            page_token=page_token,
+            viewer=viewer,
         )
 
     # -- export ---------------------------------------------------------------------------------
     def export(
-        self, *, prefix: str = "", condition: Condition | None = None, aggregate: str = ""
+        self,
+        *,
+        prefix: str = "",
+        condition: Condition | None = None,
+        aggregate: str = "",
+        tenant: str = "",
+        admin: bool = False,
     ) -> ExportResult:
-        """Write ``<prefix>/labels.jsonl`` + ``images/`` + ``export.json`` ."""
-        return self.exports.export(prefix=prefix, condition=condition, aggregate=aggregate)
+        """Write ``<prefix>/labels.jsonl`` + ``images/`` + ``export.json`` (``tenant``'s)."""
+        return self.exports.export(
+            prefix=prefix, condition=condition, aggregate=aggregate, tenant=tenant, admin=admin
+        )
 
-    def export_files(self, prefix: str) -> list[str]:
-        return self.exports.export_files(prefix)
+    def export_files(self, prefix: str, viewer: Viewer | None = None) -> list[str]:
+        return self.exports.export_files(prefix, viewer)
 
-    def export_chunks(self, prefix: str, *, cancel: CancelToken = NEVER) -> Iterator[ExportChunk]:
+    def export_chunks(
+        self, prefix: str, *, cancel: CancelToken = NEVER, viewer: Viewer | None = None
+    ) -> Iterator[ExportChunk]:
         """The files of an export as chunks (what DownloadExport streams)."""
-        return self.exports.chunks(prefix, cancel=cancel)
+        return self.exports.chunks(prefix, cancel=cancel, viewer=viewer)
 
     # -- review queue ---------------------------------------------------------------------------
     def enqueue(
@@ -524,7 +584,11 @@ class Reward:
         condition: Condition | None,
         raters_per_item: int = 0,
         generator: str = "",
+        tenant: str = "",
+        admin: bool = False,
     ) -> list[QueuedItem]:
+        """Queue images for review as ``tenant``'s items (scored with the models it sees)."""
+        catalog = self.catalog.seen_by(Viewer(tenant, admin))
         for i, im in enumerate(images):
             _not_by_pacs(im.image, f"images[{i}].image")
         models: dict[Condition, ModelRecord | None] = {}
@@ -533,7 +597,7 @@ class Reward:
             """The default model's input for ``arr`` (empty when none), made at decode time."""
             if cond not in models:
                 try:
-                    models[cond] = resolve_model(self.catalog, "", "", cond)
+                    models[cond] = resolve_model(catalog, "", "", cond)
                 except ClinisynthError:
                     models[cond] = None  # no reward model yet (or the catalog is down)
             record = models[cond]
@@ -552,6 +616,7 @@ class Reward:
             raters_per_item=raters_per_item,
             generator=generator,
             shrink=shrink,
+            tenant=tenant,
         )
         prefit = {
             it.id: (record.ref, x)
@@ -573,12 +638,12 @@ class Reward:
         are decoded from the store and fitted one at a time, so memory holds one full-size
         image plus the model-size batch, however many items are pending.
         """
-        by_cond: dict[Condition, list[ReviewItem]] = {}
-        for it in items:
-            by_cond.setdefault(it.condition, []).append(it)
-        for cond, group in by_cond.items():
+        by_cond: dict[tuple[Condition, str], list[ReviewItem]] = {}
+        for it in items:  # an item is scored with a model its tenant sees
+            by_cond.setdefault((it.condition, it.tenant), []).append(it)
+        for (cond, tenant), group in by_cond.items():
             try:
-                record = resolve_model(self.catalog, "", "", cond)
+                record = resolve_model(self.catalog.seen_by(Viewer(tenant)), "", "", cond)
             except InvalidArgument:
                 continue  # no reward model for this condition yet: FIFO order
             ref = record.ref
@@ -612,9 +677,15 @@ class Reward:
                     self._active_scores[it.id] = (ref, float(value))
 
     def next_items(
-        self, rater_id: str, *, condition: Condition | None = None, limit: int = 0
+        self,
+        rater_id: str,
+        *,
+        condition: Condition | None = None,
+        limit: int = 0,
+        viewer: Viewer | None = None,
     ) -> tuple[list[QueuedItem], int]:
-        """In the queue's strategy order, never one the rater judged, never a full item."""
+        """In the queue's strategy order, never one the rater judged, never a full item; with a
+        ``viewer``, only its tenant's items (an admin: all)."""
         errors = ValidationErrors()
         self.rules.check_rater(rater_id, errors, "rater_id")
         if condition is not None:
@@ -626,38 +697,48 @@ class Reward:
         stale: list[ReviewItem] = []
         for cond in self.index.conditions(condition):
             try:
-                ref = resolve_model(self.catalog, "", "", cond).ref
+                ref = resolve_model(self.catalog.seen_by(viewer), "", "", cond).ref
             except InvalidArgument:
                 continue  # no reward model for this condition yet: FIFO order
-            stale.extend(self.index.stale(cond, ref, MAX_ACTIVE_SCORING))
+            stale.extend(
+                it
+                for it in self.index.stale(cond, ref, MAX_ACTIVE_SCORING)
+                if viewer is None or viewer.sees(it.tenant)
+            )
         if stale:
             self._score_items(stale)
-        out = self.queue.next_items(rater_id, condition=condition, limit=limit)
+        out = self.queue.next_items(rater_id, condition=condition, limit=limit, viewer=viewer)
         self._update_gauges(force=True)
         return out
 
-    def item_png(self, item_id_: str) -> bytes:
-        return self.queue.item_png(item_id_)
+    def item_png(self, item_id_: str, viewer: Viewer | None = None) -> bytes:
+        return self.queue.item_png(item_id_, viewer)
 
-    def pending_by_condition(self) -> dict[Condition, int]:
-        return self.index.pending_by_condition()
+    def pending_by_condition(self, viewer: Viewer | None = None) -> dict[Condition, int]:
+        return self.index.pending_by_condition(viewer)
 
     # -- agreement ------------------------------------------------------------------------------
-    def agreement(self, condition: Condition | None = None) -> AgreementReport:
+    def agreement(
+        self, condition: Condition | None = None, viewer: Viewer | None = None
+    ) -> AgreementReport:
+        """Agreement over the judgements ``viewer`` sees (its tenant's; none / an admin: all)."""
         self.feedback.refresh_soon(self.refresh_interval_s)
         with self._lock:
             known = dict(self._conditions)
+            agreements = self.agreements
+            if viewer is not None and not viewer.admin:
+                agreements = self._tenant_agreements.get(viewer.tenant, agr.AgreementIndex())
         if condition is not None:
             scopes = [condition.key]
             known.setdefault(condition.key, condition)
         else:
-            scopes = self.agreements.scopes()
-        conds = [ConditionAgreement(known[k], self.agreements.agreement(k)) for k in scopes]
-        if self.metrics is not None:
+            scopes = agreements.scopes()
+        conds = [ConditionAgreement(known[k], agreements.agreement(k)) for k in scopes]
+        if self.metrics is not None and agreements is self.agreements:  # the gauge is global
             for ca in conds:
                 if not math.isnan(ca.agreement.kappa):
                     self.metrics.agreement.labels(ca.condition.label).set(ca.agreement.kappa)
-        raters = self.agreements.rater_stats(condition.key if condition is not None else None)
+        raters = agreements.rater_stats(condition.key if condition is not None else None)
         return AgreementReport(conds, raters)
 
     # -- gauges -------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from clinisynth_server.runtime.auth import principal_of
 from clinisynth_server.runtime.roles import bind_rater
 from clinisynth_server.runtime.streaming import cancel_token, stream_events
 from clinisynth_server.store.base import ArtifactStore
+from clinisynth_server.tenancy import Viewer, viewer_of
 
 
 def condition_from(msg: common_pb2.Condition) -> Condition | None:
@@ -35,7 +36,8 @@ def condition_msg(cond: Condition) -> common_pb2.Condition:
     return common_pb2.Condition(prompt=cond.prompt)
 
 
-def image_from(msg: common_pb2.Image) -> ImageInput:
+def image_from(msg: common_pb2.Image, viewer: Viewer | None = None) -> ImageInput:
+    """The request image; a store reference is read as ``viewer`` (its tenant's objects)."""
     kind = msg.WhichOneof("data")
     if kind == "encoded":
         return ImageInput("encoded", data=msg.encoded)
@@ -44,7 +46,7 @@ def image_from(msg: common_pb2.Image) -> ImageInput:
     if kind == "raw":
         return ImageInput("raw", data=msg.raw.data, shape=tuple(msg.raw.shape), dtype=msg.raw.dtype)
     if kind == "ref":
-        return ImageInput("ref", key=msg.ref.key)
+        return ImageInput("ref", key=msg.ref.key, viewer=viewer)
     if kind == "pacs":
         p = msg.pacs
         return svc.PacsImage("pacs", ref=PacsRef(p.pacs, p.study_uid, p.series_uid, p.sop_uid))
@@ -83,6 +85,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             p_aligned=s.p_aligned,
             model=model_ref(s.model),
             name=s.name,
+            domain=protoconv.domain_check(s.domain),
         )
 
     def _feedback_msg(self, r: FeedbackRecord) -> reward_pb2.Feedback:
@@ -121,14 +124,17 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
 
     # -- scoring ------------------------------------------------------------------------------
     def Score(self, request, context):
+        viewer = viewer_of(principal_of(context))
         opts = svc.ScoreOptions(
-            images=[image_from(m) for m in request.images],
+            images=[image_from(m, viewer) for m in request.images],
             model=request.model.name,
             version=request.model.version,
             condition=condition_from(request.condition),
             conditions=[condition_from(c) or Condition() for c in request.conditions],
             generator=generator_text(request.generator),
             resize=request.resize,
+            viewer=viewer,
+            domain_guard=request.domain_guard,
         )
         result = self.reward.score(opts, cancel=cancel_token(context))
         return reward_pb2.ScoreResponse(
@@ -141,6 +147,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         if first is None or first.WhichOneof("item") != "config":
             raise InvalidArgument.for_field("config", "the first message must carry the config")
         c = first.config
+        viewer = viewer_of(principal_of(context))
         config = svc.StreamConfig(
             model=c.model.name,
             version=c.model.version,
@@ -149,14 +156,16 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             generator=generator_text(c.generator),
             resize=c.resize,
             batch_size=c.batch_size,
+            viewer=viewer,
+            domain_guard=c.domain_guard,
         )
         total = 0
         if config.store_prefix:
-            listed = self.reward.stream_images_under(config.store_prefix, config.condition)
+            listed = self.reward.stream_images_under(config.store_prefix, config.condition, viewer)
             total = len(listed)
             images: Iterator[svc.StreamImage] = iter(listed)
         else:
-            images = self._stream_images(request_iterator)
+            images = self._stream_images(request_iterator, viewer)
 
         def work(sink: Callable[[Any], None]) -> svc.StreamSummary:
             return self.reward.score_stream(config, images, total=total, emit=sink, cancel=token)
@@ -181,28 +190,31 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
 
     @staticmethod
     def _stream_images(
-        requests: Iterable[reward_pb2.ScoreStreamRequest],
+        requests: Iterable[reward_pb2.ScoreStreamRequest], viewer: Viewer | None = None
     ) -> Iterator[svc.StreamImage]:
         for i, req in enumerate(requests):
             if req.WhichOneof("item") != "image":
                 raise InvalidArgument.for_field(f"images[{i}]", "only the first message is config")
             m = req.image
-            yield svc.StreamImage(m.name, image_from(m.image), condition_from(m.condition))
+            yield svc.StreamImage(m.name, image_from(m.image, viewer), condition_from(m.condition))
 
     # -- feedback -----------------------------------------------------------------------------
     def SubmitFeedback(self, request, context):
         f = request.feedback
+        viewer = viewer_of(principal_of(context))
         draft = svc.FeedbackDraft(
             client_request_id=f.client_request_id,
             rater_id=bind_rater(principal_of(context), f.rater_id, "feedback.rater_id"),
             plausible=f.plausible,
             item_id=f.item_id,
-            image=image_from(f.image) if f.HasField("image") else None,
+            image=image_from(f.image, viewer) if f.HasField("image") else None,
             condition=condition_from(f.condition),
             criteria=[(a.criterion, a.satisfied) for a in f.criteria],
             comment=f.comment,
             time_spent_ms=f.time_spent_ms,
             generator=generator_text(f.generator),
+            tenant=viewer.tenant,
+            admin=viewer.admin,
         )
         record, duplicate = self.reward.submit(draft)
         return reward_pb2.SubmitFeedbackResponse(
@@ -215,16 +227,20 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             rater_id=request.rater_id,
             page_size=request.page_size,
             page_token=request.page_token,
+            viewer=viewer_of(principal_of(context)),
         )
         return reward_pb2.ListFeedbackResponse(
             feedback=[self._feedback_msg(r) for r in rows], next_page_token=token, total=total
         )
 
     def ExportFeedback(self, request, context):
+        viewer = viewer_of(principal_of(context))
         res = self.reward.export(
             prefix=request.prefix,
             condition=condition_from(request.condition),
             aggregate=request.aggregate,
+            tenant=viewer.tenant,
+            admin=viewer.admin,
         )
         return reward_pb2.ExportFeedbackResponse(
             prefix=res.prefix,
@@ -234,21 +250,28 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         )
 
     def DownloadExport(self, request, context) -> Iterator[reward_pb2.ExportFileChunk]:
-        for c in self.reward.export_chunks(request.prefix, cancel=cancel_token(context)):
+        viewer = viewer_of(principal_of(context))
+        chunks = self.reward.export_chunks(
+            request.prefix, cancel=cancel_token(context), viewer=viewer
+        )
+        for c in chunks:
             yield reward_pb2.ExportFileChunk(
                 path=c.path, offset=c.offset, data=c.data, last=c.last, sha256=c.sha256
             )
 
     # -- review ---------------------------------------------------------------------------------
     def EnqueueReview(self, request, context):
+        viewer = viewer_of(principal_of(context))
         items = self.reward.enqueue(
             [
-                svc.EnqueueImage(m.name, image_from(m.image), condition_from(m.condition))
+                svc.EnqueueImage(m.name, image_from(m.image, viewer), condition_from(m.condition))
                 for m in request.images
             ],
             condition=condition_from(request.condition),
             raters_per_item=request.raters_per_item,
             generator=generator_text(request.generator),
+            tenant=viewer.tenant,
+            admin=viewer.admin,
         )
         return reward_pb2.EnqueueReviewResponse(items=[self._item_msg(q) for q in items])
 
@@ -257,6 +280,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             bind_rater(principal_of(context), request.rater_id, "rater_id"),
             condition=condition_from(request.condition),
             limit=request.limit,
+            viewer=viewer_of(principal_of(context)),
         )
         return reward_pb2.NextReviewItemsResponse(
             items=[self._item_msg(q) for q in items], pending=pending
@@ -274,7 +298,9 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         )
 
     def GetAgreement(self, request, context):
-        report = self.reward.agreement(condition_from(request.condition))
+        report = self.reward.agreement(
+            condition_from(request.condition), viewer_of(principal_of(context))
+        )
         return reward_pb2.GetAgreementResponse(
             conditions=[
                 reward_pb2.ConditionAgreement(
@@ -300,4 +326,6 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         )
 
     def ListModels(self, request, context):
-        return protoconv.answer_list_models(self.catalog, request, kind="reward")
+        return protoconv.answer_list_models(
+            self.catalog, request, kind="reward", viewer=viewer_of(principal_of(context))
+        )

@@ -59,6 +59,8 @@ from clinisynth_server.reward.scoring import Condition
 from clinisynth_server.runtime.audit import AuditLog, CallAudit
 from clinisynth_server.runtime.auth import AllowAll, Authenticator
 from clinisynth_server.runtime.roles import Principal, authorize, bind_rater
+from clinisynth_server.runtime.tls import ReloadingCertificates
+from clinisynth_server.tenancy import Viewer, viewer_of
 
 log = logging.getLogger(__name__)
 MAX_BODY = 64 * 1024
@@ -213,8 +215,11 @@ def _string(body: dict[str, Any], name: str) -> str:
     return value
 
 
-def feedback_draft(body: dict[str, Any]) -> svc.FeedbackDraft:
-    """The page's JSON judgement → the domain draft; wrong JSON types are INVALID_ARGUMENT."""
+def feedback_draft(body: dict[str, Any], viewer: Viewer | None = None) -> svc.FeedbackDraft:
+    """The page's JSON judgement → the domain draft; wrong JSON types are INVALID_ARGUMENT.
+
+    ``viewer``: the signed-in principal's tenant, who owns the judgement."""
+    viewer = viewer or Viewer()
     criteria = body.get("criteria") or {}
     if not isinstance(criteria, dict):
         raise InvalidArgument.for_field("criteria", "an object {name: bool}")
@@ -241,6 +246,8 @@ def feedback_draft(body: dict[str, Any]) -> svc.FeedbackDraft:
         criteria=list(criteria.items()),
         comment=_string(body, "comment"),
         time_spent_ms=int(spent),
+        tenant=viewer.tenant,
+        admin=viewer.admin,
     )
 
 
@@ -267,12 +274,21 @@ class _HttpsServer(ThreadingHTTPServer):
         address: tuple[str, int],
         handler: type[BaseHTTPRequestHandler],
         context: ssl.SSLContext,
+        files: tuple[str, str] = ("", ""),
     ) -> None:
         self.context = context
+        # Renewed certificate files are served to new connections, as on the gRPC port.
+        self.files = files
+        self.certificates = ReloadingCertificates(*files) if all(files) else None
         super().__init__(address, handler)
 
     def get_request(self) -> tuple[socket.socket, Any]:
         sock, address = self.socket.accept()
+        if self.certificates is not None and self.certificates.check() is not None:
+            try:
+                self.context = tls_context(*self.files)
+            except InvalidArgument as exc:  # changed again since the check: keep the old one
+                log.error("review https: renewed certificate not loaded: %s", exc)
         wrapped = self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         return wrapped, address
 
@@ -315,7 +331,7 @@ class ReviewWeb:
         context = tls_context(tls_cert, tls_key) if tls_cert and tls_key else None
         self.tls = context is not None
         self.httpd: ThreadingHTTPServer = (
-            _HttpsServer((host, port), handler, context)
+            _HttpsServer((host, port), handler, context, (tls_cert, tls_key))
             if context is not None
             else ThreadingHTTPServer((host, port), handler)
         )
@@ -462,6 +478,7 @@ class _Handler(BaseHTTPRequestHandler):
         self, method: str, path: str, query: dict[str, list[str]], principal: Principal
     ) -> None:
         reward = self.web.reward
+        viewer = viewer_of(principal)  # the queue and judgements are this tenant's
         if method == "GET" and path == "/api/whoami":
             self._json(
                 {
@@ -471,7 +488,7 @@ class _Handler(BaseHTTPRequestHandler):
                 }
             )
         elif method == "GET" and path == "/api/conditions":
-            pending = reward.pending_by_condition()
+            pending = reward.pending_by_condition(viewer)
             self._json(
                 {
                     "conditions": [
@@ -485,21 +502,21 @@ class _Handler(BaseHTTPRequestHandler):
             limit = _int_param(query, "limit", 10, 1, MAX_LIMIT)
             condition = _condition(reward, query)
             rater = bind_rater(principal, _param(query, "rater"), "rater")
-            items, left = reward.next_items(rater, condition=condition, limit=limit)
+            items, left = reward.next_items(rater, condition=condition, limit=limit, viewer=viewer)
             self._json({"items": [item_json(q) for q in items], "pending": left})
         elif method == "GET" and path.startswith("/api/image/"):
-            self._send(200, reward.item_png(path.rsplit("/", 1)[1]), "image/png")
+            self._send(200, reward.item_png(path.rsplit("/", 1)[1], viewer), "image/png")
         elif method == "GET" and path == "/api/checklist":
             crits = reward.checklist(_condition(reward, query))
             self._json(
                 {"criteria": [{"name": c.name, "description": c.description} for c in crits]}
             )
         elif method == "GET" and path == "/api/agreement":
-            self._json(agreement_json(reward.agreement(_condition(reward, query))))
+            self._json(agreement_json(reward.agreement(_condition(reward, query), viewer)))
         elif method == "POST" and path == "/api/feedback":
             body = self._body()
             body["rater_id"] = bind_rater(principal, _string(body, "rater_id"), "rater_id")
-            record, duplicate = reward.submit(feedback_draft(body))
+            record, duplicate = reward.submit(feedback_draft(body, viewer))
             self._json({"feedback": {**record.to_json()}, "duplicate": duplicate})
         elif path in (
             "/api/conditions",

@@ -11,11 +11,18 @@ Three kinds of bearer token, tried in this order (docs/SECURITY.md):
   ``iss``, ``aud``, ``exp`` / ``nbf`` with a small clock skew. ``none`` and HS* are refused: a
   public key must never double as an HMAC secret.
 
+A **client certificate** (mTLS, ``CLINISYNTH_TLS_CLIENT_CA``) verified by the TLS handshake is a
+principal too, through ``cert_sha256`` / ``cert_san`` / ``cert_subject`` entries of the same
+service-accounts file (``via="mtls"``). A bearer token, when one is sent, wins: the certificate
+then only admitted the connection (a gateway holding one certificate calls for many users). A
+certificate without a matching account and without a token is UNAUTHENTICATED.
+
 Nothing configured = authentication off (every caller is :data:`~.roles.ANONYMOUS`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import ipaddress
@@ -35,6 +42,7 @@ import jwt
 
 from clinisynth_server.errors import InvalidArgument, Unauthenticated, Unavailable
 from clinisynth_server.runtime.roles import ALL_ROLES, ANONYMOUS, PUBLIC, Principal, is_public
+from clinisynth_server.runtime.tls import PeerCertificate, normalize_san, normalize_subject
 
 if TYPE_CHECKING:
     from clinisynth_server.runtime.config import ServiceConfig
@@ -47,14 +55,26 @@ _ATTR = "_clinisynth_principal"
 
 
 class Authenticator(Protocol):
-    def authenticate(self, method: str, metadata: Sequence[tuple[str, str | bytes]]) -> Principal:
-        """Return the caller's principal or raise :class:`Unauthenticated`."""
+    def authenticate(
+        self,
+        method: str,
+        metadata: Sequence[tuple[str, str | bytes]],
+        peer: PeerCertificate | None = None,
+    ) -> Principal:
+        """Return the caller's principal or raise :class:`Unauthenticated`; ``peer`` is the
+        connection's verified client certificate (mTLS), if any."""
         ...
 
 
 def attach(context: object, principal: Principal) -> None:
     """Record the call's principal on its gRPC context (the interceptor does this)."""
     setattr(context, _ATTR, principal)
+
+
+def attached(context: object) -> Principal | None:
+    """The principal recorded on this call, ``None`` before (or without) authentication."""
+    principal = getattr(context, _ATTR, None)
+    return principal if isinstance(principal, Principal) else None
 
 
 def principal_of(context: object) -> Principal:
@@ -83,33 +103,127 @@ def token_sha256(token: str) -> str:
 class AllowAll:
     """Authentication off: everyone is :data:`ANONYMOUS` (all roles)."""
 
-    def authenticate(self, method: str, metadata: Sequence[tuple[str, str | bytes]]) -> Principal:
+    def authenticate(
+        self,
+        method: str,
+        metadata: Sequence[tuple[str, str | bytes]],
+        peer: PeerCertificate | None = None,
+    ) -> Principal:
         return ANONYMOUS
 
 
-def load_service_accounts(path: str, setting: str) -> dict[str, Principal]:
-    """``[[accounts]] name, roles, tenant, token_sha256`` → {digest: principal}."""
+CERT_KEYS = ("cert_sha256", "cert_san", "cert_subject")
+
+
+def _read_accounts(path: str, setting: str) -> list[tuple[dict[str, Any], Principal, str]]:
+    """Every ``[[accounts]]`` entry, validated by field: (entry, principal, where)."""
     try:
         data = tomllib.loads(pathlib.Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise InvalidArgument.for_field(setting, f"cannot read {path!r}: {exc}") from exc
-    accounts: dict[str, Principal] = {}
-    for i, entry in enumerate(data.get("accounts", [])):
+    out: list[tuple[dict[str, Any], Principal, str]] = []
+    entries = data.get("accounts", [])
+    if not isinstance(entries, list):
+        raise InvalidArgument.for_field(f"{setting}: accounts", "an array of tables")
+    for i, entry in enumerate(entries):
         where = f"{setting}: accounts[{i}]"
         if not isinstance(entry, dict):
             raise InvalidArgument.for_field(where, "a table")
-        name, digest = entry.get("name"), str(entry.get("token_sha256", "")).lower()
-        roles, tenant = entry.get("roles", []), entry.get("tenant", "")
+        name, roles, tenant = entry.get("name"), entry.get("roles", []), entry.get("tenant", "")
         if not isinstance(name, str) or not name:
             raise InvalidArgument.for_field(f"{where}.name", "required: a string")
-        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-            raise InvalidArgument.for_field(f"{where}.token_sha256", "64 hex digits")
+        if "token_sha256" not in entry and not any(k in entry for k in CERT_KEYS):
+            raise InvalidArgument.for_field(
+                f"{where}.token_sha256", f"required unless the account has one of {CERT_KEYS}"
+            )
         if not isinstance(roles, list) or not set(roles) <= ALL_ROLES:
             raise InvalidArgument.for_field(f"{where}.roles", f"a list of {sorted(ALL_ROLES)}")
         if not isinstance(tenant, str):
             raise InvalidArgument.for_field(f"{where}.tenant", "a string")
-        accounts[digest] = Principal(name, frozenset(roles), tenant, via="service-account")
+        out.append((entry, Principal(name, frozenset(roles), tenant), where))
+    return out
+
+
+def _hex_digest(entry: Mapping[str, Any], key: str, where: str) -> str:
+    digest = str(entry.get(key, "")).lower().replace(":", "")  # fingerprints print with colons
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise InvalidArgument.for_field(f"{where}.{key}", "64 hex digits (SHA-256)")
+    return digest
+
+
+def load_service_accounts(path: str, setting: str) -> dict[str, Principal]:
+    """``[[accounts]] name, roles, tenant, token_sha256`` → {digest: principal}."""
+    accounts: dict[str, Principal] = {}
+    for entry, principal, where in _read_accounts(path, setting):
+        if "token_sha256" in entry:
+            digest = _hex_digest(entry, "token_sha256", where)
+            accounts[digest] = dataclasses.replace(principal, via="service-account")
     return accounts
+
+
+class CertificateAccounts:
+    """Verified client certificates → principals (``via="mtls"``), from the accounts file.
+
+    Keys, most specific first: ``cert_sha256`` (pins one certificate; a renewal changes it),
+    ``cert_san`` (``URI:`` / ``DNS:`` / ``email:`` / ``IP:`` a subject alternative name; stable
+    across renewals, the one to prefer) and ``cert_subject`` (the RFC 4514 subject). Two accounts
+    may not claim the same key; a certificate whose names match two accounts is refused.
+    """
+
+    def __init__(self, accounts: Sequence[tuple[str, str, Principal]] = ()) -> None:
+        self._by: dict[tuple[str, str], Principal] = {}
+        for kind, key, principal in accounts:
+            self._by[(kind, key)] = principal
+
+    @classmethod
+    def load(cls, path: str, setting: str) -> CertificateAccounts:
+        entries: list[tuple[str, str, Principal]] = []
+        seen: dict[tuple[str, str], str] = {}
+        for entry, principal, where in _read_accounts(path, setting):
+            for kind in CERT_KEYS:
+                if kind not in entry:
+                    continue
+                raw = entry[kind]
+                field = f"{where}.{kind}"
+                if kind == "cert_sha256":
+                    key = _hex_digest(entry, kind, where)
+                elif not isinstance(raw, str):
+                    raise InvalidArgument.for_field(field, "a string")
+                else:
+                    try:
+                        key = normalize_san(raw) if kind == "cert_san" else normalize_subject(raw)
+                    except ValueError as exc:
+                        raise InvalidArgument.for_field(field, str(exc)) from None
+                if (kind, key) in seen:
+                    raise InvalidArgument.for_field(
+                        field, f"{key!r} already names {seen[kind, key]}"
+                    )
+                seen[(kind, key)] = where
+                entries.append((kind, key, dataclasses.replace(principal, via="mtls")))
+        return cls(entries)
+
+    def __bool__(self) -> bool:
+        return bool(self._by)
+
+    def principal(self, peer: PeerCertificate) -> Principal:
+        """The account of ``peer``, or UNAUTHENTICATED (no account, or two of them)."""
+        found = self._by.get(("cert_sha256", peer.sha256))
+        if found is not None:
+            return found
+        by_san = {self._by[("cert_san", s)] for s in peer.sans if ("cert_san", s) in self._by}
+        if len(by_san) > 1:
+            names = sorted(p.name for p in by_san)
+            raise Unauthenticated(
+                f"client certificate {peer.describe()} matches several accounts: {names}"
+            )
+        if by_san:
+            return by_san.pop()
+        found = self._by.get(("cert_subject", peer.subject))
+        if found is not None:
+            return found
+        raise Unauthenticated(
+            f"client certificate {peer.describe()} maps to no account and no bearer token was sent"
+        )
 
 
 def _loopback(host: str) -> bool:
@@ -280,14 +394,24 @@ class BearerAuth:
         tokens: Sequence[str] = (),
         accounts: Mapping[str, Principal] | None = None,
         jwt_verifier: JwtVerifier | None = None,
+        certificates: CertificateAccounts | None = None,
     ) -> None:
         self._tokens = [t.encode() for t in tokens if t]
         self._accounts = dict(accounts or {})
         self._jwt = jwt_verifier
+        self._certificates = certificates or CertificateAccounts()
 
-    def authenticate(self, method: str, metadata: Sequence[tuple[str, str | bytes]]) -> Principal:
+    def authenticate(
+        self,
+        method: str,
+        metadata: Sequence[tuple[str, str | bytes]],
+        peer: PeerCertificate | None = None,
+    ) -> Principal:
         if is_public(method):
             return PUBLIC
+        sent_token = any(k.lower() == "authorization" for k, _ in metadata)
+        if peer is not None and not sent_token:
+            return self._certificates.principal(peer)
         return self.for_token(bearer_token(metadata))
 
     def for_token(self, token: str) -> Principal:
@@ -306,11 +430,11 @@ class BearerAuth:
 
 def authenticator_for(config: ServiceConfig) -> Authenticator:
     """The authenticator ``config`` describes; nothing configured = :class:`AllowAll`."""
-    accounts = (
-        load_service_accounts(config.auth_service_accounts, "CLINISYNTH_AUTH_SERVICE_ACCOUNTS")
-        if config.auth_service_accounts
-        else {}
-    )
+    setting = "CLINISYNTH_AUTH_SERVICE_ACCOUNTS"
+    accounts, certificates = {}, CertificateAccounts()
+    if config.auth_service_accounts:
+        accounts = load_service_accounts(config.auth_service_accounts, setting)
+        certificates = CertificateAccounts.load(config.auth_service_accounts, setting)
     verifier = None
     if config.auth_jwks:
         for setting, value in (
@@ -337,6 +461,8 @@ def authenticator_for(config: ServiceConfig) -> Authenticator:
             tenant_claim=config.auth_tenant_claim,
             clock_skew_s=config.auth_clock_skew_s,
         )
-    if not (config.auth_tokens or accounts or verifier):
+    # A client CA turns authentication on: a verified certificate is an identity to map, never
+    # a pass to every role.
+    if not (config.auth_tokens or accounts or verifier or certificates or config.tls_client_ca):
         return AllowAll()
-    return BearerAuth(config.auth_tokens, accounts, verifier)
+    return BearerAuth(config.auth_tokens, accounts, verifier, certificates)

@@ -64,6 +64,8 @@ class ServiceConfig:
     auth_jwks_cache_s: float = 300.0
     tls_cert: str = ""
     tls_key: str = ""
+    # CA bundle that verifies client certificates (mTLS); set = every connection presents one.
+    tls_client_ca: str = ""
     log_format: str = "text"
     log_level: str = "INFO"
     # Largest request / response message, bytes.
@@ -117,6 +119,7 @@ _SHARED = {
     "auth_jwks_cache_s",
     "tls_cert",
     "tls_key",
+    "tls_client_ca",
     "log_format",
     "log_level",
     "max_message_bytes",

@@ -128,7 +128,9 @@ class Dependencies:
         """A callable scoring images with a reward model in Triton (for reward-filtered
         generation), or one that explains why it cannot."""
 
-        def score(images: np.ndarray, condition: str, model: str, version: str) -> np.ndarray:
+        def score(
+            images: np.ndarray, condition: str, model: str, version: str, *, catalog: Any = None
+        ) -> np.ndarray:
             try:
                 from clinisynth_server.reward.scoring import score_arrays
             except ImportError as exc:
@@ -137,9 +139,9 @@ class Dependencies:
                 ) from exc
             from clinisynth_server.catalog import Catalog
 
-            return score_arrays(
-                Catalog(self.store), self.triton, images, condition, model=model, version=version
-            )
+            # The caller's view of the catalog: the default reward model is one it may see.
+            view = catalog if catalog is not None else Catalog(self.store)
+            return score_arrays(view, self.triton, images, condition, model=model, version=version)
 
         return score
 

@@ -35,6 +35,20 @@ def to_status(err: ClinisynthError) -> grpc.Status:
         packed = any_pb2.Any()
         packed.Pack(bad)
         details.append(packed)
+    if err.code == "FAILED_PRECONDITION" and err.metadata.get("field"):
+        # a precondition about one request field (an out-of-domain input, ...): which one, why
+        failure = error_details_pb2.PreconditionFailure(
+            violations=[
+                error_details_pb2.PreconditionFailure.Violation(
+                    type=err.reason or err.code,
+                    subject=err.metadata["field"],
+                    description=err.message,
+                )
+            ]
+        )
+        packed = any_pb2.Any()
+        packed.Pack(failure)
+        details.append(packed)
     info = error_details_pb2.ErrorInfo(
         reason=err.reason or err.code, domain=DOMAIN, metadata=err.metadata
     )

@@ -21,10 +21,11 @@ import grpc
 from clinisynth_server.errors import ClinisynthError
 from clinisynth_server.runtime import audit as audit_trail
 from clinisynth_server.runtime.audit import AuditLog, CallAudit
-from clinisynth_server.runtime.auth import Authenticator, attach
+from clinisynth_server.runtime.auth import Authenticator, attach, attached
 from clinisynth_server.runtime.errors_map import internal_status, to_status
 from clinisynth_server.runtime.metrics import ServiceMetrics
 from clinisynth_server.runtime.roles import authorize
+from clinisynth_server.runtime.tls import peer_certificate
 
 log = logging.getLogger("clinisynth.access")
 _SKIP_METRICS = ("/grpc.reflection.",)
@@ -77,11 +78,11 @@ class ServiceInterceptor(grpc.ServerInterceptor):
             if call is not None:
                 call.peer = context.peer()
                 audit_trail.attach(context, call)
-            principal = self.auth.authenticate(method, metadata)
+            principal = self.auth.authenticate(method, metadata, peer_certificate(context))
             if call is not None:
                 call.principal = principal  # recorded even when the role check refuses it
+            attach(context, principal)  # the access log names it, refused or not
             authorize(method, principal)
-            attach(context, principal)
             return time.perf_counter()
 
         def commit(call: CallAudit | None, code: str) -> None:
@@ -103,6 +104,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
             self.metrics.grpc.in_flight.labels(self.service, short).dec()
             self.metrics.grpc.requests.labels(self.service, short, code).inc()
             self.metrics.grpc.duration.labels(self.service, short, code).observe(elapsed)
+            principal = attached(context)
             log.info(
                 "%s %s %.1fms",
                 method,
@@ -113,6 +115,8 @@ class ServiceInterceptor(grpc.ServerInterceptor):
                     "code": code,
                     "duration_ms": round(elapsed * 1000, 1),
                     "peer": context.peer(),
+                    "principal": principal.name if principal is not None else "",
+                    "via": principal.via if principal is not None else "",
                 },
             )
 

@@ -22,7 +22,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        for key in ("method", "code", "duration_ms", "peer", "principal", "request_id"):
+        for key in ("method", "code", "duration_ms", "peer", "principal", "via", "request_id"):
             if hasattr(record, key):
                 entry[key] = getattr(record, key)
         if record.exc_info:

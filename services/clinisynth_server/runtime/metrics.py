@@ -37,6 +37,7 @@ class GeneratorMetrics:
     request_duration: Histogram
     queue_depth: Gauge
     batch_size: Histogram
+    memorization: Counter
 
 
 @dataclass
@@ -71,6 +72,12 @@ class AuditMetrics:
 
 
 @dataclass
+class TlsMetrics:
+    reloads: Counter
+    expiry: Gauge
+
+
+@dataclass
 class PacsMetrics:
     deliveries: Counter
     pending: Gauge
@@ -90,6 +97,7 @@ class ServiceMetrics:
     # Per-tenant quota refusals (runtime/quotas.py); the tenant is not a label (unbounded).
     quota_refusals: Counter | None = None
     pacs: PacsMetrics | None = None  # the PACS outbox (generator, counterfactual)
+    tls: TlsMetrics | None = None  # the gRPC port's certificate (runtime/tls.py)
 
 
 def create_metrics(service: str) -> ServiceMetrics:
@@ -156,6 +164,21 @@ def create_metrics(service: str) -> ServiceMetrics:
         ["service", "limit"],
         registry=reg,
     )
+    m.tls = TlsMetrics(
+        reloads=Counter(
+            "clinisynth_tls_reloads_total",
+            "Changes of the TLS certificate files seen, by outcome (reloaded; failed: the old "
+            "certificate kept serving).",
+            ["service", "outcome"],
+            registry=reg,
+        ),
+        expiry=Gauge(
+            "clinisynth_tls_certificate_expiry_timestamp_seconds",
+            "Unix time the served TLS certificate expires (absent without TLS).",
+            ["service"],
+            registry=reg,
+        ),
+    )
     if service in ("generator", "counterfactual"):
         m.pacs = PacsMetrics(
             deliveries=Counter(
@@ -204,6 +227,13 @@ def create_metrics(service: str) -> ServiceMetrics:
                 "Samples per denoiser call sent to Triton.",
                 ["model"],
                 buckets=BATCH_BUCKETS,
+                registry=reg,
+            ),
+            memorization=Counter(
+                "clinisynth_generator_memorization_total",
+                "Memorization-gate outcomes per image (passed, regenerated, flagged, refused, "
+                "no_index).",
+                ["model", "decision"],
                 registry=reg,
             ),
         )

@@ -89,7 +89,7 @@ class Principal:
     name: str
     roles: frozenset[str] = field(default_factory=frozenset)
     tenant: str = ""
-    via: str = "jwt"  # jwt | service-account | legacy-token | anonymous
+    via: str = "jwt"  # jwt | service-account | mtls | legacy-token | anonymous
     personal: bool = True
 
 

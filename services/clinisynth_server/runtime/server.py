@@ -1,7 +1,8 @@
 """gRPC server bootstrap shared by the four services.
 
 ``start_server`` builds a server with the interceptor chain, grpc.health.v1, reflection, optional
-TLS and message-size limits, starts the Prometheus endpoint, and returns a handle; ``run_forever``
+TLS (certificates re-read when their files change, optional client certificates: :mod:`.tls`) and
+message-size limits, starts the Prometheus endpoint, and returns a handle; ``run_forever``
 adds graceful shutdown on SIGTERM / SIGINT.
 
 Health answers within milliseconds whatever the load (:class:`Admission`): gRPC Python runs every
@@ -38,6 +39,7 @@ from clinisynth_server.runtime.auth import authenticator_for
 from clinisynth_server.runtime.config import ServiceConfig
 from clinisynth_server.runtime.interceptors import ServiceInterceptor
 from clinisynth_server.runtime.metrics import ServiceMetrics, create_metrics
+from clinisynth_server.runtime.tls import CertificateSet, ReloadingCertificates
 
 log = logging.getLogger(__name__)
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
@@ -234,6 +236,8 @@ class RunningServer:
     metrics_port: int = 0
     _metrics_http: Any = None
     admission: Admission | None = None
+    # The TLS certificate set being served (re-read when its files change); None = plaintext.
+    certificates: ReloadingCertificates | None = None
     _on_stop: list[Callable[[], None]] = field(default_factory=list)
     _stopped: threading.Event = field(default_factory=threading.Event)
 
@@ -275,11 +279,31 @@ class RunningServer:
         self.server.wait_for_termination()
 
 
-def _credentials(config: ServiceConfig) -> grpc.ServerCredentials | None:
+def _certificates(config: ServiceConfig, metrics: ServiceMetrics) -> ReloadingCertificates | None:
+    """The port's certificate set (re-read when its files change), or ``None``: plaintext."""
     if not (config.tls_cert and config.tls_key):
+        if config.tls_client_ca:
+            raise InvalidArgument.for_field(
+                "CLINISYNTH_TLS_CLIENT_CA", "needs CLINISYNTH_TLS_CERT and CLINISYNTH_TLS_KEY"
+            )
         return None
-    with open(config.tls_key, "rb") as f_key, open(config.tls_cert, "rb") as f_cert:
-        return grpc.ssl_server_credentials([(f_key.read(), f_cert.read())])
+    tls_m = metrics.tls
+
+    def reloaded(outcome: str) -> None:
+        if tls_m is not None:
+            tls_m.reloads.labels(config.service, outcome).inc()
+
+    def serving(served: CertificateSet) -> None:
+        if tls_m is not None:
+            tls_m.expiry.labels(config.service).set(served.not_after)
+
+    return ReloadingCertificates(
+        config.tls_cert,
+        config.tls_key,
+        config.tls_client_ca,
+        on_reload=reloaded,
+        on_serving=serving,
+    )
 
 
 def _capacity(config: ServiceConfig) -> int:
@@ -307,6 +331,7 @@ def start_server(
 ) -> RunningServer:
     """Start the gRPC server of ``config.service`` on ``config.host:config.port`` (0 = any)."""
     metrics = metrics or create_metrics(config.service)
+    certificates = _certificates(config, metrics)  # a bad file refuses to start, by setting
     trail = AuditLog(config.service, metrics=metrics.audit)
     interceptor = ServiceInterceptor(config.service, metrics, authenticator_for(config), trail)
     options = [
@@ -341,8 +366,11 @@ def start_server(
         server,
     )
     address = f"{config.host}:{config.port}"
-    creds = _credentials(config)
-    port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+    port = (
+        server.add_secure_port(address, certificates.credentials())
+        if certificates
+        else server.add_insecure_port(address)
+    )
     if port == 0:
         raise RuntimeError(f"{config.service}: could not bind {address}")
     server.start()
@@ -354,6 +382,7 @@ def start_server(
         health=health_servicer,
         service_names=names,
         admission=admission,
+        certificates=certificates,
     )
     if serve_metrics:
         http_server, _thread = start_http_server(

@@ -278,3 +278,50 @@ def build_index(
         features.EXTRACTOR,
         dict(meta or {}),
     )
+
+
+#: The sub-folder of a checkpoint / model folder that holds its index (a Triton component folder).
+INDEX_DIR = "similarity"
+COMPONENT_CONFIG = "config.json"
+
+
+def save_component(index: SimilarityIndex, folder: str | pathlib.Path) -> list[pathlib.Path]:
+    """Write ``index`` as a servable folder: the two index files plus a small ``config.json``.
+
+    The ``config.json`` is what makes the folder a Triton component folder (the repository copies
+    it as the ``similarity`` role's weights); it repeats the extractor and digest for readers.
+    """
+    out = pathlib.Path(folder)
+    paths = index.save(out)
+    meta = json.loads((out / META_FILE).read_text())
+    config = {
+        "_class_name": "SimilarityIndex",
+        "extractor": meta["extractor"],
+        "rows_sha256": meta["rows_sha256"],
+        "count": meta["count"],
+    }
+    (out / COMPONENT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+    return [*paths, out / COMPONENT_CONFIG]
+
+
+def component_info(folder: str | pathlib.Path) -> dict[str, Any] | None:
+    """What the catalog records of an index folder (digest, extractor, count, thresholds).
+
+    None when ``folder`` holds no index; :class:`IndexFileError` when it holds a broken one.
+    """
+    root = pathlib.Path(folder)
+    if not (root / META_FILE).is_file():
+        return None
+    index = SimilarityIndex.load(root)
+    meta = json.loads((root / META_FILE).read_text())
+    return {
+        "digest": str(meta["rows_sha256"]),
+        "extractor": index.extractor,
+        "count": index.count,
+        "memorization_threshold": float(index.thresholds.memorization),
+        "pixel_q05": float(index.calibration.pixel_q05),
+        # The input side (the out-of-domain guard): the domain scale and its threshold.
+        "embedding_q99": float(index.calibration.embedding_q99),
+        "domain_threshold": float(index.thresholds.domain),
+        "source": str(index.meta.get("source", "")),
+    }

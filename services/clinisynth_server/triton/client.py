@@ -6,6 +6,9 @@
 - tritonclient errors become clinisynth errors in one place (:func:`translate_error`);
 - thread-safe: one gRPC channel shared by all threads (tritonclient's non-streaming calls
   are thread-safe; the streaming API is not used here);
+- a model argument is a component *address* (``packing.py``): a Triton model name (the split
+  layout) or ``<name>.packed/<role>`` (the packed layout), mapped here — and only here — to the
+  Triton model and its ``<role>__<tensor>`` names, so services never know the layout;
 - every call carries Triton's restricted-protocol key (:data:`KEY_HEADER`): Triton refuses
   load / unload, config, logging and inference without it (see ``launcher.py``).
 """
@@ -31,12 +34,14 @@ from clinisynth_server.errors import (
     ClinisynthError,
     DeadlineExceeded,
     FailedPrecondition,
+    FieldViolation,
     Internal,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
     Unavailable,
 )
+from clinisynth_server.triton import packing
 
 T = TypeVar("T")
 
@@ -155,6 +160,20 @@ def translate_error(exc: InferenceServerException, *, model: str = "") -> Clinis
     return Internal(what, reason="TRITON_ERROR", metadata=meta)
 
 
+def _unprefixed(exc: InvalidArgument, component: str) -> InvalidArgument:
+    """``exc`` with a packed model's ``<component>__`` tensor prefix taken out of its text."""
+    prefix = packing.tensor_name(component, "")
+    return InvalidArgument(
+        exc.message.replace(prefix, ""),
+        violations=[
+            FieldViolation(v.field.replace(prefix, ""), v.description.replace(prefix, ""))
+            for v in exc.violations
+        ],
+        reason=exc.reason,
+        metadata=exc.metadata,
+    )
+
+
 class TritonClient:
     """Typed gRPC client for one Triton server (``url`` is ``host:port``).
 
@@ -201,9 +220,26 @@ class TritonClient:
         version: str = "",
         timeout_s: float | None = None,
     ) -> dict[str, np.ndarray]:
-        """One inference; arrays carry the batch dimension first. Returns ``outputs`` by name."""
+        """One inference; arrays carry the batch dimension first. Returns ``outputs`` by name.
+
+        ``model`` is a component address: for a packed component the inputs and outputs are
+        renamed to the packed model's ``<role>__<tensor>`` and back.
+        """
         if not outputs:
             raise InvalidArgument.for_field("outputs", "name at least one output")
+        model, component = packing.split_address(model)
+        if component:
+            try:
+                renamed = self.infer(
+                    model,
+                    {packing.tensor_name(component, n): v for n, v in inputs.items()},
+                    [packing.tensor_name(component, n) for n in outputs],
+                    version=version,
+                    timeout_s=timeout_s,
+                )
+            except InvalidArgument as exc:  # name the caller's input, not the packed one
+                raise _unprefixed(exc, component) from exc
+            return {n: renamed[packing.tensor_name(component, n)] for n in outputs}
         infer_inputs = []
         scalar_inputs = (
             self._scalar_inputs(model)
@@ -284,6 +320,7 @@ class TritonClient:
             return False
 
     def model_ready(self, name: str, version: str = "") -> bool:
+        name = packing.served_model(name)
         try:
             return bool(
                 self._client.is_model_ready(
@@ -302,8 +339,9 @@ class TritonClient:
 
         :class:`NotFound` when the repository has no such model, :class:`FailedPrecondition`
         (with Triton's reason) when it exists but fails to load. Loading imports torch in a
-        fresh python stub, hence the long default ``timeout_s``.
+        fresh python stub, hence the long default ``timeout_s``. An address loads its model.
         """
+        name = packing.served_model(name)
         self._forget(name)
         try:
             self._call(
@@ -324,7 +362,9 @@ class TritonClient:
         """Ask Triton to unload every version (asynchronous: the index shows UNLOADING first).
 
         New requests for the model get :class:`NotFound` at once; in-flight ones finish.
+        An address unloads its Triton model (for a packed one: every component of it).
         """
+        name = packing.served_model(name)
         self._forget(name)
         self._call(
             lambda: self._client.unload_model(
@@ -350,7 +390,12 @@ class TritonClient:
         ]
 
     def model_config(self, name: str, version: str = "") -> dict[str, Any]:
-        """The model's effective config (Triton's JSON form of ``config.pbtxt``)."""
+        """The model's effective config (Triton's JSON form of ``config.pbtxt``).
+
+        For a packed address, ``parameters`` are that component's (its ``<role>__*`` ones,
+        unprefixed, over the shared ones): what its split model's config would say.
+        """
+        name, component = packing.split_address(name)
         response = self._call(
             lambda: self._client.get_model_config(
                 name,
@@ -362,10 +407,18 @@ class TritonClient:
             model=name,
         )
         config: dict[str, Any] = response.get("config", response)
+        if component:
+            raw = config.get("parameters") or {}
+            flat = {k: str(v.get("string_value", "")) for k, v in raw.items()}
+            own = packing.component_parameters(flat, component)
+            config = {**config, "parameters": {k: {"string_value": v} for k, v in own.items()}}
         return config
 
     def statistics(self, name: str, version: str = "") -> list[ModelStatistics]:
-        """Per-version counters (inferences, executions, batch sizes, queue/compute time)."""
+        """Per-version counters (inferences, executions, batch sizes, queue/compute time).
+
+        For a packed address: the packed model's counters (every component together)."""
+        name = packing.served_model(name)
         response = self._call(
             lambda: self._client.get_inference_statistics(
                 name,

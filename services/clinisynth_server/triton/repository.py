@@ -6,6 +6,10 @@ Layout written here (one model)::
     <repo>/<name>/<version>/model.py    a few generated lines delegating to the role module
     <repo>/<name>/<version>/weights/    the checkpoint (diffusers/transformers folder)
 
+A *packed* model (:func:`write_packed_model`, see ``packing.py``) holds every component of one
+served model in one python-backend process: ``<repo>/<name>/<role>/<version>/weights`` per
+component beside ``<repo>/<name>/<version>/`` (``model.py`` + a manifest naming them).
+
 Roles map to modules by a small registry: ``clinisynth_server.triton.backends.<role>`` is
 found on its own; modules elsewhere join with :func:`register_role`. The config is written
 per model (shared by its versions); :func:`add_version` adds a version next to the others,
@@ -14,18 +18,21 @@ then ``TritonClient.load_model(name)`` makes Triton serve it.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import json
 import os
 import re
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Literal
 
 from clinisynth_server.errors import AlreadyExists, InvalidArgument, NotFound
+from clinisynth_server.triton import packing
 from clinisynth_server.triton.backends._base import ModelSpec, TensorSpec
 
 BUILTIN_PACKAGE = "clinisynth_server.triton.backends"
@@ -137,6 +144,128 @@ def write_model(
     )
     _atomic_write(model_dir / "config.pbtxt", config)
     return version
+
+
+@dataclass(frozen=True)
+class PackedComponent:
+    """One component of a packed model: the role serving it, its weights and parameters."""
+
+    role: str
+    weights_dir: Path
+    parameters: Mapping[str, str]
+
+
+PACKED_MODULE = f"{BUILTIN_PACKAGE}.{packing.PACKED_ROLE}"
+
+
+def write_packed_model(
+    repo_dir: Path | str,
+    name: str,
+    components: list[PackedComponent],
+    *,
+    version: int,
+    max_batch_size: int = 8,
+    instance_kind: InstanceKind = "cpu",
+    instance_count: int = 1,
+    batching: Batching | None = None,
+    keep_versions: int = 2,
+    parameters: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """Write version ``version`` of packed model ``name``; returns each role's address.
+
+    Each component's weights go to ``<name>/<role>/<version>/weights`` (sub-folders Triton
+    ignores) first, then the version folder — a manifest naming them — is renamed into place,
+    so Triton never sees a version whose components are half written. The config declares
+    every component's tensors as optional ``<role>__<tensor>`` and its parameters as
+    ``<role>__<key>``; ``parameters`` apply to every component.
+    """
+    _check_name(name)
+    if not components:
+        raise InvalidArgument.for_field("components", f"packed model {name!r} needs one")
+    model_dir = Path(repo_dir) / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    inputs: list[TensorSpec] = []
+    outputs: list[TensorSpec] = []
+    params: dict[str, str] = {"packed_roles": ",".join(c.role for c in components)}
+    manifest: dict[str, dict[str, str]] = {}
+    addresses: dict[str, str] = {}
+    for comp in components:
+        own = dict(comp.parameters)
+        spec: ModelSpec = role_module(comp.role).model_spec(Path(comp.weights_dir), own)
+        inputs += [_packed_tensor(comp.role, t, optional=True) for t in spec.inputs]
+        outputs += [_packed_tensor(comp.role, t, optional=False) for t in spec.outputs]
+        for key, value in {**spec.parameters, **own}.items():
+            params[packing.tensor_name(comp.role, key)] = value
+        _write_component(model_dir / comp.role, Path(comp.weights_dir), version)
+        manifest[comp.role] = {
+            "module": role_module_path(comp.role),
+            "weights": f"../../{comp.role}/{version}/weights",
+        }
+        addresses[comp.role] = packing.address(name, comp.role)
+    with _scratch_dir(model_dir) as tmp:
+        (tmp / "config.json").write_text(
+            json.dumps({"_class_name": "ClinisynthPacked", "components": manifest}, indent=2),
+            encoding="utf-8",
+        )
+        _write_version(model_dir, PACKED_MODULE, packing.PACKED_ROLE, tmp, version)
+    config = render_config(
+        name,
+        ModelSpec(inputs=tuple(inputs), outputs=tuple(outputs)),
+        role=packing.PACKED_ROLE,
+        max_batch_size=max_batch_size,
+        instance_kind=instance_kind,
+        instance_count=instance_count,
+        batching=batching or Batching(),
+        keep_versions=keep_versions,
+        parameters={**params, **dict(parameters or {})},
+    )
+    _atomic_write(model_dir / "config.pbtxt", config)
+    return addresses
+
+
+def _packed_tensor(role: str, tensor: TensorSpec, *, optional: bool) -> TensorSpec:
+    return TensorSpec(packing.tensor_name(role, tensor.name), tensor.dtype, tensor.dims, optional)
+
+
+def _write_component(component_dir: Path, weights_dir: Path, version: int) -> None:
+    """Copy one packed component's weights to ``<component_dir>/<version>/weights``.
+
+    The version is new to the catalog, so a folder already there was left by an interrupted
+    import (its packed version folder never written): it is replaced.
+    """
+    if not (weights_dir / "config.json").is_file():
+        raise InvalidArgument.for_field("weights_dir", f"{weights_dir} has no config.json")
+    component_dir.mkdir(parents=True, exist_ok=True)
+    staging = component_dir / f".staging-{uuid.uuid4().hex}"
+    try:
+        shutil.copytree(weights_dir, staging / "weights")
+        shutil.rmtree(component_dir / str(version), ignore_errors=True)
+        os.rename(staging, component_dir / str(version))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _scratch_dir(parent: Path) -> Iterator[Path]:
+    """A scratch folder inside ``parent`` (non-numeric: Triton ignores it), removed after."""
+    path = parent / f".staging-{uuid.uuid4().hex}"
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def packed_component_versions(repo_dir: Path | str, name: str) -> dict[str, list[int]]:
+    """A packed model's component weight folders: role → version numbers (empty otherwise)."""
+    model_dir = Path(repo_dir) / name
+    if not model_dir.is_dir():
+        return {}
+    return {
+        p.name: list_versions(model_dir, p.name)
+        for p in sorted(model_dir.iterdir())
+        if p.is_dir() and not p.name.isdigit() and not p.name.startswith(".")
+    }
 
 
 def add_version(

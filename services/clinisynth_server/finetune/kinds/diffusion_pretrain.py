@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from clinisynth_server.errors import FieldViolation
-from clinisynth_server.finetune import models
+from clinisynth_server.finetune import memorization, models
 from clinisynth_server.finetune.datasets import DatasetReport, check_classes, load_images
 from clinisynth_server.finetune.kinds.base import (
     EMA,
@@ -233,6 +233,10 @@ class DiffusionTrainer:
             self.sampler = EpochSampler(
                 len(entries), p["batch_size"], p["seed"], rank=ctx.rank, world=ctx.world_size
             )
+        # The memorization gate's index of the training images (rank 0 writes checkpoints).
+        self.index = None
+        if ctx.rank == 0 and self.stream is None:
+            self.index = memorization.from_array(images, seed=p["seed"], source=f"job {ctx.job_id}")
         self.gen = torch.Generator().manual_seed(p["seed"] + 1)
 
         self.ema = EMA(self.unet, p["ema_decay"]) if p["ema"] else None
@@ -314,6 +318,9 @@ class DiffusionTrainer:
                 "labels": {"finetune_job": self.ctx.job_id},
             },
         )
+        if self.index is None and self.stream is not None:  # one pass, at the first checkpoint
+            self.index = memorization.from_stream(self.ctx, size=self.size, channels=self.channels)
+        memorization.write(self.index, folder)
 
 
 SPEC = KindSpec(

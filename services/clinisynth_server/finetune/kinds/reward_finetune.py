@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from clinisynth_server.errors import FieldViolation
-from clinisynth_server.finetune import models
+from clinisynth_server.finetune import memorization, models
 from clinisynth_server.finetune.datasets import DatasetReport, check_classes, load_images
 from clinisynth_server.finetune.kinds.base import (
     EMA,
@@ -229,6 +229,12 @@ class RewardFinetuneTrainer:
             ctx.source, [e.path for e in entries], size=self.size, channels=self.channels
         )
         self.x_real = torch.from_numpy(imgs) * 2 - 1
+        # The memorization gate's index: the real training images (rank 0 writes checkpoints).
+        self.index = (
+            memorization.from_array(imgs, seed=p["seed"], source=f"job {ctx.job_id}")
+            if ctx.rank == 0
+            else None
+        )
         index = {c: i for i, c in enumerate(self.classes)}
         self.y_real = torch.tensor([index.get(e.class_name, 0) for e in entries])
         self.n_real, self.n_syn = split_real_synthetic(p["batch_size"], p["real_to_synthetic"])
@@ -443,6 +449,7 @@ class RewardFinetuneTrainer:
                 },
             },
         )
+        memorization.write(self.index, folder)
 
 
 SPEC = KindSpec(

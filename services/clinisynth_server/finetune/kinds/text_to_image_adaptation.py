@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from clinisynth_server.errors import FieldViolation, InvalidArgument
-from clinisynth_server.finetune import models
+from clinisynth_server.finetune import memorization, models
 from clinisynth_server.finetune.datasets import DatasetReport, load_images
 from clinisynth_server.finetune.kinds.base import (
     EMA,
@@ -311,6 +311,12 @@ class TextToImageTrainer:
             ctx.source, [e.path for e in entries], size=self.resolution, channels=self.channels
         )
         self.x = torch.from_numpy(imgs) * 2 - 1
+        # The memorization gate's index of the training images (rank 0 writes checkpoints).
+        self.index = (
+            memorization.from_array(imgs, seed=p["seed"], source=f"job {ctx.job_id}")
+            if ctx.rank == 0
+            else None
+        )
         self.ids_all = self._ids([e.text for e in entries])
         self.empty_ids = self._ids([""])[0]
         if not p["train_vae"]:
@@ -556,6 +562,7 @@ class TextToImageTrainer:
         if self.token_id is not None:
             meta["textual_inversion_token"] = self.p["textual_inversion_token"]
         (folder / "clinisynth.json").write_text(json.dumps(meta, indent=2))
+        memorization.write(self.index, folder)
 
 
 SPEC = KindSpec(
