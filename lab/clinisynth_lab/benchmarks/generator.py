@@ -515,14 +515,18 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not ns.keep:
             shutil.rmtree(work, ignore_errors=True)
-    text = report(results)
-    print(text, flush=True)
-    if ns.out is not None:
-        ns.out.mkdir(parents=True, exist_ok=True)
-        (ns.out / "results.json").write_text(json.dumps(results, indent=2, default=float))
-        (ns.out / "results.md").write_text(text + "\n")
-        print(f"figures written to {ns.out}", flush=True)
+    write_figures(ns.out, results, report(results))
     return 0
+
+
+def write_figures(out: pathlib.Path | None, results: Any, text: str) -> None:
+    """Print the report; with ``--out``, also write results.json and results.md there."""
+    print(text, flush=True)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
+        (out / "results.md").write_text(text + "\n")
+        print(f"figures written to {out}", flush=True)
 
 
 def run(ns: argparse.Namespace, preset: Preset, work: pathlib.Path) -> dict[str, Any]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import os
 import pathlib
@@ -140,13 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not ns.keep:
             shutil.rmtree(work, ignore_errors=True)
-    text = report(results)
-    print(text, flush=True)
-    if ns.out is not None:
-        ns.out.mkdir(parents=True, exist_ok=True)
-        (ns.out / "results.json").write_text(json.dumps(results, indent=2, default=float))
-        (ns.out / "results.md").write_text(text + "\n")
-        print(f"figures written to {ns.out}", flush=True)
+    gen.write_figures(ns.out, results, report(results))
     return 0
 
 

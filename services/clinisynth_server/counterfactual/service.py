@@ -357,20 +357,6 @@ def triton_guide_fn(
     return guide
 
 
-def _domain_facts(check: DomainCheck) -> dict[str, str]:
-    """What provenance records of the out-of-domain guard's verdict on the input."""
-    facts = {"domain_guard": check.decision}
-    if check.score is not None:
-        facts.update(
-            {
-                "domain_score": f"{check.score:.6f}",
-                "domain_threshold": f"{check.threshold:.6f}",
-                "domain_index": check.index_digest,
-            }
-        )
-    return facts
-
-
 # ---------------------------------------------------------------------------------------------
 # the service
 # ---------------------------------------------------------------------------------------------
@@ -684,7 +670,7 @@ class Counterfactuals:
         provenance = self._provenance(
             plan, plan.seed, (source.shape[0], source.shape[1]), request_id, model, source, resized
         )
-        facts = {**(source_facts or {}), **_domain_facts(domain)}
+        facts = {**(source_facts or {}), **domain.provenance()}
         provenance = replace(provenance, extra={**provenance.extra, **facts})
         outcome = self._outcome(
             plan,

@@ -70,6 +70,19 @@ class DomainCheck:
     def out_of_domain(self) -> bool:
         return self.decision == OUT_OF_DOMAIN
 
+    def provenance(self) -> dict[str, str]:
+        """The ``domain_*`` provenance fields of an output made from this input."""
+        facts = {"domain_guard": self.decision}
+        if self.score is not None:
+            facts.update(
+                {
+                    "domain_score": f"{self.score:.6f}",
+                    "domain_threshold": f"{self.threshold:.6f}",
+                    "domain_index": self.index_digest,
+                }
+            )
+        return facts
+
 
 def check_policy(value: str, field_name: str) -> str:
     """The request's policy ("" = :data:`DEFAULT_POLICY`); INVALID_ARGUMENT on ``field_name``."""
