@@ -48,6 +48,7 @@ from clinisynth_server.pacs.config import check_destination
 from clinisynth_server.pacs.outbox import Outbox, OutboxItem
 from clinisynth_server.runtime.metrics import GeneratorMetrics
 from clinisynth_server.runtime.quotas import FairGate, Quotas
+from clinisynth_server.similarity import component as similarity
 from clinisynth_server.similarity import gate as memorization
 from clinisynth_server.store.base import ArtifactStore, ObjectInfo
 from clinisynth_server.tenancy import Viewer, owner_metadata, refuse_foreign_prefix
@@ -557,28 +558,21 @@ class Generator:
         self, record: ModelRecord, pixels: list[np.ndarray]
     ) -> list[memorization.Check]:
         """Each image's nearest training image in the model's index (Triton ``similarity``)."""
-        name = record.components["similarity"]
-        version = str(record.component_versions["similarity"])
         threshold = float(record.extra["similarity"]["memorization_threshold"])
         arr = np.stack([p[None] if p.ndim == 2 else np.transpose(p, (2, 0, 1)) for p in pixels])
-        out: list[memorization.Check] = []
-        for start in range(0, len(arr), MAX_TRITON_BATCH):
-            res = self.triton.infer(
-                name,
-                {"images": np.ascontiguousarray(arr[start : start + MAX_TRITON_BATCH], np.float32)},
-                ["pixel_distance", "pixel_index", "embedding_distance"],
-                version=version,
+        res = similarity.query(
+            self.triton,
+            record,
+            arr,
+            ["pixel_distance", "pixel_index", "embedding_distance"],
+            batch=MAX_TRITON_BATCH,
+        )
+        return [
+            memorization.Check(float(d), threshold, int(r), float(e))
+            for d, r, e in zip(
+                res["pixel_distance"], res["pixel_index"], res["embedding_distance"], strict=True
             )
-            out += [
-                memorization.Check(float(d), threshold, int(r), float(e))
-                for d, r, e in zip(
-                    res["pixel_distance"].reshape(-1),
-                    res["pixel_index"].reshape(-1),
-                    res["embedding_distance"].reshape(-1),
-                    strict=True,
-                )
-            ]
-        return out
+        ]
 
     def _encode(
         self,

@@ -41,6 +41,7 @@ import numpy as np
 
 from clinisynth_server.catalog import ModelRecord
 from clinisynth_server.errors import FailedPrecondition, InvalidArgument
+from clinisynth_server.similarity import component
 from clinisynth_server.similarity.index import DEFAULT_DOMAIN_THRESHOLD
 
 POLICIES = ("refuse", "warn")
@@ -49,7 +50,7 @@ REASON = "OUT_OF_DOMAIN_INPUT"
 IN_DOMAIN = "in domain"
 OUT_OF_DOMAIN = "out of domain"
 NO_INDEX = "no index"
-COMPONENT = "similarity"
+COMPONENT = component.COMPONENT
 #: Images per Triton call (the similarity component's max batch is at least this).
 MAX_BATCH = 8
 _FLOOR = 1e-6  # the same floor the index puts under its scale
@@ -160,20 +161,11 @@ class DomainGuard:
         self, record: ModelRecord, images: np.ndarray, *, timeout_s: float | None = None
     ) -> list[float]:
         """Nearest-training-image embedding distance of ``[B, C, H, W]`` images in [0, 1]."""
-        name = record.components[COMPONENT]
-        version = str(record.component_versions[COMPONENT])
         arr = np.clip(np.asarray(images, dtype=np.float32), 0.0, 1.0)
-        out: list[float] = []
-        for start in range(0, len(arr), MAX_BATCH):
-            res = self.triton.infer(
-                name,
-                {"images": np.ascontiguousarray(arr[start : start + MAX_BATCH])},
-                ["embedding_distance"],
-                version=version,
-                timeout_s=timeout_s,
-            )
-            out += [float(d) for d in res["embedding_distance"].reshape(-1)]
-        return out
+        res = component.query(
+            self.triton, record, arr, ["embedding_distance"], batch=MAX_BATCH, timeout_s=timeout_s
+        )
+        return [float(d) for d in res["embedding_distance"]]
 
     def check(
         self,
