@@ -4,8 +4,10 @@ In process, through ``run_grouped`` (the glue Triton's python backend calls with
 batch): the denoiser, text encoder and VAE decoder of the tiny test models get one request
 alone, then the same request merged with 7 others; with ``batch_invariant`` (the default) its
 outputs must be equal bit for bit. A batch of 16 rows runs other GEMM / conv blockings than one
-of 2 on common x86 CPUs, so without the per-row mode the bits may move (asserted only close:
-≤ 1e-4, the float32 rounding of those blockings, far below an 8-bit level of 3.9e-3).
+of 2 on common x86 CPUs, so when requests share a forward the bits may move (asserted only close:
+≤ 1e-4, the float32 rounding of those blockings, far below an 8-bit level of 3.9e-3). In that
+mode the denoiser computes each request (one image's guided pair) as one forward of its own;
+the text encoder and VAE compute each row alone.
 """
 
 from __future__ import annotations
@@ -120,3 +122,25 @@ def test_batch_invariant_parameter() -> None:
     assert batch_invariant({"batch_invariant": " False "}) is False
     with pytest.raises(ValueError, match="batch_invariant"):
         batch_invariant({"batch_invariant": "sometimes"})
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_denoiser_forwards_per_request_or_per_crowd(
+    folders: dict[str, pathlib.Path], exact: bool
+) -> None:
+    """Exact mode: one forward per request, on its whole guided pair (the shapes diffusers'
+    pipeline uses for one image), never merged; batched mode: one forward for the crowd."""
+    backend = denoiser.Backend(folders["denoiser_chest"], {"batch_invariant": str(exact).lower()})
+    forward = backend._forward
+    rows: list[int] = []
+
+    def spy(inputs: Any) -> dict[str, np.ndarray]:
+        rows.append(int(inputs["sample"].shape[0]))
+        return forward(inputs)
+
+    backend._forward = spy  # type: ignore[method-assign]  # count the real forwards
+    results = run_grouped(
+        backend, _chest_requests(folders["denoiser_chest"], np.random.default_rng(1))
+    )
+    assert all(isinstance(r, dict) and r["noise_pred"].shape[0] == 2 for r in results)
+    assert rows == ([2] * CROWD if exact else [2 * CROWD])

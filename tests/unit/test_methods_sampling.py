@@ -20,7 +20,6 @@ from clinisynth_server.methods.sampling import (
     EpsFn,
     StepInfo,
     per_row_decode,
-    per_row_eps,
     predict_x0,
     preview,
     sample,
@@ -172,14 +171,17 @@ def test_per_image_pixels_bit_identical_alone_or_in_a_crowd(
     """The replay contract, exactly: an image alone and inside a batch of others is equal bit
     for bit, for every sampler (multistep state, per-step noise and η > 0 included).
 
-    Exact equality holds by construction, not by luck: the denoiser runs each row alone
-    (``per_row_eps``, as the Triton backends do) and the loop does guidance and the scheduler
-    update per image, so every op an image sees has the shapes of a batch of one. A batched
-    denoiser is asserted beside it to be merely close (≤ 1e-4: rounding of other GEMM / conv
-    blockings, ~1e-6 a step amplified by guidance), which is what the contract rules out.
+    Exact equality holds by construction, not by luck: with ``per_image`` the denoiser sees
+    one image's guided pair per call (as the generator sends the batch-invariant Triton
+    denoiser) and the loop does guidance and the scheduler update per image, so every op an
+    image sees has the shapes of that image alone. A batched denoiser call is asserted beside
+    it to be merely close (≤ 1e-4: rounding of other GEMM / conv blockings, ~1e-6 a step
+    amplified by guidance), which is what the contract rules out.
     """
 
-    def run(seeds: list[int], labels: list[int], eps: EpsFn) -> torch.Tensor:
+    def run(
+        seeds: list[int], labels: list[int], eps: EpsFn, per_image: bool = True
+    ) -> torch.Tensor:
         return sample(
             eps,
             make_scheduler(sampler, train_config),
@@ -190,16 +192,24 @@ def test_per_image_pixels_bit_identical_alone_or_in_a_crowd(
             cond=Cond(class_labels=torch.tensor(labels)),
             uncond=Cond(class_labels=torch.full((len(seeds),), 3)),
             guidance_scale=2.0,
+            per_image=per_image,
         ).images
 
-    rowwise = per_row_eps(unet_eps_fn(class_unet))
-    alone = run([5], [1], rowwise)
-    crowd = run(CROWD_SEEDS, CROWD_LABELS, rowwise)
+    calls: list[int] = []
+    denoiser = unet_eps_fn(class_unet)
+
+    def counted(x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        calls.append(x_t.shape[0])
+        return denoiser(x_t, t, cond)
+
+    alone = run([5], [1], counted)
+    assert set(calls) == {2}  # one call per image and step, on its guided pair
+    crowd = run(CROWD_SEEDS, CROWD_LABELS, counted)
     assert torch.equal(crowd[1:2], alone)  # batch-mates do not change a single bit
-    assert torch.equal(run([5], [1], rowwise), alone)  # same seed and settings → same pixels
+    assert torch.equal(run([5], [1], counted), alone)  # same seed and settings → same pixels
     assert (crowd[0] - crowd[2]).abs().max() > 1e-3  # different seeds differ
     assert (crowd[1] - crowd[3]).abs().max() > 1e-3  # same class, other seed: differs too
-    batched = run(CROWD_SEEDS, CROWD_LABELS, unet_eps_fn(class_unet))
+    batched = run(CROWD_SEEDS, CROWD_LABELS, denoiser, per_image=False)
     assert (batched[1:2] - alone).abs().max() < 1e-4
 
 

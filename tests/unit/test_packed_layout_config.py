@@ -25,6 +25,7 @@ from clinisynth_server.finetune.imports import ImportOptions, check_options
 from clinisynth_server.store import open_store
 from clinisynth_server.triton import packing, repository
 from clinisynth_server.triton.backends import denoiser, packed, text_encoder, vae_decode
+from clinisynth_server.triton.backends._base import merges
 
 ROLES = ("denoiser", "text_encoder", "vae_decode")
 _PARAM = re.compile(r'parameters: \{ key: "([^"]+)" value: \{ string_value: "([^"]*)" \} \}')
@@ -183,6 +184,13 @@ def test_packed_backend_gives_the_split_backends_numbers_bit_for_bit(
             np.testing.assert_array_equal(both[packing.tensor_name(role, name)], value, role)
     with pytest.raises(ValueError, match="exactly one component"):
         backend({"denoiser__sample": cases["denoiser"][2]["sample"], "vae_decode__latents": 0})
+    # Triton may merge queued requests only where the routed component would: never the
+    # batch-invariant denoiser's, the row-by-row text encoder's and VAE's yes; a bad one runs alone.
+    assert [
+        merges(backend, {packing.tensor_name(role, n): a for n, a in inputs.items()})
+        for role, (_, _, inputs) in cases.items()
+    ] == [True, False, True]
+    assert not merges(backend, {"nothing__here": np.zeros(1)})
 
 
 def test_a_packed_input_error_names_the_callers_input() -> None:

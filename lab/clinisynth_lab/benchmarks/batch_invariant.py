@@ -1,4 +1,4 @@
-"""What the replay contract costs: one denoiser step for a crowd of 8 requests, batched vs per row.
+"""What the replay contract costs: a denoiser step for a crowd of 8 requests, merged vs each alone.
 
     clinisynth benchmark batch_invariant                 # tiny test models + the 24 M UNet
     clinisynth benchmark batch_invariant --threads 1 --only tiny
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{name:14s} batch_invariant={str(exact).lower():5s} "
                     f"{medians[exact] * 1e3:8.1f} ms  target bit-identical to alone: {same}"
                 )
-            print(f"{name:14s} per-row cost ×{medians[True] / medians[False]:.2f}")
+            print(f"{name:14s} cost of each request alone ×{medians[True] / medians[False]:.2f}")
     return 0
 
 

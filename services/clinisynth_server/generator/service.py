@@ -256,22 +256,26 @@ class Generator:
         Exact only when every pixel-producing component runs ``batch_invariant``. Read at most
         every ``REPLAY_TTL_S`` per component: an operator may edit and reload a config.
         """
-        modes = []
-        for role in ("text_encoder", "denoiser", "vae_decode"):
-            if role not in record.components:
-                continue
-            key = (record.components[role], int(record.component_versions[role]))
-            known = self._replay.get(key)
-            if known is None or time.monotonic() - known[0] > REPLAY_TTL_S:
-                config = self.triton.model_config(key[0], str(key[1]))
-                groups = config.get("instance_group") or [{}]
-                gpu = any(str(g.get("kind", "")).endswith("GPU") for g in groups)
-                exact = batch_invariant(model_parameters(config))
-                known = self._replay[key] = (time.monotonic(), exact, gpu)
-            modes.append(known[1:])
+        modes = [
+            self._mode(record, role)
+            for role in ("text_encoder", "denoiser", "vae_decode")
+            if role in record.components
+        ]
         return replay_statement(
             batch_invariant=all(m[0] for m in modes), gpu=any(m[1] for m in modes)
         )
+
+    def _mode(self, record: ModelRecord, role: str) -> tuple[bool, bool]:
+        """(batch_invariant, on GPU) of one serving component, cached for ``REPLAY_TTL_S``."""
+        key = (record.components[role], int(record.component_versions[role]))
+        known = self._replay.get(key)
+        if known is None or time.monotonic() - known[0] > REPLAY_TTL_S:
+            config = self.triton.model_config(key[0], str(key[1]))
+            groups = config.get("instance_group") or [{}]
+            gpu = any(str(g.get("kind", "")).endswith("GPU") for g in groups)
+            exact = batch_invariant(model_parameters(config))
+            known = self._replay[key] = (time.monotonic(), exact, gpu)
+        return known[1], known[2]
 
     # -- stage 2 --------------------------------------------------------------------------
     def encode_prompts(self, record: ModelRecord, prompts: list[str]) -> torch.Tensor:
@@ -371,6 +375,8 @@ class Generator:
             eta=opts.eta,
             decode_fn=decode_fn,
             on_step=on_step,
+            # A batch-invariant denoiser computes each Triton request alone: send it one image.
+            per_image=self._mode(record, "denoiser")[0],
         )
         return to_hwc(result.images)
 

@@ -53,7 +53,7 @@ REPLAY_EXACT_CPU = (
     "was batched, on the same CPU class (ISA), software build and Triton thread settings"
 )
 REPLAY_EXACT_GPU = (
-    "bit-identical intended, not verified: rows computed alone with deterministic CUDA "
+    "bit-identical intended, not verified: requests computed alone with deterministic CUDA "
     "algorithms; needs the same GPU model, driver, software build and settings"
 )
 REPLAY_BATCHED = (

@@ -18,9 +18,11 @@ Determinism (the replay contract, README "Replay contract"): every image owns a 
 Euler ancestral, DDIM with η > 0) come from that generator alone. Every image also owns its
 scheduler, and the guidance combination and scheduler update run on that image's rows alone, so
 each of those ops sees shape ``(1, C, H, W)`` whatever the batch: SIMD body / scalar tail splits
-and any reduction order are those of the image alone. With a row-local denoiser and decoder
-(:func:`per_row_eps` / :func:`per_row_decode` in process; the Triton backends' ``batch_invariant``
-mode) an image's pixels are then bit-identical alone or in a crowd, not merely close.
+and any reduction order are those of the image alone. With ``per_image=True`` the denoiser is
+called once per image on that image's rows (its guided pair: the shapes diffusers' pipeline uses
+for one image), and with a row-local decoder (:func:`per_row_decode` in process; the Triton
+backends' ``batch_invariant`` mode, where a denoiser request is one forward and never merged) an
+image's pixels are then bit-identical alone or in a crowd, not merely close.
 """
 
 from __future__ import annotations
@@ -182,23 +184,10 @@ def vae_decode_fn(vae: AutoencoderKL) -> DecodeFn:
     return decode
 
 
-def per_row_eps(eps_fn: EpsFn) -> EpsFn:
-    """``eps_fn`` evaluated one row at a time: each row sees the kernels and shapes of a batch
-    of one, so its output cannot depend on its batch-mates (batched GEMM / conv blockings round
-    differently per batch size). For in-process sampling that must replay bit for bit."""
-
-    def eps(x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        rows = [
-            eps_fn(x_t[i : i + 1].clone(), t[i : i + 1].clone(), cond.select(slice(i, i + 1)))
-            for i in range(x_t.shape[0])
-        ]
-        return torch.cat(rows)
-
-    return eps
-
-
 def per_row_decode(decode_fn: DecodeFn) -> DecodeFn:
-    """``decode_fn`` one latent at a time, for the same reason as :func:`per_row_eps`."""
+    """``decode_fn`` one latent at a time: each latent sees the kernels and shapes of a batch of
+    one, so its pixels cannot depend on its batch-mates (batched GEMM / conv blockings round
+    differently per batch size). For in-process decoding that must replay bit for bit."""
 
     def decode(z: Tensor) -> Tensor:
         return torch.cat([decode_fn(z[i : i + 1].clone()) for i in range(z.shape[0])])
@@ -221,6 +210,20 @@ def _x0_from_output(scheduler: Any, model_input: Tensor, out: Tensor, t: Tensor)
 # ---------------------------------------------------------------------------------------------
 
 
+def _eps_per_image(
+    eps_fn: EpsFn, x_in: Tensor, t: Tensor, cond: Cond, batch: int, do_cfg: bool
+) -> Tensor:
+    """``eps_fn`` once per image on its rows (``k`` and, guided, ``batch + k``), reassembled in
+    the batch's row order. Rows are copied so each call sees fresh, contiguous tensors."""
+    out: list[Tensor | None] = [None] * x_in.shape[0]
+    for k in range(batch):
+        rows = torch.tensor([k, batch + k] if do_cfg else [k])
+        eps = eps_fn(x_in[rows].clone(), t[rows].clone(), cond.select(rows))
+        for j, row in enumerate(rows.tolist()):
+            out[row] = eps[j : j + 1]
+    return torch.cat([o for o in out if o is not None])
+
+
 @torch.no_grad()
 def sample(
     eps_fn: EpsFn,
@@ -237,6 +240,7 @@ def sample(
     on_step: StepCallback | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    per_image: bool = False,
 ) -> SampleResult:
     """Generate ``len(seeds)`` images of ``shape`` = (C, H, W) in model space (latent or pixel).
 
@@ -245,6 +249,8 @@ def sample(
     the unconditional one (empty prompt states, or the null class). ``decode_fn``: VAE decoder for
     latent models; ``None`` for pixel models. ``on_step`` may return ``False`` or raise to stop:
     the loop raises :class:`~clinisynth_server.errors.Cancelled` and calls the denoiser no more.
+    ``per_image``: one denoiser call per image (its guided pair) instead of one for the batch,
+    so an image's ε̂ cannot depend on the other images of the request (the replay contract).
     """
     # 1. Validate the settings that the scheduler would otherwise reject deep inside the loop.
     if not seeds:
@@ -292,8 +298,11 @@ def sample(
         x_in = torch.cat(x_ins + x_ins if do_cfg else x_ins)
         t_batch = t.reshape(1).expand(x_in.shape[0]).to(device)
 
-        # 4b. ε̂ = ε_θ(x_t, t, c) for the whole batch (one denoiser call).
-        out = eps_fn(x_in, t_batch, model_cond).to(dtype)
+        # 4b. ε̂ = ε_θ(x_t, t, c): one denoiser call for the batch, or one per image.
+        if per_image:
+            out = _eps_per_image(eps_fn, x_in, t_batch, model_cond, batch, do_cfg).to(dtype)
+        else:
+            out = eps_fn(x_in, t_batch, model_cond).to(dtype)
 
         # 4c. Per image: guidance ε̂ = ε̂_∅ + s·(ε̂_c − ε̂_∅), x_{t-1} from the scheduler's update
         #     rule (per-step noise from the image's own generator), x̂₀ for previews.

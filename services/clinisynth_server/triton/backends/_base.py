@@ -95,12 +95,13 @@ def configure_torch_threads(parameters: Mapping[str, str], instance_count: int =
 
 
 def batch_invariant(parameters: Mapping[str, str]) -> bool:
-    """The ``batch_invariant`` parameter (default ``true``): run every batch row on its own.
+    """The ``batch_invariant`` parameter (default ``true``): no request shares another's forward.
 
     A batched GEMM / conv picks other blockings per batch size, so a row's float32 output can
-    move by ~1e-6 with its batch-mates; one forward per row gives each request the kernels and
-    shapes of a batch of one whatever Triton's dynamic batcher merged (the replay contract).
-    ``false`` trades that for batched throughput.
+    move by ~1e-6 with its batch-mates. In this mode the denoiser runs each request as its own
+    forward (the generator sends one image per request) and the text encoder / VAE each row, so
+    a request's output is the same whatever Triton's dynamic batcher queued beside it (the
+    replay contract). ``false`` trades that for batched throughput.
     """
     value = parameters.get("batch_invariant", "true").strip().lower()
     if value not in ("true", "false"):
@@ -122,6 +123,16 @@ def configure_gpu_determinism(device: str, parameters: Mapping[str, str]) -> Non
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def merges(backend: Any, inputs: Mapping[str, np.ndarray]) -> bool:
+    """Whether ``backend`` may compute this request in one forward with other requests.
+
+    A backend says no through a ``merges(inputs)`` method (the denoiser in ``batch_invariant``
+    mode); without one, requests of the same shapes share a forward.
+    """
+    rule = getattr(backend, "merges", None)
+    return True if rule is None else bool(rule(inputs))
 
 
 def forward_rows(

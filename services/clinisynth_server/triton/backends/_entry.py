@@ -20,6 +20,7 @@ from clinisynth_server.triton.backends._base import (
     BackendInputError,
     configure_gpu_determinism,
     configure_torch_threads,
+    merges,
 )
 
 
@@ -38,10 +39,15 @@ def weights_dir_for(model_dir: Path, version: str, parameters: Mapping[str, str]
 def run_grouped(
     backend: Any, batches: list[dict[str, np.ndarray]]
 ) -> list[dict[str, np.ndarray] | Exception]:
-    """Run requests through ``backend``, one forward per group of shape-compatible requests."""
+    """Run requests through ``backend``, one forward per group of shape-compatible requests
+    (a request the backend will not merge, :func:`_base.merges`, is a group of its own)."""
     groups: dict[tuple[Any, ...], list[int]] = {}
     for index, tensors in enumerate(batches):
-        key = tuple(sorted((name, arr.shape[1:], arr.dtype.str) for name, arr in tensors.items()))
+        key: tuple[Any, ...] = tuple(
+            sorted((name, arr.shape[1:], arr.dtype.str) for name, arr in tensors.items())
+        )
+        if not merges(backend, tensors):
+            key = (index, *key)
         groups.setdefault(key, []).append(index)
     results: list[dict[str, np.ndarray] | Exception] = [RuntimeError("not run")] * len(batches)
     for members in groups.values():

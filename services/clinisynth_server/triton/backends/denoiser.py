@@ -11,8 +11,10 @@ Checkpoints: diffusers ``UNet2DModel`` (unconditional, or class-conditional thro
 
 Output ``noise_pred`` FP32 [B, C_out, H, W].
 
-With the ``batch_invariant`` parameter (default ``true``) each row is its own forward, so a
-request's output does not depend on what the dynamic batcher merged it with (see ``_base``).
+With the ``batch_invariant`` parameter (default ``true``) each request is its own forward,
+never merged with others, so its output does not depend on what the dynamic batcher queued
+beside it (see ``_base``); the generator sends one image per request (its guided pair, the
+shapes diffusers' pipeline uses for one image). ``false`` merges requests into one forward.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from clinisynth_server.triton.backends._base import (
     ModelSpec,
     TensorSpec,
     batch_invariant,
-    forward_rows,
     read_json,
     require,
     torch_dtype,
@@ -79,7 +80,11 @@ class Backend:
         self.batch_invariant = batch_invariant(parameters)
 
     def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return forward_rows(self._forward, inputs, invariant=self.batch_invariant)
+        return self._forward(inputs)
+
+    def merges(self, inputs: Mapping[str, np.ndarray]) -> bool:
+        """Whether Triton's queued requests may share one forward (``run_grouped``)."""
+        return not self.batch_invariant
 
     def _forward(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch

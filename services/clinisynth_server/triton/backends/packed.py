@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from clinisynth_server.triton import packing
-from clinisynth_server.triton.backends._base import BackendInputError, ModelSpec, read_json
+from clinisynth_server.triton.backends._base import BackendInputError, ModelSpec, merges, read_json
 
 
 def model_spec(weights_dir: Path, parameters: Mapping[str, str]) -> ModelSpec:
@@ -42,6 +42,19 @@ class Backend:
             )
 
     def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        role, part = self._route(inputs)
+        out = part({packing.split_tensor_name(n)[1]: a for n, a in inputs.items()})
+        return {packing.tensor_name(role, n): a for n, a in out.items()}
+
+    def merges(self, inputs: Mapping[str, np.ndarray]) -> bool:
+        """The routed component's rule for sharing one forward (``run_grouped``)."""
+        try:
+            _, part = self._route(inputs)
+        except BackendInputError:
+            return False  # run alone, so the error reaches only this request
+        return merges(part, {packing.split_tensor_name(n)[1]: a for n, a in inputs.items()})
+
+    def _route(self, inputs: Mapping[str, np.ndarray]) -> tuple[str, Any]:
         roles = {packing.split_tensor_name(name)[0] for name in inputs}
         if len(roles) != 1 or "" in roles:
             raise BackendInputError(
@@ -52,5 +65,4 @@ class Backend:
         part = self.parts.get(role)
         if part is None:
             raise BackendInputError(f"input '{next(iter(inputs))}': no component {role!r} here")
-        out = part({packing.split_tensor_name(n)[1]: a for n, a in inputs.items()})
-        return {packing.tensor_name(role, n): a for n, a in out.items()}
+        return role, part
