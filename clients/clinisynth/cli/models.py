@@ -148,7 +148,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--replay",
         choices=["exact", "batched"],
         help="exact (default): bit-identical pixels whatever is batched with a request; "
-        "batched: rows share forward passes, more throughput, replay up to float rounding",
+        "batched: requests share forward passes (more throughput on a GPU), replay up to float "
+        "rounding",
     )
     q.add_argument(
         "--layout",

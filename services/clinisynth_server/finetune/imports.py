@@ -91,7 +91,7 @@ class ImportOptions:
     #: ``device``.
     component_dtypes: Mapping[str, str] = field(default_factory=dict)
     component_devices: Mapping[str, str] = field(default_factory=dict)
-    #: "exact" (every batch row its own forward: bit-identical replay) or "batched".
+    #: "exact" (each image's rows a forward of their own: bit-identical replay) or "batched".
     replay: str = ""
     #: "split" (one Triton model per component) or "packed" (one process per instance holding
     #: every component); see ``triton/packing.py``.
