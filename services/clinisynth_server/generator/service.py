@@ -425,11 +425,11 @@ class Generator:
         cancel: CancelToken,
         sink: EventSink | None,
         started: float,
-        tenant: str = "",
-        catalog: Catalog | None = None,
+        tenant: str,
+        catalog: Catalog,
     ) -> GenerateResult:
         pixels, seeds, rewards, candidates = self._sample_with_filter(
-            record, opts, cancel, sink, catalog or self.catalog.seen_by(Viewer(tenant))
+            record, opts, cancel, sink, catalog
         )
         pixels, seeds, rewards, verdicts = self._memorization_gate(
             record, opts, pixels, seeds, rewards, candidates, cancel, sink

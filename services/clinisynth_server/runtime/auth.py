@@ -79,8 +79,7 @@ def attached(context: object) -> Principal | None:
 
 def principal_of(context: object) -> Principal:
     """The authenticated caller of this call (set by the interceptor before the servicer runs)."""
-    principal = getattr(context, _ATTR, None)
-    return principal if isinstance(principal, Principal) else ANONYMOUS
+    return attached(context) or ANONYMOUS
 
 
 def bearer_token(metadata: Sequence[tuple[str, str | bytes]]) -> str:
